@@ -1,0 +1,56 @@
+"""The `neoxq` command: a thin dispatcher over one module per command group.
+
+Each command module exposes ``add_parser(subparsers) -> None`` and sets
+``func`` on its parser. Modules must not import torch at import time, so that
+``neoxq submit`` starts in well under a second; heavy imports happen inside
+the command's function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command-group modules, in the order their commands appear in --help
+COMMAND_MODULES = (
+    "cli.generate",  # generate, convert
+    "cli.serve",  # worker, api, db, keys
+    "cli.client",  # submit, status, results, errors, cancel, batches
+    "cli.evaluate",  # evaluate
+    "cli.up",  # up, run
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full argument parser from every command module that exists."""
+    parser = argparse.ArgumentParser(
+        prog="neoxq", description="Batch text generation for GPT-NeoX models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that command group is not built yet
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `neoxq` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The GPT-NeoX network, and nothing else.
+
+Tokens travel flattened: a forward pass takes ``N`` tokens (from any number of
+sequences, packed back to back) with their positions, and an *attention backend*
+that knows which tokens see which and owns the KV cache. The network itself is
+cache-agnostic, so the same module serves HF-parity tests (:class:`DenseAttention`),
+the paged continuous-batching engine and pipeline stages (which hold a
+contiguous run of layers, see ``layer_range``).
+
+Parameter names are neoxq's own; checkpoint names are translated in ``loaders.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import TANH_GELUS, NeoXConfig
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer and keeps whatever cache it needs.
+
+    ``q``, ``k`` and ``v`` are ``(N, n_heads, head_dim)`` for the N tokens of this
+    forward pass, already rotated; the result has the same shape as ``q``.
+    """
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class DenseAttention:
+    """Causal attention over a padded ``(B, S)`` batch with no cache.
+
+    ``attention_mask`` (B, S) marks real tokens with 1; padding may sit on either
+    side. Used for HF-parity tests and whole-sequence scoring.
+    """
+
+    def __init__(self, batch: int, seq: int, attention_mask: Tensor | None = None) -> None:
+        self.batch, self.seq = batch, seq
+        self.mask: Tensor | None = None
+        if attention_mask is not None:
+            keep = attention_mask.bool()  # (B, S)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=keep.device).tril()
+            mask = causal[None] & keep[:, None, :]  # (B, S_q, S_k)
+            # A query that is itself padding would see nothing and give NaN; let it
+            # see itself so the (ignored) output stays finite.
+            mask |= torch.eye(seq, dtype=torch.bool, device=keep.device)[None]
+            self.mask = mask[:, None]  # (B, 1, S_q, S_k)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, s = self.batch, self.seq
+        nh, hd = q.shape[1], q.shape[2]
+        q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hd)
+        if self.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return out.transpose(1, 2).reshape(b * s, nh, hd)  # (N, nh, hd)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first ``rotary_dim`` dims, "rotate half" style."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.dim = config.rotary_dim
+        self.base = config.rotary_base
+        self.max_position = config.max_position
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cache is None or self._cache[0].device != device:
+            # fp32 tables, as HF computes them; cast to the activation dtype on use.
+            inv_freq = 1.0 / (
+                self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64,
+                                           device=device).float() / self.dim)
+            )
+            t = torch.arange(self.max_position, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # (P, dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, dim)
+            self._cache = (emb.cos(), emb.sin())
+        return self._cache
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos, sin = self._table(positions.device)
+        # (N, 1, dim): broadcast over heads
+        return cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (N, nh, hd); rotate the first ``dim`` channels."""
+        if self.dim == 0:
+            return x
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        half = self.dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NeoXConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h, bias=config.attention_bias)
+        self.dense = nn.Linear(h, h, bias=config.attention_bias)
+
+    def forward(
+        self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend
+    ) -> Tensor:
+        n = x.shape[0]
+        # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
+        qkv = self.query_key_value(x).view(n, self.num_heads, 3, self.head_dim)  # (N, nh, 3, hd)
+        q, k, v = qkv.unbind(2)  # each (N, nh, hd)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        out = attn(self.layer, q, k, v.contiguous())  # (N, nh, hd)
+        return self.dense(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = config.hidden_act
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dense_h_to_4h(x)
+        if self.act in TANH_GELUS:
+            x = F.gelu(x, approximate="tanh")
+        elif self.act == "gelu":
+            x = F.gelu(x)
+        elif self.act == "relu":
+            x = F.relu(x)
+        else:
+            x = F.silu(x)
+        return self.dense_4h_to_h(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config: NeoXConfig, layer: int) -> None:
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attention = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
+
+    def forward(
+        self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend
+    ) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
+        if self.parallel:
+            # GPT-J style: both branches read the same input.
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class NeoX(nn.Module):
+    """GPT-NeoX decoder, or a contiguous slice of it (a pipeline stage).
+
+    ``layer_range=(start, stop)`` keeps only blocks ``start..stop-1``; the embedding
+    lives with the slice that starts at 0 and the final norm and head with the
+    one that ends at ``num_layers``. Blocks keep their global index in their name
+    (``layers.17.…``) so a stage's parameter names are a subset of the full model's.
+    """
+
+    def __init__(self, config: NeoXConfig, layer_range: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        start, stop = layer_range or (0, config.num_layers)
+        if not 0 <= start <= stop <= config.num_layers:
+            raise ValueError(f"layer_range {layer_range} outside 0..{config.num_layers}")
+        self.layer_range = (start, stop)
+        self.has_embedding = start == 0
+        self.has_head = stop == config.num_layers
+        h = config.hidden_size
+        if self.has_embedding:
+            self.embed_in = nn.Embedding(config.vocab_size, h)
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(start, stop)})
+        if self.has_head:
+            self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            self.embed_out = nn.Linear(h, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the head with the input embedding when the config ties them."""
+        if self.config.tie_embeddings and self.has_embedding and self.has_head:
+            self.embed_out.weight = self.embed_in.weight
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """(N,) token ids -> (N, H) hidden states."""
+        return self.embed_in(tokens)
+
+    def run_layers(self, x: Tensor, positions: Tensor, attn: AttentionBackend) -> Tensor:
+        """(N, H) hidden states through this module's blocks."""
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for block in self.layers.values():
+            x = block(x, self.rotary, cos, sin, attn)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """(N, H) -> (N, V) logits."""
+        return self.embed_out(self.final_layer_norm(x))
+
+    def forward(self, x: Tensor, positions: Tensor, attn: AttentionBackend) -> Tensor:
+        """Token ids (first stage) or hidden states in; logits (last stage) or hidden out."""
+        if self.has_embedding:
+            x = self.embed(x)
+        x = self.run_layers(x, positions, attn)
+        return self.head(x) if self.has_head else x
+
+    @torch.no_grad()
+    def dense_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits for a padded (B, S) batch, no cache: the HF-parity entry point.
+
+        Positions count real tokens only (as HF ``generate`` does), so left padding
+        leaves every sequence's numbers unchanged.
+        """
+        b, s = input_ids.shape
+        if attention_mask is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        attn = DenseAttention(b, s, attention_mask)
+        logits = self(input_ids.reshape(-1), positions.reshape(-1), attn)
+        return logits.view(b, s, -1)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in _unique(self.parameters()))
+
+
+def _unique(params: Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
+    seen: set[int] = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def init_random_(model: NeoX, seed: int = 0, std: float = 0.02) -> NeoX:
+    """Fill a materialised model with seeded random weights (GPT-NeoX's init shapes).
+
+    Normal(0, std) for matrices and embeddings; the two output projections of each
+    block are scaled by 1/sqrt(2 * layers) as in GPT-NeoX's "wang_init" so that
+    activations stay bounded in deep random models. LayerNorms start at (1, 0).
+    """
+    out_std = std / math.sqrt(2 * model.config.num_layers)
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("final_layer_norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                # One generator per device, drawn on that device: the 20B's 41 GB
+                # fill in seconds on a GPU instead of minutes through host RAM.
+                g = generators.get(p.device)
+                if g is None:
+                    g = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                s = out_std if name.endswith(("dense.weight", "dense_4h_to_h.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * s)
+    return model
