@@ -75,26 +75,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A real Redis database, flushed before and after the test.
-
-    Databases 1..15 are handed out by pytest-xdist worker index (or 1), so parallel
-    sessions on one machine don't collide; 0 is left to the user.
-    """
+def redis_url() -> str:
+    """A real Redis server (database 1). Nothing is flushed: several test runs may
+    share the server, so tests isolate themselves with unique queue names and key
+    prefixes (the ``unique`` fixture) instead."""
     import redis
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    db = 1 + (int(worker) if worker.isdigit() else 0) % 15
-    url = f"{REDIS_HOST_URL}/{db}"
+    url = f"{REDIS_HOST_URL}/1"
     client = redis.Redis.from_url(url)
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"Redis not reachable at {url}: {exc}")
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture
