@@ -1,0 +1,718 @@
+"""Sampling: validated per-request parameters, one vectorized draw per engine step, stop strings.
+
+Three pieces, each usable on its own:
+
+- :class:`SamplingParams` — what a request asks for, validated with errors that name the
+  field (``"temperature: must be >= 0, got -1"``).
+- :class:`SamplingBatch` + :func:`sample` — one step for a batch of rows that belong to
+  different requests. Everything runs on the logits' device with no per-row Python in
+  the hot path; the per-row tensors travel in one host→device copy.
+- :class:`StopChecker` — per sample: counts tokens, spots EOS / stop token ids and stop
+  strings (across token boundaries, through an incremental detokenizer) and yields the
+  final text.
+
+Randomness is *counter-based*: the uniform that decides token ``v`` for a row is
+``hash(seed, sample_index, output_position, v)`` computed with int64 tensor ops, and the
+draw is an exponential race (``argmax(logit - log(-log u))``, i.e. Gumbel-max). So a
+request's tokens depend only on its own seed and logits, never on its batch neighbours,
+on the step it was scheduled in, or on any ``torch.Generator`` state. The integers are
+identical on every device; the floats derived from them (``log``) may differ in the last
+bits between CPU and CUDA builds, so cross-device equality of sampled text is likely but
+not guaranteed. Batch invariance of the filters (top-p's cumulative sum, softmax) is
+exact on CPU and best-effort on GPU, where reduction order may depend on the batch shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; more than a handful is a client bug, not a need
+MAX_STOP_LENGTH = 256  # characters; each step scans (longest stop - 1) + new characters
+MAX_STOP_TOKEN_IDS = 256
+MAX_N = 128
+MAX_LOGPROBS = 20  # OpenAI's limit for top alternatives per token
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # any value that folds into 64 bits
+
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "n")
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. ``validate()`` runs on construction."""
+
+    max_tokens: int = 64
+    """Most tokens to generate per sample (>= 1); the context length may stop it earlier."""
+    min_tokens: int = 0
+    """EOS and ``stop_token_ids`` are banned, stop strings ignored, until this many tokens."""
+    temperature: float = 1.0
+    """Divides the logits (>= 0); 0 means greedy (argmax, no randomness)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (ties at the k-th value kept); 0 or -1 = off."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens whose mass reaches p (0 < p <= 1)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's ([0, 1])."""
+    repetition_penalty: float = 1.0
+    """CTRL/HF style (> 0): positive logits of prompt+output tokens are divided by it,
+    negative ones multiplied."""
+    presence_penalty: float = 0.0
+    """OpenAI ([-2, 2]): subtracted once from the logit of every token in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI ([-2, 2]): subtracted per occurrence of the token in the output."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample; excluded from the text. A single str is accepted."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a sample (in addition to EOS); excluded from the text."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks); EOS is then an ordinary token."""
+    seed: int | None = None
+    """Per-request seed; None lets the engine pick one at arrival."""
+    n: int = 1
+    """Independent samples per prompt (1..128), sharing one prefill."""
+    logprobs: int | None = None
+    """Return each chosen token's logprob and this many top alternatives (0..20)."""
+
+    def __post_init__(self) -> None:
+        # Accept the forms clients commonly send; validate() then sees only lists.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        self.validate()
+
+    # -- validation ----------------------------------------------------------------------
+
+    def validate(self) -> SamplingParams:
+        """Raise ``ValueError("<field>: <what was expected>, got <value>")`` on the first
+        bad field; return ``self`` so calls chain."""
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                _fail(name, "must be an integer", getattr(self, name))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value):
+                _fail(name, "must be a number", value)
+            if not math.isfinite(value):
+                _fail(name, "must be finite", value)
+        if self.max_tokens < 1:
+            _fail("max_tokens", "must be >= 1", self.max_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            _fail("min_tokens", f"must be between 0 and max_tokens ({self.max_tokens})",
+                  self.min_tokens)
+        if self.temperature < 0:
+            _fail("temperature", "must be >= 0", self.temperature)
+        if self.top_k < -1:
+            _fail("top_k", "must be >= 1, or 0 or -1 to turn it off", self.top_k)
+        if not 0 < self.top_p <= 1:
+            _fail("top_p", "must be in (0, 1]", self.top_p)
+        if not 0 <= self.min_p <= 1:
+            _fail("min_p", "must be in [0, 1]", self.min_p)
+        if self.repetition_penalty <= 0:
+            _fail("repetition_penalty", "must be > 0", self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                _fail(name, "must be in [-2, 2]", getattr(self, name))
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            _fail("stop", "must be a string or a list of strings", self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            _fail("stop", f"at most {MAX_STOP_STRINGS} strings", len(self.stop))
+        for s in self.stop:
+            if not s:
+                _fail("stop", "strings must not be empty", s)
+            if len(s) > MAX_STOP_LENGTH:
+                _fail("stop", f"strings must be at most {MAX_STOP_LENGTH} characters",
+                      len(s))
+        if not isinstance(self.stop_token_ids, list) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            _fail("stop_token_ids", "must be a list of non-negative integers",
+                  self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            _fail("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids",
+                  len(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            _fail("ignore_eos", "must be true or false", self.ignore_eos)
+        if self.seed is not None and not (
+            _is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX
+        ):
+            _fail("seed", "must be a 64-bit integer or null", self.seed)
+        if not 1 <= self.n <= MAX_N:
+            _fail("n", f"must be between 1 and {MAX_N}", self.n)
+        if self.logprobs is not None and not (
+            _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            _fail("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS} or null",
+                  self.logprobs)
+        return self
+
+    # -- conversion ----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls, d: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """Build and validate from a request's fields, over optional batch-level defaults.
+
+        Unknown keys (in ``d`` or ``defaults``) are an error that names them. A ``null``
+        value means "not given": the default (batch-level, then the field's own) applies,
+        as OpenAI's API treats it.
+        """
+        known = {f.name for f in fields(cls)}
+        merged: dict[str, Any] = {}
+        for source in (defaults or {}, d):
+            if not isinstance(source, Mapping):
+                raise ValueError(f"sampling parameters: must be an object, got {source!r}")
+            unknown = sorted(str(k) for k in source if k not in known)
+            if unknown:
+                names = ", ".join(unknown)
+                raise ValueError(f"{names}: unknown sampling parameter"
+                                 f"{'s' if len(unknown) > 1 else ''}")
+            merged.update({k: v for k, v in source.items() if v is not None})
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; ``from_dict(p.to_dict()) == p``."""
+        return asdict(self)
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax (temperature 0)."""
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of the three penalties changes the logits."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _fail(name: str, expected: str, got: object) -> None:
+    raise ValueError(f"{name}: {expected}, got {got!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Counter-based noise
+# ---------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """Fold a Python int into int64 two's complement (torch has no uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)  # splitmix64's increment
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+def _srl(z: Tensor, s: int) -> Tensor:
+    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it logical.
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """splitmix64's finalizer on int64 tensors; multiplications wrap mod 2**64 like uint64."""
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def row_keys(seed: Tensor, sample_index: Tensor, position: Tensor) -> Tensor:
+    """(B,) int64 key per row from its seed, sample index and output position."""
+    k = _mix64(seed + _GOLDEN)
+    k = _mix64(k + sample_index * _GOLDEN)
+    return _mix64(k + position * _GOLDEN)
+
+
+def uniform_noise(keys: Tensor, vocab: int) -> Tensor:
+    """(B, V) float32 uniforms in (0, 1), a pure function of (key, vocab id).
+
+    24 bits per draw (float32's mantissa): u = (k + 0.5) / 2**24 is never 0 or 1, so the
+    exponential race below never sees log(0).
+    """
+    v = torch.arange(1, vocab + 1, device=keys.device, dtype=torch.int64)
+    h = _mix64(keys[:, None] + v[None, :] * _GOLDEN)  # (B, V)
+    return (_srl(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+# ---------------------------------------------------------------------------------------
+# One step for a batch
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleRow:
+    """One sequence's state for this step, as the engine knows it."""
+
+    params: SamplingParams
+    seed: int
+    """The request's seed (params.seed, or the engine's pick at arrival)."""
+    sample_index: int = 0
+    """Which of the request's n samples this row is."""
+    position: int = 0
+    """Output tokens generated so far (the index of the token being drawn)."""
+    output_ids: Sequence[int] = ()
+    """Output tokens so far; read only when the params have penalties."""
+    prompt_ids: Sequence[int] = ()
+    """Prompt tokens; read only when ``repetition_penalty != 1``."""
+
+
+# Float columns packed per row (as float64 bit patterns inside the int64 buffer).
+_F_TEMP, _F_TOP_P, _F_MIN_P, _F_REP, _F_PRES, _F_FREQ = range(6)
+_N_FLOAT = 6
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors for one :func:`sample` call; build with :meth:`build`.
+
+    Flags (``all_greedy``, ``any_*``, ``max_top_k``) are host values, so branching on
+    them costs no device sync.
+    """
+
+    size: int
+    vocab_size: int
+    valid_vocab: int
+    keys: Tensor  # (B,) int64 noise key per row
+    greedy: Tensor  # (B,) bool
+    floats: Tensor  # (B, 6) float32: temperature, top_p, min_p, rep, presence, frequency
+    top_k: Tensor  # (B,) int64, 0 = off
+    ban_rows: Tensor  # (nb,) int64 — (row, token) pairs set to -inf (min_tokens)
+    ban_ids: Tensor
+    out_rows: Tensor  # (no,) — output tokens of rows with penalties (with repeats)
+    out_ids: Tensor
+    seen_rows: Tensor  # (ns,) — prompt tokens of rows with a repetition penalty
+    seen_ids: Tensor
+    all_greedy: bool
+    any_greedy: bool
+    any_penalty: bool
+    any_rep_penalty: bool
+    any_top_k: bool
+    max_top_k: int
+    any_top_p: bool
+    any_min_p: bool
+    num_logprobs: list[int | None]
+    """Per row: how many top alternatives it asked for (None = no logprobs)."""
+    max_logprobs: int | None
+
+    @classmethod
+    def build(
+        cls,
+        rows: Sequence[SampleRow],
+        *,
+        device: torch.device | str,
+        vocab_size: int,
+        valid_vocab: int | None = None,
+        eos_id: int | None = None,
+    ) -> SamplingBatch:
+        """Pack the rows' parameters into one CPU buffer and copy it to ``device`` once.
+
+        ``vocab_size`` is the logits' width (the padded embedding, 50432 for the 20B);
+        ``valid_vocab`` the tokenizer's size (50277) — ids at or above it are never
+        drawn. ``eos_id`` is banned (with ``stop_token_ids``) while a row is below its
+        ``min_tokens``, unless the row ignores EOS.
+        """
+        device = torch.device(device)
+        b = len(rows)
+        valid = vocab_size if valid_vocab is None else min(valid_vocab, vocab_size)
+        ints = np.zeros((5, b), dtype=np.int64)  # seed, sample index, position, top_k, greedy
+        flts = np.zeros((_N_FLOAT, b), dtype=np.float64)
+        ban_r: list[int] = []
+        ban_i: list[int] = []
+        out_r: list[np.ndarray] = []
+        out_i: list[np.ndarray] = []
+        seen_r: list[np.ndarray] = []
+        seen_i: list[np.ndarray] = []
+        num_logprobs: list[int | None] = []
+        any_rep = any_pen = False
+        for r, row in enumerate(rows):
+            p = row.params
+            ints[0, r] = _i64(row.seed)
+            ints[1, r] = row.sample_index
+            ints[2, r] = row.position
+            ints[3, r] = p.top_k if p.top_k > 0 else 0
+            ints[4, r] = p.temperature == 0
+            # Greedy rows divide by 1 so that the (discarded) sampled branch stays finite.
+            flts[:, r] = (p.temperature if p.temperature > 0 else 1.0, p.top_p, p.min_p,
+                          p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            num_logprobs.append(p.logprobs)
+            if row.position < p.min_tokens:
+                banned = list(p.stop_token_ids)
+                if eos_id is not None and not p.ignore_eos:
+                    banned.append(eos_id)
+                banned = [t for t in banned if t < valid]
+                ban_r.extend([r] * len(banned))
+                ban_i.extend(banned)
+            if p.presence_penalty != 0 or p.frequency_penalty != 0 or (
+                p.repetition_penalty != 1
+            ):
+                any_pen = True
+                ids = np.asarray(row.output_ids, dtype=np.int64)
+                out_r.append(np.full(len(ids), r, dtype=np.int64))
+                out_i.append(ids)
+            if p.repetition_penalty != 1:
+                any_rep = True
+                ids = np.asarray(row.prompt_ids, dtype=np.int64)
+                seen_r.append(np.full(len(ids), r, dtype=np.int64))
+                seen_i.append(ids)
+
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+        pieces = [
+            ints.reshape(-1),
+            flts.reshape(-1).view(np.int64),  # bit-exact through the int64 buffer
+            np.asarray(ban_r, dtype=np.int64),
+            np.asarray(ban_i, dtype=np.int64),
+            cat(out_r), cat(out_i), cat(seen_r), cat(seen_i),
+        ]
+        sizes = [len(x) for x in pieces]
+        host = torch.from_numpy(np.concatenate(pieces))
+        if device.type == "cuda":
+            host = host.pin_memory()  # lets the copy run asynchronously
+        dev = host.to(device, non_blocking=True)
+        parts = list(torch.split(dev, sizes))
+        ints_d = parts[0].view(5, b)
+        floats = parts[1].view(torch.float64).view(_N_FLOAT, b).t().to(torch.float32)
+        temps = [r.params.temperature for r in rows]
+        top_ks = [r.params.top_k for r in rows]
+        lps = [x for x in num_logprobs if x is not None]
+        return cls(
+            size=b,
+            vocab_size=vocab_size,
+            valid_vocab=valid,
+            keys=row_keys(ints_d[0], ints_d[1], ints_d[2]),
+            greedy=ints_d[4].bool(),
+            floats=floats,
+            top_k=ints_d[3],
+            ban_rows=parts[2], ban_ids=parts[3],
+            out_rows=parts[4], out_ids=parts[5],
+            seen_rows=parts[6], seen_ids=parts[7],
+            all_greedy=all(t == 0 for t in temps),
+            any_greedy=any(t == 0 for t in temps),
+            any_penalty=any_pen,
+            any_rep_penalty=any_rep,
+            any_top_k=any(k > 0 and t > 0 for k, t in zip(top_ks, temps, strict=True)),
+            max_top_k=max([k for k in top_ks if k > 0], default=0),
+            any_top_p=any(r.params.top_p < 1 and r.params.temperature > 0 for r in rows),
+            any_min_p=any(r.params.min_p > 0 and r.params.temperature > 0 for r in rows),
+            num_logprobs=num_logprobs,
+            max_logprobs=max(lps) if lps else None,
+        )
+
+
+@dataclass
+class SampleResult:
+    """What one step drew, all on the logits' device."""
+
+    tokens: Tensor  # (B,) int64
+    logprobs: Tensor  # (B,) float32: chosen token under log_softmax(raw logits)
+    top_ids: Tensor | None  # (B, k) int64, k = the largest `logprobs` asked in the batch
+    top_logprobs: Tensor | None  # (B, k) float32
+
+
+def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Repetition (prompt+output), then presence and frequency (output) penalties.
+
+    Rows without penalties are untouched bit for bit: x / 1.0 and x - 0.0 are exact.
+    """
+    b, v = logits.shape
+    if batch.any_rep_penalty:
+        seen = torch.zeros(b, v, dtype=torch.bool, device=logits.device)
+        seen[batch.seen_rows, batch.seen_ids] = True
+        seen[batch.out_rows, batch.out_ids] = True
+        rep = batch.floats[:, _F_REP : _F_REP + 1]  # (B, 1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    if batch.out_ids.numel():
+        counts = torch.zeros(b, v, dtype=logits.dtype, device=logits.device)
+        counts.index_put_((batch.out_rows, batch.out_ids),
+                          torch.ones_like(batch.out_ids, dtype=logits.dtype), accumulate=True)
+        freq = batch.floats[:, _F_FREQ : _F_FREQ + 1]
+        pres = batch.floats[:, _F_PRES : _F_PRES + 1]
+        logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor | None,
+                      max_top_k: int) -> Tensor:
+    """Mask to -inf what top-k (k > 0) and top-p (p < 1) drop; ties at a cut are kept.
+
+    Without top-p only ``topk(max_k)`` runs, not a full sort. With top-p the
+    vocabulary is sorted once (stable, so ties order by id) and both cuts are read off
+    it; the top-p rule is Hugging Face's (drop the ascending prefix whose mass is
+    <= 1 - p, always keep the top token).
+    """
+    b, v = logits.shape
+    neg_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+    k = top_k.clamp(max=v)
+    if top_p is None:
+        kmax = min(max_top_k, v)
+        kth = logits.topk(kmax, dim=-1).values  # (B, kmax), descending
+        thr = kth.gather(1, (k - 1).clamp(min=0)[:, None])  # (B, 1) k-th largest value
+        thr = torch.where(k[:, None] > 0, thr, neg_inf)
+        return logits.masked_fill(logits < thr, float("-inf"))
+    asc, _ = logits.sort(dim=-1, stable=True)  # (B, V) ascending
+    thr_k = asc.gather(1, (v - k).clamp(max=v - 1)[:, None])  # k-th largest; k=0 → inf
+    thr_k = torch.where(k[:, None] > 0, thr_k, neg_inf)
+    asc = asc.masked_fill(asc < thr_k, float("-inf"))  # still ascending
+    cum = asc.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p)[:, None]
+    drop[:, -1] = False
+    # `drop` is a prefix (cum is non-decreasing): its length indexes the smallest kept value.
+    first_kept = drop.sum(dim=-1, keepdim=True)
+    thr_p = asc.gather(1, first_kept)
+    thr_p = torch.where((top_p < 1)[:, None], thr_p, neg_inf)
+    thr = torch.maximum(thr_k, thr_p)
+    return logits.masked_fill(logits < thr, float("-inf"))
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Drop tokens whose probability is below ``min_p`` × the top probability (HF rule)."""
+    probs = logits.softmax(dim=-1)
+    thr = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < thr, float("-inf"))
+
+
+def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
+    """Draw one token per row of ``logits`` (B, V).
+
+    Order: penalties → bans (min_tokens; ids >= valid_vocab are never considered) →
+    greedy rows take the argmax → temperature → top-k → top-p → min-p → counter-based
+    exponential race. ``logprobs`` are always under the model's own distribution
+    (log_softmax of the raw logits over the valid vocabulary), as OpenAI reports them.
+    """
+    if logits.dim() != 2 or logits.shape[0] != batch.size:
+        raise ValueError(f"logits: expected ({batch.size}, V), got {tuple(logits.shape)}")
+    raw = logits.float()
+    if batch.valid_vocab < raw.shape[1]:
+        # Padded embedding rows are not tokens: cut them off instead of masking.
+        raw = raw[:, : batch.valid_vocab]
+    x = raw
+    if batch.any_penalty:
+        x = apply_penalties(x, batch)
+    if batch.ban_ids.numel():
+        x = x.index_put((batch.ban_rows, batch.ban_ids),
+                        x.new_tensor(float("-inf")))
+    if batch.all_greedy:
+        tokens = x.argmax(dim=-1)  # fast path: no sort, no noise
+    else:
+        f = batch.floats
+        x = x / f[:, _F_TEMP : _F_TEMP + 1]
+        if batch.any_top_k or batch.any_top_p:
+            x = apply_top_k_top_p(
+                x, batch.top_k, f[:, _F_TOP_P] if batch.any_top_p else None,
+                batch.max_top_k)
+        if batch.any_min_p:
+            x = apply_min_p(x, f[:, _F_MIN_P])
+        u = uniform_noise(batch.keys, x.shape[1])
+        # Exponential race: argmax_v p_v / E_v with E_v = -log u_v draws v with prob p_v.
+        drawn = (x - torch.log(-torch.log(u))).argmax(dim=-1)
+        if batch.any_greedy:
+            tokens = torch.where(batch.greedy, x.argmax(dim=-1), drawn)
+        else:
+            tokens = drawn
+    return _with_logprobs(raw, tokens, batch)
+
+
+def _with_logprobs(raw: Tensor, tokens: Tensor, batch: SamplingBatch) -> SampleResult:
+    lse = raw.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+    chosen = raw.gather(1, tokens[:, None]) - lse
+    top_ids = top_lp = None
+    if batch.max_logprobs is not None:
+        k = min(batch.max_logprobs, raw.shape[1])
+        vals, top_ids = raw.topk(k, dim=-1)
+        top_lp = vals - lse
+    return SampleResult(tokens=tokens, logprobs=chosen[:, 0], top_ids=top_ids,
+                        top_logprobs=top_lp)
+
+
+# ---------------------------------------------------------------------------------------
+# Detokenizing and stopping
+# ---------------------------------------------------------------------------------------
+
+
+class Decoder(Protocol):
+    """What stop handling needs from a tokenizer."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text, one token at a time, in O(window) per step.
+
+    The prefix-offset technique (TGI, vLLM): decode ``tokens[prefix:]`` and
+    ``tokens[prefix:read]``; the difference is the new text. Byte-level BPE can split a
+    character over several tokens, which decodes to U+FFFD until the last byte arrives,
+    so text ending in U+FFFD is held back. The concatenated deltas equal
+    ``decode(tokens)`` once :meth:`flush` has run.
+    """
+
+    def __init__(self, tokenizer: Decoder) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._prefix = 0  # tokens[_prefix:_read] were decoded into already-emitted text
+        self._read = 0
+
+    def append(self, token_id: int) -> str:
+        """Add one token; return the text that became final (maybe "")."""
+        self.tokens.append(token_id)
+        window = self.tokens[self._prefix :]
+        prefix_text = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        text = self.tokenizer.decode(window)
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            delta = text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character decodes to U+FFFD)."""
+        prefix_text = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        text = self.tokenizer.decode(self.tokens[self._prefix :])
+        self._prefix = self._read = len(self.tokens)
+        return text[len(prefix_text) :]
+
+
+class StopChecker:
+    """Per sample: appends tokens, decides when it ends and with what text.
+
+    ``token_ids`` keeps every generated token (they were computed and count as
+    completion tokens); the text excludes EOS, a stop token and a stop string with
+    everything after it. Requests without stop strings are not detokenized until the
+    end (:meth:`text` decodes once).
+    """
+
+    def __init__(self, params: SamplingParams, tokenizer: Decoder, *,
+                 eos_id: int | None) -> None:
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos_id = None if params.ignore_eos else eos_id
+        self.stop_ids = set(params.stop_token_ids)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        """The stop string or token id that ended the sample, if any."""
+        self._text_tokens: int | None = None  # tokens that make the text, once finished
+        self._detok = IncrementalDetokenizer(tokenizer) if params.stop else None
+        self._keep = max((len(s) for s in params.stop), default=1) - 1
+        self._parts: list[str] = []  # emitted text, except the last `_keep` chars
+        self._tail = ""
+        self._final_text: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int) -> str | None:
+        """Record one generated token; return "stop" or "length" if the sample ends."""
+        if self.finished:
+            raise RuntimeError("StopChecker: sample already finished")
+        self.token_ids.append(token_id)
+        n = len(self.token_ids)
+        # min_tokens is enforced by banning in sample(); a stop id seen anyway (e.g. a
+        # caller that sampled elsewhere) still ends the sample.
+        if token_id == self.eos_id or token_id in self.stop_ids:
+            return self._finish("stop", n - 1, token_id)
+        if self._detok is not None:
+            delta = self._detok.append(token_id)
+            if delta and self._push(delta, search=n >= self.params.min_tokens):
+                return self.finish_reason
+        if n >= self.params.max_tokens:
+            return self._finish("length", n)
+        return None
+
+    def finish_length(self) -> str:
+        """End the sample from outside (context full): reason "length"."""
+        return self._finish("length", len(self.token_ids))
+
+    def finish_abort(self) -> str:
+        """End the sample because its request was aborted."""
+        return self._finish("abort", len(self.token_ids))
+
+    @property
+    def text(self) -> str:
+        """The sample's text so far (final once finished)."""
+        if self._final_text is not None:
+            return self._final_text
+        end = len(self.token_ids) if self._text_tokens is None else self._text_tokens
+        if self._detok is None:
+            text = self.tokenizer.decode(self.token_ids[:end])
+        else:
+            text = "".join(self._parts) + self._tail
+        if self.finished:
+            self._final_text = text
+        return text
+
+    def _finish(self, reason: str, text_tokens: int, what: str | int | None = None) -> str:
+        self.finish_reason = reason
+        self.stop_reason = what
+        self._text_tokens = text_tokens
+        if self._detok is not None and self._final_text is None:
+            # Emit what the detokenizer held back (a stop token never reached it).
+            rest = self._detok.flush()
+            if rest and self._push(rest, search=len(self.token_ids) >= self.params.min_tokens,
+                                   finishing=True):
+                return self.finish_reason or reason
+        return reason
+
+    def _push(self, delta: str, *, search: bool, finishing: bool = False) -> bool:
+        """Add new text; on a stop string, truncate and finish. True if stopped."""
+        window = self._tail + delta
+        if search:
+            hits = [(i, s) for s in self.params.stop if (i := window.find(s)) >= 0]
+            if hits:
+                i, s = min(hits)
+                self._final_text = "".join(self._parts) + window[:i]
+                self.finish_reason, self.stop_reason = "stop", s
+                return True
+        if finishing or len(window) <= self._keep:
+            self._tail = window
+        else:
+            cut = len(window) - self._keep
+            self._parts.append(window[:cut])
+            self._tail = window[cut:]
+        return False
+
+
+def decode_output(tokenizer: Decoder, token_ids: Sequence[int], params: SamplingParams,
+                  *, eos_id: int | None) -> str:
+    """Text of a finished sample that had no stop strings: one decode, dropping a final
+    EOS or stop token."""
+    ids = list(token_ids)
+    if ids and ((ids[-1] == eos_id and not params.ignore_eos)
+                or ids[-1] in params.stop_token_ids):
+        ids.pop()
+    return tokenizer.decode(ids)
