@@ -1,0 +1,105 @@
+"""One settings class for every neoxq process, read from ``NEOXQ_*`` environment variables.
+
+Validated when first read (``get_settings()``), so a bad value stops a process at start-up
+rather than at the first request. The API, the worker and the CLI all read the same class.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of neoxq; each field is ``NEOXQ_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="NEOXQ_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    # Where uploaded files and the embedded SQLite database live.
+    data_dir: Path = Path(".neoxq")
+    # SQLAlchemy URL; empty means the embedded SQLite file ``<data_dir>/neoxq.db``.
+    database_url: str = ""
+    # SQLite waits this long for a competing writer instead of failing at once ("database is
+    # locked"): the API and the worker's result writer share one file.
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    # Celery broker. Redis, not RabbitMQ: it is one process to run and it is already here.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every key the broker writes (queues, the unacked hash) carries this prefix, so several
+    # deployments (or test runs) can share one Redis database without restoring each
+    # other's unacknowledged messages.
+    redis_key_prefix: str = ""
+    # The one explicit queue workers consume and producers publish chunks to.
+    queue: str = "neoxq"
+
+    # Items per chunk message, at most. A chunk should take minutes, not hours: long enough
+    # that per-message overhead vanishes, short enough that a redelivered chunk (after a
+    # crash) repeats little and several workers share a batch evenly. A chunk also closes
+    # once its items may generate ``chunk_max_tokens`` tokens in total: at ~1,000-2,000
+    # output tok/s for the 20B on one H200 with four chunks in flight, 256 items x 128
+    # tokens is 1-2 minutes of work.
+    chunk_items: int = Field(default=256, ge=1)
+    chunk_max_tokens: int = Field(default=65_536, ge=1)
+    # Redis has no real acknowledgements: a delivered message sits in an "unacked" hash and
+    # is put back on the queue once it is older than this. A chunk running longer than the
+    # visibility timeout would be delivered twice, so it must sit well above the longest
+    # chunk (minutes); the worker also refreshes the timestamp of messages it is working on
+    # (see worker/consumer.py), so a live worker's chunks are never restored. A SIGKILLed
+    # worker's chunks come back after this long.
+    visibility_timeout: int = Field(default=3600, ge=1)
+    # How many chunks one worker holds at once (Celery threads pool size). Several chunks in
+    # flight keep the engine full across chunk boundaries: while one chunk's last sequences
+    # finish, the next chunk's are already running.
+    worker_concurrency: int = Field(default=4, ge=1)
+    # Attempts per chunk before its remaining items are recorded as failed.
+    max_attempts: int = Field(default=3, ge=1)
+    # Seconds between worker heartbeats in the store, and how often the engine loop polls
+    # the store for cancelled batches (the issue asks for cancellation within 5 s).
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    cancel_poll_interval: float = Field(default=0.5, gt=0)
+    # On SIGTERM a worker stops taking chunks and lets in-flight sequences finish for at
+    # most this long; what is left then is aborted and handed back to the queue.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    # File limits (OpenAI's Batch API: 200 MB, 50,000 requests per file).
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_lines: int = Field(default=50_000, ge=1)
+    # The model name batches report when their lines name none.
+    model_name: str = "gpt-neox-20b"
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("queue: a non-empty name without spaces expected")
+        return value
+
+    @model_validator(mode="after")
+    def _production_is_explicit(self) -> Settings:
+        # The embedded SQLite default is for one machine; a deployment names its database.
+        if self.environment == "production" and not self.database_url:
+            raise ValueError("database_url: required when environment=production")
+        return self
+
+    @property
+    def files_dir(self) -> Path:
+        """Where uploaded input files are stored."""
+        return self.data_dir / "files"
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, defaulting to the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'neoxq.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,218 @@
+"""The SQL tables: API keys, files, batches, items, results and workers.
+
+The store is the source of truth; Redis only carries chunk descriptors that point here.
+Conventions:
+
+- Every timestamp is a float of Unix seconds (``time.time()``): the engine reports its
+  timings that way, OpenAI objects want integer seconds, and a float means the same on
+  SQLite and PostgreSQL (no time-zone handling in either).
+- Ids are strings with OpenAI-style prefixes (``batch_…``, ``file-…``, ``key_…``);
+  items use an integer key because there are millions of them.
+- ``results`` has one row per item (its primary key is ``item_id``), which is what makes
+  result writes idempotent: a redelivered chunk inserts nothing twice.
+
+These are tables, not API schemas: the API keeps its own pydantic models.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so that migrations name them the same on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BATCH_STATUSES = (
+    "validating",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "failed",
+    "cancelling",
+    "cancelled",
+    "expired",
+)
+TERMINAL_BATCH_STATUSES = ("completed", "failed", "cancelled", "expired")
+ITEM_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+
+# SQLite would accept a bare Integer; PostgreSQL needs BIGINT for millions of items per
+# day over years. On SQLite only "INTEGER PRIMARY KEY" is the auto-incrementing rowid.
+ItemId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def now() -> float:
+    """The current time as stored: Unix seconds."""
+    return time.time()
+
+
+def new_id(prefix: str) -> str:
+    """A random id with an OpenAI-style prefix, e.g. ``new_id("batch_")``."""
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ApiKey(Base):
+    """A bearer key. Only its SHA-256 is stored; ``prefix`` is shown in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # key_…
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
+    prefix: Mapped[str] = mapped_column(String(16))  # first 8 characters of the key
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+
+
+class File(Base):
+    """An uploaded file (content on disk at ``path``) or a batch's virtual output/error file
+    (``path`` null, rendered from ``results`` on download)."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_created", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-…
+    owner: Mapped[str] = mapped_column(String(64))  # api key id, or "local" without keys
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))  # batch | batch_output | batch_error
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(32), default="processed")
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    path: Mapped[str | None] = mapped_column(String(1024))
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class Batch(Base):
+    """A batch of requests; statuses and timestamps follow OpenAI's Batch object."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_owner_created", "owner", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_…
+    owner: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="validating")
+    endpoint: Mapped[str] = mapped_column(String(64), default="/v1/completions")  # or native
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16), default="24h")
+    model: Mapped[str | None] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16), default="native")  # native | openai
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    in_progress_at: Mapped[float | None] = mapped_column(Float)
+    finalizing_at: Mapped[float | None] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    failed_at: Mapped[float | None] = mapped_column(Float)
+    cancelling_at: Mapped[float | None] = mapped_column(Float)
+    cancelled_at: Mapped[float | None] = mapped_column(Float)
+    expired_at: Mapped[float | None] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    # Aggregates, maintained in the same transaction as the result rows they count, so
+    # that progress, tokens and tokens/s are one row read.
+    request_total: Mapped[int] = mapped_column(Integer, default=0)
+    request_completed: Mapped[int] = mapped_column(Integer, default=0)
+    request_failed: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Batch-level sampling defaults, applied to fields a line leaves out.
+    defaults: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # "metadata" is reserved on declarative classes, hence the attribute name.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # File-level validation errors: [{"line", "field", "code", "message"}].
+    errors: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class Item(Base):
+    """One request: a line of the input file."""
+
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("batch_id", "index"),)
+
+    id: Mapped[int] = mapped_column(ItemId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)  # 0-based position among the batch's items
+    line_number: Mapped[int] = mapped_column(Integer)  # 1-based line in the input file
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    prompt: Mapped[str] = mapped_column(Text)
+    # Sampling parameters as given on the line (defaults are applied by the worker).
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    queued_at: Mapped[float] = mapped_column(Float, default=now)
+    # A per-item validation error (when bad lines are run as item errors): {code, message}.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Result(Base):
+    """The outcome of one item: completions and timings, or an error."""
+
+    __tablename__ = "results"
+    __table_args__ = (Index("ix_results_batch_index", "batch_id", "index"),)
+
+    item_id: Mapped[int] = mapped_column(
+        ItemId, ForeignKey("items.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    batch_id: Mapped[str] = mapped_column(String(64))
+    index: Mapped[int] = mapped_column(Integer)
+    # [{index, text, finish_reason, logprobs}] - one per sample (n > 1).
+    choices: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    text: Mapped[str | None] = mapped_column(Text)  # the first choice's text
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    logprobs: Mapped[list[Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {code, message} if failed
+    queued_at: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    first_token_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Worker(Base):
+    """A worker process, registered at start and refreshed by its heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(512))
+    devices: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    pipeline_parallel: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), default="starting")  # …|running|stopped
+    started_at: Mapped[float] = mapped_column(Float, default=now)
+    last_seen: Mapped[float] = mapped_column(Float, default=now)
+    tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+    items_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
