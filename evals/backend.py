@@ -1,0 +1,105 @@
+"""Building neoxq's engine for evaluation, and the few facts about it evaluation needs.
+
+Shared by ``neoxq evaluate`` (:mod:`evals.runner`) and the lm-eval model
+(:mod:`evals.harness`), so both see the same tokenizer, EOS and context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def parse_dtype(name: Any) -> Any:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` … → a torch dtype (``"auto"`` → bf16 on
+    CUDA, fp32 elsewhere is decided by the caller; here it means float32)."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key == "auto":
+        key = "float32"
+    if key not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(set(DTYPES))}, got {name!r}")
+    return getattr(torch, DTYPES[key])
+
+
+@dataclass
+class EvalBackend:
+    """An engine plus what scoring needs to know about its model and tokenizer."""
+
+    engine: Any  # models.engine.Engine (or the pipeline engine): .score, .generate
+    tokenizer: Any  # models.tokenizer.Tokenizer: .encode, .decode, .eos_id
+    max_length: int  # tokens the model can attend over (its max_position)
+    eos_id: int
+    spec: str = ""
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+
+def _model_config(engine: Any) -> Any:
+    for path in (("config",), ("model", "config"), ("runner", "model", "config")):
+        obj = engine
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if obj is not None and hasattr(obj, "max_position"):
+            return obj
+    return None
+
+
+def wrap_engine(engine: Any, tokenizer: Any = None, *, max_length: int | None = None,
+                spec: str = "") -> EvalBackend:
+    """Wrap an already built engine (tests and benchmarks share one model this way)."""
+    tok = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the engine has no tokenizer; pass one")
+    if max_length is None:
+        config = _model_config(engine)
+        if config is None:
+            raise ValueError("cannot tell the model's context length; pass max_length")
+        max_length = int(config.max_position)
+    eos = getattr(tok, "eos_id", None)
+    if eos is None:
+        config = _model_config(engine)
+        eos = int(getattr(config, "eos_token_id", 0)) if config is not None else 0
+    return EvalBackend(engine=engine, tokenizer=tok, max_length=max_length, eos_id=int(eos),
+                       spec=spec)
+
+
+def build_backend(
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: Any = "float32",
+    tokenizer: str | None = None,
+    pipeline_parallel: int = 1,
+    max_length: int | None = None,
+    **engine_kwargs: Any,
+) -> EvalBackend:
+    """Load ``spec`` (``preset:NAME``, an HF dir, a NeoX YAML, a converted dir) into an engine.
+
+    ``tokenizer`` overrides the checkpoint's own tokenizer (a ``tokenizer.json`` path).
+    """
+    from models.runtime import build_engine
+
+    tok = None
+    if tokenizer is not None:
+        from models.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    engine = build_engine(
+        spec, device=device, dtype=parse_dtype(dtype), pipeline_parallel=pipeline_parallel,
+        tokenizer=tok, **engine_kwargs,
+    )
+    return wrap_engine(engine, tok, max_length=max_length, spec=spec)

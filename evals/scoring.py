@@ -1,0 +1,100 @@
+"""From text requests to token pairs to ``(loglikelihood, is_greedy)``, as lm-eval's ``hf``
+model does it, but scored by neoxq's engine.
+
+Token handling copies lm-evaluation-harness 0.4 (``TemplateLM.loglikelihood``,
+``_encode_pair`` and ``HFLM._loglikelihood_tokens``) so that the numbers can equal its
+``hf`` model's:
+
+- trailing whitespace of the context moves to the front of the continuation;
+- the continuation's tokens are those of ``encode(context + continuation)`` after the
+  first ``len(encode(context))`` tokens (so a merge across the boundary is scored the
+  way the harness scores it);
+- an empty context becomes the prefix token (EOS for GPT-NeoX);
+- a pair longer than ``max_length + 1`` tokens loses tokens on the left.
+
+The engine does the batching (it packs flattened tokens, so there is no padding to
+waste); requests go to it longest first in chunks of ``batch_size`` so a progress bar
+can move and the longest (most memory-hungry) requests fail first if they fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+TokenPair = tuple[list[int], list[int]]
+
+
+class Scorer(Protocol):
+    """The part of neoxq's engine (``models.engine.Engine``) that evaluation needs."""
+
+    def score(self, pairs: list[TokenPair]) -> list[Any]: ...
+
+
+def encode_pair(
+    encode: Callable[[str], list[int]], context: str, continuation: str, prefix_token_id: int
+) -> TokenPair:
+    """``(context_ids, continuation_ids)`` exactly as lm-eval's ``TemplateLM`` builds them."""
+    if context == "":
+        cont = encode(continuation)
+        # lm-eval conditions on the prefix token, unless the continuation starts with it
+        if cont and cont[0] == prefix_token_id:
+            return cont[:1], cont[1:]
+        return [prefix_token_id], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def truncate_pair(context: list[int], continuation: list[int], max_length: int) -> TokenPair:
+    """Left-truncate as ``HFLM`` does: the model sees ``(ctx + cont)[-(max_length+1):][:-1]``
+    and scores the last ``len(cont)`` positions, so keep ``max_length + 1`` tokens."""
+    if not continuation:
+        raise ValueError("empty continuation: nothing to score")
+    if len(continuation) > max_length:
+        raise ValueError(
+            f"continuation of {len(continuation)} tokens exceeds the model's "
+            f"context of {max_length} tokens"
+        )
+    total = len(context) + len(continuation)
+    if total <= max_length + 1:
+        return context, continuation
+    keep = (context + continuation)[-(max_length + 1):]
+    return keep[: len(keep) - len(continuation)], continuation
+
+
+def score_pairs(
+    engine: Scorer,
+    pairs: Sequence[TokenPair],
+    *,
+    max_length: int,
+    batch_size: int = 256,
+    progress: Any | None = None,
+) -> list[tuple[float, bool]]:
+    """Score every pair with ``engine.score``; answers come back in input order.
+
+    ``progress`` is anything with ``update(n)`` (a tqdm bar).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    prepared = [truncate_pair(list(c), list(t), max_length) for c, t in pairs]
+    # Longest first, like lm-eval's Collator; ties broken by tokens for determinism.
+    order = sorted(
+        range(len(prepared)),
+        key=lambda i: (-(len(prepared[i][0]) + len(prepared[i][1])), i),
+    )
+    out: list[tuple[float, bool] | None] = [None] * len(prepared)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        results = engine.score([prepared[i] for i in chunk])
+        if len(results) != len(chunk):
+            raise RuntimeError(f"engine.score returned {len(results)} results for {len(chunk)}")
+        for i, res in zip(chunk, results, strict=True):
+            out[i] = (float(res.logprob), bool(res.is_greedy))
+        if progress is not None:
+            progress.update(len(chunk))
+    return out  # type: ignore[return-value]  # every slot was filled above
