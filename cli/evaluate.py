@@ -1,0 +1,187 @@
+"""``neoxq evaluate``: zero-shot LAMBADA and PIQA (and any lm-eval task) on neoxq's engine.
+
+LAMBADA (OpenAI) and PIQA run from local files (``--data-dir``) with lm-evaluation-
+harness's exact request construction and metrics, without lm-eval installed. Any
+other task name goes through lm-eval itself (``evals.harness.NeoXQLM``), which must
+then be installed and able to reach the task's data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# display names of the seed's table
+METRIC_LABELS = {"perplexity": "ppl"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="zero-shot LAMBADA/PIQA (or any lm-eval task) on a model",
+        description=(
+            "Evaluate MODEL (preset:NAME, a Hugging Face dir, a NeoX YAML or a converted "
+            "dir) zero-shot. lambada (= lambada_openai) and piqa read local files from "
+            "--data-dir and need no network and no lm-eval; other names are lm-eval tasks."
+        ),
+    )
+    p.add_argument("model", help="model spec: preset:NAME, HF dir, NeoX YAML, converted dir")
+    p.add_argument("--tasks", default="lambada,piqa",
+                   help="comma-separated task names (default: lambada,piqa)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with lambada_test.jsonl and piqa/valid.jsonl + valid-labels.lst")
+    p.add_argument("--limit", type=float, default=None,
+                   help="first N documents per task (a fraction if below 1), as lm-eval's")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="requests per engine call (the engine batches by tokens inside)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json overriding the model's")
+    p.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages (GPUs)")
+    p.add_argument("--bootstrap-iters", type=int, default=100_000,
+                   help="bootstrap resamples for perplexity's stderr, as lm-eval (0: none)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write results JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def format_table(results: dict[str, dict[str, Any]], versions: dict[str, Any]) -> str:
+    """The seed's table: Task | Version | Metric | Value | ± | Stderr."""
+    rows = [("Task", "Version", "Metric", "Value", "", "Stderr")]
+    for task, metrics in results.items():
+        first = True
+        for key, value in metrics.items():
+            if key.endswith("_stderr") or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{key}_stderr")
+            rows.append((
+                task if first else "",
+                str(versions.get(task, "")) if first else "",
+                METRIC_LABELS.get(key, key),
+                f"{value:.4f}",
+                "±",
+                f"{stderr:.4f}" if isinstance(stderr, int | float) else "N/A",
+            ))
+            first = False
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("|" + "|".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}"
+                                    for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                     + "|")
+        if n == 0:
+            lines.append("|" + "|".join("-" * w for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _run_lm_eval_tasks(backend: Any, names: list[str], args: argparse.Namespace) -> dict:
+    """Other tasks through lm-eval itself, on the same engine."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise SystemExit(
+            f"tasks {', '.join(names)} are lm-eval tasks and lm-eval is not installed "
+            "(pip install 'neoxq[eval]'); lambada and piqa need only --data-dir"
+        ) from None
+    from evals.harness import NeoXQLM
+
+    lm = NeoXQLM(backend=backend, batch_size=args.batch_size, device=args.device)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=args.limit,
+                                  bootstrap_iters=args.bootstrap_iters)
+    results: dict[str, dict[str, Any]] = {}
+    for task, metrics in out["results"].items():
+        clean = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if filt and isinstance(value, int | float):
+                clean[name] = value
+            elif filt and value == "N/A":
+                clean[name] = None
+        results[task] = clean
+    return {"results": results, "versions": out.get("versions", {}),
+            "n_samples": {k: v.get("effective", v) if isinstance(v, dict) else v
+                          for k, v in out.get("n-samples", {}).items()}}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the table; write JSON with ``-o``."""
+    from evals.data import DataError
+    from evals.tasks import get_task, is_local_task
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        print("error: --tasks: expected at least one task name", file=sys.stderr)
+        return 2
+    local = [get_task(n).name for n in names if is_local_task(n)]
+    remote = [n for n in names if not is_local_task(n)]
+    if local and args.data_dir is None:
+        print(f"error: --data-dir is required for {', '.join(local)}", file=sys.stderr)
+        return 2
+    if local:
+        # fail on a bad data file before spending minutes loading the model
+        try:
+            for name in dict.fromkeys(local):
+                get_task(name).load(args.data_dir)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    import torch
+
+    from evals.backend import build_backend
+    from evals.runner import evaluate_local
+
+    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    t0 = time.perf_counter()
+    backend = build_backend(
+        args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
+        pipeline_parallel=args.pipeline_parallel,
+    )
+    load_s = time.perf_counter() - t0
+
+    report: dict[str, Any] = {"results": {}, "versions": {}, "n_samples": {}}
+    if local:
+        try:
+            out = evaluate_local(
+                backend.engine, backend.encode, local, args.data_dir,
+                prefix_token_id=backend.eos_id, max_length=backend.max_length,
+                limit=args.limit, batch_size=args.batch_size,
+                bootstrap_iters=args.bootstrap_iters, progress=not args.no_progress,
+            )
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for key in ("results", "versions", "n_samples"):
+            report[key].update(out[key])
+        report["timing"] = out["timing"]
+        report["n_requests"] = out["n_requests"]
+    if remote:
+        out = _run_lm_eval_tasks(backend, remote, args)
+        for key in ("results", "versions", "n_samples"):
+            report[key].update(out[key])
+
+    report["config"] = {
+        "model": args.model, "device": args.device, "dtype": str(dtype),
+        "tokenizer": args.tokenizer, "tasks": names, "limit": args.limit,
+        "batch_size": args.batch_size, "data_dir": str(args.data_dir) if args.data_dir else None,
+        "bootstrap_iters": args.bootstrap_iters, "load_s": load_s,
+        "torch": torch.__version__,
+    }
+    print(format_table(report["results"], report["versions"]))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
