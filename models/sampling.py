@@ -506,6 +506,21 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(probs < thr, float("-inf"))
 
 
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """(B, valid_vocab) float32 scores that the draw samples from: penalties, bans,
+    temperature, top-k, top-p, min-p (filtered tokens are -inf). For greedy rows the
+    argmax of this equals the argmax before temperature and filters."""
+    x = _penalized(_valid_logits(logits, batch), batch)
+    f = batch.floats
+    x = x / f[:, _F_TEMP : _F_TEMP + 1]
+    if batch.any_top_k or batch.any_top_p:
+        x = apply_top_k_top_p(
+            x, batch.top_k, f[:, _F_TOP_P] if batch.any_top_p else None, batch.max_top_k)
+    if batch.any_min_p:
+        x = apply_min_p(x, f[:, _F_MIN_P])
+    return x
+
+
 def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
     """Draw one token per row of ``logits`` (B, V).
 
@@ -514,37 +529,37 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
     exponential race. ``logprobs`` are always under the model's own distribution
     (log_softmax of the raw logits over the valid vocabulary), as OpenAI reports them.
     """
+    raw = _valid_logits(logits, batch)
+    if batch.all_greedy:
+        tokens = _penalized(raw, batch).argmax(dim=-1)  # fast path: no sort, no noise
+    else:
+        x = process_logits(raw, batch)
+        u = uniform_noise(batch.keys, x.shape[1])
+        # Exponential race: argmax_v p_v / E_v with E_v = -log u_v draws v with prob p_v.
+        tokens = (x - torch.log(-torch.log(u))).argmax(dim=-1)
+        if batch.any_greedy:
+            # Temperature and the filters are monotone or keep the top token, so the
+            # argmax of the processed scores is the greedy token.
+            tokens = torch.where(batch.greedy, x.argmax(dim=-1), tokens)
+    return _with_logprobs(raw, tokens, batch)
+
+
+def _valid_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if logits.dim() != 2 or logits.shape[0] != batch.size:
         raise ValueError(f"logits: expected ({batch.size}, V), got {tuple(logits.shape)}")
     raw = logits.float()
     if batch.valid_vocab < raw.shape[1]:
         # Padded embedding rows are not tokens: cut them off instead of masking.
         raw = raw[:, : batch.valid_vocab]
-    x = raw
+    return raw
+
+
+def _penalized(x: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.any_penalty:
         x = apply_penalties(x, batch)
     if batch.ban_ids.numel():
-        x = x.index_put((batch.ban_rows, batch.ban_ids),
-                        x.new_tensor(float("-inf")))
-    if batch.all_greedy:
-        tokens = x.argmax(dim=-1)  # fast path: no sort, no noise
-    else:
-        f = batch.floats
-        x = x / f[:, _F_TEMP : _F_TEMP + 1]
-        if batch.any_top_k or batch.any_top_p:
-            x = apply_top_k_top_p(
-                x, batch.top_k, f[:, _F_TOP_P] if batch.any_top_p else None,
-                batch.max_top_k)
-        if batch.any_min_p:
-            x = apply_min_p(x, f[:, _F_MIN_P])
-        u = uniform_noise(batch.keys, x.shape[1])
-        # Exponential race: argmax_v p_v / E_v with E_v = -log u_v draws v with prob p_v.
-        drawn = (x - torch.log(-torch.log(u))).argmax(dim=-1)
-        if batch.any_greedy:
-            tokens = torch.where(batch.greedy, x.argmax(dim=-1), drawn)
-        else:
-            tokens = drawn
-    return _with_logprobs(raw, tokens, batch)
+        x = x.index_put((batch.ban_rows, batch.ban_ids), x.new_tensor(float("-inf")))
+    return x
 
 
 def _with_logprobs(raw: Tensor, tokens: Tensor, batch: SamplingBatch) -> SampleResult:
