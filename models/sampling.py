@@ -256,15 +256,49 @@ def row_keys(seed: Tensor, sample_index: Tensor, position: Tensor) -> Tensor:
     return _mix64(k + position * _GOLDEN)
 
 
+def _mix64_(z: Tensor) -> Tensor:
+    """In-place :func:`_mix64` for the big (B, V) tensor: one scratch buffer, no temporaries
+    per operation (the noise is the largest elementwise cost of a sampled step)."""
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(mult)
+    return z
+
+
+_VOCAB_STEPS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def _vocab_steps(device: torch.device, vocab: int) -> Tensor:
+    """(V,) int64 ``(v + 1) * golden``, cached per device and size (it never changes)."""
+    key = (device, vocab)
+    if key not in _VOCAB_STEPS:
+        v = torch.arange(1, vocab + 1, device=device, dtype=torch.int64)
+        _VOCAB_STEPS[key] = v * _GOLDEN
+    return _VOCAB_STEPS[key]
+
+
 def uniform_noise(keys: Tensor, vocab: int) -> Tensor:
     """(B, V) float32 uniforms in (0, 1), a pure function of (key, vocab id).
 
     24 bits per draw (float32's mantissa): u = (k + 0.5) / 2**24 is never 0 or 1, so the
-    exponential race below never sees log(0).
+    exponential race below never sees log(0). The chance that a token 17 nats below the
+    best one wins is thereby cut off, which no practical sampling notices.
     """
-    v = torch.arange(1, vocab + 1, device=keys.device, dtype=torch.int64)
-    h = _mix64(keys[:, None] + v[None, :] * _GOLDEN)  # (B, V)
-    return (_srl(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    h = _mix64_(keys[:, None] + _vocab_steps(keys.device, vocab)[None, :])  # (B, V)
+    h.bitwise_right_shift_(40)  # top 24 bits; non-negative after the shift below 2**24
+    h.bitwise_and_((1 << 24) - 1)
+    return h.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+
+
+def exponential_race_scores(keys: Tensor, vocab: int) -> Tensor:
+    """(B, V) ``-log(-log u)``: standard Gumbel noise; argmax(logits + it) samples
+    softmax(logits)."""
+    u = uniform_noise(keys, vocab)
+    return u.log_().neg_().log_().neg_()
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,6 +351,8 @@ class SamplingBatch:
     seen_ids: Tensor
     all_greedy: bool
     any_greedy: bool
+    any_temperature: bool
+    """Some row has a temperature other than 0 or 1 (else the division is skipped)."""
     any_penalty: bool
     any_rep_penalty: bool
     any_top_k: bool
@@ -388,15 +424,19 @@ class SamplingBatch:
                 seen_r.append(np.full(len(ids), r, dtype=np.int64))
                 seen_i.append(ids)
 
-        def cat(parts: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        def cat(rows_: list[np.ndarray], ids_: list[np.ndarray]) -> list[np.ndarray]:
+            if not rows_:
+                return [np.zeros(0, dtype=np.int64)] * 2
+            r_, i_ = np.concatenate(rows_), np.concatenate(ids_)
+            ok = (i_ >= 0) & (i_ < valid)  # a padded id cannot index the (B, valid) logits
+            return [r_[ok], i_[ok]]
 
         pieces = [
             ints.reshape(-1),
             flts.reshape(-1).view(np.int64),  # bit-exact through the int64 buffer
             np.asarray(ban_r, dtype=np.int64),
             np.asarray(ban_i, dtype=np.int64),
-            cat(out_r), cat(out_i), cat(seen_r), cat(seen_i),
+            *cat(out_r, out_i), *cat(seen_r, seen_i),
         ]
         sizes = [len(x) for x in pieces]
         host = torch.from_numpy(np.concatenate(pieces))
@@ -422,6 +462,7 @@ class SamplingBatch:
             seen_rows=parts[6], seen_ids=parts[7],
             all_greedy=all(t == 0 for t in temps),
             any_greedy=any(t == 0 for t in temps),
+            any_temperature=any(t not in (0, 1) for t in temps),
             any_penalty=any_pen,
             any_rep_penalty=any_rep,
             any_top_k=any(k > 0 and t > 0 for k, t in zip(top_ks, temps, strict=True)),
@@ -512,7 +553,8 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     argmax of this equals the argmax before temperature and filters."""
     x = _penalized(_valid_logits(logits, batch), batch)
     f = batch.floats
-    x = x / f[:, _F_TEMP : _F_TEMP + 1]
+    if batch.any_temperature:
+        x = x / f[:, _F_TEMP : _F_TEMP + 1]
     if batch.any_top_k or batch.any_top_p:
         x = apply_top_k_top_p(
             x, batch.top_k, f[:, _F_TOP_P] if batch.any_top_p else None, batch.max_top_k)
@@ -534,9 +576,9 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
         tokens = _penalized(raw, batch).argmax(dim=-1)  # fast path: no sort, no noise
     else:
         x = process_logits(raw, batch)
-        u = uniform_noise(batch.keys, x.shape[1])
-        # Exponential race: argmax_v p_v / E_v with E_v = -log u_v draws v with prob p_v.
-        tokens = (x - torch.log(-torch.log(u))).argmax(dim=-1)
+        # Exponential race: argmax_v p_v / E_v with E_v = -log u_v draws v with prob p_v;
+        # in log space that is Gumbel-max.
+        tokens = (exponential_race_scores(batch.keys, x.shape[1]).add_(x)).argmax(dim=-1)
         if batch.any_greedy:
             # Temperature and the filters are monotone or keep the top token, so the
             # argmax of the processed scores is the greedy token.
