@@ -1,0 +1,69 @@
+"""The local tasks build lm-eval's requests and compute lm-eval's aggregates."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from evals.tasks import (
+    aggregate,
+    bootstrap_perplexity_stderr,
+    get_task,
+    lambada_requests,
+    piqa_requests,
+)
+
+
+def test_requests_equal_lm_evals_on_every_document(data_dir: Path) -> None:
+    """Our Python templates vs lm-eval's Jinja ones (its stock YAML), all 5153 + 1838 docs."""
+    from evals.harness import local_tasks
+
+    lambada, piqa = local_tasks(data_dir)
+    for doc, ours in zip(lambada.test_docs(), map(lambada_requests, lambada.test_docs()),
+                         strict=True):
+        ctx = lambada.fewshot_context(doc, 0)
+        (inst,) = [lambada.construct_requests(doc, ctx, metadata=("t", 0, 1))]
+        assert [inst.args] == ours
+    for doc in piqa.validation_docs():
+        ctx = piqa.fewshot_context(doc, 0)
+        insts = piqa.construct_requests(doc, ctx, metadata=("t", 0, 1))
+        assert [i.args for i in insts] == piqa_requests(doc)
+        assert piqa.doc_to_target(doc) == doc["label"]
+
+
+def test_task_names_and_aliases() -> None:
+    assert get_task("lambada").name == "lambada_openai"
+    assert get_task("piqa").name == "piqa"
+    with pytest.raises(ValueError, match="unknown local task 'hellaswag'"):
+        get_task("hellaswag")
+
+
+def test_piqa_acc_norm_divides_by_characters_of_the_choice() -> None:
+    task = get_task("piqa")
+    doc = {"goal": "g", "sol1": "aaaa", "sol2": "a", "label": 0}
+    # raw: choice 0 wins (-4 > -5); per character: -1.0 vs -5.0, choice 0 wins too
+    assert task.process(doc, [(-4.0, False), (-5.0, False)]) == {"acc": 1.0, "acc_norm": 1.0}
+    # raw: choice 1 wins (-3 > -4); per character: -1.0 vs -3.0, choice 0 wins
+    assert task.process(doc, [(-4.0, False), (-3.0, False)]) == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_aggregates_equal_lm_evals() -> None:
+    from lm_eval.api.metrics import bootstrap_stderr, mean, mean_stderr, perplexity
+
+    rng = random.Random(3)
+    lls = [-rng.random() * 8 for _ in range(57)]
+    accs = [float(rng.random() < 0.3) for _ in range(57)]
+    ours = aggregate(get_task("lambada"), [{"perplexity": x, "acc": a}
+                                            for x, a in zip(lls, accs, strict=True)], 2000)
+    assert ours["acc"] == pytest.approx(mean(accs), abs=1e-12)
+    assert ours["acc_stderr"] == pytest.approx(mean_stderr(accs), abs=1e-12)
+    assert ours["perplexity"] == pytest.approx(perplexity(lls), rel=1e-12)
+    # lm-eval's seeded bootstrap, reproduced draw for draw
+    assert ours["perplexity_stderr"] == pytest.approx(bootstrap_stderr(perplexity, lls, 2000),
+                                                      rel=1e-9)
+    assert bootstrap_perplexity_stderr(lls, 1000) == pytest.approx(
+        bootstrap_stderr(perplexity, lls, 1000), rel=1e-9)
+    one = aggregate(get_task("lambada"), [{"perplexity": -1.0, "acc": 1}])
+    assert one["acc_stderr"] is None and one["perplexity_stderr"] is None
