@@ -73,7 +73,8 @@ class NeoXQLM(TemplateLM):
                 pipeline_parallel=int(pipeline_parallel),
                 max_length=int(max_length) if max_length else None, **engine_kwargs,
             )
-        self.backend = backend
+        # not `self.backend`: TemplateLM reads that as "causal"/"seq2seq"
+        self.neoxq = backend
         self._device = device
         text = str(batch_size)
         self._batch_size = AUTO_BATCH if text.startswith("auto") else int(text)
@@ -105,11 +106,11 @@ class NeoXQLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.backend.eos_id
+        return self.neoxq.eos_id
 
     @property
     def max_length(self) -> int:
-        return self.backend.max_length
+        return self.neoxq.max_length
 
     @property
     def max_gen_toks(self) -> int:
@@ -122,10 +123,10 @@ class NeoXQLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs: Any) -> list[int]:
         # GPT-NeoX's tokenizer adds no BOS/EOS, so add_special_tokens changes nothing.
-        return self.backend.encode(string)
+        return self.neoxq.encode(string)
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.backend.decode(tokens)
+        return self.neoxq.decode(tokens)
 
     # -- scoring
 
@@ -137,7 +138,7 @@ class NeoXQLM(TemplateLM):
                    desc="Running loglikelihood requests (neoxq)")
         try:
             answers = score_pairs(
-                self.backend.engine, [(ctx, cont) for _, ctx, cont in requests],
+                self.neoxq.engine, [(ctx, cont) for _, ctx, cont in requests],
                 max_length=self.max_length, batch_size=self.batch_size, progress=bar,
             )
         finally:
@@ -181,7 +182,7 @@ class NeoXQLM(TemplateLM):
         generation settings; contexts are left-truncated to ``max_length - max_gen_toks``."""
         from models.sampling import SamplingParams
 
-        eos_text = self.backend.decode([self.eot_token_id])
+        eos_text = self.neoxq.decode([self.eot_token_id])
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
@@ -208,7 +209,7 @@ class NeoXQLM(TemplateLM):
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-max_ctx:] for i in chunk]
-                outputs = self.backend.engine.generate(prompts, params)
+                outputs = self.neoxq.engine.generate(prompts, params)
                 for i, res in zip(chunk, outputs, strict=True):
                     if res.error:
                         raise RuntimeError(f"generation failed: {res.error}")
@@ -220,7 +221,7 @@ class NeoXQLM(TemplateLM):
         return out  # type: ignore[return-value]  # every slot was filled above
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"model_spec": self.backend.spec, "max_length": self.max_length}
+        return {"model_spec": self.neoxq.spec, "max_length": self.max_length}
 
 
 # ---------------------------------------------------------------- local lm-eval tasks
