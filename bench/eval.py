@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from evals.backend import EvalBackend, build_backend  # noqa: E402
 from evals.runner import build_requests, evaluate_local  # noqa: E402
-from evals.scoring import encode_pair  # noqa: E402
+from evals.scoring import encode_pairs  # noqa: E402
 from evals.tasks import aggregate, get_task  # noqa: E402
 
 TASKS = ["lambada_openai", "piqa"]
@@ -213,7 +213,7 @@ def all_pairs(backend: EvalBackend, data_dir: Path, limit: float | None
     tasks = [get_task(n) for n in TASKS]
     per_task = build_requests(tasks, data_dir, limit)
     flat = [r for _, reqs in per_task.values() for doc_reqs in reqs for r in doc_reqs]
-    return [encode_pair(backend.encode, c, t, backend.eos_id) for c, t in flat]
+    return encode_pairs(backend.encode_batch, flat, backend.eos_id)
 
 
 # ---------------------------------------------------------------- runs
@@ -231,6 +231,7 @@ def run_neoxq(backend: EvalBackend, data_dir: Path, args: argparse.Namespace) ->
         backend.engine, backend.encode, TASKS, data_dir, prefix_token_id=backend.eos_id,
         max_length=backend.max_length, limit=args.limit, batch_size=args.batch_size,
         bootstrap_iters=args.bootstrap_iters, progress=not args.quiet,
+        encode_batch=backend.encode_batch,
     )
     sync(args.device)
     wall = time.perf_counter() - t0

@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 prefix_token_id=backend.eos_id, max_length=backend.max_length,
                 limit=args.limit, batch_size=args.batch_size,
                 bootstrap_iters=args.bootstrap_iters, progress=not args.no_progress,
+                encode_batch=backend.encode_batch,
             )
         except DataError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -44,6 +44,12 @@ class EvalBackend:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        if batch is None:
+            return [self.encode(t) for t in texts]
+        return [list(ids) for ids in batch(list(texts))]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids))
 

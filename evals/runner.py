@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from evals.scoring import Scorer, encode_pair, score_pairs
+from evals.scoring import Scorer, encode_pair, encode_pairs, score_pairs
 from evals.tasks import DEFAULT_BOOTSTRAP_ITERS, LocalTask, aggregate, get_task
 
 
@@ -52,11 +52,13 @@ def evaluate_local(
     batch_size: int = 256,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     progress: bool = True,
+    encode_batch: Callable[[list[str]], list[list[int]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate local tasks; returns ``{"results": {task: metrics}, "n_samples", "timing"}``.
 
     ``encode`` turns text into token ids with no special tokens added (as lm-eval's
-    ``hf`` model encodes for causal models); ``prefix_token_id`` conditions empty
+    ``hf`` model encodes for causal models), ``encode_batch`` (optional) many texts at
+    once; ``prefix_token_id`` conditions empty
     contexts (EOS for GPT-NeoX).
     """
     tasks = [get_task(n) for n in dict.fromkeys(task_names)]  # dedupe, keep order
@@ -65,7 +67,10 @@ def evaluate_local(
     flat: list[tuple[str, str]] = [
         req for _, reqs in per_task.values() for doc_reqs in reqs for req in doc_reqs
     ]
-    pairs = [encode_pair(encode, ctx, cont, prefix_token_id) for ctx, cont in flat]
+    if encode_batch is not None:
+        pairs = encode_pairs(encode_batch, flat, prefix_token_id)
+    else:
+        pairs = [encode_pair(encode, ctx, cont, prefix_token_id) for ctx, cont in flat]
     t_tok = time.perf_counter()
 
     bar = None

@@ -50,6 +50,36 @@ def encode_pair(
     return ctx, whole[len(ctx):]
 
 
+def encode_pairs(
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    requests: Sequence[tuple[str, str]],
+    prefix_token_id: int,
+) -> list[TokenPair]:
+    """:func:`encode_pair` for many requests, with two batched tokenizer calls (the
+    ``tokenizers`` library encodes a batch in parallel, in Rust)."""
+    jobs: list[tuple[str, str]] = []  # (context, context + continuation) per request
+    for context, continuation in requests:
+        if context == "":
+            jobs.append(("", continuation))
+            continue
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        jobs.append((context, context + continuation))
+    ctx_ids = encode_batch([c for c, _ in jobs])
+    whole_ids = encode_batch([w for _, w in jobs])
+    out: list[TokenPair] = []
+    for (context, _), ctx, whole in zip(jobs, ctx_ids, whole_ids, strict=True):
+        if context == "":
+            cont = whole  # the continuation alone, see encode_pair
+            out.append((cont[:1], cont[1:]) if cont and cont[0] == prefix_token_id
+                       else ([prefix_token_id], cont))
+        else:
+            out.append((ctx, whole[len(ctx):]))
+    return out
+
+
 def truncate_pair(context: list[int], continuation: list[int], max_length: int) -> TokenPair:
     """Left-truncate as ``HFLM`` does: the model sees ``(ctx + cont)[-(max_length+1):][:-1]``
     and scores the last ``len(cont)`` positions, so keep ``max_length + 1`` tokens."""

@@ -67,3 +67,18 @@ def test_aggregates_equal_lm_evals() -> None:
         bootstrap_stderr(perplexity, lls, 1000), rel=1e-9)
     one = aggregate(get_task("lambada"), [{"perplexity": -1.0, "acc": 1}])
     assert one["acc_stderr"] is None and one["perplexity_stderr"] is None
+
+
+def test_batched_encoding_equals_one_by_one(data_dir: Path, tokenizer_path: Path) -> None:
+    """encode_pairs (two batched tokenizer calls) == encode_pair (lm-eval's per request)."""
+    from evals.runner import build_requests
+    from evals.scoring import encode_pair, encode_pairs
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    per_task = build_requests([get_task("lambada"), get_task("piqa")], data_dir, 300)
+    reqs = [r for _, rs in per_task.values() for doc in rs for r in doc]
+    reqs += [("", " hi"), ("", "<|endoftext|>x"), ("ends with spaces  ", "x"), ("a", "b")]
+    batched = encode_pairs(tok.encode_batch, reqs, 0)
+    assert batched == [encode_pair(tok.encode, c, t, 0) for c, t in reqs]
+    assert batched[-3] == ([0], [89])  # a continuation starting with EOS: EOS is the context
