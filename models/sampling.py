@@ -20,6 +20,16 @@ identical on every device; the floats derived from them (``log``) may differ in 
 bits between CPU and CUDA builds, so cross-device equality of sampled text is likely but
 not guaranteed. Batch invariance of the filters (top-p's cumulative sum, softmax) is
 exact on CPU and best-effort on GPU, where reduction order may depend on the batch shape.
+
+One engine step::
+
+    rows = [SampleRow(seq.params, seq.seed, seq.sample_index, position=len(seq.output),
+                      output_ids=seq.output, prompt_ids=seq.prompt) for seq in running]
+    batch = SamplingBatch.build(rows, device=logits.device, vocab_size=logits.shape[1],
+                                valid_vocab=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
+    result = sample(logits, batch)  # tokens, logprobs, top_ids, top_logprobs on the device
+    for seq, tok in zip(running, result.tokens.tolist()):
+        reason = seq.stop_checker.append(tok)  # "stop" / "length" / None
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -215,7 +225,7 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _fail(name: str, expected: str, got: object) -> None:
+def _fail(name: str, expected: str, got: object) -> NoReturn:
     raise ValueError(f"{name}: {expected}, got {got!r}")
 
 
@@ -289,8 +299,8 @@ def uniform_noise(keys: Tensor, vocab: int) -> Tensor:
     best one wins is thereby cut off, which no practical sampling notices.
     """
     h = _mix64_(keys[:, None] + _vocab_steps(keys.device, vocab)[None, :])  # (B, V)
-    h.bitwise_right_shift_(40)  # top 24 bits; non-negative after the shift below 2**24
-    h.bitwise_and_((1 << 24) - 1)
+    h.bitwise_right_shift_(40)  # the top 24 bits...
+    h.bitwise_and_((1 << 24) - 1)  # ...without the sign extension of an arithmetic shift
     return h.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
 
 

@@ -494,6 +494,22 @@ def test_stop_checker_without_stop_strings_never_detokenizes(tok):
     assert len(dec.lengths) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_the_same_integers_and_tokens_as_cpu():
+    torch.manual_seed(8)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.2),
+              SamplingParams(temperature=0, logprobs=3), SamplingParams(min_p=0.1)]
+    rows = [SampleRow(p, seed=11 * r, position=r, output_ids=[1, 2, 2], prompt_ids=[3])
+            for r, p in enumerate(params)]
+    logits = torch.randn(3, 50432)
+    cpu = SamplingBatch.build(rows, device="cpu", vocab_size=50432, valid_vocab=50277)
+    gpu = SamplingBatch.build(rows, device="cuda", vocab_size=50432, valid_vocab=50277)
+    # The uniforms are exact (integers, then exact float ops); only log() may differ.
+    assert torch.equal(uniform_noise(cpu.keys, 1000), uniform_noise(gpu.keys, 1000).cpu())
+    assert torch.equal(sample(logits, cpu).tokens, sample(logits.cuda(), gpu).tokens.cpu())
+
+
 def test_noise_keys_fold_seeds_like_python():
     # A seed given as a huge unsigned value and as its signed twin draw the same.
     a = SampleRow(SamplingParams(seed=2**64 - 1), seed=2**64 - 1)
