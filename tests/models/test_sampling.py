@@ -518,3 +518,17 @@ def test_noise_keys_fold_seeds_like_python():
     kb = SamplingBatch.build([b], device="cpu", vocab_size=8).keys
     assert torch.equal(ka, kb)
     assert math.isfinite(float(ka.item()))
+
+
+def test_samples_of_one_request_differ_by_index_and_bf16_logits_work():
+    torch.manual_seed(9)
+    row = torch.randn(1, 256).to(torch.bfloat16)
+    p = SamplingParams(n=8, seed=5)
+    rows = [SampleRow(p, seed=5, sample_index=i) for i in range(8)]
+    res = sample(row.expand(8, 256), SamplingBatch.build(rows, device="cpu", vocab_size=256))
+    assert len(set(res.tokens.tolist())) > 1  # n samples are independent draws
+    greedy = SamplingBatch.build([SampleRow(SamplingParams(temperature=0), seed=0)],
+                                 device="cpu", vocab_size=256)
+    assert sample(row, greedy).tokens.item() == row.float().argmax().item()
+    assert sample(torch.zeros(0, 256), SamplingBatch.build(
+        [], device="cpu", vocab_size=256)).tokens.shape == (0,)
