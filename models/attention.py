@@ -1,0 +1,217 @@
+"""Paged attention: the :class:`~models.model.AttentionBackend` the engine plugs in.
+
+One engine step packs ``N`` tokens: first ``D`` *decode* tokens (one per sequence that
+is generating), then the tokens of any *prefill* chunks (prompts, possibly split over
+several steps, and recomputation after preemption). Per layer the backend
+
+1. writes the step's new keys/values into the paged cache at their slots;
+2. decode tokens: attends each query to its sequence's whole context through the block
+   table — a Triton kernel on CUDA (:func:`paged_decode_triton`), a gather in pure
+   torch elsewhere (:func:`paged_decode_torch`, also the reference the kernel is
+   checked against);
+3. prefill tokens: gathers the context keys of the prefill sequences (earlier chunks
+   included) and runs one ``scaled_dot_product_attention`` over all of them with a
+   block-diagonal causal mask built once per step.
+
+All step metadata arrives as device tensors built by the engine from one host buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.kv_cache import KVCache
+
+
+@dataclass
+class StepMetadata:
+    """Device tensors describing one step's tokens (built by the engine)."""
+
+    slot_blocks: Tensor  # (N,) block of each new token's cache slot
+    slot_offsets: Tensor  # (N,) offset inside that block
+    num_decode: int  # D: the first D tokens are decode tokens, one per sequence
+    block_tables: Tensor | None = None  # (D, W) block ids per decode sequence
+    context_lens: Tensor | None = None  # (D,) tokens each decode query attends to
+    key_blocks: Tensor | None = None  # (Nk,) context keys of the prefill sequences
+    key_offsets: Tensor | None = None  # (Nk,)
+    prefill_mask: Tensor | None = None  # (1, 1, N - D, Nk) bool, True = may attend
+
+
+def prefill_mask(q_seq: Tensor, q_pos: Tensor, k_seq: Tensor, k_pos: Tensor) -> Tensor:
+    """(1, 1, Nq, Nk) mask: a query sees keys of its own sequence at positions <= its own."""
+    mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+    return mask[None, None]
+
+
+class PagedAttention:
+    """Attention backend over a :class:`KVCache` for one step at a time.
+
+    ``use_triton`` picks the CUDA decode kernel (default: whenever the cache is on CUDA).
+    """
+
+    def __init__(self, cache: KVCache, use_triton: bool | None = None) -> None:
+        self.cache = cache
+        if use_triton is None:
+            use_triton = cache.data.device.type == "cuda"
+        self.use_triton = use_triton
+        self.meta: StepMetadata | None = None
+
+    def set_step(self, meta: StepMetadata) -> None:
+        self.meta = meta
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        m = self.meta
+        assert m is not None, "PagedAttention.set_step() was not called"
+        kc, vc = self.cache.layer(layer)  # each (blocks, heads, block_size, hd)
+        # Advanced indices around a slice put the indexed dim first: kc[b, :, o] is (N, nh, hd).
+        kc[m.slot_blocks, :, m.slot_offsets] = k
+        vc[m.slot_blocks, :, m.slot_offsets] = v
+        d = m.num_decode
+        n = q.shape[0]
+        if d == n:
+            return self._decode(q, kc, vc)
+        if d == 0:
+            return self._prefill(q, kc, vc)
+        out = torch.empty_like(q)
+        out[:d] = self._decode(q[:d], kc, vc)
+        out[d:] = self._prefill(q[d:], kc, vc)
+        return out
+
+    def _decode(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+        m = self.meta
+        assert m is not None and m.block_tables is not None and m.context_lens is not None
+        if self.use_triton:
+            return paged_decode_triton(q, kc, vc, m.block_tables, m.context_lens)
+        return paged_decode_torch(q, kc, vc, m.block_tables, m.context_lens)
+
+    def _prefill(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+        m = self.meta
+        assert m is not None and m.key_blocks is not None and m.prefill_mask is not None
+        keys = kc[m.key_blocks, :, m.key_offsets]  # (Nk, nh, hd)
+        values = vc[m.key_blocks, :, m.key_offsets]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # (1, nh, Nq, hd)
+            keys.transpose(0, 1)[None],  # (1, nh, Nk, hd)
+            values.transpose(0, 1)[None],
+            attn_mask=m.prefill_mask,
+        )
+        return out[0].transpose(0, 1)  # (Nq, nh, hd)
+
+
+def paged_decode_torch(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor
+) -> Tensor:
+    """One query per sequence against its paged context, in plain torch (fp32 math).
+
+    q: (D, nh, hd); caches: (blocks, nh, block_size, hd); block_tables: (D, W);
+    context_lens: (D,). Columns of ``block_tables`` past a sequence's length are ignored.
+    """
+    d, nh, hd = q.shape
+    bs = k_cache.shape[2]
+    w = block_tables.shape[1]
+    k = k_cache[block_tables]  # (D, W, nh, bs, hd)
+    v = v_cache[block_tables]
+    k = k.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd).float()  # (D, nh, T, hd)
+    v = v.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd).float()
+    scores = torch.einsum("dhe,dhte->dht", q.float(), k) / math.sqrt(hd)  # (D, nh, T)
+    valid = torch.arange(w * bs, device=q.device)[None, :] < context_lens[:, None]  # (D, T)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("dht,dhte->dhe", probs, v).to(q.dtype)  # (D, nh, hd)
+
+
+# --------------------------------------------------------------------------------------
+# Triton decode kernel (CUDA only; triton is imported on first use)
+# --------------------------------------------------------------------------------------
+
+_KERNEL = None
+
+
+def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_decode_kernel(
+        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+        scale_log2,
+        stride_qn, stride_qh, stride_on, stride_oh,
+        stride_kb, stride_kh, stride_kt,
+        stride_bt,
+        HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        # One program per (sequence, head): an online softmax over the sequence's
+        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration.
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        ctx = tl.load(ctx_ptr + seq)
+        d = tl.arange(0, HD_PAD)
+        dmask = d < HEAD_DIM  # head_dim 96 runs in a 128-wide tile
+        q = tl.load(q_ptr + seq * stride_qn + head * stride_qh + d, mask=dmask, other=0.0)
+        # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
+        q = q.to(tl.float32) * scale_log2
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.zeros([], tl.float32)
+        acc = tl.zeros([HD_PAD], tl.float32)
+        t = tl.arange(0, TILE)
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        head_off = head.to(tl.int64) * stride_kh
+        for start in range(0, ctx, TILE):
+            pos = start + t
+            valid = pos < ctx
+            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            row = blk * stride_kb + head_off + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
+            kv_mask = valid[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (TILE,)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+        out = acc / l_i
+        o_ptr = out_ptr + seq * stride_on + head * stride_oh + d
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    return paged_decode_kernel
+
+
+def paged_decode_triton(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+    tile: int = 64, num_warps: int = 4,
+) -> Tensor:
+    """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors).
+
+    Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype.
+    """
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
+    d, nh, hd = q.shape
+    bs = k_cache.shape[2]
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
+    tile = max(tile, bs)
+    out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
+    if d == 0:
+        return out
+    hd_pad = max(16, 1 << (hd - 1).bit_length())
+    _KERNEL[(d, nh)](
+        out, q, k_cache, v_cache, block_tables, context_lens,
+        (1.0 / math.sqrt(hd)) * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        HEAD_DIM=hd, HD_PAD=hd_pad, BLOCK_SIZE=bs, TILE=tile,
+        num_warps=num_warps,
+    )
+    return out

@@ -1,0 +1,37 @@
+"""Building an engine from a model spec: the one entry point the worker, CLI and evals use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.engine import Engine
+from models.tokenizer import Tokenizer
+
+
+def build_engine(
+    spec: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    pipeline_parallel: int = 1,
+    tokenizer: Tokenizer | str | Path | None = None,
+    seed: int = 0,
+    **engine_kwargs: Any,
+) -> Engine:
+    """Load ``spec`` (``preset:NAME``, an HF dir, a NeoX YAML, a neoxq dir) and wrap it in
+    an :class:`~models.engine.Engine`.
+
+    ``tokenizer`` overrides the checkpoint's own; ``seed`` fills random presets;
+    ``engine_kwargs`` go to :class:`Engine` (``kv_memory``, ``max_num_seqs``, ...).
+    """
+    if pipeline_parallel != 1:
+        if pipeline_parallel < 1:
+            raise ValueError(f"pipeline_parallel: must be >= 1, got {pipeline_parallel}")
+        raise NotImplementedError("pipeline_parallel > 1 is not implemented yet")
+    from models.loaders import load_model
+
+    loaded = load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    return Engine(loaded.model, loaded.tokenizer, **engine_kwargs)
