@@ -780,12 +780,7 @@ def _neoxq_plan(path: Path) -> _Plan:
         cfg = NeoXConfig.from_dict(meta["config"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_file}: not a neoxq checkpoint config ({exc})") from None
-    units = []
-    for fname in meta["files"]:
-        fpath = path / fname
-        if not fpath.exists():
-            raise CheckpointError(f"{fpath}: listed in {NEOXQ_CONFIG} but missing")
-        units.append(_LazyUnit(fpath))
+    units: list[_Unit] = [_LazyUnit(path / fname) for fname in meta["files"]]
     tok: Tokenizer | None = None
     if meta.get("tokenizer") == "byte-level":
         tok = ByteTokenizer(cfg.eos_token_id)
@@ -803,6 +798,8 @@ class _LazyUnit(_Unit):
 
     def load(self) -> None:
         if not self._loaded:
+            if not self.files[0].exists():
+                raise CheckpointError(f"{self.files[0]}: listed in {NEOXQ_CONFIG} but missing")
             u = _file_unit(self.files[0])
             self.entries, self.st, self._loaded = u.entries, u.st, True
 
@@ -1011,7 +1008,7 @@ def _load_lazy(u: _LazyUnit, cfg: NeoXConfig, layer_range: tuple[int, int] | Non
     if stem.startswith("layer_"):
         wanted = start <= int(stem.removeprefix("layer_")) < stop
     elif stem == "embed":
-        wanted = start == 0 or (cfg.tie_embeddings and stop == cfg.num_layers)
+        wanted = start == 0  # a tied last stage finds the head's copy in head.safetensors
     else:
         wanted = stop == cfg.num_layers
     if wanted:

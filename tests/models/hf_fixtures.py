@@ -250,6 +250,8 @@ def write_neox_checkpoint(
         "no-weight-tying": not cfg.tie_word_embeddings,
         "norm": "layernorm",
     }
+    if cfg.intermediate_size != 4 * cfg.hidden_size:
+        model_args["intermediate_size"] = cfg.intermediate_size
     run_args = {
         "model-parallel-size": tp,
         "pipe-parallel-size": 2,
