@@ -1,0 +1,156 @@
+"""`neoxq generate` and `neoxq convert`: greedy output equals HF ``generate`` for every
+prompt of a mixed-length file (HF checkpoint, NeoX TP=2 checkpoint, converted form)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.main import main
+from models.config import pad_vocab
+from models.tokenizer import load_tokenizer
+from tests.models.hf_fixtures import VARIANTS, hf_model, write_hf_dir, write_neox_checkpoint
+
+PROMPTS = [
+    "The capital of France is",
+    "a",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled "
+    "with the ends of worms and an oozy smell",
+    "Ünïcödé — 日本語のテキスト",
+    "Once upon a time",
+]
+MAX_TOKENS = 12
+
+
+def run_cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def hf_greedy(hf, tokenizer_path: Path, prompts: list[str]) -> list[tuple[str, int, str]]:
+    """(text, length, finish_reason) from HF greedy generate, one prompt at a time.
+
+    Rows of the padded embedding beyond the tokenizer are suppressed, as neoxq's engine
+    never samples ids the tokenizer does not have.
+    """
+    tok = load_tokenizer(tokenizer_path)
+    suppress = list(range(tok.vocab_size, hf.config.vocab_size))
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok.encode(p)])
+        with torch.no_grad():
+            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=MAX_TOKENS, eos_token_id=0, pad_token_id=1,
+                              suppress_tokens=suppress or None)
+        new = gen[0, ids.shape[1]:].tolist()
+        if 0 in new:
+            new = new[: new.index(0)]
+            out.append((tok.decode(new), len(new), "stop"))
+        else:
+            out.append((tok.decode(new), len(new), "length"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    f.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
+    return f
+
+
+def _check_greedy(spec: Path, hf, tokenizer_path: Path, prompts_file: Path, out: Path,
+                  *extra: str) -> None:
+    rc = run_cli("generate", spec, "-i", prompts_file, "-o", out, "--temperature", "0",
+                 "--dtype", "float32", "--device", "cpu", "--max-tokens", MAX_TOKENS,
+                 "--batch-size", 3, "--quiet", *extra)
+    assert rc == 0
+    got = read_jsonl(out)
+    want = hf_greedy(hf, tokenizer_path, PROMPTS)
+    assert [r["context"] for r in got] == PROMPTS  # input order, blank line skipped
+    for r, (text, length, reason) in zip(got, want, strict=True):
+        assert (r["text"], r["length"], r["finish_reason"]) == (text, length, reason), r
+        assert r["finished"] == (reason == "stop")
+        assert r["duration_seconds"] >= 0
+
+
+def test_greedy_matches_hf(tmp_path, tokenizer_path, prompts_file) -> None:
+    hf = hf_model("parallel-rot25", seed=21)
+    d = write_hf_dir(hf, tmp_path / "hf", tokenizer_path)
+    _check_greedy(d, hf, tokenizer_path, prompts_file, tmp_path / "out.jsonl")
+    # the converted form gives the same lines
+    assert run_cli("convert", d, tmp_path / "nq") == 0
+    _check_greedy(tmp_path / "nq", hf, tokenizer_path, prompts_file, tmp_path / "out2.jsonl")
+
+
+def test_greedy_matches_hf_sequential_tied(tmp_path, tokenizer_path, prompts_file) -> None:
+    hf = hf_model("sequential-rot50-tied", seed=22)
+    d = write_hf_dir(hf, tmp_path / "hf", None)  # tokenizer given on the command line
+    _check_greedy(d, hf, tokenizer_path, prompts_file, tmp_path / "out.jsonl",
+                  "--tokenizer", tokenizer_path)
+
+
+def test_greedy_neox_tp2_checkpoint(tmp_path, tokenizer_path, prompts_file) -> None:
+    hf = hf_model(dict(VARIANTS["parallel-rot25"], vocab_size=pad_vocab(50277, 256)), seed=23)
+    yml = write_neox_checkpoint(hf, tmp_path, tokenizer_path, tp=2)
+    _check_greedy(yml, hf, tokenizer_path, prompts_file, tmp_path / "out.jsonl")
+
+
+def test_jsonl_input_stop_and_samples(tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p, "custom_id": f"c{i}"})
+                             for i, p in enumerate(["ab", "hello"])) + "\n")
+    out = tmp_path / "out.jsonl"
+    base = ("generate", "preset:tiny", "-i", src, "-o", out, "--max-tokens", 16, "--quiet",
+            "--device", "cpu")
+    assert run_cli(*base, "--temperature", "0") == 0
+    first = read_jsonl(out)
+    assert [r["custom_id"] for r in first] == ["c0", "c1"]
+    assert all(r["length"] == 16 and r["finish_reason"] == "length" for r in first)
+    stop = first[1]["text"][3:5]
+    assert run_cli(*base, "--temperature", "0", "--stop", stop) == 0
+    stopped = read_jsonl(out)[1]
+    assert stopped["finish_reason"] == "stop" and stopped["finished"] is True
+    assert stopped["text"] == first[1]["text"][: first[1]["text"].index(stop)]
+    # sampling: two samples per prompt, reproducible with the same seed
+    assert run_cli(*base, "--num-samples", 2, "--seed", 5) == 0
+    a = read_jsonl(out)
+    assert [(r["custom_id"], r["sample"]) for r in a] == [("c0", 0), ("c0", 1), ("c1", 0),
+                                                          ("c1", 1)]
+    assert run_cli(*base, "--num-samples", 2, "--seed", 5) == 0
+    assert [r["text"] for r in read_jsonl(out)] == [r["text"] for r in a]
+
+
+def test_unconditional(tmp_path, capsys) -> None:
+    assert run_cli("generate", "preset:tiny", "--num-samples", 3, "--max-tokens", 4,
+                   "--device", "cpu") == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.splitlines()]
+    assert len(lines) == 3 and all(r["context"] == "" and r["length"] == 4 for r in lines)
+    assert len({r["text"] for r in lines}) > 1  # each sample has its own seed
+    assert "generate" in captured.err  # the progress bar goes to stderr
+
+
+def test_bad_inputs(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert run_cli("generate", "preset:tiny", "-i", bad) == 2
+    assert "bad.jsonl:2: field 'prompt'" in capsys.readouterr().err
+    assert run_cli("generate", "preset:tiny", "--temperature", "-1") == 2
+    assert "temperature" in capsys.readouterr().err
+    assert run_cli("generate", tmp_path / "nothing-here", "--num-samples", 1) == 2
+    assert "nothing-here" in capsys.readouterr().err
+    # a prompt longer than the context is an error line; the others still run
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 600 + "\nshort\n")
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", "preset:tiny", "-i", long, "-o", out, "--max-tokens", 2,
+                   "--quiet") == 0
+    a, b = read_jsonl(out)
+    assert a["finish_reason"] == "error" and "prompt" in a["error"]
+    assert b["length"] == 2
