@@ -59,6 +59,9 @@ ITEM_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 # SQLite would accept a bare Integer; PostgreSQL needs BIGINT for millions of items per
 # day over years. On SQLite only "INTEGER PRIMARY KEY" is the auto-incrementing rowid.
 ItemId = BigInteger().with_variant(Integer(), "sqlite")
+# Nullable JSON columns store Python None as SQL NULL (not the JSON text 'null'), so
+# that "error IS NULL" means what it says.
+NullableJSON = JSON(none_as_null=True)
 
 
 def now() -> float:
@@ -147,7 +150,7 @@ class Batch(Base):
     # "metadata" is reserved on declarative classes, hence the attribute name.
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     # File-level validation errors: [{"line", "field", "code", "message"}].
-    errors: Mapped[list[Any] | None] = mapped_column(JSON)
+    errors: Mapped[list[Any] | None] = mapped_column(NullableJSON)
 
 
 class Item(Base):
@@ -168,7 +171,7 @@ class Item(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     queued_at: Mapped[float] = mapped_column(Float, default=now)
     # A per-item validation error (when bad lines are run as item errors): {code, message}.
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 
 
 class Result(Base):
@@ -188,8 +191,9 @@ class Result(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    logprobs: Mapped[list[Any] | None] = mapped_column(JSON)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {code, message} if failed
+    logprobs: Mapped[list[Any] | None] = mapped_column(NullableJSON)
+    # {code, message} when the item failed
+    error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
     queued_at: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     first_token_at: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,432 @@
+"""JSONL request lines, native and OpenAI Batch, validated one line at a time.
+
+Pure functions and small classes: no database, no broker, no torch. The API and the CLI
+feed raw lines (bytes) to :class:`LineValidator` as they stream in; every problem becomes
+a :class:`LineError` naming the line, the field and what was expected, so a bad line in a
+50,000-line file is found without reading the file twice or holding it whole.
+
+Two line shapes:
+
+- native: ``{"prompt": str | [int], "custom_id"?: str, <sampling fields>...}``
+- OpenAI Batch: ``{"custom_id": str, "method": "POST", "url": "/v1/completions",
+  "body": {"model": str, "prompt": str | [int], <sampling fields>...}}``
+
+The sampling fields and their rules mirror ``models.sampling.SamplingParams`` (core may
+not import models); ``tests/worker/test_sampling_schema.py`` holds the two together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------------------------------
+# Sampling fields (the schema SamplingParams validates)
+# ---------------------------------------------------------------------------------------
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_CUSTOM_ID = 512  # items.custom_id is VARCHAR(512)
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+# SamplingParams' defaults: what a field is when neither the line nor the batch gives it.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 64,
+    "min_tokens": 0,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "stop": [],
+    "stop_token_ids": [],
+    "ignore_eos": False,
+    "seed": None,
+    "n": 1,
+    "logprobs": None,
+}
+
+
+class SamplingFields(BaseModel):
+    """Per-request sampling fields as they appear on a line or in batch defaults; each is
+    optional (``null`` = not given: the batch default, then the field's own default applies).
+    The authoritative checks are :func:`check_sampling`'s, which match SamplingParams'."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate per sample")
+    min_tokens: int | None = Field(None, ge=0, description="no EOS/stop before this many")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingFields.model_fields)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_sampling(
+    given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Validate sampling fields as ``SamplingParams.from_dict(given, defaults)`` would.
+
+    Returns ``(clean, problems)``: ``clean`` is ``given`` without nulls (``stop`` as a
+    list), ``problems`` a list of ``(field, "what was expected, got value")`` - every bad
+    field, not just the first. Cross-field rules (min_tokens <= max_tokens) see the
+    batch defaults and the fields' own defaults, as the worker will.
+    """
+    problems: list[tuple[str, str]] = []
+
+    def bad(name: str, expected: str, got: object) -> None:
+        problems.append((name, f"{expected}, got {got!r}"))
+
+    clean = {k: v for k, v in given.items() if v is not None}
+    for name in sorted(k for k in clean if k not in SAMPLING_FIELDS):
+        bad(name, "not a known field (known: " + ", ".join(sorted(SAMPLING_FIELDS)) + ")",
+            clean[name])
+    if isinstance(clean.get("stop"), str):
+        clean["stop"] = [clean["stop"]]
+    merged = {**SAMPLING_DEFAULTS, **{k: v for k, v in (defaults or {}).items() if v is not None}}
+    merged.update(clean)
+    for name in ("max_tokens", "min_tokens", "top_k", "n"):
+        if name in clean and not _is_int(clean[name]):
+            bad(name, "must be an integer", clean[name])
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        if name in clean:
+            v = clean[name]
+            if not _is_number(v):
+                bad(name, "must be a number", v)
+            elif not math.isfinite(v):
+                bad(name, "must be finite", v)
+    bad_names = {p[0] for p in problems}
+
+    def ok(name: str) -> bool:  # typed and given on this line (or in the batch defaults)
+        return name not in bad_names and _is_number(merged[name])
+
+    if ok("max_tokens") and merged["max_tokens"] < 1:
+        bad("max_tokens", "must be >= 1", merged["max_tokens"])
+    if ok("min_tokens") and ok("max_tokens") and not (
+        0 <= merged["min_tokens"] <= max(merged["max_tokens"], 0)
+    ):
+        bad("min_tokens", f"must be between 0 and max_tokens ({merged['max_tokens']})",
+            merged["min_tokens"])
+    if ok("temperature") and merged["temperature"] < 0:
+        bad("temperature", "must be >= 0", merged["temperature"])
+    if ok("top_k") and merged["top_k"] < -1:
+        bad("top_k", "must be >= 1, or 0 or -1 to turn it off", merged["top_k"])
+    if ok("top_p") and not 0 < merged["top_p"] <= 1:
+        bad("top_p", "must be in (0, 1]", merged["top_p"])
+    if ok("min_p") and not 0 <= merged["min_p"] <= 1:
+        bad("min_p", "must be in [0, 1]", merged["min_p"])
+    if ok("repetition_penalty") and merged["repetition_penalty"] <= 0:
+        bad("repetition_penalty", "must be > 0", merged["repetition_penalty"])
+    for name in ("presence_penalty", "frequency_penalty"):
+        if ok(name) and not -2 <= merged[name] <= 2:
+            bad(name, "must be in [-2, 2]", merged[name])
+    stop = merged["stop"]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        bad("stop", "must be a string or a list of strings", stop)
+    else:
+        if len(stop) > MAX_STOP_STRINGS:
+            bad("stop", f"at most {MAX_STOP_STRINGS} strings", len(stop))
+        for s in stop:
+            if not s:
+                bad("stop", "strings must not be empty", s)
+            elif len(s) > MAX_STOP_LENGTH:
+                bad("stop", f"strings must be at most {MAX_STOP_LENGTH} characters", len(s))
+    ids = merged["stop_token_ids"]
+    if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
+        bad("stop_token_ids", "must be a list of non-negative integers", ids)
+    elif len(ids) > MAX_STOP_TOKEN_IDS:
+        bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids", len(ids))
+    if not isinstance(merged["ignore_eos"], bool):
+        bad("ignore_eos", "must be true or false", merged["ignore_eos"])
+    seed = merged["seed"]
+    if seed is not None and not (_is_int(seed) and _SEED_MIN <= seed <= _SEED_MAX):
+        bad("seed", "must be a 64-bit integer or null", seed)
+    if ok("n") and not 1 <= merged["n"] <= MAX_N:
+        bad("n", f"must be between 1 and {MAX_N}", merged["n"])
+    lp = merged["logprobs"]
+    if lp is not None and not (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS):
+        bad("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS} or null", lp)
+    return clean, problems
+
+
+def check_defaults(defaults: Mapping[str, Any]) -> list[str]:
+    """Problems with batch-level defaults, as ``"field: expected, got value"`` strings."""
+    if not isinstance(defaults, Mapping):
+        return [f"defaults: must be an object, got {defaults!r}"]
+    _, problems = check_sampling(defaults)
+    return [f"{name}: {msg}" for name, msg in problems]
+
+
+# ---------------------------------------------------------------------------------------
+# Lines
+# ---------------------------------------------------------------------------------------
+
+Format = Literal["native", "openai"]
+OPENAI_URLS = ("/v1/completions",)
+# OpenAI body fields we accept but do not act on, and the only values that make sense.
+_OPENAI_IGNORED = {"user"}
+_OPENAI_FIXED: dict[str, tuple[Any, ...]] = {
+    "stream": (False,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+    "stream_options": ({},),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """One problem: ``line`` is 1-based (0 for the file as a whole); ``code`` is OpenAI's
+    where OpenAI has one (``invalid_json_line``, ``duplicate_custom_id``, ``empty_file``,
+    ``too_many_tasks``, ``invalid_url``, ...)."""
+
+    line: int
+    field: str | None
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line else "file"
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON shape stored in ``batches.errors`` (OpenAI's ``errors.data`` entries)."""
+        return {"line": self.line or None, "param": self.field, "code": self.code,
+                "message": str(self)}
+
+
+@dataclass(slots=True)
+class ParsedLine:
+    """A line turned into a request (or not: ``errors`` non-empty)."""
+
+    line: int
+    custom_id: str | None = None
+    prompt: str | list[int] = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    errors: list[LineError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _type_name(v: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def parse_json_line(raw: bytes | str, line: int) -> tuple[dict[str, Any] | None, LineError | None]:
+    """Decode one line to a JSON object, or say why not (bytes, JSON, not an object)."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, LineError(line, None, "invalid_utf8",
+                                   f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+    else:
+        text = raw
+    if line == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
+        text = text[1:]
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        return None, LineError(line, None, "invalid_json_line",
+                               f"invalid JSON: {msg}{col}")
+    if not isinstance(obj, dict):
+        return None, LineError(line, None, "invalid_json_line",
+                               f"a JSON object expected, got {_type_name(obj)}")
+    return obj, None
+
+
+def _check_prompt(value: object, field_name: str, line: int) -> LineError | None:
+    if value is None:
+        return LineError(line, field_name, "missing_prompt", "required, a string expected")
+    if isinstance(value, str):
+        return None if value else LineError(line, field_name, "invalid_value",
+                                            "a non-empty string expected, got ''")
+    if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+        return None
+    return LineError(line, field_name, "invalid_value",
+                     "a string or a non-empty list of token ids expected (one prompt per line),"
+                     f" got {_type_name(value)}")
+
+
+def _check_custom_id(value: object, line: int, required: bool) -> LineError | None:
+    if value is None:
+        return LineError(line, "custom_id", "missing_custom_id", "required, a string expected") \
+            if required else None
+    if not isinstance(value, str) or not value:
+        return LineError(line, "custom_id", "invalid_value",
+                         f"a non-empty string expected, got {value!r}")
+    if len(value) > MAX_CUSTOM_ID:
+        return LineError(line, "custom_id", "invalid_value",
+                         f"at most {MAX_CUSTOM_ID} characters expected, got {len(value)}")
+    return None
+
+
+def parse_native(obj: Mapping[str, Any], line: int,
+                 defaults: Mapping[str, Any] | None = None) -> ParsedLine:
+    """A native line: ``{"prompt", "custom_id"?, <sampling fields>}``."""
+    out = ParsedLine(line=line)
+    for key in sorted(k for k in obj if k not in SAMPLING_FIELDS and k not in
+                      ("prompt", "custom_id")):
+        out.errors.append(LineError(line, key, "unknown_field",
+                                    "unknown field (expected prompt, custom_id or a sampling "
+                                    "field: " + ", ".join(sorted(SAMPLING_FIELDS)) + ")"))
+    if err := _check_prompt(obj.get("prompt"), "prompt", line):
+        out.errors.append(err)
+    if err := _check_custom_id(obj.get("custom_id"), line, required=False):
+        out.errors.append(err)
+    sampling = {k: v for k, v in obj.items() if k in SAMPLING_FIELDS}
+    out.params, problems = check_sampling(sampling, defaults)
+    out.errors += [LineError(line, f, "invalid_value", m) for f, m in problems]
+    if not out.errors:
+        out.prompt = obj["prompt"]
+        out.custom_id = obj.get("custom_id")
+    return out
+
+
+def parse_openai(obj: Mapping[str, Any], line: int,
+                 defaults: Mapping[str, Any] | None = None) -> ParsedLine:
+    """An OpenAI Batch line: ``{"custom_id", "method": "POST", "url", "body": {...}}``."""
+    out = ParsedLine(line=line)
+    for key in sorted(k for k in obj if k not in ("custom_id", "method", "url", "body")):
+        out.errors.append(LineError(line, key, "unknown_field",
+                                    "unknown field (expected custom_id, method, url, body)"))
+    if err := _check_custom_id(obj.get("custom_id"), line, required=True):
+        out.errors.append(err)
+    if obj.get("method") != "POST":
+        out.errors.append(LineError(line, "method", "invalid_method",
+                                    f"'POST' expected, got {obj.get('method')!r}"))
+    if obj.get("url") not in OPENAI_URLS:
+        out.errors.append(LineError(line, "url", "invalid_url",
+                                    f"{' or '.join(map(repr, OPENAI_URLS))} expected, "
+                                    f"got {obj.get('url')!r}"))
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        out.errors.append(LineError(line, "body", "invalid_value",
+                                    f"an object expected, got {_type_name(body)}"))
+        return out
+    known = SAMPLING_FIELDS | {"model", "prompt"} | _OPENAI_IGNORED | set(_OPENAI_FIXED)
+    for key in sorted(k for k in body if k not in known):
+        out.errors.append(LineError(line, f"body.{key}", "unknown_field",
+                                    "unknown or unsupported field"))
+    for key, allowed in _OPENAI_FIXED.items():
+        if body.get(key) is not None and body[key] not in allowed:
+            out.errors.append(LineError(line, f"body.{key}", "invalid_value",
+                                        f"{allowed[0]!r} or null expected (not supported), "
+                                        f"got {body[key]!r}"))
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        out.errors.append(LineError(line, "body.model", "invalid_value",
+                                    f"a model name expected, got {model!r}"))
+    if err := _check_prompt(body.get("prompt"), "body.prompt", line):
+        out.errors.append(err)
+    sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS}
+    out.params, problems = check_sampling(sampling, defaults)
+    out.errors += [LineError(line, f"body.{f}", "invalid_value", m) for f, m in problems]
+    if not out.errors:
+        out.prompt = body["prompt"]
+        out.custom_id = obj["custom_id"]
+        out.model = model
+    return out
+
+
+class LineValidator:
+    """Validates a file line by line, keeping only what spans lines (custom_ids seen,
+    counts). Call :meth:`feed` for every raw line, then :meth:`finish`.
+
+    ``fmt="auto"`` decides from the first line that is a JSON object: OpenAI if it has a
+    ``body`` or ``url``, native otherwise.
+    """
+
+    def __init__(self, fmt: Format | Literal["auto"] = "native", *,
+                 defaults: Mapping[str, Any] | None = None, max_lines: int = 50_000) -> None:
+        self.fmt = fmt
+        self.defaults = dict(defaults or {})
+        self.max_lines = max_lines
+        self.line = 0  # physical lines seen
+        self.requests = 0  # non-blank lines seen
+        self.first_model: str | None = None
+        self._seen: dict[str, int] = {}  # custom_id -> line it first appeared on
+
+    @property
+    def too_many(self) -> bool:
+        return self.requests > self.max_lines
+
+    def feed(self, raw: bytes | str) -> ParsedLine | None:
+        """Validate the next line; None for a blank line (not a request)."""
+        self.line += 1
+        line = self.line
+        if not raw.strip():
+            return None
+        self.requests += 1
+        obj, err = parse_json_line(raw, line)
+        if err is not None:
+            return ParsedLine(line=line, errors=[err])
+        assert obj is not None
+        if self.fmt == "auto":
+            self.fmt = "openai" if ("body" in obj or "url" in obj) else "native"
+        parser = parse_openai if self.fmt == "openai" else parse_native
+        parsed = parser(obj, line, self.defaults)
+        cid = obj.get("custom_id")
+        if isinstance(cid, str) and cid:
+            first = self._seen.get(cid)
+            if first is not None:
+                parsed.errors.append(LineError(line, "custom_id", "duplicate_custom_id",
+                                               f"{cid!r} already used on line {first}"))
+            else:
+                self._seen[cid] = line
+        if parsed.model and self.first_model is None:
+            self.first_model = parsed.model
+        return parsed
+
+    def finish(self) -> list[LineError]:
+        """File-level problems, known only at the end: empty file, too many lines."""
+        errors = []
+        if self.requests == 0:
+            errors.append(LineError(0, None, "empty_file", "the file has no requests"))
+        if self.too_many:
+            errors.append(LineError(0, None, "too_many_tasks",
+                                    f"at most {self.max_lines} requests per file, "
+                                    f"got {self.requests}"))
+        return errors

@@ -1,0 +1,315 @@
+"""Keyword-only query functions over the store: ``fn(*, session, ...)``.
+
+Every state change that more than one process can race on is a conditional UPDATE
+(``... WHERE status IN (...)``) whose row count says who won, and every result write is
+an insert-if-absent whose returned ids say what was new; counters move only with rows
+that were really inserted, in the same transaction. That is what turns Redis's
+at-least-once delivery into exactly-once results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from store.tables import (
+    TERMINAL_BATCH_STATUSES,
+    Batch,
+    File,
+    Item,
+    Result,
+    Worker,
+    new_id,
+    now,
+)
+
+ACTIVE_BATCH_STATUSES = ("validating", "in_progress")
+# Sampling parameters of an item travel in ``items.params``; a prompt given as token ids
+# is kept there under this key (``items.prompt`` is then empty).
+PROMPT_TOKEN_IDS = "prompt_token_ids"
+
+# -------------------------------------------------------------------------------- batches
+
+
+def create_batch(
+    *,
+    session: Session,
+    owner: str,
+    fmt: str = "native",
+    endpoint: str = "native",
+    input_file_id: str | None = None,
+    completion_window: str = "24h",
+    model: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    expires_in: float | None = 24 * 3600,
+    batch_id: str | None = None,
+) -> Batch:
+    """Insert a batch in ``validating`` (not committed: the caller's transaction)."""
+    t = now()
+    batch = Batch(
+        id=batch_id or new_id("batch_"),
+        owner=owner,
+        status="validating",
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        model=model,
+        format=fmt,
+        created_at=t,
+        expires_at=t + expires_in if expires_in else None,
+        defaults=dict(defaults or {}),
+        metadata_=dict(metadata or {}),
+        request_total=0,
+        request_completed=0,
+        request_failed=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+    )
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def get_batch(*, session: Session, batch_id: str, owner: str | None = None) -> Batch | None:
+    """A batch by id; with ``owner``, only if it belongs to that owner."""
+    batch = session.get(Batch, batch_id, populate_existing=True)
+    if batch is None or (owner is not None and batch.owner != owner):
+        return None
+    return batch
+
+
+def set_batch_status(
+    *, session: Session, batch_id: str, to: str, from_: Sequence[str], **values: Any
+) -> bool:
+    """Move a batch from one of ``from_`` to ``to`` (stamping ``<to>_at``); True if this
+    call made the move. The WHERE clause is the guard: of two racing callers one wins."""
+    stamp = {f"{to}_at": now()} if hasattr(Batch, f"{to}_at") else {}
+    res = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(list(from_)))
+        .values(status=to, **stamp, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def request_cancel(*, session: Session, batch_id: str) -> bool:
+    """Ask for a batch to be cancelled: ``validating|in_progress -> cancelling``.
+    Workers see the flag within ``cancel_poll_interval`` seconds, abort the batch's
+    sequences and finish the move to ``cancelled`` (:func:`finish_cancel`)."""
+    return set_batch_status(session=session, batch_id=batch_id, to="cancelling",
+                            from_=("validating", "in_progress"))
+
+
+def cancelling_batch_ids(*, session: Session) -> list[str]:
+    """Batches waiting for workers to obey a cancel (an indexed lookup, polled ~1/s)."""
+    return list(session.scalars(select(Batch.id).where(Batch.status == "cancelling")))
+
+
+def finish_cancel(*, session: Session, batch_id: str) -> bool:
+    """Mark unfinished items cancelled and move ``cancelling -> cancelled``; True if this
+    call made the move. Finished results stay."""
+    done = select(Result.item_id).where(Result.batch_id == batch_id)
+    session.execute(
+        update(Item)
+        .where(Item.batch_id == batch_id, Item.status.in_(("queued", "running")),
+               Item.id.not_in(done))
+        .values(status="cancelled")
+        .execution_options(synchronize_session=False)
+    )
+    return set_batch_status(session=session, batch_id=batch_id, to="cancelled",
+                            from_=("cancelling",))
+
+
+def finalize_if_done(*, session: Session, batch_id: str) -> str | None:
+    """If every item of an in-progress batch has a result, move it to ``finalizing`` and
+    then ``completed`` (or ``failed`` when no item succeeded), exactly once: the
+    conditional UPDATE lets only one of several racing workers through. Returns the final
+    status if this call finalized the batch."""
+    batch = session.get(Batch, batch_id, populate_existing=True)
+    if batch is None or batch.status != "in_progress":
+        return None
+    if batch.request_completed + batch.request_failed < batch.request_total:
+        return None
+    if not set_batch_status(session=session, batch_id=batch_id, to="finalizing",
+                            from_=("in_progress",)):
+        return None
+    # The output and error files are virtual (rendered from results on download); they
+    # get file rows so OpenAI clients can fetch them by id.
+    values: dict[str, Any] = {}
+    if batch.request_completed:
+        values["output_file_id"] = _virtual_file(session, batch, "output")
+    if batch.request_failed:
+        values["error_file_id"] = _virtual_file(session, batch, "error")
+    final = "completed" if batch.request_completed or not batch.request_total else "failed"
+    set_batch_status(session=session, batch_id=batch_id, to=final, from_=("finalizing",),
+                     **values)
+    return final
+
+
+def _virtual_file(session: Session, batch: Batch, kind: str) -> str:
+    f = File(id=new_id("file-"), owner=batch.owner, filename=f"{batch.id}_{kind}.jsonl",
+             purpose=f"batch_{kind}", bytes=0, status="processed", created_at=now(),
+             path=None, batch_id=batch.id)
+    session.add(f)
+    session.flush()
+    return f.id
+
+
+# ---------------------------------------------------------------------------------- items
+
+
+def chunk_items(*, session: Session, batch_id: str, start: int, end: int) -> list[Item]:
+    """Items ``[start, end)`` of a batch that still need running (no result, not
+    cancelled), in index order."""
+    done = select(Result.item_id).where(Result.batch_id == batch_id,
+                                        Result.index >= start, Result.index < end)
+    return list(session.scalars(
+        select(Item)
+        .where(Item.batch_id == batch_id, Item.index >= start, Item.index < end,
+               Item.status != "cancelled", Item.id.not_in(done))
+        .order_by(Item.index)
+    ))
+
+
+def mark_running(*, session: Session, item_ids: Sequence[int]) -> None:
+    """Count an attempt on each item and mark it running (one UPDATE per chunk)."""
+    if item_ids:
+        session.execute(
+            update(Item).where(Item.id.in_(list(item_ids)))
+            .values(status="running", attempts=Item.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+
+
+# -------------------------------------------------------------------------------- results
+
+
+def _insert_ignore(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(Result).on_conflict_do_nothing(index_elements=["item_id"])
+    if dialect == "sqlite":
+        return sqlite.insert(Result).on_conflict_do_nothing(index_elements=["item_id"])
+    raise NotImplementedError(f"insert-if-absent for {dialect}")
+
+
+def insert_results(*, session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert result rows whose item has none yet; return the item ids really inserted.
+
+    In the same transaction: the inserted items' status (completed/failed) and their
+    batches' counters and token sums, counted from the inserted rows only - so a result
+    written twice (a redelivered chunk, two workers) is neither stored nor counted twice.
+    """
+    if not rows:
+        return []
+    stmt = _insert_ignore(session).returning(Result.item_id)
+    inserted = set(session.scalars(stmt, list(rows)).all())
+    if not inserted:
+        return []
+    per_batch: dict[str, list[int]] = {}
+    ok_ids, failed_ids = [], []
+    for row in rows:
+        if row["item_id"] not in inserted:
+            continue
+        agg = per_batch.setdefault(row["batch_id"], [0, 0, 0, 0])
+        failed = row.get("error") is not None
+        agg[1 if failed else 0] += 1
+        agg[2] += row.get("prompt_tokens") or 0
+        agg[3] += row.get("completion_tokens") or 0
+        (failed_ids if failed else ok_ids).append(row["item_id"])
+    for status, ids in (("completed", ok_ids), ("failed", failed_ids)):
+        if ids:
+            session.execute(update(Item).where(Item.id.in_(ids)).values(status=status)
+                            .execution_options(synchronize_session=False))
+    for batch_id, (ok, bad, ptok, ctok) in per_batch.items():
+        session.execute(
+            update(Batch).where(Batch.id == batch_id)
+            .values(request_completed=Batch.request_completed + ok,
+                    request_failed=Batch.request_failed + bad,
+                    prompt_tokens=Batch.prompt_tokens + ptok,
+                    completion_tokens=Batch.completion_tokens + ctok)
+            .execution_options(synchronize_session=False)
+        )
+    return sorted(inserted)
+
+
+def iter_results(
+    *, session: Session, batch_id: str, after_index: int = -1, page: int = 1000,
+    failed: bool | None = None,
+) -> Iterator[tuple[Item, Result]]:
+    """(item, result) pairs of a batch in input order, read in pages (a million-line
+    batch is never loaded whole). ``failed`` filters on whether the result is an error."""
+    last = after_index
+    while True:
+        q = (select(Item, Result).join(Result, Result.item_id == Item.id)
+             .where(Item.batch_id == batch_id, Item.index > last)
+             .order_by(Item.index).limit(page))
+        if failed is True:
+            q = q.where(Result.error.is_not(None))
+        elif failed is False:
+            q = q.where(Result.error.is_(None))
+        rows = session.execute(q).tuples().all()
+        yield from rows
+        if len(rows) < page:
+            return
+        last = rows[-1][0].index
+
+
+def count_items(*, session: Session, batch_id: str) -> dict[str, int]:
+    """Items of a batch per status."""
+    q = select(Item.status, func.count()).where(Item.batch_id == batch_id).group_by(Item.status)
+    return {status: n for status, n in session.execute(q).tuples()}
+
+
+# -------------------------------------------------------------------------------- workers
+
+
+def register_worker(*, session: Session, worker_id: str, host: str, pid: int, model: str,
+                    devices: Iterable[str], pipeline_parallel: int) -> None:
+    """Insert or refresh a worker's row at start-up."""
+    t = now()
+    w = session.get(Worker, worker_id)
+    if w is None:
+        w = Worker(id=worker_id)
+        session.add(w)
+    w.host, w.pid, w.model, w.devices = host, pid, model, list(devices)
+    w.pipeline_parallel, w.status, w.started_at, w.last_seen = pipeline_parallel, "starting", t, t
+    w.tokens_per_s, w.items_done, w.tokens_done = 0.0, 0, 0
+
+
+def heartbeat(*, session: Session, worker_id: str, status: str, tokens_per_s: float,
+              items_done: int, tokens_done: int) -> None:
+    """Refresh a worker's liveness and throughput."""
+    session.execute(
+        update(Worker).where(Worker.id == worker_id)
+        .values(status=status, last_seen=now(), tokens_per_s=tokens_per_s,
+                items_done=items_done, tokens_done=tokens_done)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def list_workers(*, session: Session, seen_within: float | None = None) -> list[Worker]:
+    """Workers, most recently seen first; optionally only those seen recently."""
+    q = select(Worker).order_by(Worker.last_seen.desc())
+    if seen_within is not None:
+        q = q.where(Worker.last_seen >= now() - seen_within)
+    return list(session.scalars(q))
+
+
+def is_terminal(status: str) -> bool:
+    """Whether a batch status is final."""
+    return status in TERMINAL_BATCH_STATUSES
+
+
+__all__ = [
+    "ACTIVE_BATCH_STATUSES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids",
+    "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
+    "get_batch", "heartbeat", "insert_results", "is_terminal", "iter_results",
+    "list_workers", "mark_running", "register_worker", "request_cancel", "set_batch_status",
+]
