@@ -1060,26 +1060,50 @@ def _layer_groups(model: NeoX) -> Iterable[tuple[str, dict[str, Tensor]]]:
                                 "embed_out.weight")}
 
 
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor]) -> int:
+    """Write a standard safetensors file straight from the tensors' memory (no serialised
+    copy of the whole file, unlike ``safetensors.torch.save_file``); returns bytes written.
+    CUDA tensors are copied to host one at a time."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(_bytes_of(t.detach().to("cpu").contiguous()))
+    return 8 + len(raw) + offset
+
+
 def save_neoxq(
     model: NeoX, tokenizer: Tokenizer, dst: str | Path,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, threads: int = 1,
 ) -> Path:
     """Write a whole model in neoxq's form: one safetensors file per layer,
     ``neoxq_config.json`` (written last, so an interrupted write never loads) and the
-    tokenizer. Tensors are written in the model's dtype."""
-    from safetensors.torch import save_file
-
+    tokenizer. Tensors are written in the model's dtype; ``threads`` files at a time."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / NEOXQ_CONFIG).unlink(missing_ok=True)
-    files = []
-    for fname, tensors in _layer_groups(model):
-        # safetensors refuses shared storage (tied head): write independent copies.
-        save_file({n: t.detach().contiguous().cpu().clone() for n, t in tensors.items()},
-                  str(dst / fname))
-        files.append(fname)
+    groups = list(_layer_groups(model))
+    files = [fname for fname, _ in groups]
+
+    def write(group: tuple[str, dict[str, Tensor]]) -> None:
+        write_safetensors(dst / group[0], group[1])
         if progress:
-            progress(fname)
+            progress(group[0])
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(write, groups))
     meta: dict[str, Any] = {
         "format": "neoxq",
         "version": NEOXQ_FORMAT_VERSION,
