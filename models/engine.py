@@ -623,9 +623,32 @@ class Engine:
             seq.num_computed = end
         for seq in decodes:
             seq.num_computed += 1
-        n_tok = len(toks)
 
-        # One host buffer -> one host-to-device copy for all integer metadata.
+        identity = sample_rows == list(range(len(logit_rows)))
+        srows_d = sidx_d = targets_d = None
+        if self._graphs is not None and not prefills and self._graphs.covers(d):
+            logits = self._graphs.run(toks, poss, slots, decodes)
+            self.stats["graph_steps"] += 1
+        else:
+            logits, srows_d, sidx_d, targets_d = self._forward(
+                toks, poss, slots, decodes, prefills, q_seq, k_parts, k_seq_parts, k_pos_parts,
+                logit_rows, sample_rows, score_idx, score_targets)
+        if d and not prefills:
+            self.stats["decode_steps"] += 1
+        self._sample_and_update(logits, samplers, fork_src, None if identity else srows_d,
+                                score_rows, sidx_d, targets_d)
+
+    def _forward(
+        self, toks: list[int], poss: list[int], slots: list[int], decodes: list[_Seq],
+        prefills: list[tuple[_Seq, int]], q_seq: list[int], k_parts: list[np.ndarray],
+        k_seq_parts: list[np.ndarray], k_pos_parts: list[np.ndarray], logit_rows: list[int],
+        sample_rows: list[int], score_idx: list[int], score_targets: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The eager forward of a step: metadata to the device in one copy, the network,
+        the head on the rows that need logits. Returns (logits, sampler rows, score rows,
+        score targets) with the last three as device tensors."""
+        bs = self.block_size
+        d = len(decodes)
         dec_w = 0
         bt = np.zeros(0, dtype=np.int64)
         ctx = np.zeros(0, dtype=np.int64)
@@ -635,16 +658,18 @@ class Engine:
             for i, s in enumerate(decodes):
                 bt[i, : len(s.blocks)] = s.blocks
             ctx = np.asarray([s.num_computed for s in decodes], dtype=np.int64)
-        k_slots = np.concatenate(k_parts) if k_parts else np.zeros(0, dtype=np.int64)
-        k_seq = np.concatenate(k_seq_parts) if k_parts else np.zeros(0, dtype=np.int64)
-        k_pos = np.concatenate(k_pos_parts) if k_parts else np.zeros(0, dtype=np.int64)
-        if len(k_slots) % 8:
-            # Pad keys to a multiple of 8 (fused SDPA kernels want aligned mask rows);
+        empty = np.zeros(0, dtype=np.int64)
+        k_slots = np.concatenate(k_parts) if k_parts else empty
+        k_seq = np.concatenate(k_seq_parts) if k_parts else empty
+        k_pos = np.concatenate(k_pos_parts) if k_parts else empty
+        if len(k_slots) % 16:
+            # Pad keys to a multiple of 16 (fused SDPA kernels want aligned mask rows);
             # padding keys belong to no sequence.
-            pad = 8 - len(k_slots) % 8
+            pad = 16 - len(k_slots) % 16
             k_slots = np.concatenate([k_slots, np.full(pad, NULL_BLOCK * bs, dtype=np.int64)])
             k_seq = np.concatenate([k_seq, np.full(pad, -1, dtype=np.int64)])
             k_pos = np.concatenate([k_pos, np.zeros(pad, dtype=np.int64)])
+        # One host buffer -> one host-to-device copy for all integer metadata.
         parts = [
             np.asarray(toks, dtype=np.int64), np.asarray(poss, dtype=np.int64),
             np.asarray(slots, dtype=np.int64), bt.reshape(-1), ctx,
@@ -652,37 +677,26 @@ class Engine:
             np.asarray(logit_rows, dtype=np.int64), np.asarray(sample_rows, dtype=np.int64),
             np.asarray(score_idx, dtype=np.int64), np.asarray(score_targets, dtype=np.int64),
         ]
-        dev = _to_device(parts, self.device)
         (tokens_d, pos_d, slots_d, bt_d, ctx_d, qseq_d, kslot_d, kseq_d, kpos_d,
-         lrows_d, srows_d, sidx_d, targets_d) = dev
-
-        if self._graphs is not None and not prefills and self._graphs.covers(d):
-            logits = self._graphs.run(toks, poss, slots, decodes)
-            self.stats["graph_steps"] += 1
-        else:
-            meta = StepMetadata(
-                slot_blocks=slots_d // bs, slot_offsets=slots_d % bs, num_decode=d,
-                block_tables=bt_d.view(d, dec_w) if d else None,
-                context_lens=ctx_d if d else None,
-            )
-            if prefills:
-                meta.key_blocks, meta.key_offsets = kslot_d // bs, kslot_d % bs
-                meta.prefill_mask = prefill_mask(qseq_d, pos_d[d:], kseq_d, kpos_d)
-            self.attn.set_step(meta)
-            hidden = self.model.run_layers(self.model.embed(tokens_d), pos_d, self.attn)
-            if len(logit_rows) != n_tok:
-                hidden = hidden[lrows_d]
-            logits = self.model.head(hidden)  # (rows, V)
-        if d and not prefills:
-            self.stats["decode_steps"] += 1
-        identity = sample_rows == list(range(len(logit_rows)))
-        self._sample_and_update(logits, samplers, fork_src, None if identity else srows_d,
-                                score_rows, sidx_d, targets_d)
+         lrows_d, srows_d, sidx_d, targets_d) = _to_device(parts, self.device)
+        meta = StepMetadata(
+            slot_blocks=slots_d // bs, slot_offsets=slots_d % bs, num_decode=d,
+            block_tables=bt_d.view(d, dec_w) if d else None,
+            context_lens=ctx_d if d else None,
+        )
+        if prefills:
+            meta.key_blocks, meta.key_offsets = kslot_d // bs, kslot_d % bs
+            meta.prefill_mask = prefill_mask(qseq_d, pos_d[d:], kseq_d, kpos_d)
+        self.attn.set_step(meta)
+        hidden = self.model.run_layers(self.model.embed(tokens_d), pos_d, self.attn)
+        if len(logit_rows) != len(toks):
+            hidden = hidden[lrows_d]
+        return self.model.head(hidden), srows_d, sidx_d, targets_d  # logits (rows, V)
 
     def _sample_and_update(
         self, logits: Tensor, samplers: list[tuple[_Seq, int]], fork_src: list[_Seq],
         srows_d: Tensor | None, score_rows: list[tuple[_Request, int]],
-        sidx_d: Tensor, targets_d: Tensor,
+        sidx_d: Tensor | None, targets_d: Tensor | None,
     ) -> None:
         """Sample, score, read everything back in one transfer, update the sequences."""
         pieces: list[Tensor] = []
@@ -708,6 +722,7 @@ class Engine:
                 pieces += [res.logprobs.double(), res.top_ids.double().reshape(-1),
                            res.top_logprobs.double().reshape(-1)]
         if score_rows:
+            assert sidx_d is not None and targets_d is not None
             srow_logits = logits[sidx_d]  # (S, V)
             lp = torch.log_softmax(srow_logits.float(), dim=-1)
             pieces.append(lp.gather(1, targets_d[:, None])[:, 0].double())
@@ -889,14 +904,87 @@ def _to_device(parts: list[np.ndarray], device: torch.device) -> list[Tensor]:
 
 
 class _DecodeGraphs:
-    """CUDA graphs of decode-only steps, one per bucketed batch size (filled in below)."""
+    """CUDA graphs of decode-only steps, one per bucketed batch size, captured on first use.
 
-    def __init__(self, engine: Engine) -> None:
+    A decode step at batch B replays the graph of the smallest bucket >= B. Inputs live in
+    one static device buffer (tokens, positions, slots, context lengths, block tables of
+    ``max_blocks_per_seq`` columns) refreshed by a single copy from a pinned host buffer;
+    the host buffer is safe to reuse because every step ends with a host sync. Rows past
+    B are padding: token 0 at position 0, written to and read from the reserved null block.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int | None = None) -> None:
         self.engine = engine
+        self.max_batch = max_batch or engine.max_num_seqs
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32) if b < self.max_batch}
+                              | set(range(48, self.max_batch, 16)) | {self.max_batch})
+        self.width = engine.max_blocks_per_seq
+        m, w = self.max_batch, self.width
+        # Sections of the flat buffer: tokens, positions, slots, context lengths, tables.
+        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
+        self.host = torch.zeros(self.offsets[-1], dtype=torch.int64).pin_memory()
+        self.host_np = self.host.numpy()
+        self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=engine.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
 
     def covers(self, d: int) -> bool:
-        return False
+        return 0 < d <= self.max_batch
+
+    def _section(self, i: int, rows: int) -> Tensor:
+        return self.static[self.offsets[i]: self.offsets[i] + rows]
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        eng = self.engine
+        bs = eng.block_size
+        tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
+        tables = self.static[self.offsets[4]: self.offsets[5]].view(self.max_batch, self.width)
+        attn = PagedAttention(eng.cache)
+        # Padding rows everywhere while capturing: valid, harmless inputs.
+        self.host_np[:] = 0
+        self.host_np[self.offsets[3]: self.offsets[4]] = 1
+        self.static.copy_(self.host)
+
+        def forward() -> Tensor:
+            attn.set_step(StepMetadata(
+                slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
+                block_tables=tables[:b], context_lens=ctx[:b]))
+            hidden = eng.model.run_layers(eng.model.embed(tokens), positions, attn)
+            return eng.model.head(hidden)
+
+        stream = torch.cuda.Stream(device=eng.device)
+        stream.wait_stream(torch.cuda.current_stream(eng.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels (Triton compiles, cuBLAS picks) off-graph
+                forward()
+        torch.cuda.current_stream(eng.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = forward()
+        return graph, out
 
     def run(self, toks: list[int], poss: list[int], slots: list[int],
             decodes: list[_Seq]) -> Tensor:
-        raise NotImplementedError
+        d = len(toks)
+        b = next(x for x in self.buckets if x >= d)
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        graph, out = self.graphs[b]
+        h, o, w = self.host_np, self.offsets, self.width
+        h[o[0]: o[0] + b] = 0
+        h[o[0]: o[0] + d] = toks
+        h[o[1]: o[1] + b] = 0
+        h[o[1]: o[1] + d] = poss
+        h[o[2]: o[2] + b] = 0  # padding rows write into the null block
+        h[o[2]: o[2] + d] = slots
+        h[o[3]: o[3] + b] = 1
+        h[o[3]: o[3] + d] = [s.num_computed for s in decodes]
+        tables = h[o[4]: o[5]].reshape(self.max_batch, w)
+        tables[:b] = NULL_BLOCK
+        for i, s in enumerate(decodes):
+            tables[i, : len(s.blocks)] = s.blocks
+        # Only the used prefix of the tables section travels.
+        n = o[4] + b * w
+        self.static[:n].copy_(self.host[:n], non_blocking=True)
+        graph.replay()
+        return out[:d]
