@@ -26,9 +26,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # and is restored to its queue once older than this. Set well above the longest
         # chunk (chunks are sized to take minutes) so that a healthy worker's chunk is never
         # delivered twice; the worker also refreshes the timestamps of the messages it holds
-        # (worker/consumer.py), so even a slow chunk is safe. A killed worker's chunks come
+        # (worker/runtime.py), so even a slow chunk is safe. A killed worker's chunks come
         # back after at most this long.
         "visibility_timeout": s.visibility_timeout,
+        # How often a consumer looks for messages past their timeout (kombu's default is
+        # every 100 s); a quarter of the timeout bounds recovery at 1.25 timeouts.
+        "unacked_restore_interval": max(1, min(60, s.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
     }
     if s.redis_key_prefix:
         # Isolates queues *and* the unacked hash: otherwise every app on the Redis database

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # is put back on the queue once it is older than this. A chunk running longer than the
     # visibility timeout would be delivered twice, so it must sit well above the longest
     # chunk (minutes); the worker also refreshes the timestamp of messages it is working on
-    # (see worker/consumer.py), so a live worker's chunks are never restored. A SIGKILLed
+    # (see worker/runtime.py), so a live worker's chunks are never restored. A SIGKILLed
     # worker's chunks come back after this long.
     visibility_timeout: int = Field(default=3600, ge=1)
     # How many chunks one worker holds at once (Celery threads pool size). Several chunks in

@@ -1,0 +1,109 @@
+"""``neoxq worker``: load the model once, then run Celery on the chunk queue.
+
+Pool choice: Celery's *threads* pool. The engine is one object in this process's memory
+(weights and KV cache on the GPU); prefork would need a copy per child and solo would
+hold a single chunk at a time, letting the engine drain at every chunk boundary. With
+threads, ``concurrency`` chunk tasks wait side by side while one engine-loop thread
+batches all their sequences together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("neoxq.worker")
+
+
+@dataclass
+class WorkerOptions:
+    """What ``neoxq worker`` was asked for; None means "from the settings"."""
+
+    model: str
+    device: str | None = None
+    dtype: str | None = None
+    pipeline_parallel: int = 1
+    tokenizer: str | None = None
+    queue: str | None = None
+    concurrency: int | None = None
+    worker_id: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    loglevel: str = "INFO"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    """Build the engine, register the worker, consume until SIGTERM/SIGINT; exit code."""
+    import torch
+    from celery import signals
+
+    from core.celery_app import make_celery
+    from core.settings import get_settings
+    from models.runtime import build_engine
+    from store.db import make_engine
+    from worker.runtime import WorkerRuntime
+    from worker.tasks import register_tasks
+
+    logging.basicConfig(level=opts.loglevel.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {
+        "database_url": opts.database_url, "redis_url": opts.redis_url, "queue": opts.queue,
+        "worker_concurrency": opts.concurrency,
+    }.items() if v}
+    settings = get_settings().model_copy(update=overrides)
+    device = opts.device or _default_device()
+    dtype = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+    # The model is loaded once, before anything is consumed: a chunk never waits for it.
+    log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device, dtype,
+             opts.pipeline_parallel)
+    engine = build_engine(opts.model, device=device, dtype=getattr(torch, dtype),
+                          pipeline_parallel=opts.pipeline_parallel, tokenizer=opts.tokenizer,
+                          **opts.engine_kwargs)
+    db = make_engine(settings.db_url)
+    devices = [device] if opts.pipeline_parallel == 1 else [
+        f"{device}:{i}" for i in range(opts.pipeline_parallel)]
+    worker_id = opts.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=opts.model,
+                            devices=devices, pipeline_parallel=opts.pipeline_parallel)
+    runtime.start()
+
+    app = make_celery(settings)
+    register_tasks(app, runtime)
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _drain(**_: Any) -> None:
+        # SIGTERM/SIGINT: Celery stops consuming and waits for running tasks; our tasks
+        # finish within shutdown_grace or hand their chunk back (requeue).
+        runtime.begin_drain()
+
+    worker = app.Worker(
+        pool="threads",
+        concurrency=settings.worker_concurrency,
+        queues=[settings.queue],
+        hostname=f"{worker_id}@{socket.gethostname()}",
+        loglevel=opts.loglevel.upper(),
+        # No gossip/mingle/heartbeat broadcasts: workers coordinate only through Redis
+        # queues and the store, and these would add fanout traffic on a shared Redis.
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    log.info("worker %s consuming queue %r with %d chunks in flight", worker_id,
+             settings.queue, settings.worker_concurrency)
+    try:
+        worker.start()
+    finally:
+        runtime.stop()
+    return int(worker.exitcode or 0)

@@ -1,0 +1,603 @@
+"""The worker process's machinery around one engine.
+
+Threads, each with one job:
+
+- :class:`EngineLoop` owns the engine (engines are single-threaded): it admits requests
+  submitted by chunk tasks, steps while anything is unfinished, aborts on request, and
+  hands finished outputs to the writer. Because every in-flight chunk submits into this
+  one loop, the running batch mixes sequences from several chunks (and batches): when
+  one chunk's last sequences are finishing, the next chunk's are already running.
+- :class:`ResultWriter` turns outputs into result rows and commits them in batches
+  (insert-if-absent + counters, one transaction), retrying through database outages;
+  an item's future resolves only after its row is committed.
+- :class:`Control` polls the store for cancelled batches (every ``cancel_poll_interval``),
+  heartbeats the worker row, and refreshes the broker's visibility timestamps of the
+  messages this worker holds.
+
+:class:`WorkerRuntime` ties them together and runs one chunk (:meth:`run_chunk`), which
+is what the Celery task calls from a pool thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine as SQLEngine
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core.payloads import ChunkPayload
+from core.settings import Settings
+from store.db import session_scope
+from store.queries import (
+    PROMPT_TOKEN_IDS,
+    cancelling_batch_ids,
+    chunk_items,
+    finalize_if_done,
+    finish_cancel,
+    get_batch,
+    heartbeat,
+    insert_results,
+    mark_running,
+    register_worker,
+)
+from store.tables import Batch, Item
+
+log = logging.getLogger("neoxq.worker")
+
+# Outcomes of one item in this process.
+WRITTEN = "written"  # its result row is committed (by us or, before, by someone else)
+ABORTED = "aborted"  # stopped in the engine (cancel, hand-back); nothing written
+TRANSIENT = "transient"  # the engine or the store failed; the chunk should be retried
+
+# Batches whose in-flight sequences must stop.
+STOP_STATUSES = ("cancelling", "cancelled", "failed", "expired")
+
+
+class HandBack(Exception):
+    """The worker is shutting down: the chunk goes back to the queue unfinished."""
+
+
+class Retry(Exception):
+    """A transient failure: run the chunk again later."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    item_id: int
+    batch_id: str
+    index: int
+    prompt: str | list[int]
+    params: dict[str, Any]
+    queued_at: float | None
+    attempt: int
+    futures: list[Future] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return str(self.item_id)
+
+
+def _resolve(futures: Sequence[Future], outcome: str) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_result(outcome)
+
+
+# ------------------------------------------------------------------------------ writer
+
+
+class ResultWriter(threading.Thread):
+    """Commits result rows in batches: up to ``max_rows`` or every ``max_delay`` seconds,
+    whichever comes first, so results land as sequences finish without one transaction
+    per sequence."""
+
+    def __init__(self, db: SQLEngine, *, max_rows: int = 512, max_delay: float = 0.1,
+                 on_written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        super().__init__(name="neoxq-writer", daemon=True)
+        self.db = db
+        self.max_rows, self.max_delay = max_rows, max_delay
+        self.on_written = on_written
+        self.inbox: queue.Queue[tuple[dict[str, Any], list[Future]] | None] = queue.Queue()
+        self._stop_evt = threading.Event()
+
+    def put(self, row: dict[str, Any], futures: list[Future]) -> None:
+        self.inbox.put((row, futures))
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.inbox.put(None)
+
+    def run(self) -> None:
+        while True:
+            first = self.inbox.get()
+            if first is None:
+                if self.inbox.empty():
+                    return
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.max_delay
+            while len(batch) < self.max_rows:
+                try:
+                    nxt = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.inbox.put(None)  # keep the stop marker for the outer loop
+                    break
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[dict[str, Any], list[Future]]]) -> None:
+        rows: dict[int, dict[str, Any]] = {}
+        for row, _ in batch:
+            rows.setdefault(row["item_id"], row)  # one row per item in one statement
+        delay = 0.2
+        while True:
+            try:
+                with session_scope(self.db) as session:
+                    inserted = insert_results(session=session, rows=list(rows.values()))
+                break
+            except (OperationalError, DBAPIError) as exc:
+                # The database restarted or dropped us: the transaction rolled back, the
+                # pool replaces dead connections (pre_ping); try again. Nothing was
+                # counted, and insert-if-absent makes the retry safe.
+                if self._stop_evt.is_set() and delay > 5:
+                    log.error("giving up writing %d results: %s", len(rows), exc)
+                    for _, futs in batch:
+                        _resolve(futs, TRANSIENT)
+                    return
+                log.warning("result write failed (%s); retrying in %.1fs",
+                            type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if self.on_written:
+            new = set(inserted)
+            self.on_written([r for r in rows.values() if r["item_id"] in new])
+        for _, futs in batch:
+            _resolve(futs, WRITTEN)
+
+
+# ------------------------------------------------------------------------- engine loop
+
+
+class EngineLoop(threading.Thread):
+    """The only thread that touches the engine."""
+
+    def __init__(self, engine: Any, writer: ResultWriter, *, worker_id: str) -> None:
+        super().__init__(name="neoxq-engine", daemon=True)
+        self.engine = engine
+        self.writer = writer
+        self.worker_id = worker_id
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.pending: dict[str, _Pending] = {}  # request id -> item in the engine
+        self._lock = threading.Lock()  # guards `pending` against submit()'s dedupe check
+        self._stop_evt = threading.Event()
+        self.error: BaseException | None = None
+
+    # -- called from other threads --------------------------------------------------------
+
+    def submit(self, items: Sequence[_Pending]) -> list[Future]:
+        """Queue items for the engine; one future per item resolving to an outcome. An
+        item already in the engine (a redelivered chunk) shares the running request."""
+        futures = []
+        with self._lock:
+            for it in items:
+                fut: Future = Future()
+                futures.append(fut)
+                running = self.pending.get(it.request_id)
+                if running is not None:
+                    running.futures.append(fut)
+                    continue
+                it.futures.append(fut)
+                self.pending[it.request_id] = it
+                self.inbox.put(("add", it))
+        return futures
+
+    def abort(self, *, batch_ids: Sequence[str] = (), request_ids: Sequence[str] = ()) -> None:
+        """Abort every sequence of ``batch_ids`` and the given requests (asynchronously)."""
+        self.inbox.put(("abort", (tuple(batch_ids), tuple(request_ids))))
+
+    def active_batches(self) -> set[str]:
+        with self._lock:
+            return {p.batch_id for p in self.pending.values()}
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.inbox.put(("wake", None))
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting chunk
+            self.error = exc
+            log.exception("engine loop died")
+            with self._lock:
+                for p in self.pending.values():
+                    _resolve(p.futures, TRANSIENT)
+                self.pending.clear()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop_evt.is_set():
+            busy = engine.has_unfinished()
+            try:  # block only when the engine has nothing to do
+                cmd = self.inbox.get(timeout=0.05) if not busy else self.inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._command(*cmd)
+                try:
+                    cmd = self.inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if not engine.has_unfinished():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception:  # noqa: BLE001 - e.g. CUDA OOM: transient for every request
+                log.exception("engine step failed; aborting the running requests")
+                self._fail_all()
+                continue
+            for out in outputs:
+                self._finished(out)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        if kind == "add":
+            self._add(arg)
+        elif kind == "abort":
+            batch_ids, request_ids = arg
+            with self._lock:
+                targets = [rid for rid, p in self.pending.items()
+                           if p.batch_id in batch_ids or rid in request_ids]
+            for rid in targets:
+                if not self.engine.abort(rid):  # not in the engine (yet): drop it here
+                    with self._lock:
+                        p = self.pending.pop(rid, None)
+                    if p is not None:
+                        _resolve(p.futures, ABORTED)
+
+    def _add(self, p: _Pending) -> None:
+        params = dict(p.params)
+        try:
+            self.engine.add_request(p.request_id, p.prompt, params, arrival=time.time())
+        except ValueError as exc:
+            # A bad request (prompt longer than the context, bad parameter): an item
+            # error, written like a result; the rest of the batch goes on.
+            self._write_error(p, "invalid_request", str(exc))
+        except Exception as exc:  # noqa: BLE001 - anything else is this item's failure too
+            log.exception("add_request failed for item %s", p.item_id)
+            self._write_error(p, "invalid_request", f"{type(exc).__name__}: {exc}")
+
+    def _write_error(self, p: _Pending, code: str, message: str) -> None:
+        with self._lock:
+            self.pending.pop(p.request_id, None)
+        t = time.time()
+        self.writer.put(_row(p, self.worker_id, error={"code": code, "message": message},
+                             finished_at=t), p.futures)
+
+    def _finished(self, out: Any) -> None:
+        with self._lock:
+            p = self.pending.pop(out.request_id, None)
+        if p is None:
+            return
+        if any(s.finish_reason == "abort" for s in out.samples):
+            _resolve(p.futures, ABORTED)
+            return
+        if out.error:
+            self.writer.put(_row(p, self.worker_id, error={"code": "engine_error",
+                                                           "message": out.error},
+                                 finished_at=out.timings.finished or time.time()), p.futures)
+            return
+        self.writer.put(_output_row(p, out, self.worker_id), p.futures)
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            pending, self.pending = list(self.pending.values()), {}
+        for p in pending:
+            try:
+                self.engine.abort(p.request_id)
+            except Exception:  # noqa: BLE001
+                pass
+            _resolve(p.futures, TRANSIENT)
+        try:
+            self.engine.step()  # collect the aborted outputs so the engine is empty again
+        except Exception:  # noqa: BLE001
+            log.exception("engine did not recover after a failed step")
+
+
+def _row(p: _Pending, worker_id: str, **values: Any) -> dict[str, Any]:
+    """A full result row (every column present: one executemany needs one shape)."""
+    row: dict[str, Any] = {
+        "item_id": p.item_id, "batch_id": p.batch_id, "index": p.index, "choices": [],
+        "text": None, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0,
+        "logprobs": None, "error": None, "queued_at": p.queued_at, "started_at": None,
+        "first_token_at": None, "finished_at": None, "tokens_per_s": None,
+        "worker_id": worker_id, "attempt": p.attempt,
+    }
+    row.update(values)
+    return row
+
+
+def _output_row(p: _Pending, out: Any, worker_id: str) -> dict[str, Any]:
+    t = out.timings
+    choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
+                "logprobs": s.logprobs} for s in out.samples]
+    completion = sum(len(s.token_ids) for s in out.samples)
+    started, finished = t.first_scheduled, t.finished or time.time()
+    span = finished - started if started else 0.0
+    return _row(
+        p, worker_id, choices=choices, text=choices[0]["text"] if choices else "",
+        finish_reason=choices[0]["finish_reason"] if choices else None,
+        prompt_tokens=out.prompt_tokens, completion_tokens=completion,
+        logprobs=choices[0]["logprobs"] if choices else None,
+        started_at=started, first_token_at=t.first_token, finished_at=finished,
+        tokens_per_s=completion / span if span > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------- control
+
+
+class Control(threading.Thread):
+    """Cancellation polling, heartbeats, and refreshing held messages' visibility."""
+
+    def __init__(self, rt: WorkerRuntime) -> None:
+        super().__init__(name="neoxq-control", daemon=True)
+        self.rt = rt
+        self._stop_evt = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+
+    def run(self) -> None:
+        s = self.rt.settings
+        next_beat = next_touch = 0.0
+        touch_every = max(1.0, s.visibility_timeout / 4)
+        while not self._stop_evt.wait(s.cancel_poll_interval):
+            now = time.monotonic()
+            try:
+                self.rt.poll_cancellations()
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try next time
+                log.warning("cancellation poll failed: %s", exc)
+            if now >= next_beat:
+                next_beat = now + s.heartbeat_interval
+                try:
+                    self.rt.beat()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("heartbeat failed: %s", exc)
+            if now >= next_touch:
+                next_touch = now + touch_every
+                try:
+                    self.rt.touch_messages()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("refreshing message visibility failed: %s", exc)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+class WorkerRuntime:
+    """Everything a worker process holds for its whole life: one engine, its loop, the
+    result writer, the control thread and counters."""
+
+    def __init__(self, engine: Any, db: SQLEngine, settings: Settings, *,
+                 worker_id: str | None = None, model: str = "",
+                 devices: Sequence[str] = (), pipeline_parallel: int = 1) -> None:
+        self.settings = settings
+        self.db = db
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.model, self.devices, self.pipeline_parallel = model, list(devices), pipeline_parallel
+        self.items_done = 0
+        self.tokens_done = 0
+        self._rate_t, self._rate_tokens, self.tokens_per_s = time.monotonic(), 0, 0.0
+        self._stats_lock = threading.Lock()
+        self.writer = ResultWriter(db, on_written=self._count)
+        self.loop = EngineLoop(engine, self.writer, worker_id=self.worker_id)
+        self.control = Control(self)
+        self.draining_since: float | None = None
+        self._held_tasks: set[str] = set()  # Celery task ids of chunks running here
+        self._held_lock = threading.Lock()
+        self._redis: Any = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        with session_scope(self.db) as session:
+            register_worker(session=session, worker_id=self.worker_id,
+                            host=socket.gethostname(), pid=os.getpid(), model=self.model,
+                            devices=self.devices, pipeline_parallel=self.pipeline_parallel)
+        self.writer.start()
+        self.loop.start()
+        self.control.start()
+        self.beat("running")
+
+    def begin_drain(self) -> None:
+        """SIGTERM: take no new chunks; in-flight ones get ``shutdown_grace`` seconds."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            log.info("draining: finishing in-flight chunks for up to %.0fs",
+                     self.settings.shutdown_grace)
+
+    def stop(self) -> None:
+        self.control.stop()
+        self.loop.stop()
+        self.loop.join(timeout=10)
+        self.writer.stop()
+        self.writer.join(timeout=30)
+        try:
+            self.beat("stopped")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("final heartbeat failed: %s", exc)
+
+    # -- one chunk -----------------------------------------------------------------------
+
+    def run_chunk(self, payload: ChunkPayload, *, task_id: str | None = None) -> str:
+        """Run items ``[start, end)`` of a batch that have no result yet; return when each
+        has a committed result (or was cancelled). Raises :class:`HandBack` when the worker
+        is shutting down and :class:`Retry` after a transient failure."""
+        if self.draining_since is not None:
+            raise HandBack()
+        s = self.settings
+        with session_scope(self.db) as session:
+            batch = get_batch(session=session, batch_id=payload.batch_id)
+            if batch is None:
+                log.warning("chunk for unknown batch %s dropped", payload.batch_id)
+                return "unknown batch"
+            if batch.status != "in_progress":
+                # Cancelled, failed, expired or done: nothing to run. (A cancelling batch
+                # is finished by the control thread.)
+                return f"batch {batch.status}"
+            items = chunk_items(session=session, batch_id=batch.id, start=payload.start,
+                                end=payload.end)
+            defaults = dict(batch.defaults or {})
+            exhausted = [it for it in items if it.attempts >= s.max_attempts]
+            runnable = [it for it in items if it.attempts < s.max_attempts]
+            mark_running(session=session, item_ids=[it.id for it in runnable])
+        if exhausted:  # tried max_attempts times (crashes, transient errors): give up
+            self._fail_items(exhausted, "max_attempts",
+                             f"gave up after {s.max_attempts} attempts")
+        pending = [self._pending(it, defaults) for it in runnable]
+        if task_id:
+            with self._held_lock:
+                self._held_tasks.add(task_id)
+        try:
+            outcomes = self._wait(pending)
+        finally:
+            if task_id:
+                with self._held_lock:
+                    self._held_tasks.discard(task_id)
+        if TRANSIENT in outcomes:
+            raise Retry()
+        with session_scope(self.db) as session:
+            final = finalize_if_done(session=session, batch_id=payload.batch_id)
+        if final:
+            log.info("batch %s %s", payload.batch_id, final)
+        return f"{len(pending)} items"
+
+    def _pending(self, it: Item, defaults: dict[str, Any]) -> _Pending:
+        params = {**{k: v for k, v in defaults.items() if v is not None}, **it.params}
+        prompt: str | list[int] = params.pop(PROMPT_TOKEN_IDS, None) or it.prompt
+        return _Pending(item_id=it.id, batch_id=it.batch_id, index=it.index, prompt=prompt,
+                        params=params, queued_at=it.queued_at, attempt=it.attempts + 1)
+
+    def _wait(self, pending: list[_Pending]) -> set[str]:
+        if not pending:
+            return set()
+        futures = self.loop.submit(pending)
+        grace = self.settings.shutdown_grace
+        while True:
+            done, not_done = wait(futures, timeout=0.25)
+            if not not_done:
+                return {f.result() for f in done}
+            if self.loop.error is not None or not self.loop.is_alive():
+                raise Retry()
+            if self.draining_since is not None and \
+                    time.monotonic() - self.draining_since >= grace:
+                # Out of grace: stop what is left and hand the chunk back. Finished items
+                # are committed; the redelivered chunk skips them.
+                left = [p.request_id for p, f in zip(pending, futures, strict=True)
+                        if not f.done()]
+                self.loop.abort(request_ids=left)
+                wait(futures, timeout=10)
+                raise HandBack()
+
+    def _fail_items(self, items: Sequence[Item], code: str, message: str) -> None:
+        t = time.time()
+        rows = [_row(_Pending(it.id, it.batch_id, it.index, "", {}, it.queued_at, it.attempts),
+                     self.worker_id, error={"code": code, "message": message}, finished_at=t)
+                for it in items]
+        with session_scope(self.db) as session:
+            insert_results(session=session, rows=rows)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def poll_cancellations(self) -> None:
+        """Abort sequences of batches that were cancelled (or failed/expired), and finish
+        pending cancellations: cancelling -> cancelled."""
+        active = self.loop.active_batches()
+        with session_scope(self.db) as session:
+            stop = []
+            if active:
+                stop = list(session.scalars(select(Batch.id).where(
+                    Batch.id.in_(active), Batch.status.in_(STOP_STATUSES))))
+            cancelling = cancelling_batch_ids(session=session)
+        if stop:
+            log.info("aborting sequences of batches %s", stop)
+            self.loop.abort(batch_ids=stop)
+        for batch_id in cancelling:
+            if batch_id in active:
+                self._await_aborted(batch_id)
+            with session_scope(self.db) as session:
+                if finish_cancel(session=session, batch_id=batch_id):
+                    log.info("batch %s cancelled", batch_id)
+
+    def _await_aborted(self, batch_id: str, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while batch_id in self.loop.active_batches() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def beat(self, status: str | None = None) -> None:
+        """Refresh this worker's row: liveness, tokens/s, totals."""
+        with self._stats_lock:
+            now = time.monotonic()
+            span = now - self._rate_t
+            if span >= 1.0:
+                rate = self._rate_tokens / span
+                # Smoothed, so the figure the API shows does not jump with every beat.
+                self.tokens_per_s = rate if not self.tokens_per_s else \
+                    0.5 * self.tokens_per_s + 0.5 * rate
+                self._rate_t, self._rate_tokens = now, 0
+            values = (self.tokens_per_s, self.items_done, self.tokens_done)
+        if status is None:
+            status = "draining" if self.draining_since is not None else (
+                "busy" if self.loop.active_batches() else "idle")
+        with session_scope(self.db) as session:
+            heartbeat(session=session, worker_id=self.worker_id, status=status,
+                      tokens_per_s=values[0], items_done=values[1], tokens_done=values[2])
+
+    def _count(self, rows: list[dict[str, Any]]) -> None:
+        with self._stats_lock:
+            self.items_done += len(rows)
+            tokens = sum(r["completion_tokens"] for r in rows)
+            self.tokens_done += tokens
+            self._rate_tokens += tokens
+
+    def touch_messages(self) -> None:
+        """Refresh the unacked-index timestamps of the chunk messages this worker runs.
+
+        Redis's transport restores a delivered message once its timestamp in the
+        ``unacked_index`` sorted set is older than the visibility timeout; bumping it for
+        the messages we hold means a long chunk on a live worker is never delivered twice,
+        while a killed worker's messages (no longer bumped) come back after one timeout.
+        """
+        with self._held_lock:
+            held = set(self._held_tasks)
+        if not held:
+            return
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.redis_url)
+        prefix = self.settings.redis_key_prefix
+        r = self._redis
+        now = time.time()
+        for tag, raw in r.hscan_iter(f"{prefix}unacked", count=500):
+            try:
+                task_id = json.loads(raw)[0]["headers"]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if task_id in held:
+                r.zadd(f"{prefix}unacked_index", {tag: now}, xx=True)
