@@ -1,0 +1,151 @@
+"""Line-by-line validation of native and OpenAI Batch JSONL: every error names the line,
+the field and what was expected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.jsonl import LineValidator, check_defaults, check_sampling, parse_json_line
+
+
+def run(lines: list[bytes | str], fmt: str = "native", **kw):
+    v = LineValidator(fmt, **kw)  # type: ignore[arg-type]
+    parsed = [p for p in (v.feed(x if isinstance(x, bytes) else x.encode()) for x in lines) if p]
+    return parsed, v.finish(), v
+
+
+def errors_of(lines, fmt="native", **kw) -> list[str]:
+    parsed, file_errors, _ = run(lines, fmt, **kw)
+    return [str(e) for p in parsed for e in p.errors] + [str(e) for e in file_errors]
+
+
+def openai_line(custom_id: str = "a", **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "gpt-neox-20b", "prompt": "hi", **body}})
+
+
+def test_native_valid_line() -> None:
+    parsed, errs, _ = run(['{"prompt": "Hello", "custom_id": "x", "max_tokens": 5, '
+                           '"temperature": 0, "stop": "\\n"}'])
+    assert errs == [] and parsed[0].ok
+    p = parsed[0]
+    assert (p.prompt, p.custom_id, p.line) == ("Hello", "x", 1)
+    assert p.params == {"max_tokens": 5, "temperature": 0, "stop": ["\n"]}
+
+
+def test_token_id_prompt_and_nulls_mean_default() -> None:
+    parsed, _, _ = run(['{"prompt": [1, 2, 3], "seed": null, "top_p": null}'])
+    assert parsed[0].ok and parsed[0].prompt == [1, 2, 3] and parsed[0].params == {}
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"prompt": "a",}', "line 1: invalid JSON: Expecting property name"),
+        (b"\xff\xfe", "line 1: not valid UTF-8"),
+        (b"[1, 2]", "line 1: a JSON object expected, got array"),
+        (b'{"prompt": NaN}', "line 1: invalid JSON: NaN is not valid JSON"),
+        (b'{"custom_id": "x"}', "line 1: prompt: required"),
+        (b'{"prompt": ""}', "line 1: prompt: a non-empty string expected"),
+        (b'{"prompt": ["a", "b"]}', "line 1: prompt: a string or a non-empty list of token ids"),
+        (b'{"prompt": "a", "temprature": 1}', "line 1: temprature: unknown field"),
+        (b'{"prompt": "a", "temperature": -1}', "line 1: temperature: must be >= 0, got -1"),
+        (b'{"prompt": "a", "max_tokens": 0}', "line 1: max_tokens: must be >= 1, got 0"),
+        (b'{"prompt": "a", "max_tokens": "5"}', "line 1: max_tokens: must be an integer"),
+        (b'{"prompt": "a", "max_tokens": true}', "line 1: max_tokens: must be an integer"),
+        (b'{"prompt": "a", "top_p": 0}', "line 1: top_p: must be in (0, 1]"),
+        (b'{"prompt": "a", "n": 0}', "line 1: n: must be between 1 and 128"),
+        (b'{"prompt": "a", "min_tokens": 9, "max_tokens": 4}',
+         "line 1: min_tokens: must be between 0 and max_tokens (4)"),
+        (b'{"prompt": "a", "stop": [1]}', "line 1: stop: must be a string or a list of strings"),
+        (b'{"prompt": "a", "logprobs": 21}', "line 1: logprobs: must be an integer between 0"),
+        (b'{"prompt": "a", "custom_id": 5}', "line 1: custom_id: a non-empty string expected"),
+    ],
+)
+def test_native_bad_lines(line: bytes, expected: str) -> None:
+    errs = errors_of([line])
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_every_bad_field_of_a_line_is_reported() -> None:
+    errs = errors_of(['{"prompt": "a", "temperature": -1, "top_k": -5, "foo": 1}'])
+    assert [e.split(":")[1].strip() for e in errs] == ["foo", "temperature", "top_k"]
+
+
+def test_duplicate_custom_id_names_first_line() -> None:
+    errs = errors_of(['{"prompt": "a", "custom_id": "x"}', "", '{"prompt": "b", "custom_id": "x"}'])
+    assert errs == ["line 3: custom_id: 'x' already used on line 1"]
+
+
+def test_empty_file_and_blank_lines() -> None:
+    assert errors_of([]) == ["file: the file has no requests"]
+    assert errors_of(["", "   "]) == ["file: the file has no requests"]
+
+
+def test_too_many_lines() -> None:
+    _, file_errors, _ = run(['{"prompt": "a"}'] * 4, max_lines=3)
+    assert file_errors[0].code == "too_many_tasks"
+    assert "at most 3 requests per file, got 4" in str(file_errors[0])
+
+
+def test_batch_defaults_take_part_in_cross_field_rules() -> None:
+    errs = errors_of(['{"prompt": "a", "min_tokens": 10}'], defaults={"max_tokens": 5})
+    assert errs == ["line 1: min_tokens: must be between 0 and max_tokens (5), got 10"]
+    assert check_defaults({"temperature": -1}) == ["temperature: must be >= 0, got -1"]
+    assert check_defaults({"bogus": 1})[0].startswith("bogus: not a known field")
+
+
+def test_openai_valid_and_auto_detect() -> None:
+    parsed, errs, v = run([openai_line("a", max_tokens=3), openai_line("b")], fmt="auto")
+    assert errs == [] and v.fmt == "openai" and v.first_model == "gpt-neox-20b"
+    assert [p.custom_id for p in parsed] == ["a", "b"]
+    assert parsed[0].params == {"max_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({"method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}},
+         "line 1: custom_id: required"),
+        ({"custom_id": "a", "method": "GET", "url": "/v1/completions",
+          "body": {"model": "m", "prompt": "x"}}, "line 1: method: 'POST' expected"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+          "body": {"model": "m", "prompt": "x"}},
+         "line 1: url: '/v1/completions' expected, got '/v1/chat/completions'"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"},
+         "line 1: body: an object expected, got string"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+          "body": {"prompt": "x"}}, "line 1: body.model: a model name expected"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "m"}}, "line 1: body.prompt: required"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "m", "prompt": "x", "temperature": 3.5e9, "echo": True}},
+         "line 1: body.echo: False or null expected"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "m", "prompt": "x", "messages": []}},
+         "line 1: body.messages: unknown or unsupported field"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions", "extra": 1,
+          "body": {"model": "m", "prompt": "x"}}, "line 1: extra: unknown field"),
+    ],
+)
+def test_openai_bad_lines(obj: dict, expected: str) -> None:
+    errs = errors_of([json.dumps(obj)], fmt="openai")
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_openai_error_codes() -> None:
+    parsed, _, _ = run([openai_line("a"), openai_line("a"), "{"], fmt="openai")
+    codes = [e.code for p in parsed for e in p.errors]
+    assert codes == ["duplicate_custom_id", "invalid_json_line"]
+
+
+def test_bom_and_crlf_tolerated() -> None:
+    obj, err = parse_json_line('\ufeff{"prompt": "a"}\r'.encode(), 1)
+    assert err is None and obj == {"prompt": "a"}
+
+
+def test_check_sampling_returns_clean_copy() -> None:
+    clean, problems = check_sampling({"stop": "x", "seed": None, "n": 2})
+    assert clean == {"stop": ["x"], "n": 2} and problems == []
