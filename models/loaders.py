@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,24 +200,33 @@ def _read_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _pread_exact(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path}: file ends inside tensor {what!r} (truncated?)")
+        done += n
+
+
+def _pread_chunks(
+    fd: int, buf: memoryview, offset: int, path: Path, what: str
+) -> list[Future[None]]:
+    """Queue reads filling ``buf`` from ``fd`` at ``offset`` in chunks on the read pool
+    (pread drops the GIL, so chunks of one tensor and of several tensors run at once).
+    The jobs never wait on other jobs, so the pool cannot deadlock."""
+    pool = _read_pool()
+    return [pool.submit(_pread_exact, fd, buf[s : s + _CHUNK], offset + s, path, what)
+            for s in range(0, len(buf), _CHUNK)]
+
+
 def _pread_all(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``, in parallel chunks (pread drops the GIL)."""
-
-    def one(start: int) -> None:
-        view = buf[start : start + _CHUNK]
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + start + done)
-            if n == 0:
-                raise CheckpointError(f"{path}: file ends inside tensor {what!r} (truncated?)")
-            done += n
-
-    starts = range(0, len(buf), _CHUNK)
-    if len(starts) == 1:
-        one(0)
-    else:
-        for f in [_read_pool().submit(one, s) for s in starts]:
-            f.result()
+    """Fill ``buf`` from ``fd`` at ``offset``; call from outside the read pool."""
+    if len(buf) <= _CHUNK:
+        _pread_exact(fd, buf, offset, path, what)
+        return
+    for f in _pread_chunks(fd, buf, offset, path, what):
+        f.result()
 
 
 def _bytes_of(t: Tensor) -> memoryview:
@@ -279,29 +288,34 @@ class _SafetensorsFile:
 
 
 class _Staging:
-    """Two pinned host buffers used in turn: while the GPU copies out of one, the
-    disk reads into the other."""
+    """Two host buffers used in turn: while the GPU copies out of one, the disk reads
+    into the other. Pinned (page-locked) for CUDA so copies are asynchronous DMA;
+    ``pin=False`` runs the same path on CPU (tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
         self.bufs: list[Tensor | None] = [None, None]
-        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.events: list[Any] = [None, None]
         self.turn = 0
 
     def acquire(self, nbytes: int) -> tuple[int, Tensor]:
         i = self.turn
         self.turn ^= 1
         if self.events[i] is not None:
-            self.events[i].synchronize()  # the GPU is done reading this buffer
+            self.events[i].synchronize()  # the GPU has finished copying out of this buffer
+            self.events[i] = None
         buf = self.bufs[i]
         if buf is None or buf.numel() < nbytes:
-            self.bufs[i] = None
-            buf = self.bufs[i] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+            self.bufs[i] = None  # free the old one before allocating the larger
+            buf = self.bufs[i] = torch.empty(max(nbytes, 1), dtype=torch.uint8,
+                                             pin_memory=self.pin)
         return i, buf
 
     def release(self, i: int) -> None:
-        ev = torch.cuda.Event()
-        ev.record()
-        self.events[i] = ev
+        if self.pin:
+            ev = torch.cuda.Event()
+            ev.record()  # after every copy queued on the current stream
+            self.events[i] = ev
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -317,6 +331,7 @@ def _read_safetensors(
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (target, tensor on device in dtype) for ``names`` = [(file name, target)]."""
     fd = os.open(st.path, os.O_RDONLY)
+    reads: list[list[Future[None]]] = []
     try:
         if staging is None:  # CPU: read into the final tensor when the dtype matches
             for name, target in names:
@@ -332,18 +347,25 @@ def _read_safetensors(
             total = _align(total + info.nbytes)
         slot, buf = staging.acquire(total)
         raw = _bytes_of(buf)
-        reads = [
-            _read_pool().submit(_pread_all, fd, raw[off : off + info.nbytes], info.start,
-                                st.path, target)
-            for target, info, off in layout
-        ]
-        for (target, info, off), r in zip(layout, reads, strict=True):
-            r.result()
+        # Queue every chunk of every tensor of this file; copy each tensor out as soon
+        # as its own chunks have landed.
+        reads = [_pread_chunks(fd, raw[off : off + info.nbytes], info.start, st.path, target)
+                 for target, info, off in layout]
+        for (target, info, off), chunks in zip(layout, reads, strict=True):
+            for c in chunks:
+                c.result()
             host = buf[off : off + info.nbytes].view(info.dtype).view(info.shape)
             t = host.to(device, non_blocking=True)
+            if t.data_ptr() == host.data_ptr():
+                t = t.clone()  # a CPU target must not keep a view of the reused buffer
             yield target, t if t.dtype == dtype else t.to(dtype)
         staging.release(slot)
     finally:
+        # Never close the descriptor under a read still running (after an error).
+        for chunks in reads:
+            for c in chunks:
+                if not c.cancel():
+                    c.exception()  # waits for it
         os.close(fd)
 
 
@@ -988,7 +1010,7 @@ def load_model(
 
     with torch.device("meta"):
         model = NeoX(plan.config, layer_range)
-    staging = _Staging() if device.type == "cuda" else None
+    staging = _Staging(pin=True) if device.type == "cuda" else None
     with torch.no_grad():
         for unit in plan.units:
             for target, t in _read_unit(unit, device, dtype, staging):

@@ -144,6 +144,31 @@ def test_convert_preset_bf16(tmp_path) -> None:
         assert torch.equal(lm.model.state_dict()[n], t), n
 
 
+def test_staged_read_path(tmp_path, monkeypatch) -> None:
+    """The GPU path (two reused staging buffers, chunked parallel reads), run on CPU
+    with small chunks: every tensor comes out intact and owns its memory."""
+    import models.loaders as L
+
+    monkeypatch.setattr(L, "_CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for k in range(3):  # three files so both buffers are reused
+        tensors = {f"t{k}.{i}": torch.randn(7 + i, 33 * (i + 1), generator=g).to(dt)
+                   for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16])}
+        L.write_safetensors(tmp_path / f"{k}.safetensors", tensors)
+        files.append(tensors)
+    staging = L._Staging(pin=False)
+    got = {}
+    for k in range(3):
+        st = L._SafetensorsFile(tmp_path / f"{k}.safetensors")
+        names = [(n, n) for n in files[k]]
+        got.update(dict(L._read_safetensors(st, names, torch.device("cpu"), torch.float32,
+                                            staging)))
+    for tensors in files:
+        for n, t in tensors.items():
+            assert torch.equal(got[n], t.float()), n
+
+
 # --------------------------------------------------------------------- NeoX pipeline + TP
 
 
