@@ -269,7 +269,7 @@ def run_generate(args: argparse.Namespace) -> int:
             args.model, device=device, dtype=dtype, pipeline_parallel=args.pipeline_parallel,
             tokenizer=args.tokenizer, seed=args.model_seed, **_engine_kwargs(args),
         )
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
