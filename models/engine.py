@@ -281,6 +281,17 @@ class Engine:
                              f"({per_block} bytes each)")
         return int(n)
 
+    def capture_graphs(self) -> int:
+        """Capture the CUDA graphs of every decode batch-size bucket now (largest first, so
+        the smaller ones reuse its memory) instead of on first use. Returns how many."""
+        if self._graphs is None:
+            return 0
+        with torch.inference_mode():
+            for b in sorted(self._graphs.buckets, reverse=True):
+                if b not in self._graphs.graphs:
+                    self._graphs.graphs[b] = self._graphs._capture(b)
+        return len(self._graphs.graphs)
+
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
@@ -916,8 +927,10 @@ class _DecodeGraphs:
     def __init__(self, engine: Engine, max_batch: int | None = None) -> None:
         self.engine = engine
         self.max_batch = max_batch or engine.max_num_seqs
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32) if b < self.max_batch}
-                              | set(range(48, self.max_batch, 16)) | {self.max_batch})
+        # Padding a decode batch costs little (it is bound by reading weights and KV), so
+        # coarse buckets above 64 keep capture time and graph memory down.
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < self.max_batch}
+                              | set(range(64, self.max_batch, 32)) | {self.max_batch})
         self.width = engine.max_blocks_per_seq
         m, w = self.max_batch, self.width
         # Sections of the flat buffer: tokens, positions, slots, context lengths, tables.

@@ -32,6 +32,15 @@ def _model(config: NeoXConfig, seed: int = 1) -> NeoX:
     return init_random_(NeoX(config), seed=seed).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models are all per-op overhead; intra-op threads only add to it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def config() -> NeoXConfig:
     return get_preset("tiny").replace(vocab_size=VOCAB, max_position=256)

@@ -1,0 +1,486 @@
+"""Engine throughput vs Hugging Face ``generate`` vs the roofline, measured in one run.
+
+Workloads (token ids drawn at random, fixed seed, ``ignore_eos``, greedy):
+
+- (a) 1024 prompts x 128 tokens in, 128 out;
+- (b) 2000 prompts, input lengths uniform 16-1024, output uniform 16-512.
+
+Lengths are capped to the model's context (only the tiny smoke models need it).
+
+Per workload: requests/s, output tok/s, total tok/s and peak GPU memory for neoxq's
+engine; the same figures for HF ``transformers.generate`` with static batches on a
+subset (labelled as such: HF needs minutes where the engine needs seconds), sharing the
+engine's weight tensors (zero copy, so the 20B fits once); and the roofline time of the
+whole workload from the copy bandwidth and bf16 GEMM rate measured in the same run
+(DESIGN.md, "Roofline"): per decode step max(bytes / bandwidth, FLOPs / GEMM rate) with
+bytes = weights + the KV of every running sequence, plus prefill FLOPs at the GEMM rate,
+with sequences admitted while their final contexts fit in the engine's KV cache.
+
+    python -m bench.throughput --out bench/results/engine_h200.json          # 20B, H200
+    python -m bench.throughput --model preset:tiny --device cpu --num-prompts 16  # smoke
+
+Results merge into ``--out`` by workload, so ``--workload a`` and ``--workload b`` can run
+as two commands and fill one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.config import NeoXConfig
+from models.engine import Engine
+from models.model import NeoX, init_random_
+from models.sampling import SamplingParams
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+def workload(name: str, num_prompts: int | None, max_position: int, vocab: int,
+             seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """(prompts as token ids, output lengths) of workload ``a`` or ``b``."""
+    r = random.Random(seed + (0 if name == "a" else 1))
+    if name == "a":
+        n = num_prompts or 1024
+        lens = [(128, 128)] * n
+    else:
+        n = num_prompts or 2000
+        lens = [(r.randint(16, 1024), r.randint(16, 512)) for _ in range(n)]
+    out_prompts, outs = [], []
+    for p, o in lens:
+        # Cap to the context (tiny smoke models): keep the in/out proportion.
+        if p + o > max_position:
+            scale = max_position / (p + o)
+            p, o = max(1, int(p * scale)), max(1, int(o * scale))
+            p = min(p, max_position - o)
+        # Ids from 2 up: skip <|endoftext|> and <|padding|>; stay in the tokenizer's range.
+        out_prompts.append([r.randrange(2, vocab) for _ in range(p)])
+        outs.append(o)
+    return out_prompts, outs
+
+
+# --------------------------------------------------------------------------------------
+# Ceilings and the roofline
+# --------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and bf16 GEMM FLOP/s."""
+    cuda = device.type == "cuda"
+    nbytes = (4 << 30) if cuda else (128 << 20)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    reps = 10 if cuda else 3
+    dst.copy_(src)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    bw = 2 * nbytes * reps / (time.perf_counter() - t)
+    del src, dst
+    n = 8192 if cuda else 512
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    reps = 20 if cuda else 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    gemm = 2 * n**3 * reps / (time.perf_counter() - t)
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "gemm_flops_per_s": gemm, "gemm_n": n,
+            "copy_bytes": nbytes}
+
+
+def roofline(cfg: NeoXConfig, prompts: list[int], outs: list[int], *, capacity_tokens: int,
+             bandwidth: float, gemm: float, weight_bytes: int, kv_bytes_per_token: int,
+             ) -> dict[str, float]:
+    """Fastest possible time for the workload on this device (see the module docstring).
+
+    Sequences are admitted first-come first-served while the sum of their final
+    contexts (prompt + output) fits in ``capacity_tokens``; a prefill costs its FLOPs at
+    the GEMM rate and produces the first token; each decode step reads the weights and
+    every running sequence's KV.
+    """
+    h, layers = cfg.hidden_size, cfg.num_layers
+    matmul_params = cfg.num_params() - cfg.vocab_size * h  # the input embedding is a lookup
+    n = len(prompts)
+    final = [p + o for p, o in zip(prompts, outs, strict=True)]
+    ctx = np.zeros(0, dtype=np.float64)
+    left = np.zeros(0, dtype=np.int64)
+    nxt = 0
+    used = 0
+    t_prefill = t_decode = 0.0
+    steps = 0
+    conc = 0
+    while nxt < n or len(ctx):
+        admitted_ctx, admitted_left = [], []
+        while nxt < n and (used + final[nxt] <= capacity_tokens or (not len(ctx)
+                                                                    and not admitted_ctx)):
+            p = prompts[nxt]
+            t_prefill += (2 * matmul_params * p + 2 * p * p * h * layers) / gemm
+            used += final[nxt]
+            admitted_ctx.append(p + 1)
+            admitted_left.append(outs[nxt] - 1)  # the prefill gave the first token
+            nxt += 1
+        ctx = np.concatenate([ctx, np.asarray(admitted_ctx, dtype=np.float64)])
+        left = np.concatenate([left, np.asarray(admitted_left, dtype=np.int64)])
+        done = left <= 0
+        if done.any():
+            used -= int((ctx[done] + left[done]).sum())
+            ctx, left = ctx[~done], left[~done]
+            continue
+        b = len(ctx)
+        kv = float(ctx.sum())
+        bytes_ = weight_bytes + kv * kv_bytes_per_token
+        flops = 2 * matmul_params * b + 4 * kv * h * layers
+        t_decode += max(bytes_ / bandwidth, flops / gemm)
+        steps += 1
+        conc += b
+        ctx += 1
+        left -= 1
+    total = t_prefill + t_decode
+    out_tokens = sum(outs)
+    return {"seconds": total, "prefill_seconds": t_prefill, "decode_seconds": t_decode,
+            "decode_steps": steps, "mean_decode_batch": conc / max(steps, 1),
+            "output_tok_per_s": out_tokens / total, "capacity_tokens": capacity_tokens}
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+
+
+def build_model(spec: str, device: torch.device, dtype: torch.dtype) -> NeoX:
+    if spec.startswith("preset:"):
+        from models.config import get_preset
+
+        cfg = get_preset(spec.removeprefix("preset:"))
+        with torch.device("meta"):
+            model = NeoX(cfg)
+        # Materialise straight on the device and draw there: seconds for the 20B.
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.tie_weights()
+        return init_random_(model, seed=0).eval()
+    from models.loaders import load_model
+
+    return load_model(spec, device=device, dtype=dtype).model
+
+
+def run_ours(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats0 = dict(engine.stats)
+    t0 = time.time()
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o,
+                                                     ignore_eos=True), arrival=t0)
+    done = 0
+    ttft, gen_tokens = [], 0
+    last = time.time()
+    while engine.has_unfinished():
+        for out in engine.step():
+            done += 1
+            gen_tokens += out.completion_tokens
+            ttft.append(out.timings.first_token - out.timings.arrival)
+        if time.time() - last > 15:
+            last = time.time()
+            log(f"  ours: {done}/{len(prompts)} requests, {gen_tokens} tokens, "
+                f"{gen_tokens / (last - t0):.0f} out tok/s so far")
+    _sync(device)
+    secs = time.time() - t0
+    prompt_tokens = sum(len(p) for p in prompts)
+    if gen_tokens != sum(outs):
+        raise RuntimeError(f"engine produced {gen_tokens} tokens, expected {sum(outs)}")
+    steps = {k: engine.stats[k] - stats0.get(k, 0) for k in engine.stats}
+    return {
+        "requests": len(prompts), "seconds": secs, "requests_per_s": len(prompts) / secs,
+        "output_tokens": gen_tokens, "output_tok_per_s": gen_tokens / secs,
+        "total_tok_per_s": (gen_tokens + prompt_tokens) / secs,
+        "ttft_median_s": float(np.median(ttft)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+        else None,
+        "engine_stats": steps,
+    }
+
+
+def hf_model(model: NeoX) -> Any:
+    """transformers' GPTNeoXForCausalLM built on ``meta`` around our parameter tensors."""
+    import transformers
+
+    cfg = model.config
+    hc = transformers.GPTNeoXConfig(**cfg.to_hf())
+    with torch.device("meta"):
+        hf = transformers.GPTNeoXForCausalLM(hc)
+    head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"
+    for name, p in model.named_parameters():
+        target = head if name == "embed_out.weight" else f"gpt_neox.{name}"
+        mod, _, leaf = target.rpartition(".")
+        setattr(hf.get_submodule(mod), leaf, torch.nn.Parameter(p, requires_grad=False))
+    device = next(model.parameters()).device
+    # Buffers (rotary inverse frequencies) were never materialised: rebuild those modules.
+    for mod_name, mod in list(hf.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            with torch.device(device):
+                fresh = type(mod)(hc)
+            parent, _, leaf = mod_name.rpartition(".")
+            setattr(hf.get_submodule(parent) if parent else hf, leaf, fresh)
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"HF model still has meta tensors: {left[:4]}")
+    return hf.eval()
+
+
+def run_hf(hf: Any, prompts: list[list[int]], outs: list[int], batch: int,
+           device: torch.device) -> dict[str, Any]:
+    """Static batches, left padded; each batch generates its longest requested output.
+
+    Output tokens count what the requests asked for (the useful ones); the tokens HF
+    generated past a request's length in a mixed batch are reported separately.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pad = 1  # <|padding|>
+    generated = 0
+    t0 = time.time()
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i:i + batch], outs[i:i + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+        new = max(os_)
+        with torch.no_grad():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False, pad_token_id=pad)
+        _sync(device)
+        generated += new * len(ps)
+        log(f"  hf: batch {i // batch + 1}/{math.ceil(len(prompts) / batch)} "
+            f"({len(ps)} x {width} in, {new} out) done")
+    secs = time.time() - t0
+    useful = sum(outs)
+    return {
+        "subset": True, "requests": len(prompts), "batch_size": batch, "seconds": secs,
+        "requests_per_s": len(prompts) / secs, "output_tokens": useful,
+        "output_tok_per_s": useful / secs,
+        "total_tok_per_s": (useful + sum(len(p) for p in prompts)) / secs,
+        "generated_tok_per_s": generated / secs,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+        else None,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _write(path: Path | None, result: dict[str, Any]) -> None:
+    """Merge into ``path`` by workload (other workloads' earlier results stay)."""
+    if path is None:
+        return
+    old: dict[str, Any] = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    merged = {**old, **{k: v for k, v in result.items() if k != "workloads"}}
+    merged["workloads"] = {**old.get("workloads", {}), **result.get("workloads", {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="preset:gpt-neox-20b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--workload", choices=("a", "b", "both"), default="both")
+    ap.add_argument("--num-prompts", type=int, default=None, help="override both workloads")
+    ap.add_argument("--skip-hf", action="store_true")
+    # HF subsets: on CUDA, (a) at its best batch size (256) and one batch of 32 of (b)
+    # (about a minute each for the 20B); on CPU (the smoke run) a few prompts.
+    ap.add_argument("--hf-prompts-a", type=int, default=None, help="default 256 (CPU: 8)")
+    ap.add_argument("--hf-batch-a", type=int, default=256)
+    ap.add_argument("--hf-prompts-b", type=int, default=None, help="default 32 (CPU: 4)")
+    ap.add_argument("--hf-batch-b", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--kv-memory", type=float, default=None,
+                    help="fraction of free GPU memory (CUDA) or bytes (CPU) for the KV cache")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (merged by workload)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.device == "cpu":
+        # Tiny CPU models are dominated by per-op overhead, which intra-op threads only
+        # add to (badly so on a shared machine).
+        torch.set_num_threads(1)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.hf_prompts_a is None:
+        args.hf_prompts_a = 256 if cuda else 8
+    if args.hf_prompts_b is None:
+        args.hf_prompts_b = 32 if cuda else 4
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    log(f"neoxq throughput: {args.model} on {device} ({dtype_name})")
+    result: dict[str, Any] = {
+        "commit": _git_commit(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "model": args.model, "dtype": dtype_name,
+        "engine": {"max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
+                   "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs},
+        "workloads": {},
+    }
+
+    model = build_model(args.model, device, dtype)
+    _sync(device)
+    cfg = model.config
+    weight_bytes = model.parameter_bytes()
+    log(f"model built: {cfg.num_params() / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB")
+
+    ceil = measure_ceilings(device)
+    result["ceilings"] = ceil
+    log(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM "
+        f"{ceil['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s")
+
+    kv_memory: float | int | None = args.kv_memory
+    if kv_memory is not None and device.type != "cuda":
+        kv_memory = int(kv_memory)
+    engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
+                    max_batch_tokens=args.max_batch_tokens,
+                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size * elem
+    result["engine"].update(num_blocks=engine.num_blocks, block_size=engine.block_size,
+                            kv_cache_bytes=engine.cache.nbytes, cache_tokens=engine.cache_tokens)
+    log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
+        f"({engine.cache.nbytes / 1e9:.1f} GB)")
+    t = time.time()
+    # Warm up: Triton compiles, cuBLAS heuristics, every decode graph captured.
+    engine.generate([[5] * 40, [6] * 300], SamplingParams(temperature=0, max_tokens=4,
+                                                          ignore_eos=True))
+    graphs = engine.capture_graphs()
+    log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
+
+    names = ["a", "b"] if args.workload == "both" else [args.workload]
+    loads = {n: workload(n, args.num_prompts, cfg.max_position, min(cfg.vocab_size, 50277),
+                         args.seed) for n in names}
+    for name in names:
+        prompts, outs = loads[name]
+        lens = [len(p) for p in prompts]
+        roof = roofline(cfg, lens, outs, capacity_tokens=engine.cache_tokens,
+                        bandwidth=ceil["copy_bytes_per_s"], gemm=ceil["gemm_flops_per_s"],
+                        weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
+        log(f"workload {name}: {len(prompts)} prompts, {sum(lens)} in / {sum(outs)} out tokens; "
+            f"roofline {roof['seconds']:.1f}s = {roof['output_tok_per_s']:.0f} out tok/s "
+            f"(mean decode batch {roof['mean_decode_batch']:.0f})")
+        ours = run_ours(engine, prompts, outs)
+        log(f"workload {name} ours: {ours['seconds']:.1f}s, {ours['output_tok_per_s']:.0f} out "
+            f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
+            f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
+            f"stats {ours['engine_stats']}")
+        result["workloads"][name] = {
+            "prompts": len(prompts), "prompt_tokens": sum(lens), "output_tokens": sum(outs),
+            "ours": ours, "roofline": roof,
+            "ratios": {"ours_over_roofline": ours["output_tok_per_s"] / roof["output_tok_per_s"]},
+        }
+        _write(args.out, result)
+
+    if args.skip_hf:
+        log("HF baseline skipped")
+        return result
+    # Free the engine's KV cache before HF allocates its own.
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        hf = hf_model(model)
+    except ImportError as exc:
+        log(f"HF baseline unavailable: {exc}")
+        result["hf_error"] = str(exc)
+        _write(args.out, result)
+        return result
+    for name in names:
+        prompts, outs = loads[name]
+        k = min(len(prompts), args.hf_prompts_a if name == "a" else args.hf_prompts_b)
+        batch = args.hf_batch_a if name == "a" else args.hf_batch_b
+        log(f"workload {name} HF: first {k} prompts in static batches of {batch}")
+        try:
+            hf_res = run_hf(hf, prompts[:k], outs[:k], batch, device)
+        except torch.OutOfMemoryError as exc:
+            log(f"HF out of memory: {exc}")
+            hf_res = {"subset": True, "error": f"out of memory at batch {batch}"}
+            torch.cuda.empty_cache()
+        w = result["workloads"][name]
+        w["hf"] = hf_res
+        if "output_tok_per_s" in hf_res:
+            w["ratios"]["ours_over_hf"] = w["ours"]["output_tok_per_s"] / hf_res["output_tok_per_s"]
+            log(f"workload {name} HF (subset of {k}): {hf_res['output_tok_per_s']:.0f} out tok/s "
+                f"-> ours/HF = {w['ratios']['ours_over_hf']:.1f}x")
+        _write(args.out, result)
+    log("done")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
