@@ -156,8 +156,8 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         q = tl.load(q_ptr + seq * stride_qn + head * stride_qh + d, mask=dmask, other=0.0)
         # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
         q = q.to(tl.float32) * scale_log2
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.zeros([], tl.float32)
+        m_i = -float("inf")  # running max (log2 domain) and softmax denominator
+        l_i = 0.0
         acc = tl.zeros([HD_PAD], tl.float32)
         t = tl.arange(0, TILE)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
@@ -185,19 +185,29 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
     return paged_decode_kernel
 
 
+# (heads, head_dim, block_size, dtype) -> (tile, num_warps), filled by tune_decode_kernel.
+_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int]] = {}
+_DEFAULT_CONFIG = (64, 4)
+
+
 def paged_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-    tile: int = 64, num_warps: int = 4,
+    tile: int | None = None, num_warps: int | None = None,
 ) -> Tensor:
     """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors).
 
     Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype.
+    ``tile`` (tokens per loop iteration) and ``num_warps`` default to what
+    :func:`tune_decode_kernel` picked for this shape, else (64, 4).
     """
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build_kernel()
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
+    best = _TUNED.get((nh, hd, bs, k_cache.dtype), _DEFAULT_CONFIG)
+    tile = best[0] if tile is None else tile
+    num_warps = best[1] if num_warps is None else num_warps
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
     tile = max(tile, bs)
@@ -215,3 +225,36 @@ def paged_decode_triton(
         num_warps=num_warps,
     )
     return out
+
+
+def tune_decode_kernel(
+    num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    device: torch.device | str, batch: int = 64, context: int = 512,
+    configs: tuple[tuple[int, int], ...] = ((64, 4), (128, 4), (64, 8), (128, 8), (32, 4)),
+) -> tuple[int, int]:
+    """Time the decode kernel at this shape for a few (tile, num_warps) and remember the
+    fastest; later calls at the shape use it. Returns the pick. Takes a few seconds
+    (compiles), and a temporary cache of ``batch * context`` tokens."""
+    blocks = batch * math.ceil(context / block_size)
+    g = torch.Generator(device=device).manual_seed(0)
+    kc = torch.randn(blocks + 1, num_heads, block_size, head_dim, generator=g, device=device,
+                     dtype=torch.float32).to(dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype)
+    perm = torch.randperm(blocks, generator=g, device=device) + 1
+    tables = perm.view(batch, -1)  # (batch, blocks per sequence), shuffled like a real cache
+    ctx = torch.full((batch,), context, dtype=torch.int64, device=device)
+    timings = {}
+    for tile, warps in configs:
+        paged_decode_triton(q, kc, vc, tables, ctx, tile=tile, num_warps=warps)  # compile
+        torch.cuda.synchronize(device)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(10):
+            paged_decode_triton(q, kc, vc, tables, ctx, tile=tile, num_warps=warps)
+        end.record()
+        torch.cuda.synchronize(device)
+        timings[(tile, warps)] = start.elapsed_time(end)
+    best = min(timings, key=timings.__getitem__)
+    _TUNED[(num_heads, head_dim, block_size, dtype)] = best
+    return best

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.attention import PagedAttention, StepMetadata, prefill_mask
+from models.attention import PagedAttention, StepMetadata, prefill_mask, tune_decode_kernel
 from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, StopChecker, sample
@@ -179,6 +179,8 @@ class Engine:
             default).
         cuda_graphs: capture decode-only steps in CUDA graphs at bucketed batch sizes
             (default: on for CUDA).
+        tune_kernels: time a few configurations of the Triton decode kernel at this
+            model's shape at start-up and keep the fastest (default: on for CUDA).
         seed: seeds the per-request seeds drawn for requests that give none.
     """
 
@@ -197,6 +199,7 @@ class Engine:
         mask_padded_vocab: bool = True,
         clamp_max_tokens: bool = False,
         cuda_graphs: bool | None = None,
+        tune_kernels: bool | None = None,
         seed: int = 0,
     ) -> None:
         if not (model.has_embedding and model.has_head):
@@ -223,6 +226,15 @@ class Engine:
         self.valid_vocab: int | None = (
             min(int(vocab), self.config.vocab_size) if mask_padded_vocab and vocab else None
         )
+        self.attn_config: tuple[int, int] | None = None
+        if tune_kernels is None:
+            tune_kernels = self.device.type == "cuda"
+        if tune_kernels:
+            # Before sizing the cache: tuning borrows some memory for a while.
+            self.attn_config = tune_decode_kernel(
+                self.config.num_heads, self.config.head_dim, block_size, self.dtype,
+                self.device)
+            torch.cuda.empty_cache()
         if num_blocks is None:
             num_blocks = self._blocks_from_budget(kv_memory)
         self.allocator = BlockAllocator(num_blocks)
