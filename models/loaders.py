@@ -261,6 +261,7 @@ class _SafetensorsFile:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"{path}: cannot read safetensors header ({exc})") from None
+        self.size = size
         self.tensors: dict[str, _STInfo] = {}
         base = 8 + n
         for name, meta in header.items():
@@ -333,12 +334,23 @@ def _read_safetensors(
     fd = os.open(st.path, os.O_RDONLY)
     reads: list[list[Future[None]]] = []
     try:
-        if staging is None:  # CPU: read into the final tensor when the dtype matches
+        if staging is None:
+            # CPU: a tensor already in the target dtype becomes a view of a private
+            # (copy-on-write) memory map of the file — no copy, pages shared with the page
+            # cache and read on first touch; other dtypes are read, then converted.
+            mapped: Tensor | None = None
             for name, target in names:
                 info = st.tensors[name]
+                if info.dtype == dtype and info.start % info.dtype.itemsize == 0:
+                    if mapped is None:
+                        mapped = torch.from_file(str(st.path), shared=False, size=st.size,
+                                                 dtype=torch.uint8)
+                    view = mapped[info.start : info.start + info.nbytes]
+                    yield target, view.view(info.dtype).view(info.shape)
+                    continue
                 out = torch.empty(info.shape, dtype=info.dtype)
                 _pread_all(fd, _bytes_of(out), info.start, st.path, name)
-                yield target, out if out.dtype == dtype else out.to(dtype)
+                yield target, out.to(dtype)
             return
         layout, total = [], 0
         for name, target in names:
