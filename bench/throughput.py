@@ -255,6 +255,8 @@ def hf_model(model: NeoX) -> Any:
     # Buffers (rotary inverse frequencies) were never materialised: rebuild those modules.
     for mod_name, mod in list(hf.named_modules()):
         if any(b.is_meta for b in mod.buffers(recurse=False)):
+            if any(True for _ in mod.parameters()):
+                raise RuntimeError(f"HF module {mod_name} has weights and unset buffers")
             with torch.device(device):
                 fresh = type(mod)(hc)
             parent, _, leaf = mod_name.rpartition(".")
@@ -334,6 +336,32 @@ def _write(path: Path | None, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def table(data: dict[str, Any]) -> str:
+    """A markdown table of a results file (for the README)."""
+    lines = [
+        f"{data.get('model')} on {data.get('device')} ({data.get('dtype')}), commit "
+        f"{str(data.get('commit'))[:10]}, {data.get('date')}; copy "
+        f"{data['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, GEMM "
+        f"{data['ceilings']['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s",
+        "",
+        "| workload | neoxq out tok/s | total tok/s | req/s | peak GPU GB | roofline out tok/s "
+        "| neoxq / roofline | HF out tok/s (subset) | neoxq / HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, w in sorted(data["workloads"].items()):
+        o, r, hf = w["ours"], w["roofline"], w.get("hf", {})
+        peak = o.get("peak_gpu_bytes")
+        hf_rate = hf.get("output_tok_per_s")
+        lines.append(
+            f"| ({name}) {w['prompts']} prompts | {o['output_tok_per_s']:.0f} | "
+            f"{o['total_tok_per_s']:.0f} | {o['requests_per_s']:.2f} | "
+            f"{peak / 1e9 if peak else float('nan'):.1f} | {r['output_tok_per_s']:.0f} | "
+            f"{w['ratios']['ours_over_roofline']:.0%} | "
+            + (f"{hf_rate:.0f} ({hf['requests']} prompts, batch {hf['batch_size']}) | "
+               f"{w['ratios']['ours_over_hf']:.1f}x |" if hf_rate else "- | - |"))
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="preset:gpt-neox-20b")
@@ -355,11 +383,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (merged by workload)")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print a results file as a markdown table and exit")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return {}
     threads = torch.get_num_threads()
     if args.device == "cpu":
         # Tiny CPU models are dominated by per-op overhead, which intra-op threads only

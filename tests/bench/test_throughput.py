@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.throughput import main, roofline
+import torch
+
+from bench.throughput import hf_model, main, roofline, table
 from models.config import get_preset
+from models.engine import Engine
+from models.model import NeoX, init_random_
+from models.sampling import SamplingParams
 
 
 def test_smoke_run_writes_results(tmp_path: Path) -> None:
@@ -28,6 +33,21 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
           "--skip-hf", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["workloads"]["a"]["prompts"] == 4 and data["workloads"]["b"]["prompts"] == 16
+    assert "| (b) 16 prompts |" in table(data)
+
+
+def test_hf_baseline_shares_our_weights() -> None:
+    """The HF model built around our tensors (zero copy) generates what the engine does."""
+    model = init_random_(NeoX(get_preset("tiny").replace(vocab_size=512)), seed=3).eval()
+    hf = hf_model(model)
+    assert hf.gpt_neox.embed_in.weight.data_ptr() == model.embed_in.weight.data_ptr()
+    prompt = [5, 9, 100, 7, 300]
+    ours = Engine(model, None, num_blocks=20).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False, pad_token_id=1)
+    assert ours[0].samples[0].token_ids == theirs[0, len(prompt):].tolist()
 
 
 def test_roofline_matches_design_figures() -> None:
