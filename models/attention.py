@@ -146,10 +146,13 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     ):
-        # One program per (sequence, head): an online softmax over the sequence's
-        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration.
-        seq = tl.program_id(0)
-        head = tl.program_id(1)
+        # One program per (head, sequence): an online softmax over the sequence's
+        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration. The head is
+        # the fastest-varying grid index, so programs start sequence by sequence: with
+        # sequences sorted longest first (the engine does) the last wave holds the
+        # shortest ones and the tail is short.
+        head = tl.program_id(0)
+        seq = tl.program_id(1)
         ctx = tl.load(ctx_ptr + seq)
         d = tl.arange(0, HD_PAD)
         dmask = d < HEAD_DIM  # head_dim 96 runs in a 128-wide tile
@@ -215,7 +218,7 @@ def paged_decode_triton(
     if d == 0:
         return out
     hd_pad = max(16, 1 << (hd - 1).bit_length())
-    _KERNEL[(d, nh)](
+    _KERNEL[(nh, d)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         (1.0 / math.sqrt(hd)) * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

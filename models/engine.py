@@ -578,7 +578,9 @@ class Engine:
     def _execute(self, sched: _Scheduled) -> None:
         self.stats["steps"] += 1
         bs = self.block_size
-        decodes, prefills = sched.decodes, sched.prefills
+        # Longest contexts first: the decode kernel then finishes with its shortest work.
+        decodes = sorted(sched.decodes, key=lambda s: -s.num_computed)
+        prefills = sched.prefills
         d = len(decodes)
         if sched.copies:
             src, dst = zip(*sched.copies, strict=True)
