@@ -36,8 +36,11 @@ RESULTS = ROOT / "bench" / "results"
 GB = 1e9
 
 
+_T0 = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:.0f}s] {msg}", flush=True)
 
 
 def _status_kb(field: str) -> int:
