@@ -370,6 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workload", choices=("a", "b", "both"), default="both")
     ap.add_argument("--num-prompts", type=int, default=None, help="override both workloads")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true",
+                    help="HF baseline only, added to the engine results already in --out")
     # HF subsets: on CUDA, (a) at its best batch size (256) and one batch of 32 of (b)
     # (about a minute each for the 20B); on CPU (the smoke run) a few prompts.
     ap.add_argument("--hf-prompts-a", type=int, default=None, help="default 256 (CPU: 8)")
@@ -404,6 +406,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
+                names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]]) -> None:
+    """Ceilings, the engine on each workload and its roofline, into ``result``."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    weight_bytes = model.parameter_bytes()
+    ceil = measure_ceilings(device)
+    result["ceilings"] = ceil
+    log(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM "
+        f"{ceil['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s")
+
+    kv_memory: float | int | None = args.kv_memory
+    if kv_memory is not None and device.type != "cuda":
+        kv_memory = int(kv_memory)
+    engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
+                    max_batch_tokens=args.max_batch_tokens,
+                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size * elem
+    result["engine"].update(num_blocks=engine.num_blocks, block_size=engine.block_size,
+                            kv_cache_bytes=engine.cache.nbytes, cache_tokens=engine.cache_tokens)
+    log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
+        f"({engine.cache.nbytes / 1e9:.1f} GB)")
+    t = time.time()
+    # Warm up: Triton compiles, cuBLAS heuristics, every decode graph captured.
+    engine.generate([[5] * 40, [6] * 300], SamplingParams(temperature=0, max_tokens=4,
+                                                          ignore_eos=True))
+    graphs = engine.capture_graphs()
+    log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
+
+    for name in names:
+        prompts, outs = loads[name]
+        lens = [len(p) for p in prompts]
+        roof = roofline(cfg, lens, outs, capacity_tokens=engine.cache_tokens,
+                        bandwidth=ceil["copy_bytes_per_s"], gemm=ceil["gemm_flops_per_s"],
+                        weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
+        log(f"workload {name}: {len(prompts)} prompts, {sum(lens)} in / {sum(outs)} out tokens; "
+            f"roofline {roof['seconds']:.1f}s = {roof['output_tok_per_s']:.0f} out tok/s "
+            f"(mean decode batch {roof['mean_decode_batch']:.0f})")
+        ours = run_ours(engine, prompts, outs)
+        log(f"workload {name} ours: {ours['seconds']:.1f}s, {ours['output_tok_per_s']:.0f} out "
+            f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
+            f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
+            f"stats {ours['engine_stats']}")
+        result["workloads"][name] = {
+            "prompts": len(prompts), "prompt_tokens": sum(lens), "output_tokens": sum(outs),
+            "ours": ours, "roofline": roof,
+            "ratios": {"ours_over_roofline": ours["output_tok_per_s"] / roof["output_tok_per_s"]},
+        }
+        _write(args.out, result)
+
+    # Free the engine's KV cache (and its graphs) before HF allocates its own.
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -430,62 +491,24 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = model.parameter_bytes()
     log(f"model built: {cfg.num_params() / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB")
 
-    ceil = measure_ceilings(device)
-    result["ceilings"] = ceil
-    log(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM "
-        f"{ceil['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s")
-
-    kv_memory: float | int | None = args.kv_memory
-    if kv_memory is not None and device.type != "cuda":
-        kv_memory = int(kv_memory)
-    engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
-                    max_batch_tokens=args.max_batch_tokens,
-                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
-    elem = torch.empty((), dtype=dtype).element_size()
-    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size * elem
-    result["engine"].update(num_blocks=engine.num_blocks, block_size=engine.block_size,
-                            kv_cache_bytes=engine.cache.nbytes, cache_tokens=engine.cache_tokens)
-    log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
-        f"({engine.cache.nbytes / 1e9:.1f} GB)")
-    t = time.time()
-    # Warm up: Triton compiles, cuBLAS heuristics, every decode graph captured.
-    engine.generate([[5] * 40, [6] * 300], SamplingParams(temperature=0, max_tokens=4,
-                                                          ignore_eos=True))
-    graphs = engine.capture_graphs()
-    log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
-
     names = ["a", "b"] if args.workload == "both" else [args.workload]
     loads = {n: workload(n, args.num_prompts, cfg.max_position, min(cfg.vocab_size, 50277),
                          args.seed) for n in names}
-    for name in names:
-        prompts, outs = loads[name]
-        lens = [len(p) for p in prompts]
-        roof = roofline(cfg, lens, outs, capacity_tokens=engine.cache_tokens,
-                        bandwidth=ceil["copy_bytes_per_s"], gemm=ceil["gemm_flops_per_s"],
-                        weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
-        log(f"workload {name}: {len(prompts)} prompts, {sum(lens)} in / {sum(outs)} out tokens; "
-            f"roofline {roof['seconds']:.1f}s = {roof['output_tok_per_s']:.0f} out tok/s "
-            f"(mean decode batch {roof['mean_decode_batch']:.0f})")
-        ours = run_ours(engine, prompts, outs)
-        log(f"workload {name} ours: {ours['seconds']:.1f}s, {ours['output_tok_per_s']:.0f} out "
-            f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
-            f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
-            f"stats {ours['engine_stats']}")
-        result["workloads"][name] = {
-            "prompts": len(prompts), "prompt_tokens": sum(lens), "output_tokens": sum(outs),
-            "ours": ours, "roofline": roof,
-            "ratios": {"ours_over_roofline": ours["output_tok_per_s"] / roof["output_tok_per_s"]},
-        }
-        _write(args.out, result)
+    if args.skip_ours:
+        # HF only, next to engine results an earlier run left in --out.
+        old = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+        for name in names:
+            if "ours" not in old.get("workloads", {}).get(name, {}):
+                raise SystemExit(f"--skip-ours: {args.out} has no engine results for ({name})")
+            result["workloads"][name] = old["workloads"][name]
+        for key in ("engine", "commit", "date"):
+            result.pop(key)
+    else:
+        _run_engine(args, model, result, names, loads)
 
     if args.skip_hf:
         log("HF baseline skipped")
         return result
-    # Free the engine's KV cache before HF allocates its own.
-    del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     try:
         hf = hf_model(model)
     except ImportError as exc:
@@ -498,12 +521,18 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         k = min(len(prompts), args.hf_prompts_a if name == "a" else args.hf_prompts_b)
         batch = args.hf_batch_a if name == "a" else args.hf_batch_b
         log(f"workload {name} HF: first {k} prompts in static batches of {batch}")
-        try:
-            hf_res = run_hf(hf, prompts[:k], outs[:k], batch, device)
-        except torch.OutOfMemoryError as exc:
-            log(f"HF out of memory: {exc}")
-            hf_res = {"subset": True, "error": f"out of memory at batch {batch}"}
-            torch.cuda.empty_cache()
+        hf_res: dict[str, Any] = {}
+        while batch >= 1:
+            try:
+                hf_res = run_hf(hf, prompts[:k], outs[:k], batch, device)
+                break
+            except torch.OutOfMemoryError:
+                # Its best batch size is the largest that fits: halve and retry.
+                log(f"HF out of memory at batch {batch}; retrying at {batch // 2}")
+                hf_res = {"subset": True, "error": f"out of memory at batch {batch}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+                batch //= 2
         w = result["workloads"][name]
         w["hf"] = hf_res
         if "output_tok_per_s" in hf_res:

@@ -33,6 +33,13 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
           "--skip-hf", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["workloads"]["a"]["prompts"] == 4 and data["workloads"]["b"]["prompts"] == 16
+    assert "hf" not in data["workloads"]["a"]
+    # HF alone, next to those engine results (a long GPU run split in two commands).
+    main(["--model", "preset:tiny", "--device", "cpu", "--num-prompts", "4", "--workload", "a",
+          "--skip-ours", "--hf-prompts-a", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["workloads"]["a"]["hf"]["requests"] == 2
+    assert data["workloads"]["a"]["ratios"]["ours_over_hf"] > 0
     assert "| (b) 16 prompts |" in table(data)
 
 
