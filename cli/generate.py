@@ -251,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> int:
         items = iter([("", {})] * args.num_samples)
 
     try:  # a bad sampling option fails here, before the model loads
-        _params(args, args.seed, args.num_samples)
+        _params(args, args.seed, args.num_samples if args.input or args.interactive else 1)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
