@@ -481,3 +481,44 @@ def test_build_engine_from_preset() -> None:
     assert engine.config.name == "tiny" and engine.tokenizer is not None
     with pytest.raises(NotImplementedError):
         build_engine("preset:tiny", device="cpu", dtype=torch.float32, pipeline_parallel=2)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (skipped here; figures from the GPU live in bench/results)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_decode_kernel_matches_torch() -> None:
+    from models.attention import paged_decode_torch, paged_decode_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for hd, bs, dtype in ((16, 16, torch.float32), (96, 16, torch.bfloat16),
+                          (64, 8, torch.float16)):
+        d, nh, w = 5, 3, 9
+        kc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
+        vc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
+        q = torch.randn(d, nh, hd, generator=g, device="cuda").to(dtype)
+        tables = (torch.randperm(d * w, generator=g, device="cuda") + 1).view(d, w)
+        ctx = torch.tensor([1, bs, bs + 1, w * bs - 3, w * bs], device="cuda")
+        ref = paged_decode_torch(q.float(), kc.float(), vc.float(), tables, ctx)
+        got = paged_decode_triton(q, kc, vc, tables, ctx).float()
+        assert (got - ref).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: bool) -> None:
+    prompts = _prompts(6, 1, 60, seed=91)
+    params = _greedy(12)
+    cpu = Engine(model, None, num_blocks=200, block_size=4).generate(prompts, params)
+    gpu_model = _model(config).cuda()
+    engine = Engine(gpu_model, None, num_blocks=41, block_size=4, max_batch_tokens=24,
+                    kv_overcommit=100.0, cuda_graphs=graphs)
+    outs = engine.generate(prompts, params)
+    assert [o.samples[0].token_ids for o in outs] == [o.samples[0].token_ids for o in cpu]
+    assert engine.stats["preemptions"] > 0
+    if graphs:
+        assert engine.stats["graph_steps"] > 0
