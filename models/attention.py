@@ -237,7 +237,11 @@ def tune_decode_kernel(
 ) -> tuple[int, int]:
     """Time the decode kernel at this shape for a few (tile, num_warps) and remember the
     fastest; later calls at the shape use it. Returns the pick. Takes a few seconds
-    (compiles), and a temporary cache of ``batch * context`` tokens."""
+    (compiles), and a temporary cache of ``batch * context`` tokens; a shape already
+    tuned in this process returns at once."""
+    key = (num_heads, head_dim, block_size, dtype)
+    if key in _TUNED:
+        return _TUNED[key]
     blocks = batch * math.ceil(context / block_size)
     g = torch.Generator(device=device).manual_seed(0)
     kc = torch.randn(blocks + 1, num_heads, block_size, head_dim, generator=g, device=device,
@@ -259,5 +263,5 @@ def tune_decode_kernel(
         torch.cuda.synchronize(device)
         timings[(tile, warps)] = start.elapsed_time(end)
     best = min(timings, key=timings.__getitem__)
-    _TUNED[(num_heads, head_dim, block_size, dtype)] = best
+    _TUNED[key] = best
     return best
