@@ -33,6 +33,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # every 100 s); a quarter of the timeout bounds recovery at 1.25 timeouts.
         "unacked_restore_interval": max(1, min(60, s.visibility_timeout // 4)),
         "unacked_restore_throttle": 1,
+        # The lock one consumer takes while restoring. A sweep takes milliseconds; the
+        # expiry only matters when a worker is killed holding it, and kombu's 5-minute
+        # default would then stop every other worker from restoring for 5 minutes.
+        "unacked_mutex_expire": 10,
     }
     if s.redis_key_prefix:
         # Isolates queues *and* the unacked hash: otherwise every app on the Redis database

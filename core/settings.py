@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # the store for cancelled batches (the issue asks for cancellation within 5 s).
     heartbeat_interval: float = Field(default=5.0, gt=0)
     cancel_poll_interval: float = Field(default=0.5, gt=0)
+    # Seconds between sweeps that re-enqueue items no chunk message covers any more (a
+    # message lost between Redis's BRPOP and its unacked hash; see worker/reconcile.py).
+    reconcile_interval: float = Field(default=300.0, gt=0)
     # On SIGTERM a worker stops taking chunks and lets in-flight sequences finish for at
     # most this long; what is left then is aborted and handed back to the queue.
     shutdown_grace: float = Field(default=30.0, ge=0)

@@ -79,6 +79,9 @@ def run_worker(opts: WorkerOptions) -> int:
     runtime.start()
 
     app = make_celery(settings)
+    # Same Redis transport, but a garbage list entry is dropped instead of killing the
+    # worker (worker/transport.py). Producers keep the stock transport.
+    app.conf.broker_transport = "worker.transport:Transport"
     register_tasks(app, runtime)
 
     @signals.worker_shutting_down.connect(weak=False)

@@ -365,6 +365,7 @@ class Control(threading.Thread):
     def run(self) -> None:
         s = self.rt.settings
         next_beat = next_touch = 0.0
+        next_sweep = time.monotonic() + s.reconcile_interval
         touch_every = max(1.0, s.visibility_timeout / 4)
         while not self._stop_evt.wait(s.cancel_poll_interval):
             now = time.monotonic()
@@ -384,6 +385,12 @@ class Control(threading.Thread):
                     self.rt.touch_messages()
                 except Exception as exc:  # noqa: BLE001
                     log.warning("refreshing message visibility failed: %s", exc)
+            if now >= next_sweep:
+                next_sweep = now + s.reconcile_interval
+                try:
+                    self.rt.reconcile()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("reconciling store and queue failed: %s", exc)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -411,6 +418,7 @@ class WorkerRuntime:
         self._held_tasks: set[str] = set()  # Celery task ids of chunks running here
         self._held_lock = threading.Lock()
         self._redis: Any = None
+        self._app: Any = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -575,6 +583,25 @@ class WorkerRuntime:
             self.tokens_done += tokens
             self._rate_tokens += tokens
 
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.redis_url)
+        return self._redis
+
+    def reconcile(self) -> int:
+        """Re-enqueue items that no message covers any more (worker/reconcile.py)."""
+        from core.celery_app import enqueue_chunk, make_celery
+        from worker.reconcile import reconcile_locked
+
+        if self._app is None:
+            self._app = make_celery(self.settings)
+        app, q = self._app, self.settings.queue
+        return reconcile_locked(self.db, self.redis, self.settings,
+                                lambda p: enqueue_chunk(p, app=app, queue=q))
+
     def touch_messages(self) -> None:
         """Refresh the unacked-index timestamps of the chunk messages this worker runs.
 
@@ -587,12 +614,8 @@ class WorkerRuntime:
             held = set(self._held_tasks)
         if not held:
             return
-        if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(self.settings.redis_url)
         prefix = self.settings.redis_key_prefix
-        r = self._redis
+        r = self.redis
         now = time.time()
         for tag, raw in r.hscan_iter(f"{prefix}unacked", count=500):
             try:

@@ -1,0 +1,148 @@
+"""Re-enqueue work whose message was lost: the store is the source of truth.
+
+Redis's transport takes a message off the queue (BRPOP) and only then records it in the
+"unacked" hash; a worker killed between the two loses that message for good (no
+visibility timeout can bring back what was never recorded). The test that SIGKILLs a
+worker hits that window whenever the kill lands as a chunk is being fetched.
+
+So every worker, every ``reconcile_interval`` seconds (one at a time, under a Redis
+lock), compares the store with the broker: item ranges of in-progress batches that still
+need running (no result, queued or running) but that no chunk message covers - neither
+waiting in the queue nor held unacknowledged by a worker - are enqueued again. A range
+must be uncovered in two looks a second apart, so a message in flight between BRPOP and
+the unacked hash (milliseconds) is not mistaken for a lost one. Re-enqueueing is safe
+even when wrong: results are insert-if-absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from core.celery_app import RUN_CHUNK
+from core.payloads import ChunkPayload
+from core.settings import Settings
+from store.db import session_scope
+from store.tables import Batch, Item, Result
+
+log = logging.getLogger("neoxq.worker")
+
+Range = tuple[int, int]
+
+
+def _chunk_of(message: dict[str, Any]) -> tuple[str, int, int] | None:
+    """The (batch, start, end) a raw kombu/Celery message carries, if it is a chunk."""
+    try:
+        if message.get("headers", {}).get("task") != RUN_CHUNK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        c = kwargs["chunk"]
+        return str(c["batch_id"]), int(c["start"]), int(c["end"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def covered_ranges(r: Any, settings: Settings) -> dict[str, list[Range]]:
+    """Chunk ranges per batch that the broker holds: queued or delivered-unacknowledged."""
+    prefix, q = settings.redis_key_prefix, settings.queue
+    raws: list[bytes] = []
+    for key in r.scan_iter(match=f"{prefix}{q}*", count=1000):  # the queue + priority lists
+        if r.type(key) == b"list":
+            raws.extend(r.lrange(key, 0, -1))
+    for _tag, raw in r.hscan_iter(f"{prefix}unacked", count=1000):
+        try:
+            raws.append(json.dumps(json.loads(raw)[0]).encode())
+        except (ValueError, IndexError, TypeError):
+            continue
+    out: dict[str, list[Range]] = {}
+    for raw in raws:
+        try:
+            chunk = _chunk_of(json.loads(raw))
+        except ValueError:
+            chunk = None
+        if chunk:
+            out.setdefault(chunk[0], []).append((chunk[1], chunk[2]))
+    return out
+
+
+def _runs(indexes: Iterable[int]) -> list[Range]:
+    """Maximal runs of consecutive indexes as [start, end) ranges."""
+    runs: list[Range] = []
+    for i in indexes:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _outside(indexes: Iterable[int], ranges: list[Range]) -> list[int]:
+    """The sorted ``indexes`` that no range covers (one pass over both, sorted)."""
+    ranges = sorted(ranges)
+    out, k, reach = [], 0, -1  # reach: end of the covered span seen so far
+    for i in indexes:
+        while k < len(ranges) and ranges[k][0] <= i:
+            reach = max(reach, ranges[k][1])
+            k += 1
+        if i >= reach:
+            out.append(i)
+    return out
+
+
+def uncovered(db: Engine, covered: dict[str, list[Range]]) -> dict[str, list[Range]]:
+    """Per in-progress batch, the item ranges that need running and no message covers."""
+    out: dict[str, list[Range]] = {}
+    with session_scope(db) as session:
+        batch_ids = list(session.scalars(select(Batch.id).where(Batch.status == "in_progress")))
+        for batch_id in batch_ids:
+            done = select(Result.item_id).where(Result.batch_id == batch_id)
+            indexes = session.scalars(
+                select(Item.index).where(Item.batch_id == batch_id,
+                                         Item.status.in_(("queued", "running")),
+                                         Item.id.not_in(done)).order_by(Item.index))
+            missing = _outside(indexes, covered.get(batch_id, []))
+            if missing:
+                out[batch_id] = _runs(missing)
+    return out
+
+
+def reconcile(db: Engine, r: Any, settings: Settings,
+              enqueue: Callable[[ChunkPayload], None], *, settle: float = 1.0) -> int:
+    """One sweep; returns how many chunk messages were sent again."""
+    first = uncovered(db, covered_ranges(r, settings))
+    if not first:
+        return 0
+    time.sleep(settle)
+    second = uncovered(db, covered_ranges(r, settings))
+    sent = 0
+    for batch_id, ranges in second.items():
+        before = set(first.get(batch_id, []))
+        for start, end in ranges:
+            if (start, end) not in before:
+                continue  # appeared since the first look: give it another sweep
+            for s in range(start, end, settings.chunk_items):
+                enqueue(ChunkPayload(batch_id=batch_id, start=s,
+                                     end=min(end, s + settings.chunk_items)))
+                sent += 1
+            log.warning("batch %s: items [%d, %d) had no message; enqueued again",
+                        batch_id, start, end)
+    return sent
+
+
+def reconcile_locked(db: Engine, r: Any, settings: Settings,
+                     enqueue: Callable[[ChunkPayload], None]) -> int:
+    """:func:`reconcile` under a Redis lock, so workers take turns rather than all
+    sweeping (and re-enqueueing) at once."""
+    key = f"{settings.redis_key_prefix}neoxq:reconcile"
+    if not r.set(key, "1", nx=True, ex=max(5, int(settings.reconcile_interval))):
+        return 0
+    return reconcile(db, r, settings, enqueue)
