@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -936,10 +936,15 @@ class _DecodeGraphs:
     ``max_blocks_per_seq`` columns) refreshed by a single copy from a pinned host buffer;
     the host buffer is safe to reuse because every step ends with a host sync. Rows past
     B are padding: token 0 at position 0, written to and read from the reserved null block.
+
+    ``capture=False`` runs the same static-buffer forward without capturing (so the
+    buffer layout and padding are tested on CPU).
     """
 
-    def __init__(self, engine: Engine, max_batch: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_batch: int | None = None,
+                 capture: bool = True) -> None:
         self.engine = engine
+        self.capture = capture
         self.max_batch = max_batch or engine.max_num_seqs
         # Padding a decode batch costs little (it is bound by reading weights and KV), so
         # coarse buckets above 64 keep capture time and graph memory down.
@@ -949,11 +954,13 @@ class _DecodeGraphs:
         m, w = self.max_batch, self.width
         # Sections of the flat buffer: tokens, positions, slots, context lengths, tables.
         self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
-        self.host = torch.zeros(self.offsets[-1], dtype=torch.int64).pin_memory()
+        self.host = torch.zeros(self.offsets[-1], dtype=torch.int64)
+        if engine.device.type == "cuda":
+            self.host = self.host.pin_memory()
         self.host_np = self.host.numpy()
         self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=engine.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, Callable[[], Tensor]] = {}  # bucket -> replay
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
@@ -961,7 +968,7 @@ class _DecodeGraphs:
     def _section(self, i: int, rows: int) -> Tensor:
         return self.static[self.offsets[i]: self.offsets[i] + rows]
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, b: int) -> Callable[[], Tensor]:
         eng = self.engine
         bs = eng.block_size
         tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
@@ -969,6 +976,7 @@ class _DecodeGraphs:
         attn = PagedAttention(eng.cache)
         # Padding rows everywhere while capturing: valid, harmless inputs.
         self.host_np[:] = 0
+        self.host_np[self.offsets[2]: self.offsets[3]] = NULL_BLOCK * bs
         self.host_np[self.offsets[3]: self.offsets[4]] = 1
         self.static.copy_(self.host)
 
@@ -977,8 +985,10 @@ class _DecodeGraphs:
                 slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
                 block_tables=tables[:b], context_lens=ctx[:b]))
             hidden = eng.model.run_layers(eng.model.embed(tokens), positions, attn)
-            return eng.model.head(hidden)
+            return eng.model.head(hidden)  # (b, V)
 
+        if not self.capture:
+            return forward
         stream = torch.cuda.Stream(device=eng.device)
         stream.wait_stream(torch.cuda.current_stream(eng.device))
         with torch.cuda.stream(stream):
@@ -988,7 +998,12 @@ class _DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = forward()
-        return graph, out
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
 
     def run(self, toks: list[int], poss: list[int], slots: list[int],
             decodes: list[_Seq]) -> Tensor:
@@ -996,13 +1011,12 @@ class _DecodeGraphs:
         b = next(x for x in self.buckets if x >= d)
         if b not in self.graphs:
             self.graphs[b] = self._capture(b)
-        graph, out = self.graphs[b]
         h, o, w = self.host_np, self.offsets, self.width
         h[o[0]: o[0] + b] = 0
         h[o[0]: o[0] + d] = toks
         h[o[1]: o[1] + b] = 0
         h[o[1]: o[1] + d] = poss
-        h[o[2]: o[2] + b] = 0  # padding rows write into the null block
+        h[o[2]: o[2] + b] = NULL_BLOCK * self.engine.block_size  # padding writes go there
         h[o[2]: o[2] + d] = slots
         h[o[3]: o[3] + b] = 1
         h[o[3]: o[3] + d] = [s.num_computed for s in decodes]
@@ -1013,5 +1027,4 @@ class _DecodeGraphs:
         # Only the used prefix of the tables section travels.
         n = o[4] + b * w
         self.static[:n].copy_(self.host[:n], non_blocking=True)
-        graph.replay()
-        return out[:d]
+        return self.graphs[b]()[:d]
