@@ -168,3 +168,18 @@ def test_database_connections_killed_while_running(pg_cluster) -> None:
     admin.close()
     assert killed > 0
     assert_exactly_once(c, report, 200)
+
+
+def test_live_worker_keeps_long_chunks_from_being_redelivered(sqlite_cluster) -> None:
+    """Chunks that run longer than the visibility timeout are not delivered twice: the
+    worker refreshes the timestamps of the messages it holds."""
+    c = sqlite_cluster(visibility_timeout=2, chunk_items=10)
+    w = c.start_worker("w")
+    report = c.submit(greedy_lines(30, max_tokens=300))
+    b = c.wait_done(report.batch_id, timeout=120)
+    assert b.status == "completed"
+    spans = [r.finished_at - r.queued_at for r in c.results(report.batch_id)]
+    assert max(spans) > 3, "chunks were too quick to outlive the visibility timeout"
+    assert c.log(w).count("received") == 3
+    with session_scope(c.db) as s:
+        assert s.scalar(select(func.max(Item.attempts))) == 1
