@@ -9,9 +9,11 @@ several steps, and recomputation after preemption). Per layer the backend
    table — a Triton kernel on CUDA (:func:`paged_decode_triton`), a gather in pure
    torch elsewhere (:func:`paged_decode_torch`, also the reference the kernel is
    checked against);
-3. prefill tokens: gathers the context keys of the prefill sequences (earlier chunks
-   included) and runs one ``scaled_dot_product_attention`` over all of them with a
-   block-diagonal causal mask built once per step.
+3. prefill tokens: a chunk that starts a sequence (a new prompt, or a recomputation)
+   sees only its own keys, so it runs causal ``scaled_dot_product_attention`` on the
+   step's own keys (flash attention on CUDA), one call per sequence; chunks that continue
+   a sequence gather their earlier keys from the cache and run one SDPA call together
+   with a block-diagonal causal mask built once per step.
 
 All step metadata arrives as device tensors built by the engine from one host buffer.
 """
@@ -37,9 +39,13 @@ class StepMetadata:
     num_decode: int  # D: the first D tokens are decode tokens, one per sequence
     block_tables: Tensor | None = None  # (D, W) block ids per decode sequence
     context_lens: Tensor | None = None  # (D,) tokens each decode query attends to
-    key_blocks: Tensor | None = None  # (Nk,) context keys of the prefill sequences
+    # Prefill tokens follow the decode tokens: first R rows of chunks that continue a
+    # sequence, then chunks that start one (host ints: no device sync to slice them).
+    num_continuing: int = 0  # R
+    fresh: tuple[tuple[int, int], ...] = ()  # (start, end) rows, relative to D
+    key_blocks: Tensor | None = None  # (Nk,) context keys of the continuing chunks
     key_offsets: Tensor | None = None  # (Nk,)
-    prefill_mask: Tensor | None = None  # (1, 1, N - D, Nk) bool, True = may attend
+    prefill_mask: Tensor | None = None  # (1, 1, R, Nk) bool, True = may attend
 
 
 def prefill_mask(q_seq: Tensor, q_pos: Tensor, k_seq: Tensor, k_pos: Tensor) -> Tensor:
@@ -72,14 +78,17 @@ class PagedAttention:
         kc[m.slot_blocks, :, m.slot_offsets] = k
         vc[m.slot_blocks, :, m.slot_offsets] = v
         d = m.num_decode
-        n = q.shape[0]
-        if d == n:
+        if d == q.shape[0]:
             return self._decode(q, kc, vc)
-        if d == 0:
-            return self._prefill(q, kc, vc)
         out = torch.empty_like(q)
-        out[:d] = self._decode(q[:d], kc, vc)
-        out[d:] = self._prefill(q[d:], kc, vc)
+        if d:
+            out[:d] = self._decode(q[:d], kc, vc)
+        r = d + m.num_continuing
+        if m.num_continuing:
+            out[d:r] = self._continuing(q[d:r], kc, vc)
+        for start, end in m.fresh:
+            s, e = d + start, d + end
+            out[s:e] = _causal(q[s:e], k[s:e], v[s:e])
         return out
 
     def _decode(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
@@ -89,7 +98,7 @@ class PagedAttention:
             return paged_decode_triton(q, kc, vc, m.block_tables, m.context_lens)
         return paged_decode_torch(q, kc, vc, m.block_tables, m.context_lens)
 
-    def _prefill(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+    def _continuing(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
         m = self.meta
         assert m is not None and m.key_blocks is not None and m.prefill_mask is not None
         keys = kc[m.key_blocks, :, m.key_offsets]  # (Nk, nh, hd)
@@ -101,6 +110,14 @@ class PagedAttention:
             attn_mask=m.prefill_mask,
         )
         return out[0].transpose(0, 1)  # (Nq, nh, hd)
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of one whole sequence over itself; all (L, nh, hd)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
+    )  # (nh, L, hd)
+    return out.transpose(0, 1)
 
 
 def paged_decode_torch(

@@ -40,6 +40,10 @@ from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, StopChecker, sample
 
+# A step runs at most this many per-sequence causal attention calls per layer for
+# prefill chunks that start a sequence; beyond it they share one masked call.
+MAX_FRESH_CALLS = 16
+
 # --------------------------------------------------------------------------------------
 # Public result types (docs/INTERFACES.md)
 # --------------------------------------------------------------------------------------
@@ -606,11 +610,17 @@ class Engine:
             sample_rows.append(len(logit_rows))
             logit_rows.append(len(logit_rows))
             samplers.append((seq, seq.index))
-        # Prefill metadata: query (sequence, position) pairs and the keys they see.
+        # Prefill metadata. Chunks that start a sequence attend only to themselves
+        # (`fresh` row ranges); continuing chunks need their earlier keys: query
+        # (sequence, position) pairs and the keys they see, for one masked SDPA call.
         q_seq: list[int] = []
         k_parts: list[np.ndarray] = []
         k_seq_parts: list[np.ndarray] = []
         k_pos_parts: list[np.ndarray] = []
+        fresh: list[tuple[int, int]] = []
+        num_continuing = 0
+        # Many short prompts (scoring) in one step: one masked call beats a launch each.
+        split_fresh = sum(1 for s, _ in prefills if s.num_computed == 0) <= MAX_FRESH_CALLS
         row = d
         for j, (seq, n) in enumerate(prefills):
             start, end = seq.num_computed, seq.num_computed + n
@@ -620,10 +630,16 @@ class Engine:
             seq_slots = table[pos // bs] * bs + pos % bs  # (end,) slots of the whole context
             poss.extend(range(start, end))
             slots.extend(seq_slots[start:end].tolist())
-            q_seq.extend([j] * n)
-            k_parts.append(seq_slots)
-            k_seq_parts.append(np.full(end, j, dtype=np.int64))
-            k_pos_parts.append(pos)
+            if start == 0 and split_fresh:
+                fresh.append((row - d, row - d + n))
+            else:
+                # The scheduler puts continuing chunks before starting ones.
+                assert not fresh, "continuing prefill chunks must come first"
+                num_continuing += n
+                q_seq.extend([j] * n)
+                k_parts.append(seq_slots)
+                k_seq_parts.append(np.full(end, j, dtype=np.int64))
+                k_pos_parts.append(pos)
             req = seq.req
             if req.params is None:
                 # Logits at positions ctx-1 .. len-1 predict the continuation tokens.
@@ -656,8 +672,8 @@ class Engine:
             self.stats["graph_steps"] += 1
         else:
             logits, srows_d, sidx_d, targets_d = self._forward(
-                toks, poss, slots, decodes, prefills, q_seq, k_parts, k_seq_parts, k_pos_parts,
-                logit_rows, sample_rows, score_idx, score_targets)
+                toks, poss, slots, decodes, num_continuing, tuple(fresh), q_seq, k_parts,
+                k_seq_parts, k_pos_parts, logit_rows, sample_rows, score_idx, score_targets)
         if d and not prefills:
             self.stats["decode_steps"] += 1
         self._sample_and_update(logits, samplers, fork_src, None if identity else srows_d,
@@ -665,9 +681,10 @@ class Engine:
 
     def _forward(
         self, toks: list[int], poss: list[int], slots: list[int], decodes: list[_Seq],
-        prefills: list[tuple[_Seq, int]], q_seq: list[int], k_parts: list[np.ndarray],
-        k_seq_parts: list[np.ndarray], k_pos_parts: list[np.ndarray], logit_rows: list[int],
-        sample_rows: list[int], score_idx: list[int], score_targets: list[int],
+        num_continuing: int, fresh: tuple[tuple[int, int], ...], q_seq: list[int],
+        k_parts: list[np.ndarray], k_seq_parts: list[np.ndarray],
+        k_pos_parts: list[np.ndarray], logit_rows: list[int], sample_rows: list[int],
+        score_idx: list[int], score_targets: list[int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The eager forward of a step: metadata to the device in one copy, the network,
         the head on the rows that need logits. Returns (logits, sampler rows, score rows,
@@ -707,11 +724,12 @@ class Engine:
         meta = StepMetadata(
             slot_blocks=slots_d // bs, slot_offsets=slots_d % bs, num_decode=d,
             block_tables=bt_d.view(d, dec_w) if d else None,
-            context_lens=ctx_d if d else None,
+            context_lens=ctx_d if d else None, num_continuing=num_continuing, fresh=fresh,
         )
-        if prefills:
+        if num_continuing:
             meta.key_blocks, meta.key_offsets = kslot_d // bs, kslot_d % bs
-            meta.prefill_mask = prefill_mask(qseq_d, pos_d[d:], kseq_d, kpos_d)
+            meta.prefill_mask = prefill_mask(qseq_d, pos_d[d: d + num_continuing], kseq_d,
+                                             kpos_d)
         self.attn.set_step(meta)
         hidden = self.model.run_layers(self.model.embed(tokens_d), pos_d, self.attn)
         if len(logit_rows) != len(toks):

@@ -470,6 +470,21 @@ def test_score_equals_log_softmax_of_dense_logits(model: NeoX) -> None:
         engine.score([([], [1])])
 
 
+def test_score_many_short_pairs_in_one_step(model: NeoX) -> None:
+    """More new sequences in a step than per-sequence attention calls allowed: they share
+    one masked attention call."""
+    from models.engine import MAX_FRESH_CALLS
+
+    pairs = [(p[:-2], p[-2:]) for p in _prompts(MAX_FRESH_CALLS + 8, 3, 12, seed=83)]
+    engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=512)
+    got = engine.score(pairs)
+    assert engine.stats["steps"] == 1
+    for (ctx, cont), res in zip(pairs, got, strict=True):
+        lp = torch.log_softmax(model.dense_logits(torch.tensor([ctx + cont[:-1]]))[0], dim=-1)
+        ref = [float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)]
+        assert res.token_logprobs == pytest.approx(ref, abs=1e-4)
+
+
 def test_score_under_preemption(model: NeoX) -> None:
     pairs = [(p[:-3], p[-3:]) for p in _prompts(6, 35, 55, seed=81)]
     ref = Engine(model, None, num_blocks=200, block_size=4).score(pairs)
