@@ -114,10 +114,12 @@ class PagedAttention:
 
 def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of one whole sequence over itself; all (L, nh, hd)."""
+    # 4-D (1, nh, L, hd): the fused (flash / memory-efficient) kernels only take 4-D inputs.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
-    )  # (nh, L, hd)
-    return out.transpose(0, 1)
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        is_causal=True,
+    )
+    return out[0].transpose(0, 1)  # (L, nh, hd)
 
 
 def paged_decode_torch(
