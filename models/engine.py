@@ -695,7 +695,8 @@ class Engine:
         bt = np.zeros(0, dtype=np.int64)
         ctx = np.zeros(0, dtype=np.int64)
         if d:
-            dec_w = max(len(s.blocks) for s in decodes)
+            # Table width rounded up to 16 columns: one kernel specialisation for all steps.
+            dec_w = -(-max(len(s.blocks) for s in decodes) // 16) * 16
             bt = np.zeros((d, dec_w), dtype=np.int64)
             for i, s in enumerate(decodes):
                 bt[i, : len(s.blocks)] = s.blocks
@@ -935,15 +936,25 @@ class Engine:
 
 
 def _to_device(parts: list[np.ndarray], device: torch.device) -> list[Tensor]:
-    """Concatenate int64 arrays, copy them to ``device`` in one transfer, split again."""
+    """Concatenate int64 arrays, copy them to ``device`` in one transfer, split again.
+
+    Each part starts 16-byte aligned (parts are padded to an even length), so a Triton
+    kernel handed one sees the same pointer alignment every step and is not recompiled
+    for a new specialisation mid-run.
+    """
     sizes = [int(p.size) for p in parts]
-    host = torch.from_numpy(np.concatenate(parts))
+    padded = [p if p.size % 2 == 0 else np.append(p, 0) for p in parts]
+    host = torch.from_numpy(np.concatenate(padded))
     if device.type == "cuda":
         host = host.pin_memory()
         dev = host.to(device, non_blocking=True)
     else:
         dev = host
-    return list(torch.split(dev, sizes))
+    out, at = [], 0
+    for size, p in zip(sizes, padded, strict=True):
+        out.append(dev[at: at + size])
+        at += p.size
+    return out
 
 
 class _DecodeGraphs:
