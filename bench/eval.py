@@ -123,7 +123,6 @@ def hf_wrap(model: torch.nn.Module) -> torch.nn.Module:
 
     ours = dict(model.named_parameters(remove_duplicate=False))
     device = next(iter(ours.values())).device
-    dtype = next(iter(ours.values())).dtype
     config = GPTNeoXConfig(**model.config.to_hf())
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -142,7 +141,8 @@ def hf_wrap(model: torch.nn.Module) -> torch.nn.Module:
     for name, t in list(hf.named_parameters()) + list(hf.named_buffers()):
         if t.is_meta:
             raise RuntimeError(f"{name} is still on meta after wrapping")
-    return hf.to(dtype).eval()
+    # no .to(dtype): the parameters already have it, and the rotary table stays fp32
+    return hf.eval()
 
 
 @torch.no_grad()
@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="neoxq requests per call")
     p.add_argument("--hf-batch-size", type=int, default=None, help="HF baseline batch size")
     p.add_argument("--bootstrap-iters", type=int, default=100_000)
+    p.add_argument("--kv-memory", type=float, default=None,
+                   help="engine KV budget (fraction of free GPU memory; gpu default 0.3, "
+                        "leaving room for the HF baseline's activations)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="engine tokens per step")
     p.add_argument("--skip-lm-eval", action="store_true", help="cpu mode: no real lm-eval run")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-o", "--out", type=Path, default=None)
@@ -376,12 +380,18 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = write_tiny_hf_model(Path(tempfile.mkdtemp(prefix="neoxq-eval-")), tokenizer)
         spec = str(model_dir)
+    engine_kwargs: dict[str, Any] = {}
+    if args.device.startswith("cuda"):
+        engine_kwargs["kv_memory"] = args.kv_memory or 0.3
+    if args.max_batch_tokens:
+        engine_kwargs["max_batch_tokens"] = args.max_batch_tokens
     backend = build_backend(spec, device=args.device, dtype=args.dtype,
-                            tokenizer=str(tokenizer))
+                            tokenizer=str(tokenizer), **engine_kwargs)
     sync(args.device)
     report["model"] = {"spec": spec if gpu else "tiny random HF GPTNeoXForCausalLM",
                        "config": TINY_CONFIG if not gpu else None,
                        "dtype": args.dtype, "build_s": time.perf_counter() - t0,
+                       "engine_kwargs": engine_kwargs,
                        "max_length": backend.max_length}
     print(f"model ready in {report['model']['build_s']:.1f}s", file=sys.stderr)
 
@@ -393,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu and not args.skip_lm_eval:
         runs["lm_eval_hf"] = run_lm_eval_hf(model_dir, args.data_dir, args)
         print(f"lm-eval hf: {runs['lm_eval_hf']['wall_s']:.1f}s", file=sys.stderr)
+    pairs = all_pairs(backend, args.data_dir, args.limit)
+    report["workload"] = {
+        "requests": len(pairs), "tokens": sum(len(c) + len(t) for c, t in pairs),
+        "continuation_tokens": sum(len(t) for _, t in pairs),
+        "max_request_tokens": max(len(c) + len(t) for c, t in pairs),
+    }
+    for run in runs.values():
+        run["tokens_per_s_scoring"] = report["workload"]["tokens"] / run["score_s"]
     report["runs"] = runs
     report["baseline"] = (
         "lm-eval's own hf model (lm_eval_hf) and its re-implementation (hf_replica)"

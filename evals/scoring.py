@@ -97,29 +97,57 @@ def truncate_pair(context: list[int], continuation: list[int], max_length: int) 
     return keep[: len(keep) - len(continuation)], continuation
 
 
+def _chunks(order: list[int], sizes: list[int], batch_size: int,
+            max_tokens: int | None) -> list[list[int]]:
+    """Consecutive runs of ``order`` with at most ``batch_size`` requests and, when
+    ``max_tokens`` is set, at most that many input tokens (one request alone may exceed it)."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    tokens = 0
+    for i in order:
+        full = len(cur) >= batch_size or (
+            max_tokens is not None and cur and tokens + sizes[i] > max_tokens
+        )
+        if full:
+            chunks.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += sizes[i]
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 def score_pairs(
     engine: Scorer,
     pairs: Sequence[TokenPair],
     *,
     max_length: int,
     batch_size: int = 256,
+    max_tokens: int | None = None,
     progress: Any | None = None,
 ) -> list[tuple[float, bool]]:
     """Score every pair with ``engine.score``; answers come back in input order.
 
+    Each call gets at most ``batch_size`` requests and, if ``max_tokens`` is given
+    (default: the engine's ``max_batch_tokens``, i.e. one engine step per call), at
+    most that many input tokens. Keeping a call to one step also keeps every score
+    request's prefill whole: the engine at this commit mistakes a score request whose
+    prefill is split with one token left for a decode and fails
+    (``'NoneType' object has no attribute 'has_penalties'``).
     ``progress`` is anything with ``update(n)`` (a tqdm bar).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    if max_tokens is None:
+        max_tokens = getattr(engine, "max_batch_tokens", None)
     prepared = [truncate_pair(list(c), list(t), max_length) for c, t in pairs]
-    # Longest first, like lm-eval's Collator; ties broken by tokens for determinism.
-    order = sorted(
-        range(len(prepared)),
-        key=lambda i: (-(len(prepared[i][0]) + len(prepared[i][1])), i),
-    )
+    # input tokens: the last continuation token is never fed to the model
+    sizes = [len(c) + len(t) - 1 for c, t in prepared]
+    # Longest first, like lm-eval's Collator; ties by position for determinism.
+    order = sorted(range(len(prepared)), key=lambda i: (-sizes[i], i))
     out: list[tuple[float, bool] | None] = [None] * len(prepared)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in _chunks(order, sizes, batch_size, max_tokens):
         results = engine.score([prepared[i] for i in chunk])
         if len(results) != len(chunk):
             raise RuntimeError(f"engine.score returned {len(results)} results for {len(chunk)}")
