@@ -200,6 +200,22 @@ def build_model(spec: str, device: torch.device, dtype: torch.dtype) -> NeoX:
     return load_model(spec, device=device, dtype=dtype).model
 
 
+def warm_up(engine: Engine) -> None:
+    """Every kind of step once (Triton compiles, cuBLAS picks, graphs): new prompts,
+    decode-only steps, decodes mixed with a new prompt and with a prompt chunked over
+    several steps."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    long = min(engine.max_position - 8, engine.max_batch_tokens)
+    engine.add_request("warm0", [5] * 40, params)
+    engine.add_request("warm1", [6] * 300, params)
+    engine.step()
+    engine.step()
+    engine.add_request("warm2", [7] * 50, params)
+    engine.add_request("warm3", [8] * long, params)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def run_ours(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
     device = engine.device
     if device.type == "cuda":
@@ -431,9 +447,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
         f"({engine.cache.nbytes / 1e9:.1f} GB)")
     t = time.time()
-    # Warm up: Triton compiles, cuBLAS heuristics, every decode graph captured.
-    engine.generate([[5] * 40, [6] * 300], SamplingParams(temperature=0, max_tokens=4,
-                                                          ignore_eos=True))
+    warm_up(engine)
     graphs = engine.capture_graphs()
     log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
 
