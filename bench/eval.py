@@ -38,6 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# `python bench/eval.py` puts bench/ first on sys.path, where bench/queue.py would shadow
+# the standard library's queue (torch imports it); import from the repo root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/eval.py` from the repo root
     sys.path.insert(0, str(ROOT))
