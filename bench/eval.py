@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch_size = args.batch_size or (1024 if gpu else 256)
-    args.hf_batch_size = args.hf_batch_size or (32 if gpu else 16)
+    args.hf_batch_size = args.hf_batch_size or (64 if gpu else 16)
     args.out = args.out or ROOT / "bench" / "results" / f"eval_{'h200' if gpu else 'cpu'}.json"
     if not gpu:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
