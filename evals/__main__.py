@@ -11,10 +11,17 @@ from __future__ import annotations
 
 
 def main() -> None:
+    """Register ``neoxq`` and run lm-eval's CLI on ``sys.argv``."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
     import evals.harness  # noqa: F401  (registers the "neoxq" model)
 
+    # lm-eval's default batch size is 1, which for neoxq would mean one request per engine
+    # call; "auto" lets each call fill the engine's token budget.
+    if not any(a in ("--batch_size", "-b") or a.startswith("--batch_size=") for a in sys.argv):
+        sys.argv += ["--batch_size", "auto"]
     cli_evaluate()
 
 
