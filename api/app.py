@@ -1,0 +1,61 @@
+"""The FastAPI app: ``create_app(settings)``.
+
+The API validates, stores and enqueues; workers compute. It never imports torch, models
+or worker (an import-linter contract in pyproject.toml holds it to that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from api import health, native, openai_routes
+from api.errors import install_handlers
+from core.payloads import ChunkPayload
+from core.settings import Settings, get_settings
+from store.db import make_engine
+
+
+def default_enqueue(settings: Settings) -> Callable[[ChunkPayload], None]:
+    """Publish chunk messages on the settings' Redis queue."""
+    from core.celery_app import enqueue_chunk, make_celery
+
+    app = make_celery(settings)
+
+    def enqueue(payload: ChunkPayload) -> None:
+        enqueue_chunk(payload, app=app, queue=settings.queue)
+
+    return enqueue
+
+
+def create_app(settings: Settings | None = None, *, db: Engine | None = None,
+               enqueue: Callable[[ChunkPayload], None] | None = None) -> FastAPI:
+    """Build the app for ``settings`` (default: the environment's). ``db`` and ``enqueue``
+    replace the database engine and the chunk publisher (tests, embedding)."""
+    s = settings or get_settings()
+    engine = db or make_engine(s.db_url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if db is None:
+            engine.dispose()
+
+    app = FastAPI(
+        title="neoxq",
+        version="0.1.0",
+        summary="Batch text generation for GPT-NeoX-20B: native and OpenAI Batch APIs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = s
+    app.state.db = engine
+    app.state.enqueue = enqueue or default_enqueue(s)
+    app.state.keys_required = False
+    install_handlers(app)
+    app.include_router(health.router)
+    app.include_router(native.router)
+    app.include_router(openai_routes.router)
+    return app

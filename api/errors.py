@@ -1,0 +1,65 @@
+"""One error shape for every route, OpenAI's: ``{"error": {message, type, param, code}}``.
+
+The official ``openai`` client reads that shape; the native routes use it too, adding
+``errors`` (every bad line, with its line number and field) where a file was refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
+          503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """An error answered to the client with ``status`` and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.extra = (
+            status, message, code, param, extra)
+
+    def body(self) -> dict[str, Any]:
+        err = {"message": self.message, "type": _TYPES.get(self.status, "api_error"),
+               "param": self.param, "code": self.code, **self.extra}
+        return {"error": err}
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    """The answer for a missing object *and* for one that belongs to another key."""
+    return ApiError(404, f"No {kind} found with id {ident!r}.", code="not_found")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map every exception the app can raise to OpenAI's error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail), code=None)
+        return JSONResponse(err.body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        first = problems[0] if problems else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        msg = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+            for e in problems[:20])
+        err = ApiError(400, msg or "invalid request", code="invalid_value", param=param)
+        return JSONResponse(err.body(), status_code=400)

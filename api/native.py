@@ -1,0 +1,226 @@
+"""Native batch routes: submit a JSONL file, poll, list, cancel, stream results/errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api import render, service
+from api.auth import OwnerDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import BatchList, BatchStatus
+from api.uploads import multipart_or_raw, remove, save_multipart, save_raw_body
+from core.jsonl import check_defaults
+from store.tables import new_id
+from store.views import create_file, list_batches
+
+router = APIRouter(tags=["batches"])
+
+JSONL = "application/x-ndjson"
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The JSONL file: a raw body, or a multipart form with a `file` part "
+                       "(other form fields as the query parameters).",
+        "content": {
+            JSONL: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+_SAMPLING_PARAMS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "n",
+                    "stop", "ignore_eos")
+
+
+class BatchOptions(BaseModel):
+    """Submission options, from the query string or multipart form fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["auto", "native", "openai"] = "auto"
+    on_invalid: Literal["refuse", "record"] = "refuse"
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    n: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool | None = None
+    defaults: str | None = None
+    metadata: str | None = None
+    filename: str | None = None
+
+
+def _json_object(raw: str | None, param: str) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"{param}: a JSON object expected ({exc})", code="invalid_value",
+                       param=param) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{param}: a JSON object expected, got {type(value).__name__}",
+                       code="invalid_value", param=param)
+    return value
+
+
+def check_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """OpenAI's metadata rules: at most 16 string pairs, keys <= 64, values <= 512 chars."""
+    if len(meta) > 16:
+        raise ApiError(400, f"metadata: at most 16 keys, got {len(meta)}", code="invalid_value",
+                       param="metadata")
+    for k, v in meta.items():
+        if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise ApiError(400, f"metadata.{k}: string keys of at most 64 and string values "
+                                "of at most 512 characters expected", code="invalid_value",
+                           param=f"metadata.{k}")
+    return meta
+
+
+def _options(opts: BatchOptions) -> tuple[dict[str, Any], dict[str, str]]:
+    defaults = _json_object(opts.defaults, "defaults")
+    for name in _SAMPLING_PARAMS:
+        value = getattr(opts, name)
+        if value is not None:
+            defaults[name] = value
+    problems = check_defaults(defaults)
+    if problems:
+        raise ApiError(400, "; ".join(problems), code="invalid_value",
+                       param=problems[0].split(":", 1)[0])
+    return defaults, check_metadata(_json_object(opts.metadata, "metadata"))
+
+
+def _form_options(query: BatchOptions, fields: list[tuple[str, str]]) -> BatchOptions:
+    merged: dict[str, Any] = query.model_dump(exclude_none=True)
+    stops = [v for k, v in fields if k == "stop"]
+    merged.update({k: v for k, v in fields if k != "stop"})
+    if stops:
+        merged["stop"] = stops
+    try:
+        return BatchOptions.model_validate(merged)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        param = ".".join(str(p) for p in e["loc"])
+        raise ApiError(400, f"{param}: {e['msg']}", code="invalid_value", param=param) from None
+
+
+@router.post("/batches", status_code=201, response_model=BatchStatus, openapi_extra=UPLOAD_BODY,
+             responses={400: {"description": "refused: every bad line with its number"},
+                        413: {"description": "file over the size limit"}})
+async def create_batch(
+    request: Request, owner: OwnerDep, settings: SettingsDep,
+    format: Literal["auto", "native", "openai"] = "auto",
+    on_invalid: Annotated[Literal["refuse", "record"], Query(
+        description="refuse: one bad line refuses the file (nothing runs); record: bad lines "
+                    "become item errors and the rest runs")] = "refuse",
+    max_tokens: int | None = None, min_tokens: int | None = None,
+    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+    seed: int | None = None, n: int | None = None,
+    stop: Annotated[list[str] | None, Query()] = None, ignore_eos: bool | None = None,
+    defaults: Annotated[str | None, Query(description="JSON object of sampling defaults")] = None,
+    metadata: Annotated[str | None, Query(description="JSON object of strings")] = None,
+    filename: str | None = None,
+) -> BatchStatus:
+    """Submit a JSONL file (native or OpenAI Batch lines): stored, validated line by line
+    and enqueued. Batch-level sampling defaults apply to fields a line leaves out."""
+    opts = BatchOptions(format=format, on_invalid=on_invalid, max_tokens=max_tokens,
+                        min_tokens=min_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, n=n, stop=stop, ignore_eos=ignore_eos,
+                        defaults=defaults, metadata=metadata, filename=filename)
+    if multipart_or_raw(request) == "raw":
+        batch_defaults, meta = _options(opts)  # before reading the body: fail fast
+    file_id = new_id("file-")
+    path = settings.files_dir / f"{file_id}.jsonl"
+    limit = settings.max_file_bytes
+    if multipart_or_raw(request) == "multipart":
+        size, name, fields = await save_multipart(request, path, limit=limit)
+        try:
+            opts = _form_options(opts, fields)
+            batch_defaults, meta = _options(opts)
+        except ApiError:
+            remove(path)
+            raise
+        name = opts.filename or name
+    else:
+        size = await save_raw_body(request, path, limit=limit)
+        name = opts.filename or "upload.jsonl"
+    db = request.app.state.db
+    await run_in_threadpool(service.commit, db, lambda s: create_file(
+        session=s, owner=owner, filename=name[:512], purpose="batch", size=size,
+        path=str(path), file_id=file_id))
+    report = await run_in_threadpool(
+        service.run_submission, db=db, settings=settings, enqueue=request.app.state.enqueue,
+        path=path, owner=owner, fmt=opts.format, defaults=batch_defaults, metadata=meta,
+        input_file_id=file_id, on_invalid=opts.on_invalid)
+    batch = await run_in_threadpool(service.commit, db, lambda s: service.owned_batch(
+        s, report.batch_id, owner))
+    if batch.status == "failed" and batch.errors:
+        errors = [e.as_dict() for e in report.errors]
+        first = report.errors[0] if report.errors else None
+        raise ApiError(400, f"The file was refused: {report.invalid or len(errors)} bad "
+                            f"line(s); first: {first}" if first else "The file was refused.",
+                       code=first.code if first else "invalid_file",
+                       param=first.field if first else None, batch_id=batch.id,
+                       errors=errors)
+    return render.native_batch(batch)
+
+
+@router.get("/batches", response_model=BatchList)
+def list_batches_route(
+    session: SessionDep, owner: OwnerDep,
+    after: Annotated[str | None, Query(max_length=64, description="a batch id: the page "
+                                                                  "after it")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    """Your batches, newest first, a page at a time."""
+    rows, more = list_batches(session=session, owner=owner, after=after, limit=limit)
+    data = [render.native_batch(b, **service.status_of(session, b)) for b in rows]
+    return BatchList(data=data, has_more=more, first_id=data[0].id if data else None,
+                     last_id=data[-1].id if data else None)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchStatus)
+def get_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchStatus:
+    """A batch's state, counts, progress, tokens, current tokens/s, ETA and timestamps."""
+    batch = service.owned_batch(session, batch_id, owner)
+    return render.native_batch(batch, **service.status_of(session, batch))
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=BatchStatus)
+def cancel_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep,
+                       settings: SettingsDep) -> BatchStatus:
+    """Cancel a batch: workers stop its sequences within seconds; finished results stay."""
+    batch = service.owned_batch(session, batch_id, owner)
+    batch = service.cancel_batch(session=session, settings=settings, batch=batch)
+    return render.native_batch(batch)
+
+
+@router.get("/batches/{batch_id}/results", response_class=StreamingResponse,
+            responses={200: {"content": {JSONL: {}}}})
+def results_route(batch_id: str, request: Request, session: SessionDep,
+                  owner: OwnerDep) -> StreamingResponse:
+    """Results as JSONL in input order (partial while the batch runs): custom_id, index,
+    line, text, finish_reason, usage, timings."""
+    service.owned_batch(session, batch_id, owner)
+    return StreamingResponse(service.stream_native_results(request.app.state.db, batch_id),
+                             media_type=JSONL)
+
+
+@router.get("/batches/{batch_id}/errors", response_class=StreamingResponse,
+            responses={200: {"content": {JSONL: {}}}})
+def errors_route(batch_id: str, request: Request, session: SessionDep,
+                 owner: OwnerDep) -> StreamingResponse:
+    """One JSONL line per failed item (or refused line): line number, field, reason."""
+    service.owned_batch(session, batch_id, owner)
+    return StreamingResponse(service.stream_native_errors(request.app.state.db, batch_id),
+                             media_type=JSONL)

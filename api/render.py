@@ -1,0 +1,179 @@
+"""Store rows to API shapes: batch objects (native and OpenAI) and JSONL result lines.
+
+Pure functions over rows already read; the routes stream the lines out page by page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from api.schemas import (
+    BatchErrorData,
+    BatchErrors,
+    BatchStatus,
+    Counts,
+    FileObject,
+    LineErrorOut,
+    OpenAIBatch,
+    RequestCounts,
+    Tokens,
+)
+from store.tables import Batch, File, Item, Result
+
+
+def _int(t: float | None) -> int | None:
+    return int(t) if t is not None else None
+
+
+def _line_errors(batch: Batch) -> list[dict[str, Any]]:
+    return [e for e in (batch.errors or []) if isinstance(e, dict)]
+
+
+def native_batch(batch: Batch, *, tokens_per_s: float = 0.0, items_per_s: float = 0.0
+                 ) -> BatchStatus:
+    """A batch as the native API shows it, with progress and ETA."""
+    done = batch.request_completed + batch.request_failed
+    pending = max(batch.request_total - done, 0)
+    active = batch.status in ("validating", "in_progress")
+    eta = pending / items_per_s if active and items_per_s > 0 else (0.0 if not pending else None)
+    errors = _line_errors(batch)
+    return BatchStatus(
+        id=batch.id, status=batch.status, format=batch.format, endpoint=batch.endpoint,
+        model=batch.model,
+        counts=Counts(total=batch.request_total, completed=batch.request_completed,
+                      failed=batch.request_failed, pending=pending),
+        progress=done / batch.request_total if batch.request_total else 0.0,
+        tokens=Tokens(prompt=batch.prompt_tokens, completion=batch.completion_tokens),
+        tokens_per_s=round(tokens_per_s if active else 0.0, 3),
+        items_per_s=round(items_per_s if active else 0.0, 3), eta_s=eta,
+        created_at=batch.created_at, in_progress_at=batch.in_progress_at,
+        finalizing_at=batch.finalizing_at, completed_at=batch.completed_at,
+        failed_at=batch.failed_at, cancelling_at=batch.cancelling_at,
+        cancelled_at=batch.cancelled_at, expires_at=batch.expires_at,
+        input_file_id=batch.input_file_id, output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id, defaults=batch.defaults or {},
+        metadata=batch.metadata_ or {},
+        errors=[LineErrorOut(line=e.get("line"), param=e.get("param"),
+                             code=str(e.get("code")), message=str(e.get("message")))
+                for e in errors] if batch.errors is not None else None,
+    )
+
+
+def openai_batch(batch: Batch) -> OpenAIBatch:
+    """A batch as OpenAI's Batch object."""
+    errors = _line_errors(batch)
+    return OpenAIBatch(
+        id=batch.id, endpoint=batch.endpoint, model=batch.model,
+        errors=BatchErrors(data=[BatchErrorData(code=e.get("code"), message=e.get("message"),
+                                                param=e.get("param"), line=e.get("line"))
+                                 for e in errors]) if errors else None,
+        input_file_id=batch.input_file_id or "", completion_window=batch.completion_window,
+        status=batch.status,  # type: ignore[arg-type]  # the store uses OpenAI's names
+        output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
+        created_at=int(batch.created_at), in_progress_at=_int(batch.in_progress_at),
+        expires_at=_int(batch.expires_at), finalizing_at=_int(batch.finalizing_at),
+        completed_at=_int(batch.completed_at), failed_at=_int(batch.failed_at),
+        expired_at=_int(batch.expired_at), cancelling_at=_int(batch.cancelling_at),
+        cancelled_at=_int(batch.cancelled_at),
+        request_counts=RequestCounts(total=batch.request_total,
+                                     completed=batch.request_completed,
+                                     failed=batch.request_failed),
+        metadata={str(k): str(v) for k, v in (batch.metadata_ or {}).items()} or None,
+    )
+
+
+def file_object(f: File) -> FileObject:
+    """A file row as OpenAI's File object."""
+    return FileObject(id=f.id, bytes=f.bytes, created_at=int(f.created_at),
+                      filename=f.filename, purpose=f.purpose, status=f.status)
+
+
+def _usage(r: Result) -> dict[str, int]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def native_result_line(item: Item, r: Result) -> bytes:
+    """One line of ``GET /batches/{id}/results``."""
+    out: dict[str, Any] = {
+        "custom_id": item.custom_id, "index": item.index, "line": item.line_number,
+        "text": r.text, "finish_reason": r.finish_reason, "usage": _usage(r),
+        "timings": {"queued_at": r.queued_at, "started_at": r.started_at,
+                    "first_token_at": r.first_token_at, "finished_at": r.finished_at,
+                    "tokens_per_s": r.tokens_per_s, "worker_id": r.worker_id,
+                    "attempt": r.attempt},
+    }
+    if r.choices and len(r.choices) > 1:
+        out["choices"] = r.choices
+    if r.logprobs is not None:
+        out["logprobs"] = r.logprobs
+    return _dump(out)
+
+
+def native_error_line(item: Item, r: Result) -> bytes:
+    """One line of ``GET /batches/{id}/errors`` for a failed item."""
+    err = r.error or {}
+    return _dump({"line": item.line_number, "index": item.index, "custom_id": item.custom_id,
+                  "param": err.get("param"), "code": err.get("code", "error"),
+                  "message": err.get("message", "")})
+
+
+def file_error_line(e: dict[str, Any]) -> bytes:
+    """A file-level error (the whole file was refused) as an errors line."""
+    return _dump({"line": e.get("line"), "index": None, "custom_id": None,
+                  "param": e.get("param"), "code": e.get("code"), "message": e.get("message")})
+
+
+def _openai_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    # The engine reports token ids (the API has no tokenizer): ids stand in for tokens.
+    if not entries:
+        return None
+    return {"tokens": [str(e.get("token_id")) for e in entries],
+            "token_logprobs": [e.get("logprob") for e in entries],
+            "top_logprobs": [{str(i): lp for i, lp in e.get("top") or []} for e in entries],
+            "text_offset": None}
+
+
+def openai_output_line(batch: Batch, item: Item, r: Result) -> bytes:
+    """One line of a batch's output file, in OpenAI's shape."""
+    choices = r.choices or [{"index": 0, "text": r.text or "", "finish_reason": r.finish_reason,
+                             "logprobs": r.logprobs}]
+    body = {
+        "id": f"cmpl-{batch.id.removeprefix('batch_')}-{item.index}",
+        "object": "text_completion", "created": int(r.finished_at or batch.created_at),
+        "model": batch.model or "", "system_fingerprint": None,
+        "choices": [{"index": c.get("index", 0), "text": c.get("text") or "",
+                     "finish_reason": c.get("finish_reason"),
+                     "logprobs": _openai_logprobs(c.get("logprobs"))} for c in choices],
+        "usage": _usage(r),
+    }
+    return _dump({"id": f"batch_req_{item.id}", "custom_id": item.custom_id,
+                  "response": {"status_code": 200, "request_id": f"req_{item.id}",
+                               "body": body},
+                  "error": None})
+
+
+def openai_error_line(item: Item, r: Result | None, *, unrun_code: str = "batch_cancelled"
+                      ) -> bytes:
+    """One line of a batch's error file: a failed request (HTTP 400 in ``response``, as
+    OpenAI reports bad requests) or one never run (``error``, as for expired requests)."""
+    if r is None:
+        why = "cancelled" if unrun_code == "batch_cancelled" else "expired"
+        return _dump({"id": f"batch_req_{item.id}", "custom_id": item.custom_id,
+                      "response": None,
+                      "error": {"code": unrun_code,
+                                "message": f"This request could not be executed before "
+                                           f"the batch was {why}."}})
+    err = r.error or {}
+    return _dump({"id": f"batch_req_{item.id}", "custom_id": item.custom_id,
+                  "response": {"status_code": 400, "request_id": f"req_{item.id}",
+                               "body": {"error": {"message": err.get("message", ""),
+                                                  "type": "invalid_request_error",
+                                                  "param": err.get("param"),
+                                                  "code": err.get("code")}}},
+                  "error": None})

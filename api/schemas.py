@@ -1,0 +1,179 @@
+"""Response (and request) models of the HTTP API: pydantic, never the SQL tables.
+
+The ``Batch*`` models in OpenAI's section mirror OpenAI's Batch and File objects field for
+field, so the official client parses them; the native models carry what a person polling a
+long batch wants (progress, tokens/s, ETA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ------------------------------------------------------------------------------- native
+
+
+class Counts(BaseModel):
+    total: int = Field(description="items (lines) in the batch")
+    completed: int
+    failed: int
+    pending: int = Field(description="items without a result yet")
+
+
+class Tokens(BaseModel):
+    prompt: int
+    completion: int
+
+
+class LineErrorOut(BaseModel):
+    line: int | None = Field(description="1-based line of the input file; null = whole file")
+    param: str | None = Field(description="the field at fault, e.g. temperature or body.model")
+    code: str
+    message: str
+
+
+class BatchStatus(BaseModel):
+    """A batch as ``GET /batches/{id}`` shows it."""
+
+    id: str
+    object: Literal["neoxq.batch"] = "neoxq.batch"
+    status: str
+    format: str
+    endpoint: str
+    model: str | None
+    counts: Counts
+    progress: float = Field(description="fraction of items with a result, 0..1")
+    tokens: Tokens
+    tokens_per_s: float = Field(description="output tokens/s over the last 30 s")
+    items_per_s: float
+    eta_s: float | None = Field(description="seconds to go at the current rate; null if unknown")
+    created_at: float
+    in_progress_at: float | None
+    finalizing_at: float | None
+    completed_at: float | None
+    failed_at: float | None
+    cancelling_at: float | None
+    cancelled_at: float | None
+    expires_at: float | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    defaults: dict[str, Any]
+    metadata: dict[str, Any]
+    errors: list[LineErrorOut] | None = Field(description="why the file was refused")
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchStatus]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: str
+    redis: str
+    workers: int = Field(description="workers seen recently")
+
+
+# ------------------------------------------------------------------------------- OpenAI
+
+
+class FileObject(BaseModel):
+    """OpenAI's File object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class BatchErrorData(BaseModel):
+    code: str | None
+    message: str | None
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchErrorData]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class OpenAIBatch(BaseModel):
+    """OpenAI's Batch object."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed",
+                    "expired", "cancelling", "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class OpenAIBatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIBatch]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class CreateBatchRequest(BaseModel):
+    """``POST /v1/batches``'s body, as the openai client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+    output_expires_after: dict[str, Any] | None = None
