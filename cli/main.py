@@ -15,7 +15,8 @@ import sys
 # command-group modules, in the order their commands appear in --help
 COMMAND_MODULES = (
     "cli.generate",  # generate, convert
-    "cli.serve",  # worker, api, db, keys
+    "cli.serve",  # worker, db
+    "cli.serve_api",  # api, keys
     "cli.client",  # submit, status, results, errors, cancel, batches
     "cli.evaluate",  # evaluate
     "cli.up",  # up, run

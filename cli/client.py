@@ -1,0 +1,299 @@
+"""The HTTP client commands: ``neoxq submit|status|results|errors|cancel|batches``.
+
+They talk to a running ``neoxq api`` (``--url``/``NEOXQ_API_URL``, default
+http://127.0.0.1:8000) with ``--api-key``/``NEOXQ_API_KEY``. Only httpx (and tqdm for the
+progress bar) are imported: ``neoxq submit`` starts fast and needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+class ClientError(Exception):
+    """An error to print and exit with."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_parser(sub: Any) -> None:
+    """Register the client commands on the root parser's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None,
+                        help=f"API server (default $NEOXQ_API_URL or {DEFAULT_URL})")
+    common.add_argument("--api-key", default=None, help="bearer key (default $NEOXQ_API_KEY)")
+
+    p = sub.add_parser("submit", parents=[common], help="submit a JSONL file as a batch",
+                       description="Upload a JSONL file (native or OpenAI Batch lines) and "
+                                   "print the batch id; with --wait, show progress and "
+                                   "write the results.")
+    p.add_argument("file", type=Path)
+    p.add_argument("--wait", action="store_true", help="wait, with a progress bar, and "
+                                                       "write the results (-o or stdout)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="results file (--wait)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--min-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("-n", "--n", type=int, help="samples per prompt")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--format", choices=("auto", "native", "openai"), default="auto")
+    p.add_argument("--on-invalid", choices=("refuse", "record"), default="refuse",
+                   help="refuse: one bad line refuses the file; record: bad lines become "
+                        "item errors and the rest runs")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[])
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--wait)")
+    p.set_defaults(func=_cmd_submit)
+
+    s = sub.add_parser("status", parents=[common], help="a batch's state and progress",
+                       description="Show a batch's state, counts, tokens/s and ETA (without "
+                                   "ID: the most recent batches).")
+    s.add_argument("batch_id", nargs="?")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(func=_cmd_status)
+
+    r = sub.add_parser("results", parents=[common], help="download a batch's results (JSONL)")
+    r.add_argument("batch_id")
+    r.add_argument("-o", "--output", type=Path, default=None, help="file (default stdout)")
+    r.set_defaults(func=_cmd_results)
+
+    e = sub.add_parser("errors", parents=[common], help="a batch's failed items (JSONL)")
+    e.add_argument("batch_id")
+    e.add_argument("-o", "--output", type=Path, default=None, help="file (default stdout)")
+    e.set_defaults(func=_cmd_errors)
+
+    c = sub.add_parser("cancel", parents=[common], help="cancel a batch")
+    c.add_argument("batch_id")
+    c.set_defaults(func=_cmd_cancel)
+
+    b = sub.add_parser("batches", parents=[common], help="list your batches, newest first")
+    b.add_argument("--limit", type=int, default=20)
+    b.add_argument("--after", default=None, help="a batch id: list those after it")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_batches)
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    url = args.url or os.environ.get("NEOXQ_API_URL") or DEFAULT_URL
+    key = args.api_key or os.environ.get("NEOXQ_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers,
+                        timeout=httpx.Timeout(30.0, read=600.0))
+
+
+def _check(resp: Any) -> Any:
+    if resp.status_code < 400:
+        return resp
+    try:
+        resp.read()
+        err = resp.json().get("error", {})
+    except Exception:  # noqa: BLE001 - not our JSON: show the text
+        raise ClientError(f"HTTP {resp.status_code}: {resp.text[:500]}") from None
+    lines = [f"error ({resp.status_code}): {err.get('message', resp.text[:500])}"]
+    for e in (err.get("errors") or [])[:20]:
+        lines.append(f"  {e.get('message')}")
+    more = len(err.get("errors") or []) - 20
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    if err.get("batch_id"):
+        lines.append(f"  (batch {err['batch_id']}; `neoxq errors {err['batch_id']}` lists all)")
+    raise ClientError("\n".join(lines))
+
+
+def _run(args: argparse.Namespace, fn: Any) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            return fn(client, args)
+    except ClientError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except httpx.TransportError as exc:
+        url = args.url or os.environ.get("NEOXQ_API_URL") or DEFAULT_URL
+        print(f"error: cannot reach the API at {url}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _file_chunks(f: IO[bytes], block: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := f.read(block):
+        yield chunk
+
+
+def _download(client: Any, path: str, output: Path | None) -> int:
+    n = 0
+    with client.stream("GET", path) as resp:
+        _check(resp)
+        out = output.open("wb") if output else sys.stdout.buffer
+        try:
+            for chunk in resp.iter_bytes():
+                n += chunk.count(b"\n")
+                out.write(chunk)
+            out.flush()
+        finally:
+            if output:
+                out.close()
+    return n
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+def _summary(b: dict[str, Any]) -> str:
+    c = b["counts"]
+    lines = [f"{b['id']}  {b['status']}",
+             f"  items     {c['completed'] + c['failed']}/{c['total']} done "
+             f"({c['completed']} ok, {c['failed']} failed, {b['progress']:.1%})",
+             f"  tokens    {b['tokens']['completion']} generated, "
+             f"{b['tokens']['prompt']} prompt; {b['tokens_per_s']:.1f} tok/s now",
+             f"  eta       {_eta(b['eta_s'])}"]
+    for e in (b.get("errors") or [])[:10]:
+        lines.append(f"  error     {e['message']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """Submit FILE; print the batch id; with --wait, follow it and write the results."""
+    if not args.file.is_file():
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return 1
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        params: list[tuple[str, Any]] = [("format", args.format),
+                                         ("on_invalid", args.on_invalid),
+                                         ("filename", args.file.name)]
+        for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "n"):
+            if getattr(args, name) is not None:
+                params.append((name, getattr(args, name)))
+        if args.ignore_eos:
+            params.append(("ignore_eos", "true"))
+        params += [("stop", s) for s in args.stop or []]
+        if args.metadata:
+            meta = dict(m.split("=", 1) if "=" in m else (m, "") for m in args.metadata)
+            params.append(("metadata", json.dumps(meta)))
+        size = args.file.stat().st_size
+        with args.file.open("rb") as f:
+            resp = client.post("/batches", params=params, content=_file_chunks(f),
+                               headers={"Content-Type": "application/x-ndjson",
+                                        "Content-Length": str(size)})
+        batch = _check(resp).json()
+        print(batch["id"], flush=True)
+        if not args.wait:
+            return 0
+        batch = _follow(client, batch, args.poll)
+        n = _download(client, f"/batches/{batch['id']}/results", args.output)
+        where = f" to {args.output}" if args.output else ""
+        print(f"{batch['status']}: wrote {n} results{where}; {batch['counts']['failed']} "
+              f"failed", file=sys.stderr)
+        if batch["counts"]["failed"]:
+            print(f"  `neoxq errors {batch['id']}` lists the failed items", file=sys.stderr)
+        return 0 if batch["status"] == "completed" else 1
+
+    return _run(args, go)
+
+
+def _follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
+    """Poll a batch until it is terminal, drawing a progress bar on stderr."""
+    from tqdm import tqdm
+
+    total = batch["counts"]["total"]
+    with tqdm(total=total, unit="item", desc=batch["id"][:18], file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        while True:
+            c = batch["counts"]
+            bar.n = c["completed"] + c["failed"]
+            bar.set_postfix_str(f"{batch['tokens_per_s']:.1f} tok/s, ETA {_eta(batch['eta_s'])}"
+                                f", {batch['status']}", refresh=False)
+            bar.refresh()
+            if batch["status"] in TERMINAL:
+                return batch
+            time.sleep(poll)
+            batch = _check(client.get(f"/batches/{batch['id']}")).json()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Show one batch (or, without ID, the recent ones)."""
+    if not args.batch_id:
+        args.limit, args.after = 10, None
+        return _cmd_batches(args)
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        b = _check(client.get(f"/batches/{args.batch_id}")).json()
+        print(json.dumps(b, indent=2) if args.json else _summary(b))
+        return 0
+
+    return _run(args, go)
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    """Write a batch's results (JSONL, input order; partial while it runs)."""
+    return _run(args, lambda client, a: (_download(client, f"/batches/{a.batch_id}/results",
+                                                    a.output), 0)[1])
+
+
+def _cmd_errors(args: argparse.Namespace) -> int:
+    """Write a batch's failed items (JSONL: line, field, reason)."""
+    return _run(args, lambda client, a: (_download(client, f"/batches/{a.batch_id}/errors",
+                                                    a.output), 0)[1])
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a batch; finished results are kept."""
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        b = _check(client.post(f"/batches/{args.batch_id}/cancel")).json()
+        print(f"{b['id']}  {b['status']}")
+        return 0
+
+    return _run(args, go)
+
+
+def _cmd_batches(args: argparse.Namespace) -> int:
+    """List batches, newest first."""
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        params = {"limit": args.limit, **({"after": args.after} if args.after else {})}
+        page = _check(client.get("/batches", params=params)).json()
+        if getattr(args, "json", False):
+            print(json.dumps(page, indent=2))
+            return 0
+        print(f"{'ID':<32} {'STATUS':<12} {'DONE':>13} {'FAILED':>7} {'TOK/S':>8}  CREATED")
+        for b in page["data"]:
+            c = b["counts"]
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
+            print(f"{b['id']:<32} {b['status']:<12} "
+                  f"{str(c['completed'] + c['failed']) + '/' + str(c['total']):>13} "
+                  f"{c['failed']:>7} {b['tokens_per_s']:>8.1f}  {created}")
+        if page["has_more"]:
+            print(f"(more: --after {page['last_id']})")
+        return 0
+
+    return _run(args, go)
