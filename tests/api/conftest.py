@@ -49,7 +49,8 @@ class Api:
 def make_settings(database_url: str, redis_url: str, unique: str, tmp_path: Path,
                   **kw: Any) -> Settings:
     values: dict[str, Any] = {
-        "database_url": database_url, "redis_url": redis_url, "queue": f"neoxq_api_{unique}",
+        "database_url": database_url, "redis_url": redis_url,
+        "queue": f"neoxq_api_{unique}",
         "redis_key_prefix": f"neoxq_api_{unique}:", "data_dir": tmp_path / "data",
         "chunk_items": 10,
     }
@@ -67,15 +68,13 @@ def drop_redis_keys(redis_url: str, prefix: str) -> None:
         r.close()
 
 
-@pytest.fixture
-def api_factory(database_url: str, redis_url: str, unique: str,
-                tmp_path: Path) -> Iterator[Callable[..., Api]]:
-    """``api_factory(**settings)`` -> an :class:`Api` on SQLite and on PostgreSQL."""
+def _factory(url: str, redis_url: str, unique: str, tmp_path: Path
+             ) -> Iterator[Callable[..., Api]]:
     made: list[Api] = []
 
     def factory(**kw: Any) -> Api:
-        settings = make_settings(database_url, redis_url, unique, tmp_path, **kw)
-        db = make_engine(database_url)
+        settings = make_settings(url, kw.pop("redis_url", redis_url), unique, tmp_path, **kw)
+        db = make_engine(url)
         create_all(db)
         client = TestClient(create_app(settings, db=db), client=("127.0.0.1", 50000))
         client.__enter__()
@@ -91,8 +90,27 @@ def api_factory(database_url: str, redis_url: str, unique: str,
 
 
 @pytest.fixture
+def api_factory(database_url: str, redis_url: str, unique: str,
+                tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """``api_factory(**settings)`` -> an :class:`Api`, on SQLite and on PostgreSQL."""
+    yield from _factory(database_url, redis_url, unique, tmp_path)
+
+
+@pytest.fixture
+def sqlite_api_factory(sqlite_url: str, redis_url: str, unique: str,
+                       tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """As ``api_factory``, on SQLite only (input checks that touch no SQL dialect code)."""
+    yield from _factory(sqlite_url, redis_url, unique, tmp_path)
+
+
+@pytest.fixture
 def api(api_factory: Callable[..., Api]) -> Api:
     return api_factory()
+
+
+@pytest.fixture
+def sqlite_api(sqlite_api_factory: Callable[..., Api]) -> Api:
+    return sqlite_api_factory()
 
 
 def jsonl(rows: list[Any]) -> bytes:
