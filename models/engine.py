@@ -450,7 +450,10 @@ class Engine:
             while i < len(self._running) and budget > 0:
                 seq = self._running[i]
                 need = len(seq.tokens) - seq.num_computed
-                if (need == 1) != want_decode:
+                # A decode extends generated text; a prompt (or score input) with one token
+                # left is still a prefill chunk (it may fork samples or score rows).
+                is_decode = need == 1 and len(seq.tokens) > seq.num_prompt
+                if is_decode != want_decode:
                     i += 1
                     continue
                 n = min(need, budget)

@@ -470,6 +470,23 @@ def test_score_equals_log_softmax_of_dense_logits(model: NeoX) -> None:
         engine.score([([], [1])])
 
 
+def test_prefill_split_with_one_token_left(model: NeoX) -> None:
+    """A prompt (n > 1) or a score input whose last chunk is a single token is still a
+    prefill: samples fork, score rows come back."""
+    prompt = _prompts(1, 9, 9, seed=84)[0]
+    engine = Engine(model, None, num_blocks=60, block_size=4, max_batch_tokens=8)
+    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, n=3, seed=8)
+    out = engine.generate([prompt], params)[0]
+    assert [len(s.token_ids) for s in out.samples] == [4, 4, 4]
+    for s in out.samples:
+        assert s.token_ids == _reference_sample(model, prompt, params, 8, s.index, 4)[0]
+    res = engine.score([(prompt[:5], prompt[5:] + [3])])[0]  # 9 input tokens: 8 + 1
+    lp = torch.log_softmax(model.dense_logits(torch.tensor([prompt]))[0], dim=-1)
+    ref = [float(lp[4 + i, t]) for i, t in enumerate(prompt[5:] + [3])]
+    assert res.token_logprobs == pytest.approx(ref, abs=1e-4)
+    _no_leaks(engine)
+
+
 def test_score_many_short_pairs_in_one_step(model: NeoX) -> None:
     """More new sequences in a step than per-sequence attention calls allowed: they share
     one masked attention call."""
