@@ -531,8 +531,8 @@ def test_build_engine_from_preset() -> None:
     out = engine.generate(["hello"], SamplingParams(max_tokens=3, seed=1))[0]
     assert out.error is None and len(out.samples[0].token_ids) <= 3
     assert engine.config.name == "tiny" and engine.tokenizer is not None
-    with pytest.raises(NotImplementedError):
-        build_engine("preset:tiny", device="cpu", dtype=torch.float32, pipeline_parallel=2)
+    with pytest.raises(ValueError, match="pipeline_parallel"):
+        build_engine("preset:tiny", device="cpu", dtype=torch.float32, pipeline_parallel=0)
 
 
 # ---------------------------------------------------------------------------------------
