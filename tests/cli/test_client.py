@@ -1,0 +1,129 @@
+"""``neoxq submit|status|results|errors|cancel|batches`` against a live ``neoxq api`` and a
+real tiny-model worker (the commands run in-process; the server and worker are
+subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from tests.api.live import ROOT, Live, start_stack
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    stack = start_stack(tmp_path_factory.mktemp("live_cli"), worker=True)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def env(live: Live, monkeypatch: pytest.MonkeyPatch) -> Live:
+    monkeypatch.setenv("NEOXQ_API_URL", live.url)
+    monkeypatch.delenv("NEOXQ_API_KEY", raising=False)
+    return live
+
+
+def write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_submit_wait_writes_results_in_order(env: Live, tmp_path: Path, capsys) -> None:
+    src = write(tmp_path / "in.jsonl", [{"custom_id": f"c{i}", "prompt": f"Say {i}"}
+                                        for i in range(12)])
+    out = tmp_path / "out.jsonl"
+    rc = main(["submit", str(src), "--wait", "-o", str(out), "--max-tokens", "5",
+               "--temperature", "0", "--metadata", "who=cli", "--poll", "0.2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    batch_id = captured.out.strip().splitlines()[0]
+    assert batch_id.startswith("batch_")
+    assert "tok/s" in captured.err and "ETA" in captured.err and "12/12" in captured.err
+    assert "completed: wrote 12 results" in captured.err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(12)]
+    assert all(r["usage"]["completion_tokens"] == 5 for r in rows)
+
+    assert main(["status", batch_id]) == 0
+    text = capsys.readouterr().out
+    assert batch_id in text and "completed" in text and "12/12 done" in text
+    assert main(["status", batch_id, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["metadata"] == {"who": "cli"} and status["defaults"]["max_tokens"] == 5
+    assert main(["results", batch_id]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 12
+    assert main(["batches"]) == 0
+    assert batch_id in capsys.readouterr().out
+    assert main(["status"]) == 0  # without an id: the recent batches
+    assert batch_id in capsys.readouterr().out
+
+
+def test_errors_and_refusals(env: Live, tmp_path: Path, capsys) -> None:
+    bad = write(tmp_path / "bad.jsonl", [{"prompt": "a"}, "{nope", {"prompt": "b", "top_p": 9}])
+    assert main(["submit", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON" in err and "line 3: top_p" in err
+
+    out = tmp_path / "r.jsonl"
+    rc = main(["submit", str(bad), "--on-invalid", "record", "--wait", "-o", str(out),
+               "--max-tokens", "3", "--poll", "0.2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    batch_id = captured.out.strip().splitlines()[0]
+    assert "2 failed" in captured.err and f"neoxq errors {batch_id}" in captured.err
+    assert len(out.read_text().splitlines()) == 1
+    assert main(["errors", batch_id]) == 0
+    errors = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(e["line"], e["code"]) for e in errors] == [(2, "invalid_json_line"),
+                                                        (3, "invalid_value")]
+    assert main(["status", "batch_nope"]) == 1
+    assert "No batch found" in capsys.readouterr().err
+    assert main(["submit", str(tmp_path / "missing.jsonl")]) == 1
+
+
+def test_cancel(env: Live, tmp_path: Path, capsys) -> None:
+    src = write(tmp_path / "long.jsonl", [{"prompt": f"Long {i}", "max_tokens": 400,
+                                           "ignore_eos": True} for i in range(150)])
+    assert main(["submit", str(src)]) == 0
+    batch_id = capsys.readouterr().out.strip()
+    assert main(["cancel", batch_id]) == 0
+    out = capsys.readouterr().out
+    assert batch_id in out and ("cancelling" in out or "cancelled" in out)
+
+
+def test_unreachable_server(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("NEOXQ_API_URL", "http://127.0.0.1:9")
+    assert main(["batches"]) == 2
+    assert "cannot reach the API at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_api_key_from_flag_and_environment(env: Live, tmp_path: Path, capsys,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Last in this module: once a key exists, the server requires one.
+    key = subprocess.run([sys.executable, "-m", "cli.main", "keys", "create", "cli"],
+                         cwd=ROOT, env=env.env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert main(["batches"]) == 1
+    assert "Missing API key" in capsys.readouterr().err
+    assert main(["batches", "--api-key", key]) == 0
+    assert "(more" not in capsys.readouterr().out  # this key owns no batch yet
+    monkeypatch.setenv("NEOXQ_API_KEY", key)
+    src = write(tmp_path / "k.jsonl", [{"prompt": "hi"}])
+    assert main(["submit", str(src), "--max-tokens", "2"]) == 0
+    batch_id = capsys.readouterr().out.strip()
+    assert main(["status", batch_id]) == 0
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "keys", "list"], cwd=ROOT,
+                            env=env.env, capture_output=True, text=True, check=True).stdout
+    assert "cli" in listed and "active" in listed and key not in listed
+    kid = listed.splitlines()[1].split()[0]
+    subprocess.run([sys.executable, "-m", "cli.main", "keys", "revoke", kid], cwd=ROOT,
+                   env=env.env, check=True, capture_output=True)
+    assert main(["status", batch_id]) == 1
+    assert "revoked" in capsys.readouterr().err
