@@ -4,21 +4,30 @@ the request's session)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session
 
 from api import render
 from api.errors import ApiError, not_found
+from core.jsonl import LineError
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from store.db import make_sessionmaker, session_scope
 from store.ingest import IngestReport, submit_batch
-from store.queries import finish_cancel, get_batch, is_terminal, list_workers, request_cancel
-from store.tables import Batch, File
+from store.queries import (
+    finish_cancel,
+    get_batch,
+    is_terminal,
+    list_workers,
+    request_cancel,
+    set_batch_status,
+)
+from store.tables import Batch, File, Item, new_id
 from store.views import iter_batch_results, iter_unrun_items, recent_rate
 
 Enqueue = Callable[[ChunkPayload], None]
@@ -30,14 +39,18 @@ def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Pa
                    endpoint: str | None = None, completion_window: str = "24h"
                    ) -> IngestReport:
     """Ingest a stored upload into a new batch and enqueue it (blocking: run in a thread)."""
+    batch_id = new_id("batch_")
     try:
         with path.open("rb") as source:
             return submit_batch(engine=db, source=source, owner=owner, fmt=fmt,  # type: ignore[arg-type]
                                 endpoint=endpoint, defaults=defaults, metadata=metadata,
                                 input_file_id=input_file_id, on_invalid=on_invalid,  # type: ignore[arg-type]
                                 completion_window=completion_window, enqueue=enqueue,
-                                settings=settings)
-    except ValueError as exc:  # bad batch-level defaults
+                                settings=settings, batch_id=batch_id)
+    except ValueError as exc:
+        if "NUL" in str(exc):  # PostgreSQL text cannot hold U+0000; SQLite can
+            return _refuse_nul(db, batch_id, path, fmt)
+        # bad batch-level defaults
         msg = str(exc)
         raise ApiError(400, msg, code="invalid_value", param=msg.split(":", 1)[0]) from None
     except FileNotFoundError:
@@ -47,6 +60,47 @@ def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Pa
             raise ApiError(503, f"the queue is unavailable: {exc}",
                            code="queue_unavailable") from None
         raise
+
+
+def _nul_fields(value: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield prefix or "line"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nul_fields(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _nul_fields(v, prefix)
+
+
+def _refuse_nul(db: Engine, batch_id: str, path: Path, fmt: str) -> IngestReport:
+    """Refuse a file whose lines hold U+0000, naming them: the database could not store
+    them (found only when the insert fails, so this rare path rescans the file)."""
+    errors: list[LineError] = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if b"u0000" not in raw.lower():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            for name in list(_nul_fields(obj))[:1]:
+                errors.append(LineError(number, name, "invalid_value",
+                                        "NUL characters (\\u0000) are not allowed"))
+            if len(errors) >= 100:
+                break
+    if not errors:
+        errors = [LineError(0, None, "invalid_value",
+                            "the file holds NUL characters (\\u0000), which are not allowed")]
+    with session_scope(db) as session:
+        session.execute(delete(Item).where(Item.batch_id == batch_id))
+        set_batch_status(session=session, batch_id=batch_id, to="failed",
+                         from_=("validating", "in_progress"),
+                         errors=[e.as_dict() for e in errors], request_total=0)
+    return IngestReport(batch_id=batch_id, status="failed", errors=errors,
+                        invalid=len(errors), format=fmt)
 
 
 def status_of(session: Session, batch: Batch) -> dict[str, float]:

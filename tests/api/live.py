@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,14 +75,16 @@ class Live:
         drop_redis_keys(self.redis_url, self.prefix)
 
 
-def start_stack(tmp: Path, *, worker: bool, **settings: str) -> Live:
-    """Start the API (and a tiny-model worker) on ``tmp``; call ``stop()`` afterwards."""
+def start_stack(tmp: Path, *, worker: bool, database_url: str | None = None,
+                **settings: str) -> Live:
+    """Start the API (and a tiny-model worker) on ``tmp`` (SQLite there unless
+    ``database_url``); call ``stop()`` afterwards."""
     unique = os.urandom(5).hex()
     prefix = f"neoxq_live_{unique}:"
     redis_url = f"{REDIS_HOST_URL}/1"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEOXQ_")}
-    env.update({"NEOXQ_DATABASE_URL": f"sqlite:///{tmp / 'neoxq.db'}",
+    env.update({"NEOXQ_DATABASE_URL": database_url or f"sqlite:///{tmp / 'neoxq.db'}",
                 "NEOXQ_DATA_DIR": str(tmp / "data"), "NEOXQ_REDIS_URL": redis_url,
                 "NEOXQ_QUEUE": f"neoxq_live_{unique}", "NEOXQ_REDIS_KEY_PREFIX": prefix,
                 "NEOXQ_CHUNK_ITEMS": "8", "NEOXQ_HEARTBEAT_INTERVAL": "0.5",
@@ -100,3 +104,24 @@ def start_stack(tmp: Path, *, worker: bool, **settings: str) -> Live:
         live.stop()
         raise
     return live
+
+
+@contextmanager
+def fresh_database(kind: str, tmp: Path) -> Iterator[str]:
+    """A database URL for a live stack: a SQLite file, or a new PostgreSQL database
+    dropped afterwards (module-scoped stacks cannot use the function-scoped fixtures)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / 'neoxq.db'}"
+        return
+    from tests.conftest import PG_ADMIN_URL, _pg_admin
+
+    admin = _pg_admin()
+    name = f"neoxq_live_{os.urandom(6).hex()}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -205,3 +205,16 @@ def test_accepted_batches_survive_refused_ones(sqlite_api: Api) -> None:
     refused(sqlite_api, b"garbage\n")
     b = sqlite_api.client.get(f"/batches/{good}").json()
     assert b["status"] == "in_progress" and b["counts"]["total"] == 4
+
+
+def test_nul_characters_in_a_line(api: Api) -> None:
+    # PostgreSQL text cannot hold U+0000 (SQLite can): refused there with the line named.
+    body = jsonl([{"prompt": "a"}, {"prompt": "b\u0000c", "custom_id": "x"}])
+    r = api.client.post("/batches", content=body, headers=NDJSON)
+    assert r.status_code in (201, 400), r.text
+    if r.status_code == 400:
+        err = r.json()["error"]
+        assert (err["errors"][0]["line"], err["param"]) == (2, "prompt"), err
+        assert api.client.get(f"/batches/{err['batch_id']}").json()["status"] == "failed"
+    else:
+        assert api.settings.database_url.startswith("sqlite")
