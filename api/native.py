@@ -212,6 +212,7 @@ def results_route(batch_id: str, request: Request, session: SessionDep,
     """Results as JSONL in input order (partial while the batch runs): custom_id, index,
     line, text, finish_reason, usage, timings."""
     service.owned_batch(session, batch_id, owner)
+    session.close()  # the stream reads with its own session; free this connection now
     return StreamingResponse(service.stream_native_results(request.app.state.db, batch_id),
                              media_type=JSONL)
 
@@ -222,5 +223,6 @@ def errors_route(batch_id: str, request: Request, session: SessionDep,
                  owner: OwnerDep) -> StreamingResponse:
     """One JSONL line per failed item (or refused line): line number, field, reason."""
     service.owned_batch(session, batch_id, owner)
+    session.close()  # the stream reads with its own session; free this connection now
     return StreamingResponse(service.stream_native_errors(request.app.state.db, batch_id),
                              media_type=JSONL)

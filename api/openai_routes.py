@@ -109,6 +109,7 @@ def file_content(file_id: str, request: Request, session: SessionDep,
     f = get_file(session=session, file_id=file_id, owner=owner)
     if f is None:
         raise not_found("file", file_id)
+    session.close()  # the stream reads with its own session; free this connection now
     if f.path:
         from pathlib import Path
 

@@ -140,3 +140,12 @@ def test_health_and_readiness(api_factory) -> None:
     down = api_factory(redis_url="redis://127.0.0.1:1/0")
     r = down.client.get("/readyz")
     assert r.status_code == 503 and r.json()["redis"].startswith("unavailable")
+
+
+def test_queue_down_is_503_and_the_batch_is_failed(sqlite_api_factory) -> None:
+    api = sqlite_api_factory(redis_url="redis://127.0.0.1:1/0")
+    r = api.client.post("/batches", content=jsonl(prompts(3)), headers=NDJSON)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
+    page = api.client.get("/batches").json()["data"]
+    assert page[0]["status"] == "failed"
+    assert page[0]["errors"][0]["code"] == "queue_unavailable"
