@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import BatchList, BatchStatus
+from api.schemas import BatchList, BatchStatus, WorkerList, WorkerOut
 from api.uploads import multipart_or_raw, remove, save_multipart, save_raw_body
 from core.jsonl import check_defaults
+from store.queries import list_workers
 from store.tables import new_id
 from store.views import create_file, list_batches
 
@@ -226,3 +227,18 @@ def errors_route(batch_id: str, request: Request, session: SessionDep,
     session.close()  # the stream reads with its own session; free this connection now
     return StreamingResponse(service.stream_native_errors(request.app.state.db, batch_id),
                              media_type=JSONL)
+
+
+@router.get("/workers", response_model=WorkerList, tags=["workers"])
+def workers_route(
+    session: SessionDep, _owner: OwnerDep,
+    seen_within: Annotated[float, Query(gt=0, le=30 * 86400,
+                                        description="seconds since the last heartbeat")] = 3600,
+) -> WorkerList:
+    """Workers seen recently: host, model, devices, status, tokens/s, items done."""
+    rows = list_workers(session=session, seen_within=seen_within)
+    return WorkerList(data=[WorkerOut(
+        id=w.id, host=w.host, pid=w.pid, model=w.model, devices=list(w.devices or []),
+        pipeline_parallel=w.pipeline_parallel, status=w.status, started_at=w.started_at,
+        last_seen=w.last_seen, tokens_per_s=w.tokens_per_s, items_done=w.items_done,
+        tokens_done=w.tokens_done) for w in rows])

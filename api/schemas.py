@@ -72,6 +72,28 @@ class BatchList(BaseModel):
     last_id: str | None
 
 
+class WorkerOut(BaseModel):
+    """A worker as registered in the store and refreshed by its heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    model: str
+    devices: list[Any]
+    pipeline_parallel: int
+    status: str
+    started_at: float
+    last_seen: float
+    tokens_per_s: float
+    items_done: int
+    tokens_done: int
+
+
+class WorkerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WorkerOut]
+
+
 class Health(BaseModel):
     status: str
 

@@ -116,6 +116,8 @@ def test_cancel_with_a_live_worker_leaves_it_cancelling(api: Api) -> None:
                         devices=["cpu"], pipeline_parallel=1)
     b = submit(api, prompts(3))
     assert api.client.post(f"/batches/{b['id']}/cancel").json()["status"] == "cancelling"
+    workers = api.client.get("/workers").json()["data"]
+    assert [(w["id"], w["model"], w["devices"]) for w in workers] == [("w1", "m", ["cpu"])]
 
 
 def test_cannot_cancel_a_completed_batch(api: Api) -> None:
