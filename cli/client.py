@@ -1,4 +1,4 @@
-"""The HTTP client commands: ``neoxq submit|status|results|errors|cancel|batches``.
+"""The HTTP client commands: ``neoxq submit|status|results|errors|cancel|batches|workers``.
 
 They talk to a running ``neoxq api`` (``--url``/``NEOXQ_API_URL``, default
 http://127.0.0.1:8000) with ``--api-key``/``NEOXQ_API_KEY``. Only httpx (and tqdm for the
@@ -86,6 +86,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--after", default=None, help="a batch id: list those after it")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_batches)
+
+    w = sub.add_parser("workers", parents=[common], help="workers seen in the last hour")
+    w.set_defaults(func=_cmd_workers)
 
 
 # ---------------------------------------------------------------------------- plumbing
@@ -294,6 +297,22 @@ def _cmd_batches(args: argparse.Namespace) -> int:
                   f"{c['failed']:>7} {b['tokens_per_s']:>8.1f}  {created}")
         if page["has_more"]:
             print(f"(more: --after {page['last_id']})")
+        return 0
+
+    return _run(args, go)
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    """List workers seen in the last hour (model, devices, status, tokens/s)."""
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        rows = _check(client.get("/workers")).json()["data"]
+        print(f"{'ID':<28} {'STATUS':<9} {'TOK/S':>8} {'ITEMS':>8} {'SEEN':>6}  MODEL (DEVICES)")
+        for w in rows:
+            ago = max(0, int(time.time() - w["last_seen"]))
+            print(f"{w['id']:<28} {w['status']:<9} {w['tokens_per_s']:>8.1f} "
+                  f"{w['items_done']:>8} {str(ago) + 's':>6}  {w['model']} "
+                  f"({', '.join(map(str, w['devices']))})")
         return 0
 
     return _run(args, go)

@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "cli.generate",  # generate, convert
     "cli.serve",  # worker, db
     "cli.serve_api",  # api, keys
-    "cli.client",  # submit, status, results, errors, cancel, batches
+    "cli.client",  # submit, status, results, errors, cancel, batches, workers
     "cli.evaluate",  # evaluate
     "cli.up",  # up, run
 )

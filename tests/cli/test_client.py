@@ -63,6 +63,8 @@ def test_submit_wait_writes_results_in_order(env: Live, tmp_path: Path, capsys) 
     assert batch_id in capsys.readouterr().out
     assert main(["status"]) == 0  # without an id: the recent batches
     assert batch_id in capsys.readouterr().out
+    assert main(["workers"]) == 0
+    assert "w-live" in capsys.readouterr().out
 
 
 def test_errors_and_refusals(env: Live, tmp_path: Path, capsys) -> None:
