@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import Engine as SQLEngine
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
@@ -148,6 +148,11 @@ class ResultWriter(threading.Thread):
                 with session_scope(self.db) as session:
                     inserted = insert_results(session=session, rows=list(rows.values()))
                 break
+            except IntegrityError:
+                # Not an outage: some row cannot go in (its item was deleted with its
+                # batch). Write the rows one by one and drop those that fail.
+                inserted = self._write_each(list(rows.values()))
+                break
             except (OperationalError, DBAPIError) as exc:
                 # The database restarted or dropped us: the transaction rolled back, the
                 # pool replaces dead connections (pre_ping); try again. Nothing was
@@ -167,6 +172,16 @@ class ResultWriter(threading.Thread):
         for _, futs in batch:
             _resolve(futs, WRITTEN)
 
+    def _write_each(self, rows: list[dict[str, Any]]) -> list[int]:
+        inserted: list[int] = []
+        for row in rows:
+            try:
+                with session_scope(self.db) as session:
+                    inserted += insert_results(session=session, rows=[row])
+            except IntegrityError as exc:
+                log.error("result of item %s dropped: %s", row["item_id"], exc.orig)
+        return inserted
+
 
 # ------------------------------------------------------------------------- engine loop
 
@@ -184,6 +199,11 @@ class EngineLoop(threading.Thread):
         self._lock = threading.Lock()  # guards `pending` against submit()'s dedupe check
         self._stop_evt = threading.Event()
         self.error: BaseException | None = None
+        # Where the loop's time goes: stepping the engine vs everything else (admitting,
+        # dispatching, waiting for the GIL), logged at shutdown.
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.started = time.monotonic()
 
     # -- called from other threads --------------------------------------------------------
 
@@ -245,12 +265,15 @@ class EngineLoop(threading.Thread):
                     cmd = None
             if not engine.has_unfinished():
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = engine.step()
             except Exception:  # noqa: BLE001 - e.g. CUDA OOM: transient for every request
                 log.exception("engine step failed; aborting the running requests")
                 self._fail_all()
                 continue
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
             for out in outputs:
                 self._finished(out)
 
@@ -443,6 +466,10 @@ class WorkerRuntime:
         self.control.stop()
         self.loop.stop()
         self.loop.join(timeout=10)
+        life = time.monotonic() - self.loop.started
+        log.info("engine loop: %d steps, %.1fs stepping of %.1fs alive; %d items, %d tokens",
+                 self.loop.steps, self.loop.step_seconds, life, self.items_done,
+                 self.tokens_done)
         self.writer.stop()
         self.writer.join(timeout=30)
         try:

@@ -7,6 +7,7 @@ import signal
 import time
 
 import psycopg2
+import pytest
 import redis
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -41,6 +42,7 @@ def running(cluster) -> int:
         return s.scalar(select(func.count()).select_from(Item).where(Item.status == "running"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_then_restart_is_exactly_once(sqlite_cluster, direct_engine) -> None:
     # A short visibility timeout so the killed worker's chunks come back within the test;
     # the live worker keeps its own messages fresh (touch), so they are not redelivered.
