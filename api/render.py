@@ -12,6 +12,7 @@ from api.schemas import (
     BatchErrorData,
     BatchErrors,
     BatchStatus,
+    BatchUsage,
     Counts,
     FileObject,
     LineErrorOut,
@@ -80,6 +81,8 @@ def openai_batch(batch: Batch) -> OpenAIBatch:
                                      completed=batch.request_completed,
                                      failed=batch.request_failed),
         metadata={str(k): str(v) for k, v in (batch.metadata_ or {}).items()} or None,
+        usage=BatchUsage(input_tokens=batch.prompt_tokens, output_tokens=batch.completion_tokens,
+                         total_tokens=batch.prompt_tokens + batch.completion_tokens),
     )
 
 

@@ -154,6 +154,17 @@ class RequestCounts(BaseModel):
     failed: int
 
 
+class BatchUsage(BaseModel):
+    """OpenAI's batch ``usage``: tokens so far."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"reasoning_tokens": 0})
+
+
 class OpenAIBatch(BaseModel):
     """OpenAI's Batch object."""
 
@@ -179,6 +190,7 @@ class OpenAIBatch(BaseModel):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+    usage: BatchUsage | None = None
 
 
 class OpenAIBatchList(BaseModel):
