@@ -26,11 +26,20 @@ def build_engine(
 
     ``tokenizer`` overrides the checkpoint's own; ``seed`` fills random presets;
     ``engine_kwargs`` go to :class:`Engine` (``kv_memory``, ``max_num_seqs``, ...).
+
+    ``pipeline_parallel=N`` > 1 splits the model over N stages (N GPUs from ``device``
+    on CUDA, N processes on CPU) and returns a
+    :class:`~models.pipeline.PipelineEngine` with the same interface; close it (or use
+    it as a context manager) to stop the stage processes.
     """
     if pipeline_parallel != 1:
         if pipeline_parallel < 1:
             raise ValueError(f"pipeline_parallel: must be >= 1, got {pipeline_parallel}")
-        raise NotImplementedError("pipeline_parallel > 1 is not implemented yet")
+        from models.pipeline import PipelineEngine
+
+        return PipelineEngine(  # type: ignore[return-value]
+            spec, num_stages=pipeline_parallel, device=device, dtype=dtype,
+            tokenizer=tokenizer, seed=seed, **engine_kwargs)
     from models.loaders import load_model
 
     loaded = load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, seed=seed)
