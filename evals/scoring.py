@@ -131,10 +131,9 @@ def score_pairs(
 
     Each call gets at most ``batch_size`` requests and, if ``max_tokens`` is given
     (default: the engine's ``max_batch_tokens``, i.e. one engine step per call), at
-    most that many input tokens. Keeping a call to one step also keeps every score
-    request's prefill whole: the engine at this commit mistakes a score request whose
-    prefill is split with one token left for a decode and fails
-    (``'NoneType' object has no attribute 'has_penalties'``).
+    most that many input tokens. One step per call keeps every request's prefill in
+    one piece (an earlier engine failed on score prefills split with one token left)
+    and moves the progress bar steadily; the steps are as full as the engine makes them.
     ``progress`` is anything with ``update(n)`` (a tqdm bar).
     """
     if batch_size < 1:

@@ -82,3 +82,36 @@ def test_batched_encoding_equals_one_by_one(data_dir: Path, tokenizer_path: Path
     batched = encode_pairs(tok.encode_batch, reqs, 0)
     assert batched == [encode_pair(tok.encode, c, t, 0) for c, t in reqs]
     assert batched[-3] == ([0], [89])  # a continuation starting with EOS: EOS is the context
+
+
+def test_engine_calls_are_token_budgeted_and_answers_keep_order() -> None:
+    from evals.scoring import _chunks, score_pairs, truncate_pair
+
+    assert _chunks([0, 1, 2, 3], [5, 5, 5, 50], batch_size=10, max_tokens=12) == [[0, 1], [2],
+                                                                                   [3]]
+    assert _chunks([0, 1, 2], [1, 1, 1], batch_size=2, max_tokens=None) == [[0, 1], [2]]
+    # HFLM keeps max_length + 1 tokens of (context + continuation)
+    assert truncate_pair([1, 2, 3, 4], [5, 6], max_length=4) == ([2, 3, 4], [5, 6])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        truncate_pair([1], [2, 3, 4], max_length=2)
+
+    class Echo:
+        """Scores a pair as -(its total length); records the calls' input tokens."""
+
+        max_batch_tokens = 10
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def score(self, pairs: list) -> list:
+            from types import SimpleNamespace
+
+            self.calls.append(sum(len(c) + len(t) - 1 for c, t in pairs))
+            return [SimpleNamespace(logprob=-(len(c) + len(t)), is_greedy=len(t) == 1)
+                    for c, t in pairs]
+
+    engine = Echo()
+    pairs = [([1] * n, [2]) for n in (3, 8, 1, 5, 2)]
+    assert score_pairs(engine, pairs, max_length=64) == [
+        (-4.0, True), (-9.0, True), (-2.0, True), (-6.0, True), (-3.0, True)]
+    assert max(engine.calls) <= 10
