@@ -403,7 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     runs["neoxq"] = run_neoxq(backend, args.data_dir, args)
     print(f"neoxq: {runs['neoxq']['wall_s']:.1f}s", file=sys.stderr)
-    runs["hf_replica"], _ = run_hf_replica(backend, args.data_dir, args)
+    report["runs"] = runs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # written now too, so a failing baseline cannot lose neoxq's figures
+    args.out.write_text(json.dumps(report, indent=2, default=_default) + "\n")
+    try:
+        runs["hf_replica"], _ = run_hf_replica(backend, args.data_dir, args)
+    except Exception as exc:  # noqa: BLE001 - report whatever broke the baseline, keep ours
+        report["hf_replica_error"] = f"{type(exc).__name__}: {exc}"
+        args.out.write_text(json.dumps(report, indent=2, default=_default) + "\n")
+        raise
     print(f"hf replica: {runs['hf_replica']['wall_s']:.1f}s", file=sys.stderr)
     if not gpu and not args.skip_lm_eval:
         runs["lm_eval_hf"] = run_lm_eval_hf(model_dir, args.data_dir, args)
