@@ -773,10 +773,7 @@ class PipelineEngine:
         except PipelineError:
             raise
         except Exception as exc:  # the transport noticed a dead peer first: name it
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                self.check_stages()
-                time.sleep(0.05)
+            self._blame(exc, grace=5.0)
             raise PipelineError(f"pipeline: receiving logits failed: {exc}") from exc
 
     def _finish(self, g: _Group) -> None:
@@ -804,13 +801,35 @@ class PipelineEngine:
 
     @contextlib.contextmanager
     def _failing(self) -> Iterator[None]:
-        """A PipelineError breaks the engine for good: stop every stage, re-raise."""
+        """A PipelineError breaks the engine for good: stop every stage, re-raise. Any
+        other error is first blamed on a stage that died, if one did (the transport often
+        notices a dead peer before the liveness check does)."""
         try:
             yield
         except PipelineError as exc:
             self._broken = str(exc)
             self._kill()
             raise
+        except Exception as exc:
+            try:
+                self._blame(exc)
+            except PipelineError as err:
+                self._broken = str(err)
+                self._kill()
+                raise err from exc
+            raise
+
+    def _blame(self, exc: BaseException, grace: float = 3.0) -> None:
+        """Raise PipelineError if a stage failed (waiting up to ``grace`` seconds for a
+        dying one to be seen); return if every stage is healthy."""
+        if not self._procs:
+            return
+        deadline = time.monotonic() + grace
+        while True:
+            self.check_stages()
+            if time.monotonic() >= deadline or not _looks_like_transport(exc):
+                return
+            time.sleep(0.05)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -1044,6 +1063,13 @@ class PipelineEngine:
 def stage_weight_bytes(engine: PipelineEngine) -> list[int]:
     """Weight bytes each stage holds (for benchmarks)."""
     return [int(s["weight_bytes"]) for s in engine.stage_info]
+
+
+def _looks_like_transport(exc: BaseException) -> bool:
+    """gloo/NCCL errors about a peer (worth waiting for the dead stage to show)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError | dist.DistBackendError) and any(
+        w in text for w in ("connection", "gloo", "nccl", "peer", "socket", "closed"))
 
 
 __all__ = ["PipelineEngine", "PipelineError", "StageRuntime", "StepPlan"]

@@ -123,38 +123,79 @@ def test_abort_and_bad_requests() -> None:
         assert len(outs["b"].samples[0].token_ids) == 5
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_killed_stage_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
-    """`neoxq generate --pipeline-parallel 2` on CPU; SIGKILL the second stage mid-run:
-    the command exits non-zero within seconds naming the stage, leaving no process."""
+    """`neoxq generate --pipeline-parallel 3` on CPU; SIGKILL the middle stage mid-run:
+    the command exits non-zero within seconds naming the stage, and the last stage is
+    gone too (no orphans)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(f"line {i} " * 20 for i in range(400)) + "\n")
+    prompts.write_text("\n".join(f"line {i} " * 6 for i in range(400)) + "\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "generate", SPEC, "-i", str(prompts),
-         "-o", str(tmp_path / "out.jsonl"), "--pipeline-parallel", "2", "--device", "cpu",
-         "--max-tokens", "400", "--temperature", "0"],
+        [sys.executable, "-m", "cli.main", "generate", "preset:tiny-sequential", "-i",
+         str(prompts), "-o", str(tmp_path / "out.jsonl"), "--pipeline-parallel", "3",
+         "--device", "cpu", "--max-tokens", "400"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    pids: dict[int, int] = {}
     try:
         assert proc.stderr is not None
-        pid = None
         lines = []
-        while pid is None:
+        while len(pids) < 2:
             line = proc.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
-            m = re.search(r"stage 1 of 2 started \(pid (\d+)", line)
+            m = re.search(r"stage (\d) of 3 started \(pid (\d+)", line)
             if m:
-                pid = int(m.group(1))
-        time.sleep(3.0)  # let it load and run some steps
+                pids[int(m.group(1))] = int(m.group(2))
+        while not line.startswith("loaded "):  # the model is loaded: generating
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        time.sleep(1.0)
         assert proc.poll() is None, "".join(lines) + proc.stderr.read()
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pids[1], signal.SIGKILL)
         t0 = time.time()
         rest = proc.communicate(timeout=30)[1]
         elapsed = time.time() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     err = "".join(lines) + rest
     assert proc.returncode != 0, err
     assert elapsed < 10, err
     assert re.search(r"pipeline stage 1 \(pid \d+.*\) was killed by signal 9", err), err
+    deadline = time.time() + 5
+    while _alive(pids[2]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids[2]), "stage 2 outlived the run"
+
+
+def test_dead_stage_breaks_the_engine_in_process() -> None:
+    """The worker's case: the engine raises PipelineError naming the stage, keeps raising,
+    closes cleanly, and the process can build a new pipeline afterwards."""
+    eng = build_engine(SPEC, pipeline_parallel=2, num_blocks=200)
+    try:
+        eng.add_request("a", [5] * 10, _greedy(400))
+        eng.step()
+        os.kill(eng.stage_info[1]["pid"], signal.SIGKILL)
+        t0 = time.time()
+        with pytest.raises(PipelineError, match=r"stage 1 .*killed by signal 9"):
+            while time.time() - t0 < 30:
+                eng.step()
+        assert time.time() - t0 < 10
+        with pytest.raises(PipelineError, match="stage 1"):
+            eng.step()
+    finally:
+        eng.close()
+    with build_engine(SPEC, pipeline_parallel=2, num_blocks=200) as again:
+        assert len(again.generate([[5, 6, 7]], _greedy(3))[0].samples[0].token_ids) == 3
