@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from core.celery_app import RUN_CHUNK, make_celery
@@ -141,11 +141,14 @@ def test_malformed_messages_lost_chunks_and_bad_items(sqlite_cluster) -> None:
     lines[3]["prompt"] = "x" * 600  # longer than the tiny model's 512-token context
     lines[7]["max_tokens"] = 600  # prompt + max_tokens past the context
     report = c.submit(lines, drop=lambda chunk: chunk.start == 25)  # items 25..29: lost
+    with session_scope(c.db) as s:  # item 11 already failed max_attempts times (crashes)
+        s.execute(update(Item).where(Item.index == 11).values(attempts=c.settings.max_attempts))
     b = c.wait_done(report.batch_id, timeout=60)
-    assert (b.status, b.request_completed, b.request_failed) == ("completed", 28, 2)
+    assert (b.status, b.request_completed, b.request_failed) == ("completed", 27, 3)
     assert "had no message; enqueued again" in c.log(c.procs[0])
     errors = {x.index: x.error for x in c.results(report.batch_id) if x.error}
-    assert set(errors) == {3, 7}
+    assert set(errors) == {3, 7, 11}
+    assert errors[11]["code"] == "max_attempts"
     assert errors[3]["code"] == "invalid_request" and "prompt" in errors[3]["message"]
     assert "max_tokens" in errors[7]["message"]
     assert r.llen(f"{c.settings.redis_key_prefix}{q}") == 0
