@@ -17,6 +17,9 @@ from typing import Any
 
 log = logging.getLogger("neoxq.worker")
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32"}
+
 
 @dataclass
 class WorkerOptions:
@@ -63,6 +66,9 @@ def run_worker(opts: WorkerOptions) -> int:
     settings = get_settings().model_copy(update=overrides)
     device = opts.device or _default_device()
     dtype = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise SystemExit(f"--dtype: one of float32, bfloat16, float16 expected, got {dtype!r}")
 
     # The model is loaded once, before anything is consumed: a chunk never waits for it.
     log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device, dtype,
