@@ -43,8 +43,10 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
                           "max_batch_tokens": args.max_batch_tokens}
     if args.kv_memory is not None:
         kw["kv_memory"] = args.kv_memory if device.startswith("cuda") else int(args.kv_memory)
-    if n == 1 and args.no_cuda_graphs:
+    if args.no_cuda_graphs:
         kw["cuda_graphs"] = False
+    if n > 1 and args.micro_batches:
+        kw["micro_batches"] = args.micro_batches
     t = time.time()
     engine = build_engine(args.model, device=device, dtype=dtype, pipeline_parallel=n,
                           seed=args.seed, **kw)
@@ -74,7 +76,8 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
         res = run_ours(engine, prompts, outs)  # type: ignore[arg-type]
         log(f"PP={n}: {res['seconds']:.1f}s, {res['output_tok_per_s']:.0f} out tok/s, "
             f"stats {res['engine_stats']}")
-        return {"pipeline_parallel": n, "load_s": load_s, "stages": stages,
+        return {"pipeline_parallel": n, "micro_batches": len(getattr(engine, "_groups", [0])),
+                "load_s": load_s, "stages": stages,
                 "cache_tokens": cache_tokens, "run": res,
                 "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"}
     finally:
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-batch-tokens", type=int, default=2048, help="per micro-batch")
     ap.add_argument("--kv-memory", type=float, default=None,
                     help="fraction of free GPU memory per GPU (bytes off CUDA)")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="PP=1 without graphs")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
+    ap.add_argument("--micro-batches", type=int, default=None,
+                    help="micro-batch groups in flight for PP>1 (default N + 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pipeline size")
     ap.add_argument("--out", type=Path, default=None)
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             child += [flag, str(value)]
     if args.no_cuda_graphs:
         child.append("--no-cuda-graphs")
+    if args.micro_batches:
+        child += ["--micro-batches", str(args.micro_batches)]
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.stages:
             out = Path(tmp) / f"pp{n}.json"

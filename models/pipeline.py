@@ -15,7 +15,7 @@ Layout (DESIGN.md, "Pipeline parallelism"):
   on its queue with a timeout — never on an NCCL operation — so ranks survive hours
   without work, notice a dead parent within a second and exit.
 - **Micro-batches.** The running sequences are split into ``micro_batches`` groups
-  (default N), each a full :class:`~models.engine.Engine` scheduler over its own share
+  (default N + 1), each a full :class:`~models.engine.Engine` scheduler over its own share
   of the KV blocks. :meth:`PipelineEngine.step` takes the next group in turn: it waits
   for that group's logits (from the last stage), samples and updates on rank 0, then
   schedules the group's next step and launches it into stage 0. Meanwhile the other
@@ -72,7 +72,7 @@ from models.engine import (
     _Request,
     _Seq,
 )
-from models.kv_cache import BlockAllocator, KVCache, block_bytes
+from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
 from models.partition import partition_layers
 from models.sampling import SamplingParams
@@ -133,6 +133,19 @@ class StepPlan:
                    select_rows=logit_rows is not None, ints=ints,
                    int_fields=[(name, tuple(t.shape)) for name, t in named], other=other)
 
+    def host(self, name: str) -> np.ndarray:
+        """One int64 section (``tokens``, ``positions``, ``meta.<field>``) on the host."""
+        off = 0
+        for n, shape in self.int_fields:
+            size = math.prod(shape)
+            if n == name:
+                return self.ints[off: off + size].reshape(shape)
+            off += size
+        raise KeyError(name)
+
+    def is_decode_only(self) -> bool:
+        return self.other.get("num_decode") == self.num_tokens and not self.select_rows
+
     def to_device(self, device: torch.device) -> tuple[Tensor, Tensor, StepMetadata,
                                                         Tensor | None]:
         """(tokens, positions, metadata, logit rows or None) as ``device`` tensors."""
@@ -184,9 +197,15 @@ class _Recorder:
 
 
 class StageRuntime:
-    """A stage's layers and the KV cache of those layers; runs one :class:`StepPlan`."""
+    """A stage's layers and the KV cache of those layers; runs one :class:`StepPlan`.
 
-    def __init__(self, model: NeoX, num_blocks: int, block_size: int) -> None:
+    ``graphs``: decode-only steps replay a per-bucket graph of this stage's layers
+    (:class:`_StageGraphs`), captured on CUDA; off CUDA the same static-buffer path runs
+    uncaptured (so it is tested on CPU).
+    """
+
+    def __init__(self, model: NeoX, num_blocks: int, block_size: int, graphs: bool = False,
+                 max_batch: int = 256) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -198,14 +217,25 @@ class StageRuntime:
                              head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
                              layer_start=start)
         self.attn = PagedAttention(self.cache)
+        self.graphs = _StageGraphs(self, max_batch, capture=self.device.type == "cuda") \
+            if graphs else None
+        self.graph_steps = 0
 
-    def forward(self, plan: StepPlan, x: Tensor | None) -> Tensor:
-        """Token ids (first stage, from the plan) or hidden states ``x`` (N, H) in;
-        hidden states (N, H) out, or logits (rows, V) from the last stage."""
+    def _copies(self, plan: StepPlan) -> None:
         if plan.copies:
             src, dst = plan.copies
             self.cache.copy_blocks(torch.tensor(src, device=self.device),
                                    torch.tensor(dst, device=self.device))
+
+    def forward(self, plan: StepPlan, x: Tensor | None) -> Tensor:
+        """Token ids (first stage, from the plan) or hidden states ``x`` (N, H) in;
+        hidden states (N, H) out, or logits (rows, V) from the last stage. The result is
+        the caller's to keep (a graph's output buffer is copied out)."""
+        self._copies(plan)
+        if self.graphs is not None and plan.is_decode_only() and \
+                plan.num_tokens <= self.graphs.max_batch:
+            self.graph_steps += 1
+            return self.graphs.run(plan, x)
         tokens, pos, meta, lrows = plan.to_device(self.device)
         self.attn.set_step(meta)
         m = self.model
@@ -218,6 +248,115 @@ class StageRuntime:
         if lrows is not None:
             x = x[lrows]
         return m.head(x)  # (rows, V)
+
+
+class _StageGraphs:
+    """Graphs of a stage's decode-only steps, one per bucketed batch size (the engine's
+    ``_DecodeGraphs``, for a slice of the layers).
+
+    Inputs live in one static int64 buffer (tokens, positions, slot blocks, slot offsets,
+    context lengths, block tables of ``width`` columns) refreshed by one copy per step
+    from a freshly pinned host array (stages never sync with the host, so a reused
+    pinned buffer could be overwritten before its copy ran); stages after the first also
+    copy the received hidden states into a static input. Rows past the batch are
+    padding: token 0 at position 0, writing to and reading from the null block. The
+    output is cloned: the next replay would overwrite it while a send still reads it.
+    """
+
+    def __init__(self, rt: StageRuntime, max_batch: int, capture: bool = True) -> None:
+        self.rt = rt
+        self.capture = capture
+        self.max_batch = max_batch
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
+                              | set(range(64, max_batch, 32)) | {max_batch})
+        cfg = rt.model.config
+        # The engine rounds its table width up to 16 columns: cover the largest such.
+        self.width = -(-math.ceil(cfg.max_position / rt.block_size) // 16) * 16
+        m, w = max_batch, self.width
+        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 5 * m, 5 * m + m * w]
+        self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=rt.device)
+        self.x = None if rt.model.has_embedding else torch.zeros(
+            m, cfg.hidden_size, dtype=rt.dtype, device=rt.device)
+        self.graphs: dict[int, Any] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def _section(self, i: int) -> Tensor:
+        return self.static[self.offsets[i]: self.offsets[i + 1]]
+
+    def _capture(self, b: int) -> Any:
+        rt, m = self.rt, self.rt.model
+        tokens, pos, sblk, soff, ctx = (self._section(i)[:b] for i in range(5))
+        tables = self._section(5).view(self.max_batch, self.width)[:b]
+        attn = PagedAttention(rt.cache)
+        # Valid, harmless inputs while warming up and capturing.
+        tokens.zero_()
+        pos.zero_()
+        sblk.fill_(NULL_BLOCK)
+        soff.zero_()
+        ctx.fill_(1)
+        tables.fill_(NULL_BLOCK)
+        x_static = self.x
+
+        def forward() -> Tensor:
+            attn.set_step(StepMetadata(slot_blocks=sblk, slot_offsets=soff, num_decode=b,
+                                       block_tables=tables, context_lens=ctx))
+            x = m.embed(tokens) if m.has_embedding else x_static[:b]  # type: ignore[index]
+            h = m.run_layers(x, pos, attn)  # (b, H)
+            return m.head(h) if m.has_head else h
+
+        if not self.capture:
+            return forward
+        stream = torch.cuda.Stream(device=rt.device)
+        stream.wait_stream(torch.cuda.current_stream(rt.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # Triton compiles, cuBLAS picks, off-graph
+                forward()
+        torch.cuda.current_stream(rt.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the NCCL watchdog thread queries events while we capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = forward()
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    def capture_all(self) -> int:
+        """Capture every bucket now, largest first (the smaller reuse its memory)."""
+        with torch.inference_mode():
+            for b in sorted(self.buckets, reverse=True):
+                if b not in self.graphs:
+                    self.graphs[b] = self._capture(b)
+        return len(self.graphs)
+
+    def run(self, plan: StepPlan, x: Tensor | None) -> Tensor:
+        d = plan.num_tokens
+        b = next(v for v in self.buckets if v >= d)
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        o, w = self.offsets, self.width
+        n = o[5] + b * w  # only the used prefix of the tables section travels
+        host = np.zeros(n, dtype=np.int64)
+        host[o[0]: o[0] + d] = plan.host("tokens")
+        host[o[1]: o[1] + d] = plan.host("positions")
+        host[o[2]: o[2] + b] = NULL_BLOCK  # padding rows write to the null block
+        host[o[2]: o[2] + d] = plan.host("meta.slot_blocks")
+        host[o[3]: o[3] + d] = plan.host("meta.slot_offsets")
+        host[o[4]: o[4] + b] = 1
+        host[o[4]: o[4] + d] = plan.host("meta.context_lens")
+        bt = plan.host("meta.block_tables")  # (d, table width <= w); zeros = null block
+        host[o[5]: n].reshape(b, w)[:d, : bt.shape[1]] = bt
+        src = torch.from_numpy(host)
+        if self.capture:
+            src = src.pin_memory()
+        self.static[:n].copy_(src, non_blocking=True)
+        if self.x is not None:
+            assert x is not None
+            self.x[:d].copy_(x)
+        out = self.graphs[b]()[:d]
+        return out.clone()
 
 
 def _stage_blocks(
@@ -270,6 +409,7 @@ class _StageArgs:
     max_num_seqs: int
     max_batch_tokens: int
     tune_kernels: bool
+    cuda_graphs: bool
     parent_pid: int
     num_threads: int
 
@@ -394,8 +534,13 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
                     torch.cuda.synchronize(device)
                 return
             if kind == "init":
-                runtime = StageRuntime(model, msg[1], args.block_size)
+                runtime = StageRuntime(model, msg[1], args.block_size, graphs=args.cuda_graphs,
+                                       max_batch=args.max_num_seqs)
                 status.send(("init_done", {"rank": rank, "kv_bytes": runtime.cache.nbytes}))
+                continue
+            if kind == "capture":
+                assert runtime is not None and runtime.graphs is not None
+                status.send(("captured", runtime.graphs.capture_all()))
                 continue
             assert kind == "step" and runtime is not None
             plan: StepPlan = msg[1]
@@ -523,7 +668,8 @@ class PipelineEngine:
     Engine arguments keep their meaning per micro-batch: ``max_num_seqs`` and
     ``max_batch_tokens`` bound one forward (one micro-batch), ``kv_memory`` is per GPU,
     ``num_blocks`` is the blocks of every stage's cache (shared out among the groups).
-    ``micro_batches`` (default ``num_stages``) is the number of groups in flight.
+    ``micro_batches`` (default ``num_stages + 1``) is the number of groups in flight.
+    ``cuda_graphs`` (default on CUDA) replays decode-only steps from per-stage graphs.
     ``abort`` of a request whose micro-batch is in flight takes effect when that step
     returns (if the step finished the request, it finishes normally).
     """
@@ -575,7 +721,9 @@ class PipelineEngine:
         self.ranges = partition_layers(config, n)
         if tune_kernels is None:
             tune_kernels = self.device.type == "cuda"
-        self.cuda_graphs = bool(cuda_graphs)  # decode graphs per stage: not yet (eager)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.cuda_graphs = bool(cuda_graphs)
         self.block_size = block_size
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         try:
@@ -602,14 +750,17 @@ class PipelineEngine:
                                 for r in range(1, n)]
             total = num_blocks if num_blocks is not None else min(
                 s["max_blocks"] for s in self.stage_info)
-            groups = micro_batches or n
+            # N + 1 groups: while rank 0 samples and schedules one group, the stages still
+            # have N groups' steps to work on (with N, every stage idles for that time).
+            groups = micro_batches or n + 1
             if total < 1 + 2 * groups:
                 raise ValueError(f"kv_memory: {total} KV blocks cannot be shared by "
                                  f"{groups} micro-batches (stage memory: "
                                  f"{[s['max_blocks'] for s in self.stage_info]} blocks)")
             for q in self._cmd_qs:
                 q.put(("init", total))
-            self._stage = StageRuntime(stage0, total, block_size)
+            self._stage = StageRuntime(stage0, total, block_size, graphs=self.cuda_graphs,
+                                       max_batch=max_num_seqs)
             self.stage_info[0]["kv_bytes"] = self._stage.cache.nbytes
             for r in range(1, n):
                 self.stage_info[r].update(self._expect(r, "init_done", startup_timeout))
@@ -644,6 +795,7 @@ class PipelineEngine:
     def _start(self, spec: str | Path, base: torch.device, dtype: torch.dtype, tokenizer: Any,
                seed: int, kv_memory: float | int | None, block_size: int, max_num_seqs: int,
                max_batch_tokens: int, tune_kernels: bool, timeout: float) -> None:
+        graphs = self.cuda_graphs
         n = self.num_stages
         # Multicast (NVLS) stays off: set before the children inherit the environment.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -655,7 +807,7 @@ class PipelineEngine:
                 device=str(_device_for(base, r)), dtype=dtype, tokenizer=tokenizer, seed=seed,
                 kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
                 max_batch_tokens=max_batch_tokens, tune_kernels=tune_kernels,
-                parent_pid=os.getpid(), num_threads=torch.get_num_threads())
+                cuda_graphs=graphs, parent_pid=os.getpid(), num_threads=torch.get_num_threads())
             cmd_q = ctx.Queue()
             recv_end, send_end = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_stage_main, args=(r, args, cmd_q, send_end),
@@ -924,7 +1076,22 @@ class PipelineEngine:
         for g in self._groups:
             for k, v in g.stats.items():
                 total[k] = total.get(k, 0) + v
+        total["graph_steps"] = self._stage.graph_steps  # stage 0's; the others match
         return total
+
+    def capture_graphs(self) -> int:
+        """Capture every stage's decode graphs now instead of on first use (as
+        :meth:`Engine.capture_graphs`). Returns how many rank 0 holds."""
+        self._guard()
+        if self._stage.graphs is None:
+            return 0
+        with self._failing():
+            for q in self._cmd_qs:
+                q.put(("capture",))
+            count = self._stage.graphs.capture_all()
+            for r in range(1, self.num_stages):
+                self._expect(r, "captured", 1800.0)
+        return count
 
     @property
     def cache_tokens(self) -> int:

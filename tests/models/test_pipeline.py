@@ -85,14 +85,16 @@ def test_two_stages_match_one_stage_greedy() -> None:
     ref = _run(one, arrivals)
     ref_scores = one.score(pairs)
     # 2 x 20 blocks of 8 tokens, overcommitted: the groups must preempt and recompute.
+    # cuda_graphs on CPU: decode steps take the stages' static-buffer path, uncaptured.
     with build_engine(SPEC, pipeline_parallel=2, num_blocks=41, kv_overcommit=4.0,
-                      **kw) as two:
+                      cuda_graphs=True, **kw) as two:
         assert isinstance(two, PipelineEngine)
         assert [s["layer_range"] for s in two.stage_info] == [(0, 1), (1, 2)]
         got = _run(two, arrivals)
         scores = two.score(pairs)
         gen = two.generate([prompts[0], prompts[1]], _greedy(6))
         assert two.stats["preemptions"] > 0
+        assert 0 < two.stats["graph_steps"] < two.stats["steps"]
         assert not two.has_unfinished() and two.num_unfinished() == 0
     assert set(got) == set(ref)
     for rid, r in ref.items():
