@@ -1064,6 +1064,10 @@ class PipelineEngine:
         return True
 
     def has_unfinished(self) -> bool:
+        """Raises :class:`PipelineError` once a stage has failed: a caller that only
+        polls this (an idle worker loop) must not spin on a broken engine."""
+        if self._broken is not None:
+            raise PipelineError(self._broken)
         return bool(self._outputs) or any(
             g.inflight is not None or g.has_unfinished() for g in self._groups)
 
@@ -1209,10 +1213,16 @@ class PipelineEngine:
         # A broken NCCL group may block in its teardown: leave it to process exit. gloo
         # tears down cleanly (and the process may want a new group, as the tests do).
         if self._dist and (healthy or self._backend == "gloo"):
-            with contextlib.suppress(Exception):
-                if healthy:
-                    self._sends.drain()
-                dist.destroy_process_group()
+            def teardown() -> None:
+                with contextlib.suppress(Exception):
+                    if healthy:
+                        self._sends.drain()
+                    dist.destroy_process_group()
+
+            # Bounded: communicator teardown must never turn a shutdown into a hang.
+            t = threading.Thread(target=teardown, name="neoxq-pp-teardown", daemon=True)
+            t.start()
+            t.join(timeout=30.0)
         self._dist = False
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
