@@ -199,6 +199,19 @@ def _insert_ignore(session: Session):
     raise NotImplementedError(f"insert-if-absent for {dialect}")
 
 
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold U+0000, which a model can generate (byte 0 of a
+    byte-level vocabulary, or a raw control token). Replace it with U+FFFD rather than
+    failing the write forever; SQLite keeps the text exactly."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def insert_results(*, session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
     """Insert result rows whose item has none yet; return the item ids really inserted.
 
@@ -208,6 +221,8 @@ def insert_results(*, session: Session, rows: Sequence[dict[str, Any]]) -> list[
     """
     if not rows:
         return []
+    if session.get_bind().dialect.name == "postgresql":
+        rows = [_without_nul(row) for row in rows]
     stmt = _insert_ignore(session).returning(Result.item_id)
     inserted = set(session.scalars(stmt, list(rows)).all())
     if not inserted:

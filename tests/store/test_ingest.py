@@ -191,3 +191,20 @@ def test_conditional_status_update_has_one_winner(db: Engine) -> None:
             wins += set_batch_status(session=s, batch_id=bid, to="in_progress",
                                      from_=("validating",))
     assert wins == 1
+
+
+def test_results_with_nul_characters_are_stored(db: Engine) -> None:
+    """A model can generate U+0000; PostgreSQL text cannot hold it, SQLite can."""
+    r = submit_batch(engine=db, source=io.BytesIO(jsonl(1)), enqueue=lambda c: None,
+                     settings=settings())
+    with session_scope(db) as s:
+        item = s.scalars(select(Item)).one()
+        text = "a\x00b"
+        row = _result(item, text=text, choices=[{"index": 0, "text": text,
+                                                 "finish_reason": "length", "logprobs": None}])
+        assert insert_results(session=s, rows=[row]) == [item.id]
+    with session_scope(db) as s:
+        stored = s.get(Result, item.id)
+        expected = "a\ufffdb" if db.dialect.name == "postgresql" else text
+        assert stored.text == expected and stored.choices[0]["text"] == expected
+        assert s.get(Batch, r.batch_id).request_completed == 1
