@@ -10,10 +10,11 @@ several steps, and recomputation after preemption). Per layer the backend
    torch elsewhere (:func:`paged_decode_torch`, also the reference the kernel is
    checked against);
 3. prefill tokens: a chunk that starts a sequence (a new prompt, or a recomputation)
-   sees only its own keys, so it runs causal ``scaled_dot_product_attention`` on the
-   step's own keys (flash attention on CUDA), one call per sequence; chunks that continue
-   a sequence gather their earlier keys from the cache and run one SDPA call together
-   with a block-diagonal causal mask built once per step.
+   sees only its own keys, so such chunks are packed right-padded into a batch (a few
+   batches when lengths differ a lot) and run one causal
+   ``scaled_dot_product_attention`` call per batch (flash attention on CUDA); chunks
+   that continue a sequence gather their earlier keys from the cache and run one SDPA
+   call together with a block-diagonal causal mask built once per step.
 
 All step metadata arrives as device tensors built by the engine from one host buffer.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.kv_cache import KVCache
 
@@ -46,6 +48,18 @@ class StepMetadata:
     key_blocks: Tensor | None = None  # (Nk,) context keys of the continuing chunks
     key_offsets: Tensor | None = None  # (Nk,)
     prefill_mask: Tensor | None = None  # (1, 1, R, Nk) bool, True = may attend
+    # The fresh chunks packed right-padded (engine.fresh_groups): (n, S) per group, the
+    # rows (relative to D) of all groups' n * S padded queries, and for each fresh row
+    # its index among those. Without them each fresh chunk runs its own call.
+    fresh_groups: tuple[tuple[int, int], ...] = ()
+    fresh_gather: Tensor | None = None  # (sum n * S,)
+    fresh_scatter: Tensor | None = None  # (fresh rows,)
+
+
+# cuDNN attention (torch's first choice on recent GPUs) builds a graph per new shape at
+# ~1 ms of CPU per call; prefill shapes change every step, so keep to flash /
+# memory-efficient (math as the fallback for shapes they refuse, and on CPU).
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def prefill_mask(q_seq: Tensor, q_pos: Tensor, k_seq: Tensor, k_pos: Tensor) -> Tensor:
@@ -84,12 +98,34 @@ class PagedAttention:
         if d:
             out[:d] = self._decode(q[:d], kc, vc)
         r = d + m.num_continuing
-        if m.num_continuing:
-            out[d:r] = self._continuing(q[d:r], kc, vc)
-        for start, end in m.fresh:
-            s, e = d + start, d + end
-            out[s:e] = _causal(q[s:e], k[s:e], v[s:e])
+        with sdpa_kernel(_SDPA_BACKENDS):
+            if m.num_continuing:
+                out[d:r] = self._continuing(q[d:r], kc, vc)
+            if m.fresh_groups:
+                out[d + m.fresh[0][0]: d + m.fresh[-1][1]] = self._fresh(q[d:], k[d:], v[d:])
+            else:
+                for start, end in m.fresh:
+                    s, e = d + start, d + end
+                    out[s:e] = _causal(q[s:e], k[s:e], v[s:e])
         return out
+
+    def _fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """All chunks that start a sequence, one causal call per length group; q, k, v are
+        the step's rows after the decode tokens. Returns the fresh rows' outputs."""
+        m = self.meta
+        assert m is not None and m.fresh_gather is not None and m.fresh_scatter is not None
+        nh, hd = q.shape[1:]
+        qg, kg, vg = q[m.fresh_gather], k[m.fresh_gather], v[m.fresh_gather]
+        outs = []
+        at = 0
+        for n, s in m.fresh_groups:
+            # (n * S, nh, hd) -> (n, nh, S, hd): 4-D with a contiguous last dim for flash.
+            part = [t[at: at + n * s].view(n, s, nh, hd).transpose(1, 2) for t in (qg, kg, vg)]
+            o = F.scaled_dot_product_attention(*part, is_causal=True)
+            outs.append(o.transpose(1, 2).reshape(n * s, nh, hd))
+            at += n * s
+        packed = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return packed[m.fresh_scatter]
 
     def _decode(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
         m = self.meta

@@ -40,8 +40,8 @@ from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, StopChecker, sample
 
-# A step runs at most this many per-sequence causal attention calls per layer for
-# prefill chunks that start a sequence; beyond it they share one masked call.
+# Prefill chunks that start a sequence run as a few padded causal attention calls per
+# layer, one per length group (see fresh_groups); at most this many groups.
 MAX_FRESH_CALLS = 16
 
 # --------------------------------------------------------------------------------------
@@ -622,8 +622,6 @@ class Engine:
         k_pos_parts: list[np.ndarray] = []
         fresh: list[tuple[int, int]] = []
         num_continuing = 0
-        # Many short prompts (scoring) in one step: one masked call beats a launch each.
-        split_fresh = sum(1 for s, _ in prefills if s.num_computed == 0) <= MAX_FRESH_CALLS
         row = d
         for j, (seq, n) in enumerate(prefills):
             start, end = seq.num_computed, seq.num_computed + n
@@ -633,7 +631,7 @@ class Engine:
             seq_slots = table[pos // bs] * bs + pos % bs  # (end,) slots of the whole context
             poss.extend(range(start, end))
             slots.extend(seq_slots[start:end].tolist())
-            if start == 0 and split_fresh:
+            if start == 0:
                 fresh.append((row - d, row - d + n))
             else:
                 # The scheduler puts continuing chunks before starting ones.
@@ -715,6 +713,7 @@ class Engine:
             k_slots = np.concatenate([k_slots, np.full(pad, NULL_BLOCK * bs, dtype=np.int64)])
             k_seq = np.concatenate([k_seq, np.full(pad, -1, dtype=np.int64)])
             k_pos = np.concatenate([k_pos, np.zeros(pad, dtype=np.int64)])
+        groups, f_gather, f_scatter = fresh_groups(fresh)
         # One host buffer -> one host-to-device copy for all integer metadata.
         parts = [
             np.asarray(toks, dtype=np.int64), np.asarray(poss, dtype=np.int64),
@@ -722,14 +721,19 @@ class Engine:
             np.asarray(q_seq, dtype=np.int64), k_slots, k_seq, k_pos,
             np.asarray(logit_rows, dtype=np.int64), np.asarray(sample_rows, dtype=np.int64),
             np.asarray(score_idx, dtype=np.int64), np.asarray(score_targets, dtype=np.int64),
+            f_gather, f_scatter,
         ]
         (tokens_d, pos_d, slots_d, bt_d, ctx_d, qseq_d, kslot_d, kseq_d, kpos_d,
-         lrows_d, srows_d, sidx_d, targets_d) = _to_device(parts, self.device)
+         lrows_d, srows_d, sidx_d, targets_d, fgather_d, fscatter_d) = _to_device(
+            parts, self.device)
         meta = StepMetadata(
             slot_blocks=slots_d // bs, slot_offsets=slots_d % bs, num_decode=d,
             block_tables=bt_d.view(d, dec_w) if d else None,
             context_lens=ctx_d if d else None, num_continuing=num_continuing, fresh=fresh,
         )
+        if groups:
+            meta.fresh_groups = groups
+            meta.fresh_gather, meta.fresh_scatter = fgather_d, fscatter_d
         if num_continuing:
             meta.key_blocks, meta.key_offsets = kslot_d // bs, kslot_d % bs
             meta.prefill_mask = prefill_mask(qseq_d, pos_d[d: d + num_continuing], kseq_d,
@@ -936,6 +940,49 @@ class Engine:
             others.extend(self.step())
         self._outputs = others + self._outputs
         return [self._scores.pop(rid) for rid in ids]
+
+
+def fresh_groups(
+    fresh: Sequence[tuple[int, int]],
+) -> tuple[tuple[tuple[int, int], ...], np.ndarray, np.ndarray]:
+    """Pack the chunks that start a sequence (``(start, end)`` rows, contiguous, in row
+    order) into right-padded batches: ``((n, S), ...)`` per group, the gather rows (all
+    groups' ``n * S`` padded rows, flattened in order; padding repeats a chunk's last
+    row) and, for each fresh row, its index among the gathered rows (the scatter back).
+
+    Right padding is exact under a causal mask (a real query never sees the padded keys
+    after it). Chunks are grouped by length so padding stays under half of each group.
+    """
+    if not fresh:
+        empty = np.zeros(0, dtype=np.int64)
+        return (), empty, empty
+    base = fresh[0][0]
+    order = sorted(range(len(fresh)), key=lambda i: fresh[i][0] - fresh[i][1])  # longest first
+    members: list[list[int]] = []
+    for i in order:  # a chunk under half its group's length starts a new group
+        n = fresh[i][1] - fresh[i][0]
+        if not members or (2 * n < fresh[members[-1][0]][1] - fresh[members[-1][0]][0]
+                           and len(members) < MAX_FRESH_CALLS):
+            members.append([i])
+        else:
+            members[-1].append(i)
+    total = fresh[-1][1] - base
+    scatter = np.zeros(total, dtype=np.int64)
+    gathers: list[np.ndarray] = []
+    groups: list[tuple[int, int]] = []
+    at = 0
+    for group in members:
+        s_max = fresh[group[0]][1] - fresh[group[0]][0]
+        starts = np.asarray([fresh[i][0] for i in group], dtype=np.int64)
+        lens = np.asarray([fresh[i][1] - fresh[i][0] for i in group], dtype=np.int64)
+        cols = np.arange(s_max, dtype=np.int64)
+        gathers.append((starts[:, None] + np.minimum(cols[None, :], lens[:, None] - 1))
+                       .reshape(-1))
+        for k, i in enumerate(group):
+            scatter[fresh[i][0] - base: fresh[i][1] - base] = at + k * s_max + cols[: lens[k]]
+        groups.append((len(group), s_max))
+        at += len(group) * s_max
+    return tuple(groups), np.concatenate(gathers), scatter
 
 
 def _to_device(parts: list[np.ndarray], device: torch.device) -> list[Tensor]:
