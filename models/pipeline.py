@@ -29,6 +29,10 @@ Layout (DESIGN.md, "Pipeline parallelism"):
   logits), hence its own NCCL communicator and stream: a logits receive never queues
   behind a forward send on the same stream, which could serialise (or, with crossing
   sends, deadlock) the pipeline.
+- **Not DeepSpeed's pipeline engine** (no autoregressive generation, DESIGN.md), nor
+  its launcher: the launcher starts every rank itself, while neoxq starts from one
+  command (``neoxq worker``/``generate``) and rank 0 must stay the caller's process;
+  the communication set-up it would save is one ``init_process_group`` call.
 - **Failure.** A stage that raises reports its traceback on its status pipe and exits
   non-zero; rank 0 polls its pending receives with a liveness check, so a stage that
   dies (even by SIGKILL) makes the engine raise :class:`PipelineError` naming the stage
