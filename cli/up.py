@@ -1,0 +1,399 @@
+"""``neoxq up`` (the whole stack in one command) and ``neoxq run`` (up, submit, wait,
+results, down).
+
+What "the whole stack" is, when nothing is configured:
+
+- Redis: ``NEOXQ_REDIS_URL`` if set, else an embedded ``redis-server`` on a free port
+  (:mod:`cli.embedded`), gone when neoxq exits;
+- the store: ``NEOXQ_DATABASE_URL`` if set, else SQLite in ``NEOXQ_DATA_DIR`` (``./.neoxq``),
+  migrated to the latest schema before anything starts;
+- ``neoxq api`` and ``neoxq worker`` as child processes in their own process groups.
+
+Ctrl-C (or SIGTERM) stops the worker first (it hands unfinished chunks back while Redis
+and the store are still there), then the API, then Redis; a second Ctrl-C kills at once.
+No child outlives neoxq: see :mod:`cli.embedded`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cli.embedded import Child, EmbeddedRedis, free_port
+
+# Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
+# parameters, mostly the 50k-row embedding and head) generates a few hundred tokens/s,
+# enough for a demo batch in seconds; every output says the weights are random.
+DEFAULT_MODEL = "preset:small"
+RANDOM_WEIGHTS_NOTE = ("{model}: RANDOM WEIGHTS (a demo model: the text is gibberish). "
+                       "Pass --model with a checkpoint (an HF directory or a GPT-NeoX YAML) "
+                       "for real completions.")
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``up`` and ``run`` on the root parser's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None,
+                        help=f"preset:NAME, an HF dir, a NeoX YAML (default {DEFAULT_MODEL}: "
+                             "random weights)")
+    common.add_argument("--device", default=None, help="worker device (default cuda if any)")
+    common.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    common.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                        help="split the model over N devices")
+    common.add_argument("--tokenizer", default=None, help="tokenizer.json (default: model's)")
+    common.add_argument("--data-dir", type=Path, default=None,
+                        help="SQLite database and uploads (default $NEOXQ_DATA_DIR or ./.neoxq)")
+
+    p = sub.add_parser(
+        "up", parents=[common], help="API + worker + Redis + store in one command",
+        description="Start Redis (embedded unless NEOXQ_REDIS_URL is set), the store (SQLite "
+                    "in the data dir unless NEOXQ_DATABASE_URL is set; migrated), the API and "
+                    "a worker. Ctrl-C stops everything.")
+    p.add_argument("--host", default="127.0.0.1", help="API address (loopback without keys)")
+    p.add_argument("--port", type=int, default=8000, help="API port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="worker's Prometheus port (default $NEOXQ_WORKER_METRICS_PORT)")
+    p.add_argument("--quiet", action="store_true",
+                   help="write the children's logs only to <data-dir>/logs, not the terminal")
+    p.set_defaults(func=_cmd_up)
+
+    r = sub.add_parser(
+        "run", parents=[common], help="run a file of prompts end to end and write the results",
+        description="Start the stack (as `neoxq up`), submit FILE (JSONL lines, or plain text: "
+                    "one prompt per line), show progress, write the results to OUT, and stop "
+                    "everything.")
+    r.add_argument("file", type=Path, help="prompts: JSONL ({\"prompt\": ...} or OpenAI Batch "
+                                           "lines) or plain text, one prompt per line")
+    r.add_argument("-o", "--output", type=Path, required=True, help="results file (JSONL)")
+    r.add_argument("--max-tokens", type=int, default=None)
+    r.add_argument("--temperature", type=float, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--stop", action="append", default=None)
+    r.set_defaults(func=_cmd_run)
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+class Stack:
+    """Redis (maybe embedded), a migrated store, the API and one worker, as children."""
+
+    def __init__(self, *, model: str, data_dir: Path | None, host: str = "127.0.0.1",
+                 port: int | None = None, device: str | None = None, dtype: str | None = None,
+                 pipeline_parallel: int = 1, tokenizer: str | None = None,
+                 metrics_port: int | None = None, logs_to_terminal: bool = False) -> None:
+        self.model = model
+        self.host = host
+        self.port = port or free_port()
+        self.worker_argv = ["worker", "--model", model]
+        for flag, value in (("--device", device), ("--dtype", dtype),
+                            ("--tokenizer", tokenizer)):
+            if value:
+                self.worker_argv += [flag, value]
+        if pipeline_parallel != 1:
+            self.worker_argv += ["--pipeline-parallel", str(pipeline_parallel)]
+        self.metrics_port = metrics_port
+        self.logs_to_terminal = logs_to_terminal
+        self.env = dict(os.environ)
+        if data_dir is not None:
+            self.env["NEOXQ_DATA_DIR"] = str(data_dir)
+        self.data_dir = Path(self.env.get("NEOXQ_DATA_DIR") or ".neoxq").resolve()
+        self.env["NEOXQ_DATA_DIR"] = str(self.data_dir)
+        self.log_dir = self.data_dir / "logs"
+        self.redis: EmbeddedRedis | None = None
+        self.children: dict[str, Child] = {}
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        """The API's base URL."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def _say(self, msg: str) -> None:
+        print(f"neoxq: {msg}", file=sys.stderr, flush=True)
+
+    def start(self, ready_timeout: float = 120.0) -> Stack:
+        """Start everything and wait until the API is ready and the worker has registered."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.env.get("NEOXQ_REDIS_URL"):
+            self.redis = EmbeddedRedis(log_dir=self.log_dir).start()
+            self.env["NEOXQ_REDIS_URL"] = self.redis.url
+            self._say(f"embedded Redis at {self.redis.url} (no persistence; set "
+                      "NEOXQ_REDIS_URL to use your own)")
+        else:
+            self._say(f"Redis at {self.env['NEOXQ_REDIS_URL']}")
+        # Children must see exactly the settings this process validated.
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # On Ctrl-C the worker hands back what it has in flight; a short grace keeps
+        # shutdown snappy (the handed-back items rerun on the next start).
+        self.env.setdefault("NEOXQ_SHUTDOWN_GRACE", "5")
+        if self.metrics_port is not None:
+            self.env["NEOXQ_WORKER_METRICS_PORT"] = str(self.metrics_port)
+        settings = self._settings()
+        if not self.env.get("NEOXQ_DATABASE_URL"):
+            self._say(f"store: SQLite at {settings.db_url.split(':///', 1)[-1]}")
+        self._migrate(settings.db_url)
+        self._spawn("worker", self.worker_argv)
+        self._spawn("api", ["api", "--host", self.host, "--port", str(self.port),
+                            "--no-upgrade", "--log-level", "warning"])
+        self._wait_ready(ready_timeout)
+        return self
+
+    def _settings(self) -> Any:
+        from core.settings import Settings
+
+        keys = {k[len("NEOXQ_"):].lower(): v for k, v in self.env.items()
+                if k.startswith("NEOXQ_")}
+        fields = set(Settings.model_fields)
+        try:
+            return Settings(**{k: v for k, v in keys.items() if k in fields})
+        except Exception as exc:  # pydantic's ValidationError: print it, not a traceback
+            raise SystemExit(f"neoxq: bad settings: {exc}") from None
+
+    def _migrate(self, url: str) -> None:
+        # In a child: Alembic configures logging and holds module state; keeping it out
+        # of this process keeps `up`'s own output clean.
+        import subprocess
+
+        rc = subprocess.run([sys.executable, "-m", "cli.main", "db", "upgrade"], env=self.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if rc.returncode != 0:
+            raise RuntimeError(f"migrating the store failed:\n{rc.stderr[-3000:]}")
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log = None if self.logs_to_terminal else self.log_dir / f"{name}.log"
+        if log is not None and log.exists():
+            log.unlink()  # one run's log per file
+        child = Child(name, [sys.executable, "-m", "cli.main", *argv], env=self.env, log=log)
+        self.children[name] = child
+        return child
+
+    def _check_children(self) -> None:
+        for name, child in self.children.items():
+            if not child.alive():
+                tail = child.log_tail()
+                raise RuntimeError(f"{name} exited with code {child.proc.returncode}"
+                                   + (f":\n{tail}" if tail else ""))
+        if self.redis is not None and self.redis._child is not None \
+                and not self.redis._child.alive():
+            raise RuntimeError("embedded Redis exited")
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        api_up = worker_up = False
+        while time.monotonic() < deadline:
+            self._check_children()
+            try:
+                if not api_up:
+                    api_up = httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+                if api_up and not worker_up:
+                    data = httpx.get(self.url + "/workers", params={"seen_within": 60},
+                                     timeout=2).json()["data"]
+                    worker_up = any(w["status"] != "stopped" for w in data)
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if api_up and worker_up:
+                return
+            time.sleep(0.2)
+        what = "the worker did not register" if api_up else "the API did not become ready"
+        raise RuntimeError(f"{what} within {timeout:.0f} s (logs in {self.log_dir})")
+
+    def watch(self, on_death: Any, interval: float = 0.5) -> threading.Thread:
+        """Call ``on_death(message)`` from a thread if a child dies while running."""
+        def loop() -> None:
+            while not self._stopping:
+                try:
+                    self._check_children()
+                except RuntimeError as exc:
+                    if not self._stopping:
+                        on_death(str(exc))
+                    return
+                time.sleep(interval)
+
+        t = threading.Thread(target=loop, name="neoxq-watch", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        """Stop the worker, the API and Redis, in that order."""
+        self._stopping = True
+        grace = float(self.env.get("NEOXQ_SHUTDOWN_GRACE", "5")) + 10
+        if "worker" in self.children:
+            self.children.pop("worker").stop(grace=grace)
+        for name in list(self.children):
+            self.children.pop(name).stop(grace=10)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM and SIGHUP end neoxq like Ctrl-C (KeyboardInterrupt), so cleanup runs."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _second_interrupt_kills(stack: Stack) -> None:
+    """While stopping, a second Ctrl-C kills every child at once."""
+    def handler(_signum: int, _frame: Any) -> None:
+        for child in list(stack.children.values()):
+            child.stop(grace=0, sig=signal.SIGKILL)
+        stack.children.clear()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def _model_note(model: str | None) -> str:
+    chosen = model or DEFAULT_MODEL
+    if chosen.startswith("preset:"):
+        return RANDOM_WEIGHTS_NOTE.format(model=chosen)
+    return f"model {chosen}"
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """Run the API, a worker, Redis and the store until Ctrl-C."""
+    model = args.model or DEFAULT_MODEL
+    stack = Stack(model=model, data_dir=args.data_dir, host=args.host, port=args.port,
+                  device=args.device, dtype=args.dtype, pipeline_parallel=args.pipeline_parallel,
+                  tokenizer=args.tokenizer, metrics_port=args.metrics_port,
+                  logs_to_terminal=not args.quiet)
+    print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
+    died: list[str] = []
+    main_thread = threading.main_thread()
+
+    def on_death(msg: str) -> None:
+        died.append(msg)
+        # Wake the main thread's sleep with a KeyboardInterrupt: one shutdown path.
+        if main_thread.is_alive():
+            signal.pthread_kill(main_thread.ident or 0, signal.SIGINT)
+
+    with _terminate_as_interrupt():
+        try:
+            stack.start()
+            stack._say(f"API and dashboard at {stack.url} (docs {stack.url}/docs); "
+                       f"submit with `neoxq submit FILE --wait --url {stack.url}`; "
+                       "Ctrl-C stops everything")
+            stack.watch(on_death)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stack._say("stopping (Ctrl-C again to kill)")
+        except RuntimeError as exc:
+            died.append(str(exc))
+        finally:
+            _second_interrupt_kills(stack)
+            stack.stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if died:
+        print(f"neoxq: {died[0]}", file=sys.stderr)
+        return 1
+    stack._say("stopped")
+    return 0
+
+
+def _as_jsonl(path: Path, tmp: Path) -> Path:
+    """FILE as JSONL: JSONL files as they are; plain text becomes one prompt per line."""
+    with path.open("rb") as f:
+        first = b""
+        for line in f:
+            if line.strip():
+                first = line.strip()
+                break
+    try:
+        if isinstance(json.loads(first), dict):
+            return path
+    except ValueError:
+        pass
+    out = tmp / (path.stem + ".jsonl")
+    with path.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
+        for line in src:
+            text = line.rstrip("\r\n")
+            if text.strip():
+                dst.write(json.dumps({"prompt": text}) + "\n")
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Start the stack, submit FILE, show progress, write results to OUT, stop the stack."""
+    from cli.main import main as neoxq_main
+
+    if not args.file.is_file():
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return 1
+    print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
+    stack = Stack(model=args.model or DEFAULT_MODEL, data_dir=args.data_dir,
+                  device=args.device, dtype=args.dtype, pipeline_parallel=args.pipeline_parallel,
+                  tokenizer=args.tokenizer)
+    died: list[str] = []
+    main_thread = threading.main_thread()
+
+    def on_death(msg: str) -> None:
+        died.append(msg)
+        signal.pthread_kill(main_thread.ident or 0, signal.SIGINT)
+
+    rc = 1
+    with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="neoxq-run-") as tmp:
+        try:
+            jsonl = _as_jsonl(args.file, Path(tmp))
+            started = time.monotonic()
+            stack.start()
+            stack._say(f"stack up in {time.monotonic() - started:.1f} s (logs in "
+                       f"{stack.log_dir})")
+            stack.watch(on_death)
+            argv = ["submit", str(jsonl), "--wait", "-o", str(args.output), "--url", stack.url,
+                    "--poll", "0.5"]
+            for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+                value = getattr(args, name)
+                if value is not None:
+                    argv += [f"--{name.replace('_', '-')}", str(value)]
+            for s in args.stop or []:
+                argv += ["--stop", s]
+            rc = neoxq_main(argv)
+        except KeyboardInterrupt:
+            if not died:
+                stack._say("interrupted; stopping")
+            rc = 130 if not died else 1
+        except RuntimeError as exc:
+            died.append(str(exc))
+            rc = 1
+        finally:
+            _second_interrupt_kills(stack)
+            stack.stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if died:
+        print(f"neoxq: {died[0]}", file=sys.stderr)
+        return 1
+    if rc == 0 and (args.model is None or args.model.startswith("preset:")):
+        print(f"neoxq: {_model_note(args.model)}", file=sys.stderr)
+    return rc
