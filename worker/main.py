@@ -81,7 +81,8 @@ def run_worker(opts: WorkerOptions) -> int:
         f"{device}:{i}" for i in range(opts.pipeline_parallel)]
     worker_id = opts.worker_id or f"{socket.gethostname()}:{os.getpid()}"
     runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=opts.model,
-                            devices=devices, pipeline_parallel=opts.pipeline_parallel)
+                            devices=devices, pipeline_parallel=opts.pipeline_parallel,
+                            exit_on_fatal=True)
     runtime.start()
 
     app = make_celery(settings)

@@ -38,6 +38,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
+from models.pipeline import PipelineError
 from store.db import session_scope
 from store.queries import (
     PROMPT_TOKEN_IDS,
@@ -62,6 +63,10 @@ TRANSIENT = "transient"  # the engine or the store failed; the chunk should be r
 
 # Batches whose in-flight sequences must stop.
 STOP_STATUSES = ("cancelling", "cancelled", "failed", "expired")
+
+
+# Exit status of a worker whose engine died (EX_SOFTWARE): supervisors restart it.
+FATAL_EXIT_CODE = 70
 
 
 class HandBack(Exception):
@@ -189,8 +194,12 @@ class ResultWriter(threading.Thread):
 class EngineLoop(threading.Thread):
     """The only thread that touches the engine."""
 
-    def __init__(self, engine: Any, writer: ResultWriter, *, worker_id: str) -> None:
+    def __init__(self, engine: Any, writer: ResultWriter, *, worker_id: str,
+                 exit_on_fatal: bool = False) -> None:
         super().__init__(name="neoxq-engine", daemon=True)
+        # The `neoxq worker` process exits when its engine dies; in-process users (tests,
+        # benchmarks) read `error` instead.
+        self.exit_on_fatal = exit_on_fatal
         self.engine = engine
         self.writer = writer
         self.worker_id = worker_id
@@ -248,9 +257,17 @@ class EngineLoop(threading.Thread):
                 for p in self.pending.values():
                     _resolve(p.futures, TRANSIENT)
                 self.pending.clear()
+            if self.exit_on_fatal:
+                # The engine is gone (a pipeline stage died, the device failed): a worker
+                # without an engine must not keep taking chunks. Exit non-zero at once, as
+                # a SIGKILL would: unacknowledged chunks are redelivered (acks_late) and
+                # finished items are skipped, so nothing is lost or duplicated.
+                logging.shutdown()
+                os._exit(FATAL_EXIT_CODE)
 
     def _run(self) -> None:
         engine = self.engine
+        last_check = time.monotonic()
         while not self._stop_evt.is_set():
             busy = engine.has_unfinished()
             try:  # block only when the engine has nothing to do
@@ -264,10 +281,18 @@ class EngineLoop(threading.Thread):
                 except queue.Empty:
                     cmd = None
             if not engine.has_unfinished():
+                # Idle: still notice a dead pipeline stage within a second or so, not only
+                # when the next chunk arrives.
+                check = getattr(engine, "check_stages", None)
+                if check is not None and time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    check()
                 continue
             t0 = time.perf_counter()
             try:
                 outputs = engine.step()
+            except PipelineError:
+                raise  # a dead stage cannot be retried in this process
             except Exception:  # noqa: BLE001 - e.g. CUDA OOM: transient for every request
                 log.exception("engine step failed; aborting the running requests")
                 self._fail_all()
@@ -425,7 +450,8 @@ class WorkerRuntime:
 
     def __init__(self, engine: Any, db: SQLEngine, settings: Settings, *,
                  worker_id: str | None = None, model: str = "",
-                 devices: Sequence[str] = (), pipeline_parallel: int = 1) -> None:
+                 devices: Sequence[str] = (), pipeline_parallel: int = 1,
+                 exit_on_fatal: bool = False) -> None:
         self.settings = settings
         self.db = db
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -435,7 +461,8 @@ class WorkerRuntime:
         self._rate_t, self._rate_tokens, self.tokens_per_s = time.monotonic(), 0, 0.0
         self._stats_lock = threading.Lock()
         self.writer = ResultWriter(db, on_written=self._count)
-        self.loop = EngineLoop(engine, self.writer, worker_id=self.worker_id)
+        self.loop = EngineLoop(engine, self.writer, worker_id=self.worker_id,
+                               exit_on_fatal=exit_on_fatal)
         self.control = Control(self)
         self.draining_since: float | None = None
         self._held_tasks: set[str] = set()  # Celery task ids of chunks running here

@@ -3,8 +3,11 @@ SIGKILL, several workers, cancellation, SIGTERM, malformed messages, database re
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -17,6 +20,7 @@ from store.db import session_scope
 from store.queries import request_cancel
 from store.tables import File, Item, Result, Worker
 from tests.worker.conftest import direct_texts, greedy_lines
+from worker.runtime import FATAL_EXIT_CODE
 
 
 def assert_exactly_once(cluster, report, n: int) -> list[Result]:
@@ -188,3 +192,39 @@ def test_live_worker_keeps_long_chunks_from_being_redelivered(sqlite_cluster) ->
     assert c.log(w).count("received") == 3
     with session_scope(c.db) as s:
         assert s.scalar(select(func.max(Item.attempts))) == 1
+
+
+def test_dead_pipeline_stage_ends_the_worker(sqlite_cluster) -> None:
+    """`neoxq worker --pipeline-parallel 2`: SIGKILL of the stage process makes the worker
+    exit non-zero within seconds, naming the stage (never a worker that hangs on)."""
+    c = sqlite_cluster()
+    proc = c.start_worker("pp", "--pipeline-parallel", "2")
+    def registered() -> bool:  # the engine is up and the worker is taking work
+        with session_scope(c.db) as s:
+            return s.get(Worker, "pp") is not None
+
+    c.wait_for(registered, 120, "the worker to register")
+    stages = _children(proc.pid)
+    assert stages, "no stage process found"
+    os.kill(stages[0], signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"worker still running:\n{c.log(proc)[-3000:]}") from None
+    c.procs.remove(proc)
+    assert code == FATAL_EXIT_CODE, c.log(proc)[-3000:]
+    assert "pipeline stage 1" in c.log(proc)
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` that are pipeline stages (spawned python processes)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    kids = []
+    for k in out.split():
+        try:
+            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+            kids.append(int(k))
+    return kids
