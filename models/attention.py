@@ -198,65 +198,98 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         stride_qn, stride_qh, stride_on, stride_oh,
         stride_kb, stride_kh, stride_kt,
         stride_bt,
-        HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+        HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         # One program per (head, sequence): an online softmax over the sequence's
         # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration. The head is
         # the fastest-varying grid index, so programs start sequence by sequence: with
         # sequences sorted longest first (the engine does) the last wave holds the
         # shortest ones and the tail is short.
+        #
+        # The head dim is covered by two power-of-two parts, HD_A + HD_B (96 = 64 + 32):
+        # padding 96 to 128 would leave a quarter of every load's lanes masked off. When
+        # no such split exists HD_A is the padded width (> HEAD_DIM, masked) and HD_B 0.
         head = tl.program_id(0)
         seq = tl.program_id(1)
         ctx = tl.load(ctx_ptr + seq)
-        d = tl.arange(0, HD_PAD)
-        dmask = d < HEAD_DIM  # head_dim 96 runs in a 128-wide tile
-        q = tl.load(q_ptr + seq * stride_qn + head * stride_qh + d, mask=dmask, other=0.0)
+        da = tl.arange(0, HD_A)
+        amask = da < HEAD_DIM
+        db = HD_A + tl.arange(0, HD_B_ALLOC)
+        q_row = q_ptr + seq * stride_qn + head * stride_qh
         # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
-        q = q.to(tl.float32) * scale_log2
+        qa = tl.load(q_row + da, mask=amask, other=0.0).to(tl.float32) * scale_log2
+        acc_a = tl.zeros([HD_A], tl.float32)
+        acc_b = tl.zeros([HD_B_ALLOC], tl.float32)  # unused when HD_B == 0
+        qb = acc_b
+        if HD_B > 0:
+            qb = tl.load(q_row + db).to(tl.float32) * scale_log2
         m_i = -float("inf")  # running max (log2 domain) and softmax denominator
         l_i = 0.0
-        acc = tl.zeros([HD_PAD], tl.float32)
         t = tl.arange(0, TILE)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
         head_off = head.to(tl.int64) * stride_kh
-        for start in range(0, ctx, TILE):
+        # num_stages > 1 lets the compiler issue the next tiles' loads while this one's
+        # math runs (each iteration is otherwise a chain of dependent loads).
+        for start in tl.range(0, ctx, TILE, num_stages=NUM_STAGES):
             pos = start + t
             valid = pos < ctx
             blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             row = blk * stride_kb + head_off + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (TILE,)
+            # K and V are both issued before any math: V does not depend on the scores.
+            a_mask = valid[:, None] & amask[None, :]
+            ka = tl.load(k_ptr + row[:, None] + da[None, :], mask=a_mask, other=0.0)
+            va = tl.load(v_ptr + row[:, None] + da[None, :], mask=a_mask, other=0.0)
+            s = tl.sum(ka.to(tl.float32) * qa[None, :], axis=1)  # (TILE,)
+            if HD_B > 0:
+                b_mask = valid[:, None]
+                kb = tl.load(k_ptr + row[:, None] + db[None, :], mask=b_mask, other=0.0)
+                vb = tl.load(v_ptr + row[:, None] + db[None, :], mask=b_mask, other=0.0)
+                s += tl.sum(kb.to(tl.float32) * qb[None, :], axis=1)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            acc_a = acc_a * alpha + tl.sum(p[:, None] * va.to(tl.float32), axis=0)
+            if HD_B > 0:
+                acc_b = acc_b * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
             m_i = m_new
-        out = acc / l_i
-        o_ptr = out_ptr + seq * stride_on + head * stride_oh + d
-        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=dmask)
+        o_row = out_ptr + seq * stride_on + head * stride_oh
+        tl.store(o_row + da, (acc_a / l_i).to(out_ptr.dtype.element_ty), mask=amask)
+        if HD_B > 0:
+            tl.store(o_row + db, (acc_b / l_i).to(out_ptr.dtype.element_ty))
 
     return paged_decode_kernel
 
 
-# (heads, head_dim, block_size, dtype) -> (tile, num_warps), filled by tune_decode_kernel.
-_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int]] = {}
-_DEFAULT_CONFIG = (64, 4)
+def _split_head_dim(hd: int) -> tuple[int, int]:
+    """(HD_A, HD_B): hd = HD_A + HD_B with both powers of two (HD_B may be 0, HD_B >= 16
+    so a load row stays >= 32 bytes), else (padded power of two, 0)."""
+    a = 1 << (hd.bit_length() - 1)
+    b = hd - a
+    if a >= 16 and (b == 0 or (b >= 16 and b & (b - 1) == 0)):
+        return a, b
+    return max(16, 1 << (hd - 1).bit_length()), 0
+
+
+# (heads, head_dim, block_size, dtype) -> (tile, num_warps, num_stages), filled by
+# tune_decode_kernel.
+_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int, int]] = {}
+_DEFAULT_CONFIG = (64, 4, 1)
 
 
 def paged_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-    tile: int | None = None, num_warps: int | None = None,
+    tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> Tensor:
     """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors).
 
     Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype.
-    ``tile`` (tokens per loop iteration) and ``num_warps`` default to what
-    :func:`tune_decode_kernel` picked for this shape, else (64, 4).
+    ``tile`` (tokens per loop iteration), ``num_warps`` and ``num_stages`` (software
+    pipelining depth of the loop) default to what :func:`tune_decode_kernel` picked for
+    this shape, else (64, 4, 1).
     """
     global _KERNEL
     if _KERNEL is None:
@@ -266,34 +299,44 @@ def paged_decode_triton(
     best = _TUNED.get((nh, hd, bs, k_cache.dtype), _DEFAULT_CONFIG)
     tile = best[0] if tile is None else tile
     num_warps = best[1] if num_warps is None else num_warps
+    num_stages = best[2] if num_stages is None else num_stages
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
     tile = max(tile, bs)
     out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
     if d == 0:
         return out
-    hd_pad = max(16, 1 << (hd - 1).bit_length())
+    hd_a, hd_b = _split_head_dim(hd)
     _KERNEL[(nh, d)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         (1.0 / math.sqrt(hd)) * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        HEAD_DIM=hd, HD_PAD=hd_pad, BLOCK_SIZE=bs, TILE=tile,
+        HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
+        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages,
         num_warps=num_warps,
     )
     return out
 
 
+DECODE_CONFIGS: tuple[tuple[int, int, int], ...] = tuple(
+    (tile, warps, stages)
+    for tile, warps in ((32, 2), (32, 4), (64, 4), (128, 4))
+    for stages in (1, 2, 3)
+)
+
+
 def tune_decode_kernel(
     num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-    device: torch.device | str, batch: int = 64, context: int = 512,
-    configs: tuple[tuple[int, int], ...] = ((64, 4), (128, 4), (64, 8), (128, 8), (32, 4)),
-) -> tuple[int, int]:
-    """Time the decode kernel at this shape for a few (tile, num_warps) and remember the
-    fastest; later calls at the shape use it. Returns the pick. Takes a few seconds
-    (compiles), and a temporary cache of ``batch * context`` tokens; a shape already
-    tuned in this process returns at once."""
+    device: torch.device | str, batch: int = 192, context: int = 384,
+    configs: tuple[tuple[int, int, int], ...] = DECODE_CONFIGS,
+) -> tuple[int, int, int]:
+    """Time the decode kernel at this shape for a few (tile, num_warps, num_stages) and
+    remember the fastest; later calls at the shape use it. Returns the pick. Takes a few
+    seconds (compiles), and a temporary cache of ``batch * context`` tokens; a shape
+    already tuned in this process returns at once. A config that fails to compile or
+    run is skipped."""
     key = (num_heads, head_dim, block_size, dtype)
     if key in _TUNED:
         return _TUNED[key]
@@ -305,18 +348,23 @@ def tune_decode_kernel(
     q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype)
     perm = torch.randperm(blocks, generator=g, device=device) + 1
     tables = perm.view(batch, -1)  # (batch, blocks per sequence), shuffled like a real cache
-    ctx = torch.full((batch,), context, dtype=torch.int64, device=device)
+    # Mixed lengths (as in a real batch), longest first like the engine sorts them.
+    ctx = torch.linspace(context, max(1, context // 4), batch, device=device).long()
     timings = {}
-    for tile, warps in configs:
-        paged_decode_triton(q, kc, vc, tables, ctx, tile=tile, num_warps=warps)  # compile
-        torch.cuda.synchronize(device)
+    for cfg in configs:
+        tile, warps, stages = cfg
+        try:
+            paged_decode_triton(q, kc, vc, tables, ctx, tile, warps, stages)  # compile
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for deep pipelines
+            continue
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
         for _ in range(10):
-            paged_decode_triton(q, kc, vc, tables, ctx, tile=tile, num_warps=warps)
+            paged_decode_triton(q, kc, vc, tables, ctx, tile, warps, stages)
         end.record()
         torch.cuda.synchronize(device)
-        timings[(tile, warps)] = start.elapsed_time(end)
-    best = min(timings, key=timings.__getitem__)
+        timings[cfg] = start.elapsed_time(end)
+    best = min(timings, key=timings.__getitem__) if timings else _DEFAULT_CONFIG
     _TUNED[key] = best
     return best
