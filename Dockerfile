@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# neoxq images, built from this repository:
+#
+#   docker build --target api    -t neoxq-api .     # API, migrations, CLI client: no torch
+#   docker build --target worker -t neoxq-worker .  # GPU worker: CUDA torch + neoxq
+#
+# The API image never installs torch (the API never imports it; DESIGN.md), which keeps
+# it around 300 MB instead of several GB. The worker starts from a PyTorch CUDA runtime
+# image so the GPU stack (CUDA, cuDNN, NCCL) comes as PyTorch built and tested it; pick
+# another with --build-arg TORCH_IMAGE=... (neoxq accepts torch >=2.4,<2.15).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG TORCH_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+
+# ---------------------------------------------------------------------------- api
+FROM ${PYTHON_IMAGE} AS api
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NEOXQ_DATA_DIR=/data
+WORKDIR /app
+# Dependencies first (cached layer), then the code. --no-deps on neoxq itself: its
+# declared dependencies include torch, which this image deliberately lacks.
+RUN pip install "pydantic>=2.5" "pydantic-settings>=2.1" "celery[redis]>=5.3" "redis>=5" \
+        "sqlalchemy>=2.0" "alembic>=1.12" "psycopg2-binary>=2.9" "fastapi>=0.110" \
+        "uvicorn>=0.27" "python-multipart>=0.0.9" "httpx>=0.26" "jsonlines>=4" \
+        "prometheus-client>=0.19" "tqdm" "pyyaml"
+COPY pyproject.toml README.md ./
+COPY core core
+COPY store store
+COPY api api
+COPY cli cli
+COPY migrations migrations
+COPY models models
+COPY worker worker
+COPY evals evals
+COPY bench bench
+RUN pip install --no-deps . && useradd --create-home --uid 1000 neoxq \
+    && mkdir -p /data && chown neoxq /data
+USER neoxq
+EXPOSE 8000
+# Loopback only until an API key exists (`neoxq keys create NAME`): the server refuses to
+# serve other hosts without authentication.
+CMD ["neoxq", "api", "--host", "0.0.0.0", "--port", "8000", "--no-upgrade"]
+
+# ---------------------------------------------------------------------------- worker
+FROM ${TORCH_IMAGE} AS worker
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NEOXQ_DATA_DIR=/data
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core core
+COPY store store
+COPY api api
+COPY cli cli
+COPY migrations migrations
+COPY models models
+COPY worker worker
+COPY evals evals
+COPY bench bench
+# The image's torch satisfies neoxq's range, so pip keeps it and adds only the rest.
+RUN pip install . && python -c "import torch, models, worker; print(torch.__version__)"
+# Prometheus metrics of the worker (NEOXQ_WORKER_METRICS_PORT).
+EXPOSE 9100
+CMD ["neoxq", "worker", "--model", "/checkpoints"]
