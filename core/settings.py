@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # The model name batches report when their lines name none.
     model_name: str = "gpt-neox-20b"
 
+    # Observability. ``json`` writes one JSON object per log line (for log shippers);
+    # ``text`` is for people at a terminal.
+    log_format: Literal["text", "json"] = "text"
+    # Port of the worker's Prometheus endpoint; 0 = off (the default, so that several
+    # workers on one host do not fight over a port; the compose file sets 9100).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+
     @field_validator("queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:
