@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command-group modules, in the order their commands appear in --help
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `neoxq` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("NEOXQ_LOG_FORMAT", "text").lower() != "text":  # structured logs
+        from cli.logs import configure_logging
+
+        configure_logging()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
