@@ -753,7 +753,15 @@ class Engine:
         pieces: list[Tensor] = []
         want_lp = False
         res = None
-        if samplers:
+        if samplers and all(_plain_greedy(seq) for seq, _ in samplers):
+            # Greedy with nothing to report or ban (the benchmark's case): what sample()
+            # would return, without packing per-row parameters to the device (a pinned
+            # copy and a dozen small kernels per step) or the log-softmax.
+            lg = logits if srows_d is None else logits[srows_d]
+            valid = lg.shape[1] if self.valid_vocab is None else min(self.valid_vocab,
+                                                                       lg.shape[1])
+            pieces.append(lg[:, :valid].argmax(dim=-1).double())
+        elif samplers:
             rows = [
                 SampleRow(params=seq.req.params, seed=seq.req.seed, sample_index=index,
                           position=len(seq.tokens) - seq.num_prompt,
@@ -940,6 +948,14 @@ class Engine:
             others.extend(self.step())
         self._outputs = others + self._outputs
         return [self._scores.pop(rid) for rid in ids]
+
+
+def _plain_greedy(seq: _Seq) -> bool:
+    """The sequence's next token is the plain argmax: greedy, no logprobs, no penalties
+    and no banned ids (min_tokens reached)."""
+    p = seq.req.params
+    return (p is not None and p.temperature == 0 and p.logprobs is None
+            and not p.has_penalties and len(seq.tokens) - seq.num_prompt >= p.min_tokens)
 
 
 def fresh_groups(
