@@ -84,6 +84,9 @@ def run_worker(opts: WorkerOptions) -> int:
                             devices=devices, pipeline_parallel=opts.pipeline_parallel,
                             exit_on_fatal=True)
     runtime.start()
+    from worker.metrics import start_metrics  # Prometheus (issue 8); off when port is 0
+
+    start_metrics(runtime, settings.worker_metrics_port)
 
     app = make_celery(settings)
     # Same Redis transport, but a garbage list entry is dropped instead of killing the
