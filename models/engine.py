@@ -23,6 +23,7 @@ Threading: one thread drives the engine (``add_request``, ``abort``, ``step``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -445,7 +446,10 @@ class Engine:
         # 1) decodes, then continuing prefills, in admission order. A sequence short of
         # blocks preempts the most recently admitted sequences not yet scheduled.
         scheduled: set[int] = set()
+        any_prefill = False
         for want_decode in (True, False):
+            if not want_decode and not any_prefill:
+                break  # every running sequence is decoding: skip the second pass
             i = 0
             while i < len(self._running) and budget > 0:
                 seq = self._running[i]
@@ -454,6 +458,7 @@ class Engine:
                 # left is still a prefill chunk (it may fork samples or score rows).
                 is_decode = need == 1 and len(seq.tokens) > seq.num_prompt
                 if is_decode != want_decode:
+                    any_prefill = True
                     i += 1
                     continue
                 n = min(need, budget)
@@ -699,8 +704,7 @@ class Engine:
             # Table width rounded up to 16 columns: one kernel specialisation for all steps.
             dec_w = -(-max(len(s.blocks) for s in decodes) // 16) * 16
             bt = np.zeros((d, dec_w), dtype=np.int64)
-            for i, s in enumerate(decodes):
-                bt[i, : len(s.blocks)] = s.blocks
+            _fill_tables(bt, decodes)
             ctx = np.asarray([s.num_computed for s in decodes], dtype=np.int64)
         empty = np.zeros(0, dtype=np.int64)
         k_slots = np.concatenate(k_parts) if k_parts else empty
@@ -950,6 +954,16 @@ class Engine:
         return [self._scores.pop(rid) for rid in ids]
 
 
+def _fill_tables(tables: np.ndarray, seqs: Sequence[_Seq]) -> None:
+    """Row i of ``tables`` starts with seqs[i]'s block ids (the rest is left alone): one
+    vectorised write instead of a numpy slice assignment per sequence."""
+    lens = np.fromiter((len(s.blocks) for s in seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(s.blocks for s in seqs),
+                       dtype=np.int64, count=int(lens.sum()))
+    # Row-major order of the mask is the order of the concatenated block lists.
+    tables[np.arange(tables.shape[1])[None, :] < lens[:, None]] = flat
+
+
 def _plain_greedy(seq: _Seq) -> bool:
     """The sequence's next token is the plain argmax: greedy, no logprobs, no penalties
     and no banned ids (min_tokens reached)."""
@@ -1117,8 +1131,7 @@ class _DecodeGraphs:
         h[o[3]: o[3] + d] = [s.num_computed for s in decodes]
         tables = h[o[4]: o[5]].reshape(self.max_batch, w)
         tables[:b] = NULL_BLOCK
-        for i, s in enumerate(decodes):
-            tables[i, : len(s.blocks)] = s.blocks
+        _fill_tables(tables[:d], decodes)
         # Only the used prefix of the tables section travels.
         n = o[4] + b * w
         self.static[:n].copy_(self.host[:n], non_blocking=True)
