@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import health, native, openai_routes
+from api import dashboard, health, metrics, native, openai_routes
 from api.errors import install_handlers
 from core.payloads import ChunkPayload
 from core.settings import Settings, get_settings
@@ -58,4 +58,6 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(openai_routes.router)
+    app.include_router(dashboard.router)  # issue 8: the web dashboard
+    metrics.install(app)  # issue 8: GET /metrics + request latency histograms
     return app

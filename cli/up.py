@@ -136,6 +136,8 @@ class Stack:
             self._say(f"Redis at {self.env['NEOXQ_REDIS_URL']}")
         # Children must see exactly the settings this process validated.
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # Batches report the model the worker runs, not the 20B default name.
+        self.env.setdefault("NEOXQ_MODEL_NAME", self.model)
         # On Ctrl-C the worker hands back what it has in flight; a short grace keeps
         # shutdown snappy (the handed-back items rerun on the next start).
         self.env.setdefault("NEOXQ_SHUTDOWN_GRACE", "5")
