@@ -93,20 +93,22 @@ def _bench_shape(d: int, max_ctx: int) -> list[dict]:
     ctx = torch.full((d,), max_ctx, dtype=torch.int64, device="cuda")
     nbytes = 2 * d * max_ctx * 64 * 96 * 2  # K and V, bf16
     rows = []
-    for tile, warps, stages in DECODE_CONFIGS:
+    for cfg in DECODE_CONFIGS:
+        tile, warps, stages, hpp = cfg
         try:
-            t = _time(lambda tile=tile, warps=warps, stages=stages: paged_decode_triton(
-                q, kc, vc, bt, ctx, tile=tile, num_warps=warps, num_stages=stages))
+            t = _time(lambda cfg=cfg: paged_decode_triton(q, kc, vc, bt, ctx, *cfg))
         except Exception as e:  # noqa: BLE001 - a config the compiler refuses: report, go on
-            print(f"  tile={tile} warps={warps} stages={stages} failed: {e!r}"[:300])
+            print(f"  config {cfg} failed: {e!r}"[:300])
             continue
         rows.append({"batch": d, "ctx": max_ctx, "tile": tile, "num_warps": warps,
-                     "num_stages": stages, "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9})
+                     "num_stages": stages, "heads_per_program": hpp, "ms": t * 1e3,
+                     "GB_per_s": nbytes / t / 1e9})
     best = max(rows, key=lambda r: r["GB_per_s"])
-    default = next(r for r in rows if (r["tile"], r["num_warps"], r["num_stages"])
-                   == _DEFAULT_CONFIG)
+    default = next(r for r in rows if (r["tile"], r["num_warps"], r["num_stages"],
+                                       r["heads_per_program"]) == _DEFAULT_CONFIG)
     print(f"decode B={d} ctx={max_ctx}: best tile={best['tile']} warps={best['num_warps']} "
-          f"stages={best['num_stages']} {best['ms']:.3f} ms = {best['GB_per_s']:.0f} GB/s; "
+          f"stages={best['num_stages']} heads/program={best['heads_per_program']} "
+          f"{best['ms']:.3f} ms = {best['GB_per_s']:.0f} GB/s; "
           f"default {_DEFAULT_CONFIG} {default['GB_per_s']:.0f} GB/s", flush=True)
     return rows
 

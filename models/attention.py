@@ -261,7 +261,73 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         if HD_B > 0:
             tl.store(o_row + db, (acc_b / l_i).to(out_ptr.dtype.element_ty))
 
-    return paged_decode_kernel
+    @triton.jit
+    def paged_decode_heads_kernel(
+        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+        scale_log2,
+        stride_qn, stride_qh, stride_on, stride_oh,
+        stride_kb, stride_kh, stride_kt,
+        stride_bt,
+        HEAD_DIM: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+        HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
+    ):
+        # paged_decode_kernel for HPP heads of one sequence per program: the block-table
+        # loads and address math are shared by the heads, each iteration moves HPP times
+        # the bytes (a block's heads are adjacent in the cache), and there are HPP times
+        # fewer programs. Tiles are (TILE, HPP, dims); the softmax state is per head.
+        heads = tl.program_id(0) * HPP + tl.arange(0, HPP)
+        seq = tl.program_id(1)
+        ctx = tl.load(ctx_ptr + seq)
+        da = tl.arange(0, HD_A)
+        amask = da < HEAD_DIM
+        db = HD_A + tl.arange(0, HD_B_ALLOC)
+        q_rows = q_ptr + seq * stride_qn + heads[:, None] * stride_qh  # (HPP, 1)
+        qa = tl.load(q_rows + da[None, :], mask=amask[None, :], other=0.0)
+        qa = qa.to(tl.float32) * scale_log2  # (HPP, HD_A)
+        acc_a = tl.zeros([HPP, HD_A], tl.float32)
+        acc_b = tl.zeros([HPP, HD_B_ALLOC], tl.float32)  # unused when HD_B == 0
+        qb = acc_b
+        if HD_B > 0:
+            qb = tl.load(q_rows + db[None, :]).to(tl.float32) * scale_log2
+        m_i = tl.full([HPP], -float("inf"), tl.float32)
+        l_i = tl.zeros([HPP], tl.float32)
+        t = tl.arange(0, TILE)
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        head_off = heads.to(tl.int64) * stride_kh  # (HPP,)
+        for start in tl.range(0, ctx, TILE, num_stages=NUM_STAGES):
+            pos = start + t
+            valid = pos < ctx
+            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            row = blk * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
+            base = row[:, None, None] + head_off[None, :, None]  # (TILE, HPP, 1)
+            vmask = valid[:, None, None]
+            a_mask = vmask & amask[None, None, :]
+            ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+            va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+            s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+            if HD_B > 0:
+                kb = tl.load(k_ptr + base + db[None, None, :], mask=vmask, other=0.0)
+                vb = tl.load(v_ptr + base + db[None, None, :], mask=vmask, other=0.0)
+                s += tl.sum(kb.to(tl.float32) * qb[None, :, :], axis=2)
+            s = tl.where(valid[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (HPP,)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])  # (TILE, HPP)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc_a = acc_a * alpha[:, None] + tl.sum(p[:, :, None] * va.to(tl.float32), axis=0)
+            if HD_B > 0:
+                acc_b = acc_b * alpha[:, None] + tl.sum(
+                    p[:, :, None] * vb.to(tl.float32), axis=0)
+            m_i = m_new
+        o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
+        tl.store(o_rows + da[None, :], (acc_a / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=amask[None, :])
+        if HD_B > 0:
+            tl.store(o_rows + db[None, :],
+                     (acc_b / l_i[:, None]).to(out_ptr.dtype.element_ty))
+
+    return paged_decode_kernel, paged_decode_heads_kernel
 
 
 def _split_head_dim(hd: int) -> tuple[int, int]:
@@ -274,22 +340,24 @@ def _split_head_dim(hd: int) -> tuple[int, int]:
     return max(16, 1 << (hd - 1).bit_length()), 0
 
 
-# (heads, head_dim, block_size, dtype) -> (tile, num_warps, num_stages), filled by
-# tune_decode_kernel.
-_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int, int]] = {}
-_DEFAULT_CONFIG = (64, 4, 1)
+# (heads, head_dim, block_size, dtype) -> (tile, num_warps, num_stages, heads per
+# program), filled by tune_decode_kernel.
+_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int, int, int]] = {}
+_DEFAULT_CONFIG = (64, 4, 1, 1)
 
 
 def paged_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    heads_per_program: int | None = None,
 ) -> Tensor:
     """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors).
 
     Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype.
     ``tile`` (tokens per loop iteration), ``num_warps`` and ``num_stages`` (software
-    pipelining depth of the loop) default to what :func:`tune_decode_kernel` picked for
-    this shape, else (64, 4, 1).
+    pipelining depth of the loop) and ``heads_per_program`` (a power of two dividing the
+    head count; else 1 is used) default to what :func:`tune_decode_kernel` picked for
+    this shape, else (64, 4, 1, 1).
     """
     global _KERNEL
     if _KERNEL is None:
@@ -300,6 +368,9 @@ def paged_decode_triton(
     tile = best[0] if tile is None else tile
     num_warps = best[1] if num_warps is None else num_warps
     num_stages = best[2] if num_stages is None else num_stages
+    hpp = best[3] if heads_per_program is None else heads_per_program
+    if hpp < 1 or hpp & (hpp - 1) or nh % hpp:
+        hpp = 1
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
     tile = max(tile, bs)
@@ -307,36 +378,41 @@ def paged_decode_triton(
     if d == 0:
         return out
     hd_a, hd_b = _split_head_dim(hd)
-    _KERNEL[(nh, d)](
+    extra = {"HPP": hpp} if hpp > 1 else {}
+    _KERNEL[hpp > 1][(nh // hpp, d)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         (1.0 / math.sqrt(hd)) * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
-        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages,
+        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages, **extra,
         num_warps=num_warps,
     )
     return out
 
 
-DECODE_CONFIGS: tuple[tuple[int, int, int], ...] = tuple(
-    (tile, warps, stages)
+DECODE_CONFIGS: tuple[tuple[int, int, int, int], ...] = tuple(
+    (tile, warps, stages, 1)
     for tile, warps in ((32, 2), (32, 4), (64, 4), (128, 4))
     for stages in (1, 2, 3)
+) + tuple(
+    (tile, warps, stages, hpp)
+    for tile, warps, hpp in ((16, 4, 4), (32, 4, 2), (32, 4, 4), (16, 8, 8), (32, 8, 4))
+    for stages in (1, 2)
 )
 
 
 def tune_decode_kernel(
     num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
     device: torch.device | str, batch: int = 192, context: int = 384,
-    configs: tuple[tuple[int, int, int], ...] = DECODE_CONFIGS,
-) -> tuple[int, int, int]:
-    """Time the decode kernel at this shape for a few (tile, num_warps, num_stages) and
-    remember the fastest; later calls at the shape use it. Returns the pick. Takes a few
-    seconds (compiles), and a temporary cache of ``batch * context`` tokens; a shape
-    already tuned in this process returns at once. A config that fails to compile or
-    run is skipped."""
+    configs: tuple[tuple[int, int, int, int], ...] = DECODE_CONFIGS,
+) -> tuple[int, int, int, int]:
+    """Time the decode kernel at this shape for a few (tile, num_warps, num_stages,
+    heads per program) and remember the fastest; later calls at the shape use it.
+    Returns the pick. Takes several seconds (compiles), and a temporary cache of
+    ``batch * context`` tokens; a shape already tuned in this process returns at once.
+    A config that fails to compile or run is skipped."""
     key = (num_heads, head_dim, block_size, dtype)
     if key in _TUNED:
         return _TUNED[key]
@@ -352,16 +428,15 @@ def tune_decode_kernel(
     ctx = torch.linspace(context, max(1, context // 4), batch, device=device).long()
     timings = {}
     for cfg in configs:
-        tile, warps, stages = cfg
         try:
-            paged_decode_triton(q, kc, vc, tables, ctx, tile, warps, stages)  # compile
+            paged_decode_triton(q, kc, vc, tables, ctx, *cfg)  # compile
             torch.cuda.synchronize(device)
         except Exception:  # noqa: BLE001 - e.g. out of shared memory for deep pipelines
             continue
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
         for _ in range(10):
-            paged_decode_triton(q, kc, vc, tables, ctx, tile, warps, stages)
+            paged_decode_triton(q, kc, vc, tables, ctx, *cfg)
         end.record()
         torch.cuda.synchronize(device)
         timings[cfg] = start.elapsed_time(end)

@@ -231,7 +231,7 @@ class Engine:
         self.valid_vocab: int | None = (
             min(int(vocab), self.config.vocab_size) if mask_padded_vocab and vocab else None
         )
-        self.attn_config: tuple[int, int, int] | None = None
+        self.attn_config: tuple[int, int, int, int] | None = None
         if tune_kernels is None:
             tune_kernels = self.device.type == "cuda"
         if tune_kernels:
