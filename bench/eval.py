@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ if str(ROOT) not in sys.path:  # `python bench/eval.py` from the repo root
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import git_commit  # noqa: E402
 from evals.backend import EvalBackend, build_backend  # noqa: E402
 from evals.runner import build_requests, evaluate_local  # noqa: E402
 from evals.scoring import encode_pairs  # noqa: E402
@@ -325,11 +325,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = git_commit()
     device = platform.processor() or platform.machine()
     if args.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.cuda.get_device_name()

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 GB = 1e9
@@ -148,10 +150,7 @@ def evict(path: Path) -> bool:
 def _meta(device: str) -> dict[str, Any]:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "models", "bench"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     if device == "cuda":
         dev = torch.cuda.get_device_name()
     else:
@@ -160,7 +159,7 @@ def _meta(device: str) -> dict[str, Any]:
         dev = f"{names[0] if names else platform.processor()} x{os.cpu_count()} (CPU)"
     mem = _status_meminfo_gb()
     return {
-        "commit": commit + ("-dirty" if dirty else ""),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": dev,
         "host": {"cpus": os.cpu_count(), "ram_gb": mem},

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,12 +88,7 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
             close()
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+_git_commit = git_commit
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

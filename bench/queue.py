@@ -36,6 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "preset:tiny"
 
@@ -182,11 +184,7 @@ def run_ingest(n: int, db_url: str) -> dict[str, Any]:
 def _meta() -> dict[str, Any]:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "store", "worker",
-                            "bench/queue.py"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    commit = git_commit()
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -197,7 +195,7 @@ def _meta() -> dict[str, Any]:
         pass
     return {
         "benchmark": "queue",
-        "commit": commit + ("-dirty" if dirty else ""),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"{cpu} x{os.cpu_count()} (CPU)",
         "torch": torch.__version__,

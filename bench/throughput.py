@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import git_commit
 from models.config import NeoXConfig
 from models.engine import Engine
 from models.model import NeoX, init_random_
@@ -326,12 +326,7 @@ def run_hf(hf: Any, prompts: list[list[int]], outs: list[int], batch: int,
 # --------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+_git_commit = git_commit
 
 
 def _write(path: Path | None, result: dict[str, Any]) -> None:

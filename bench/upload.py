@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 
+from bench.common import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 LINE_PAD = 900  # characters of prompt per line: ~1 KB lines, ~100,000 lines per 100 MB
 
@@ -207,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(Path(tmp), size_mb=args.size_mb, redis_url=args.redis_url)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     result = {"benchmark": "api_upload", "commit": commit,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": f"{platform.processor() or platform.machine()} x{os.cpu_count()} (CPU)",

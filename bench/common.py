@@ -1,0 +1,28 @@
+"""What every benchmark result records about the code it ran."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    """The commit the benchmark ran, with ``-dirty`` if tracked files differ from it.
+
+    The GPU machine receives a copy of the working tree without ``.git``; there the
+    caller passes the commit in ``NEOXQ_COMMIT`` (``NEOXQ_COMMIT=$(git rev-parse HEAD)``
+    on the submitting side, with a clean tree).
+    """
+    if os.environ.get("NEOXQ_COMMIT"):
+        return os.environ["NEOXQ_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head}-dirty" if dirty else head
