@@ -251,11 +251,15 @@ class Stack:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Any:
-    """SIGTERM and SIGHUP end neoxq like Ctrl-C (KeyboardInterrupt), so cleanup runs."""
+    """SIGINT, SIGTERM and SIGHUP end neoxq as Ctrl-C does (KeyboardInterrupt), so the
+    cleanup runs."""
     def handler(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored:
+    # `neoxq up &` followed by `kill -INT` must still stop the stack.
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

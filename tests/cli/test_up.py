@@ -1,0 +1,229 @@
+"""``neoxq run`` and ``neoxq up`` as a newcomer runs them: a fresh temporary directory, no
+NEOXQ_* setting, no Redis or database configured. Every process neoxq starts carries a
+marker in its environment, so the tests can prove none is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli.embedded import EmbeddedRedis
+from tests.api.live import free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="the embedded Redis needs redis-server on PATH")
+
+
+def fresh_env(marker: str) -> dict[str, str]:
+    """The environment of someone who configured nothing (plus our marker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOXQ_")}
+    env.update({"NEOXQ_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (our descendants, wherever they are),
+    and embedded redis-servers started with it (redis-server rewrites its environment
+    block for its process title, so it is found by the port neoxq printed)."""
+    needle = f"NEOXQ_TEST_MARKER={marker}".encode()
+    ports = _REDIS_PORTS.get(marker, set())
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if "State:\tZ" in (d / "status").read_text():
+                continue  # a zombie holds no resources
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if needle in (d / "environ").read_bytes().split(b"\0") or any(
+                    "redis-server" in cmd and f":{p}" in cmd for p in ports):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+_REDIS_PORTS: dict[str, set[str]] = {}
+
+
+def note_redis(marker: str, output: str) -> None:
+    """Remember the embedded Redis port neoxq reported for ``marker``'s run."""
+    import re
+
+    _REDIS_PORTS.setdefault(marker, set()).update(
+        re.findall(r"embedded Redis at redis://127\.0\.0\.1:(\d+)", output))
+
+
+def wait_gone(marker: str, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = marked_pids(marker)
+        if not left:
+            return []
+        time.sleep(0.2)
+    return marked_pids(marker)
+
+
+def neoxq(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *argv]
+
+
+def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    (tmp_path / "prompts.txt").write_text("The capital of France is\nOnce upon a time\n\n"
+                                          "In a hole in the ground there lived\n")
+    started = time.monotonic()
+    proc = subprocess.run(neoxq("run", "prompts.txt", "-o", "out.jsonl", "--max-tokens", "16"),
+                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
+                          timeout=240)
+    took = time.monotonic() - started
+    note_redis(marker, proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]  # the blank line is not a prompt
+    assert [r["line"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["finish_reason"] in ("length", "stop")
+        assert r["usage"]["completion_tokens"] >= 1 and r["usage"]["prompt_tokens"] > 0
+        assert r["timings"]["finished_at"] >= r["timings"]["started_at"] > 0
+    # Clearly labelled: the default model is random weights.
+    assert "RANDOM WEIGHTS" in proc.stderr and "preset:small" in proc.stderr
+    assert "embedded Redis" in proc.stderr and "SQLite" in proc.stderr
+    assert (tmp_path / ".neoxq" / "neoxq.db").exists()
+    assert not wait_gone(marker, timeout=10), "processes left behind"
+    print(f"neoxq run on a fresh directory: {took:.1f} s")
+
+
+def test_run_jsonl_with_options(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"Count {i}",
+                                       "max_tokens": 3 + i}) + "\n" for i in range(5)))
+    proc = subprocess.run(neoxq("run", str(src), "-o", str(tmp_path / "o.jsonl"), "--model",
+                                "preset:tiny", "--temperature", "0", "--data-dir",
+                                str(tmp_path / "state")),
+                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
+                          timeout=240)
+    note_redis(marker, proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(5)]
+    assert [r["usage"]["completion_tokens"] for r in rows] == [3, 4, 5, 6, 7]
+    assert (tmp_path / "state" / "neoxq.db").exists()
+    assert "preset:tiny: RANDOM WEIGHTS" in proc.stderr
+    assert not wait_gone(marker, timeout=10)
+
+
+def test_run_refuses_a_missing_file(tmp_path: Path) -> None:
+    proc = subprocess.run(neoxq("run", "nope.jsonl", "-o", "o.jsonl"), cwd=tmp_path,
+                          env=fresh_env(uuid.uuid4().hex), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def _start_up(tmp_path: Path, marker: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(neoxq("up", "--port", str(port), "--quiet", "--model",
+                                  "preset:tiny", "--device", "cpu", *extra),
+                            cwd=tmp_path, env=fresh_env(marker), stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        text = (tmp_path / "up.log").read_text()
+        if "Ctrl-C stops everything" in text:
+            note_redis(marker, text)
+            return proc, url
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("neoxq up did not come up:\n" + (tmp_path / "up.log").read_text())
+
+
+def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    proc, url = _start_up(tmp_path, marker)
+    try:
+        assert httpx.get(url + "/readyz").json()["status"] == "ok"
+        workers = httpx.get(url + "/workers").json()["data"]
+        assert [w["model"] for w in workers] == ["preset:tiny"]
+        body = "".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(6))
+        r = httpx.post(url + "/batches", content=body, params={"max_tokens": 4},
+                       headers={"Content-Type": "application/x-ndjson"})
+        assert r.status_code == 201, r.text
+        batch = r.json()
+        assert batch["model"] == "preset:tiny"
+        deadline = time.monotonic() + 60
+        while batch["status"] != "completed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            batch = httpx.get(f"{url}/batches/{batch['id']}").json()
+        assert batch["status"] == "completed"
+        children = marked_pids(marker)
+        assert len(children) >= 4  # neoxq up, redis-server, api, worker
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        rc = proc.wait(timeout=60)
+    log = (tmp_path / "up.log").read_text()
+    assert rc == 0, log
+    assert "stopped" in log
+    assert not wait_gone(marker, timeout=15), "processes left behind after Ctrl-C"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/healthz", timeout=2)
+
+
+def test_up_killed_outright_takes_its_children_along(tmp_path: Path) -> None:
+    # SIGKILL gives neoxq no chance to clean up: the kernel's parent-death signal must.
+    marker = uuid.uuid4().hex
+    proc, _url = _start_up(tmp_path, marker)
+    assert len(marked_pids(marker)) >= 4
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not wait_gone(marker, timeout=30), "children outlived a SIGKILLed neoxq up"
+
+
+def test_up_fails_cleanly_when_the_worker_cannot_start(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(neoxq("up", "--port", str(free_port()), "--quiet", "--model",
+                                "preset:no-such-model", "--device", "cpu"),
+                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
+                          timeout=120)
+    note_redis(marker, proc.stderr)
+    assert proc.returncode == 1
+    assert "worker exited" in proc.stderr and "no-such-model" in proc.stderr
+    assert not wait_gone(marker, timeout=15)
+
+
+def test_embedded_redis_starts_on_a_free_port_and_leaves_nothing() -> None:
+    import redis
+
+    with EmbeddedRedis() as server:
+        r = redis.Redis.from_url(server.url)
+        assert r.ping()
+        cfg = r.config_get("*")
+        assert cfg["appendonly"] == "no" and cfg["save"] == ""
+        assert cfg["maxmemory-policy"] == "noeviction"
+        assert cfg["bind"] == "127.0.0.1"
+        r.close()
+        pid = server._child.pid if server._child else 0
+        dir_ = cfg["dir"]
+    assert not Path(dir_).exists()
+    assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(
+        f"/proc/{pid}/status").read_text()
+
+
+def test_neoxq_module_runs_from_any_directory(tmp_path: Path) -> None:
+    # The children are started as `python -m cli.main` from the user's directory.
+    proc = subprocess.run(neoxq("run", "--help"), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and "--model" in proc.stdout
