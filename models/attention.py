@@ -426,12 +426,19 @@ def tune_decode_kernel(
     tables = perm.view(batch, -1)  # (batch, blocks per sequence), shuffled like a real cache
     # Mixed lengths (as in a real batch), longest first like the engine sorts them.
     ctx = torch.linspace(context, max(1, context // 4), batch, device=device).long()
+    # A few rows of the reference: a config whose output disagrees is never picked (a
+    # miscompiled pipelined loop must not slip in silently).
+    n_ref = min(batch, 8)
+    ref = paged_decode_torch(q[:n_ref], kc, vc, tables[:n_ref], ctx[:n_ref]).float()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
     timings = {}
     for cfg in configs:
         try:
-            paged_decode_triton(q, kc, vc, tables, ctx, *cfg)  # compile
+            got = paged_decode_triton(q, kc, vc, tables, ctx, *cfg)  # compile
             torch.cuda.synchronize(device)
         except Exception:  # noqa: BLE001 - e.g. out of shared memory for deep pipelines
+            continue
+        if not (got[:n_ref].float() - ref).abs().max().item() <= tol:
             continue
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
