@@ -111,18 +111,27 @@ def test_cancel_is_obeyed_within_5s(sqlite_cluster) -> None:
 
 def test_sigterm_hands_back_in_flight_work_and_exits(sqlite_cluster, direct_engine) -> None:
     c = sqlite_cluster(chunk_items=10, shutdown_grace=0.5)
-    lines = greedy_lines(120, max_tokens=150)
+    # Long enough generations that in-flight chunks cannot finish inside the grace period
+    # (a fast engine would otherwise complete them and hand nothing back).
+    lines = greedy_lines(60, max_tokens=300)
     a = c.start_worker("wA")
     report = c.submit(lines)
-    c.wait_for(lambda: c.n_results(report.batch_id) >= 1, 90, "first results")
+
+    def running() -> int:
+        with session_scope(c.db) as s:
+            return s.scalar(select(func.count(Item.id)).where(
+                Item.batch_id == report.batch_id, Item.status == "running")) or 0
+
+    c.wait_for(running, 90, "items in flight", every=0.05)
+    time.sleep(0.3)
     a.send_signal(signal.SIGTERM)
     assert a.wait(timeout=30) == 0, c.log(a)[-3000:]
     assert "handing chunk" in c.log(a)
     with session_scope(c.db) as s:
         assert s.get(Worker, "wA").status == "stopped"
-    assert c.n_results(report.batch_id) < 120
+    assert c.n_results(report.batch_id) < 60
     c.start_worker("wB")
-    results = assert_exactly_once(c, report, 120)
+    results = assert_exactly_once(c, report, 60)
     assert [r.text for r in results] == direct_texts(direct_engine, lines)
 
 
