@@ -48,7 +48,7 @@ function el(tag, attrs = {}, ...children) {
 function setupCanvas(canvas) {
   // Draw at device-pixel resolution so lines stay sharp on HiDPI screens.
   const ratio = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth, h = canvas.clientHeight || Number(canvas.getAttribute("height"));
+  const w = canvas.clientWidth, h = canvas.clientHeight;
   if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
   if (canvas.height !== Math.round(h * ratio)) canvas.height = Math.round(h * ratio);
   const ctx = canvas.getContext("2d");
@@ -193,7 +193,7 @@ async function renderDetail() {
   if (!grid.children.length) {
     for (const [key, title] of CHARTS) {
       grid.append(el("div", { class: "chart", "data-chart": key }, el("h3", {}, title),
-        el("canvas", { height: "110" }), el("div", { class: "stats" })));
+        el("canvas"), el("div", { class: "stats" })));
     }
   }
   for (const [key, , fmt] of CHARTS) {
@@ -216,12 +216,17 @@ function select(id) {
 
 async function tick() {
   try {
-    const o = await getJSON("/dashboard/api/overview");
+    const o = await getJSON("/dashboard/api/overview?window=900&step=3");
     $("#auth").hidden = true;
     renderBatches(o.batches);
     renderWorkers(o.workers);
-    drawThroughput($("#throughput"), o.series);
-    $("#series-note").textContent = `last ${Math.round((o.series.length * o.step) / 60)} min, ${o.step} s buckets`;
+    // From the first busy bucket on (at least a minute), so a fresh run's plot is not
+    // a flat line with a spike at the right edge.
+    const first = o.series.findIndex((p) => p.tokens_per_s > 0);
+    const keep = Math.max(Math.ceil(60 / o.step), first < 0 ? 0 : o.series.length - first + 1);
+    const series = o.series.slice(-keep);
+    drawThroughput($("#throughput"), series);
+    $("#series-note").textContent = `last ${fmtSecs(series.length * o.step)}, ${o.step} s buckets`;
     $("#rate").textContent = fmtRate(o.tokens_per_s) + " tok/s";
     await renderDetail();
     $("#live").textContent = "updated " + new Date().toLocaleTimeString();
