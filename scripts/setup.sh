@@ -12,3 +12,18 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==${NEOXQ_TORCH_VERSION:-2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Headless Chromium for the dashboard's browser test (Debian's package; Playwright drives
+# it, so `playwright install` and its downloads are never needed), and a compose client so
+# that docker-compose.yml is validated. Best effort: without them those tests skip.
+apt_install() {  # apt-get install, refreshing the package lists once if needed
+    apt-get install -y -q "$@" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$@" >/dev/null 2>&1; }
+}
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    [ -x /usr/bin/chromium ] || apt_install chromium \
+        || echo "setup.sh: could not install chromium (the browser test will skip)" >&2
+    # --no-install-recommends: the compose client only, not a docker engine
+    command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 \
+        || apt_install --no-install-recommends docker-compose \
+        || echo "setup.sh: could not install docker-compose (compose validation skips)" >&2
+fi
