@@ -124,3 +124,12 @@ def test_docker_compose_config_validates() -> None:
                            "--services"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert prof.returncode == 0, prof.stderr
     assert "flower" in prof.stdout.split()
+
+
+def test_readme_documents_every_setting() -> None:
+    from core.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"NEOXQ_{n.upper()}" for n in Settings.model_fields
+               if f"| `NEOXQ_{n.upper()}` |" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
