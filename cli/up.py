@@ -125,7 +125,8 @@ class Stack:
         print(f"neoxq: {msg}", file=sys.stderr, flush=True)
 
     def start(self, ready_timeout: float = 120.0) -> Stack:
-        """Start everything and wait until the API is ready and the worker has registered."""
+        """Start everything and wait until the API is ready (the worker may still be
+        loading its model: see :meth:`wait_worker`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.env.get("NEOXQ_REDIS_URL"):
             self.redis = EmbeddedRedis(log_dir=self.log_dir).start()
@@ -193,26 +194,43 @@ class Stack:
             raise RuntimeError("embedded Redis exited")
 
     def _wait_ready(self, timeout: float) -> None:
+        """Wait for ``/readyz`` (the store and Redis answer through the API)."""
         import httpx
 
         deadline = time.monotonic() + timeout
-        api_up = worker_up = False
+        last = "no answer"
         while time.monotonic() < deadline:
             self._check_children()
             try:
-                if not api_up:
-                    api_up = httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-                if api_up and not worker_up:
-                    data = httpx.get(self.url + "/workers", params={"seen_within": 60},
-                                     timeout=2).json()["data"]
-                    worker_up = any(w["status"] != "stopped" for w in data)
+                r = httpx.get(self.url + "/readyz", timeout=2)
+                if r.status_code == 200:
+                    return
+                last = r.text[:500]
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"the API did not become ready within {timeout:.0f} s ({last}); "
+                           f"logs in {self.log_dir}")
+
+    def wait_worker(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the worker has loaded its model and registered (no limit by default:
+        the 20B takes minutes to load); returns its row as ``GET /workers`` shows it."""
+        import httpx
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            self._check_children()
+            try:
+                rows = httpx.get(self.url + "/workers", params={"seen_within": 60},
+                                 timeout=2).json()["data"]
+                pid = self.children["worker"].pid
+                mine = [w for w in rows if w["pid"] == pid and w["status"] != "stopped"]
+                if mine:
+                    return mine[0]
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
-            if api_up and worker_up:
-                return
             time.sleep(0.2)
-        what = "the worker did not register" if api_up else "the API did not become ready"
-        raise RuntimeError(f"{what} within {timeout:.0f} s (logs in {self.log_dir})")
+        raise RuntimeError(f"the worker did not register within {timeout} s")
 
     def watch(self, on_death: Any, interval: float = 0.5) -> threading.Thread:
         """Call ``on_death(message)`` from a thread if a child dies while running."""
@@ -307,9 +325,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     with _terminate_as_interrupt():
         try:
             stack.start()
-            stack._say(f"API and dashboard at {stack.url} (docs {stack.url}/docs); "
-                       f"submit with `neoxq submit FILE --wait --url {stack.url}`; "
+            stack._say(f"API and dashboard at {stack.url}/dashboard (docs {stack.url}/docs);"
+                       f" submit with `neoxq submit FILE --wait --url {stack.url}`; "
                        "Ctrl-C stops everything")
+            stack._say(f"worker loading {model} ...")
+            w = stack.wait_worker()
+            stack._say(f"worker ready: {w['id']} on {', '.join(map(str, w['devices']))}")
             stack.watch(on_death)
             while True:
                 time.sleep(3600)
@@ -374,7 +395,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             jsonl = _as_jsonl(args.file, Path(tmp))
             started = time.monotonic()
             stack.start()
-            stack._say(f"stack up in {time.monotonic() - started:.1f} s (logs in "
+            stack._say(f"API up in {time.monotonic() - started:.1f} s; the worker loads the "
+                       f"model while the file is submitted (logs in "
                        f"{stack.log_dir})")
             stack.watch(on_death)
             argv = ["submit", str(jsonl), "--wait", "-o", str(args.output), "--url", stack.url,

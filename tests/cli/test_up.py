@@ -143,7 +143,7 @@ def _start_up(tmp_path: Path, marker: str, *extra: str) -> tuple[subprocess.Pope
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp_path / "up.log").read_text()
         text = (tmp_path / "up.log").read_text()
-        if "Ctrl-C stops everything" in text:
+        if "worker ready" in text:
             note_redis(marker, text)
             return proc, url
         time.sleep(0.2)
