@@ -66,6 +66,9 @@ def configure_logging(fmt: str | None = None, level: str | int = "INFO") -> str:
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every request at INFO: the CLI's polling would drown everything else.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if fmt == "json":
         _uvicorn_json()
     return fmt
