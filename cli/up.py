@@ -252,13 +252,23 @@ class Stack:
         """Stop the worker, the API and Redis, in that order."""
         self._stopping = True
         grace = float(self.env.get("NEOXQ_SHUTDOWN_GRACE", "5")) + 10
-        if "worker" in self.children:
-            self.children.pop("worker").stop(grace=grace)
-        for name in list(self.children):
-            self.children.pop(name).stop(grace=10)
+        # Children stay in `children` until stopped, so a second Ctrl-C (kill_all) reaches
+        # the one being waited for too.
+        for name in sorted(self.children, key=lambda n: n != "worker"):  # worker first
+            self.children[name].stop(grace=grace if name == "worker" else 10)
+            self.children.pop(name, None)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def kill_all(self) -> None:
+        """SIGKILL every child's process group now, without waiting (second Ctrl-C)."""
+        procs = [c.proc for c in self.children.values()]
+        if self.redis is not None and self.redis._child is not None:
+            procs.append(self.redis._child.proc)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def __enter__(self) -> Stack:
         return self
@@ -288,9 +298,8 @@ def _terminate_as_interrupt() -> Any:
 def _second_interrupt_kills(stack: Stack) -> None:
     """While stopping, a second Ctrl-C kills every child at once."""
     def handler(_signum: int, _frame: Any) -> None:
-        for child in list(stack.children.values()):
-            child.stop(grace=0, sig=signal.SIGKILL)
-        stack.children.clear()
+        stack._say("killing")
+        stack.kill_all()
 
     signal.signal(signal.SIGINT, handler)
 

@@ -227,3 +227,13 @@ def test_neoxq_module_runs_from_any_directory(tmp_path: Path) -> None:
     proc = subprocess.run(neoxq("run", "--help"), cwd=tmp_path, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0 and "--model" in proc.stdout
+
+
+def test_up_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    proc, _url = _start_up(tmp_path, marker)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert not wait_gone(marker, timeout=15), (tmp_path / "up.log").read_text()
