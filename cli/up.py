@@ -212,24 +212,28 @@ class Stack:
         raise RuntimeError(f"the API did not become ready within {timeout:.0f} s ({last}); "
                            f"logs in {self.log_dir}")
 
-    def wait_worker(self, timeout: float | None = None) -> dict[str, Any]:
+    def wait_worker(self, timeout: float | None = None) -> Any:
         """Wait until the worker has loaded its model and registered (no limit by default:
-        the 20B takes minutes to load); returns its row as ``GET /workers`` shows it."""
-        import httpx
+        the 20B takes minutes to load); returns its store row. Read from the store, not
+        the API: once API keys exist, ``GET /workers`` needs one."""
+        from store.db import make_engine, make_sessionmaker
+        from store.queries import list_workers
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while deadline is None or time.monotonic() < deadline:
-            self._check_children()
-            try:
-                rows = httpx.get(self.url + "/workers", params={"seen_within": 60},
-                                 timeout=2).json()["data"]
+        db = make_engine(self._settings().db_url)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while deadline is None or time.monotonic() < deadline:
+                self._check_children()
                 pid = self.children["worker"].pid
-                mine = [w for w in rows if w["pid"] == pid and w["status"] != "stopped"]
-                if mine:
-                    return mine[0]
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
+                with contextlib.suppress(Exception):  # e.g. SQLite busy: ask again
+                    with make_sessionmaker(db)() as session:
+                        mine = [w for w in list_workers(session=session, seen_within=60)
+                                if w.pid == pid and w.status != "stopped"]
+                    if mine:
+                        return mine[0]
+                time.sleep(0.2)
+        finally:
+            db.dispose()
         raise RuntimeError(f"the worker did not register within {timeout} s")
 
     def watch(self, on_death: Any, interval: float = 0.5) -> threading.Thread:
@@ -339,7 +343,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                        "Ctrl-C stops everything")
             stack._say(f"worker loading {model} ...")
             w = stack.wait_worker()
-            stack._say(f"worker ready: {w['id']} on {', '.join(map(str, w['devices']))}")
+            stack._say(f"worker ready: {w.id} on {', '.join(map(str, w.devices or []))}")
             stack.watch(on_death)
             while True:
                 time.sleep(3600)

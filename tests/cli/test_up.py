@@ -237,3 +237,22 @@ def test_up_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     assert not wait_gone(marker, timeout=15), (tmp_path / "up.log").read_text()
+
+
+def test_up_with_api_keys(tmp_path: Path) -> None:
+    # A key in the store switches authentication on; `up` must still see its worker.
+    marker = uuid.uuid4().hex
+    made = subprocess.run(neoxq("keys", "create", "ops"), cwd=tmp_path, env=fresh_env(marker),
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    proc, url = _start_up(tmp_path, marker)
+    try:
+        assert httpx.get(url + "/batches").status_code == 401
+        ok = httpx.get(url + "/dashboard/api/overview",
+                       headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200 and ok.json()["workers"][0]["health"] == "healthy"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert not wait_gone(marker, timeout=15)
