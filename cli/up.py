@@ -420,6 +420,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     argv += [f"--{name.replace('_', '-')}", str(value)]
             for s in args.stop or []:
                 argv += ["--stop", s]
+            if (args.model or DEFAULT_MODEL).startswith("preset:"):
+                # the batch itself says so too (`neoxq status ID --json`, the dashboard)
+                argv += ["--metadata", "weights=random (demo preset)"]
             rc = neoxq_main(argv)
         except KeyboardInterrupt:
             if not died:

@@ -100,6 +100,11 @@ def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     assert "RANDOM WEIGHTS" in proc.stderr and "preset:small" in proc.stderr
     assert "embedded Redis" in proc.stderr and "SQLite" in proc.stderr
     assert (tmp_path / ".neoxq" / "neoxq.db").exists()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / ".neoxq" / "neoxq.db") as db:
+        [(model, meta)] = db.execute("SELECT model, metadata FROM batches").fetchall()
+    assert model == "preset:small" and "random" in json.loads(meta)["weights"]
     assert not wait_gone(marker, timeout=10), "processes left behind"
     print(f"neoxq run on a fresh directory: {took:.1f} s")
 
