@@ -135,3 +135,29 @@ def test_metrics_need_a_key_once_keys_exist(sqlite_api: Api) -> None:
     assert sqlite_api.client.get("/metrics").status_code == 401
     resp = sqlite_api.client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200 and "neoxq_queue_depth" in resp.text
+
+
+def test_store_figures_on_both_databases(api_factory: Callable[..., Api]) -> None:
+    from tests.api.conftest import write_results
+
+    api = api_factory()
+
+    def scrape_app() -> Samples:
+        resp = api.client.get("/metrics")
+        assert resp.status_code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(resp.text) for s in f.samples}
+
+    r = api.client.post("/batches", content=jsonl(prompts(25)),
+                        headers={"Content-Type": "application/x-ndjson"})
+    assert r.status_code == 201, r.text
+    first = scrape_app()
+    assert value(first, "neoxq_queue_depth") == 3.0  # chunks of 10
+    assert value(first, "neoxq_items_queued") == 25.0
+    write_results(api.db, r.json()["id"], upto=10, fail={3})
+    second = scrape_app()
+    assert value(second, "neoxq_items_queued") == 15.0
+    assert value(second, "neoxq_items_total", outcome="completed") == 9.0
+    assert value(second, "neoxq_items_total", outcome="failed") == 1.0
+    assert value(second, "neoxq_completion_tokens_total") == 45.0
+    assert value(second, "neoxq_up", source="database") == 1.0
