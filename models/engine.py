@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from models.attention import PagedAttention, StepMetadata, prefill_mask, tune_de
 from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, StopChecker, sample
+
+if TYPE_CHECKING:
+    from models.pipeline import PipelineEngine
 
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
 # layer, one per length group (see fresh_groups); at most this many groups.
@@ -329,12 +332,7 @@ class Engine:
     ) -> None:
         """Queue a request. Raises ``ValueError`` naming the field for a bad one; nothing
         else in the engine is affected."""
-        if params is None:
-            params = SamplingParams()
-        elif isinstance(params, Mapping):
-            params = SamplingParams.from_dict(params)
-        else:
-            params.validate()
+        params = as_params(params)
         ids = self._prompt_ids(request_id, prompt)
         if len(ids) >= self.max_position:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate in the "
@@ -896,32 +894,7 @@ class Engine:
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order. A bad request gives an
         output with ``error`` set (and no samples); the others run."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
-        tag = f"_gen{self._rng.getrandbits(40):x}_"
-        results: dict[str, RequestOutput] = {}
-        ids = [f"{tag}{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            try:
-                self.add_request(rid, prompt, p)
-            except ValueError as exc:
-                results[rid] = RequestOutput(rid, 0, [], Timings(time.time()), error=str(exc))
-        others: list[RequestOutput] = []
-        while any(rid not in results for rid in ids):
-            for out in self.step():
-                if out.request_id.startswith(tag):
-                    results[out.request_id] = out
-                else:
-                    others.append(out)
-        self._outputs = others + self._outputs  # not ours: the caller's step() gets them
-        final = []
-        for i, rid in enumerate(ids):
-            out = results[rid]
-            out.request_id = str(i)
-            final.append(out)
-        return final
+        return run_to_completion(self, prompts, params)
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreResult]:
         """Log-likelihood of each continuation given its context, batched through the
@@ -929,17 +902,8 @@ class Engine:
         the context length + 1 (the last token is never an input)."""
         tag = f"_score{self._rng.getrandbits(40):x}_"
         ids = []
-        for i, (ctx, cont) in enumerate(pairs):
-            ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
-            if not ctx or not cont:
-                raise ValueError(f"pairs[{i}]: context and continuation must be non-empty")
-            inp = (ctx + cont)[:-1]
-            if len(inp) > self.max_position:
-                raise ValueError(f"pairs[{i}]: {len(inp) + 1} tokens exceed the model's "
-                                 f"context of {self.max_position} + 1")
-            bad = [t for t in ctx + cont if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"pairs[{i}]: token id {bad[0]} outside the vocabulary")
+        for i, pair in enumerate(pairs):
+            ctx, cont, inp = score_pair(i, pair, self.max_position, self.config.vocab_size)
             self._check_fits(len(inp), f"pairs[{i}]")
             rid = f"{tag}{i}"
             req = _Request(rid, inp, None, 0, Timings(time.time()), score_ctx=len(ctx),
@@ -952,6 +916,77 @@ class Engine:
             others.extend(self.step())
         self._outputs = others + self._outputs
         return [self._scores.pop(rid) for rid in ids]
+
+
+# -- shared by Engine and PipelineEngine (models/pipeline.py) ----------------------------
+
+
+def as_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+    """``add_request``'s ``params`` as a validated :class:`SamplingParams` (the
+    defaults for None); a bad field is a ``ValueError`` naming it."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, Mapping):
+        return SamplingParams.from_dict(params)
+    params.validate()
+    return params
+
+
+def score_pair(
+    i: int, pair: tuple[Sequence[int], Sequence[int]], max_position: int, vocab_size: int,
+) -> tuple[list[int], list[int], list[int]]:
+    """Check ``score``'s pair ``i``; returns (context, continuation, input tokens), the
+    input being context + continuation less the last token (never an input)."""
+    ctx, cont = pair
+    ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+    if not ctx or not cont:
+        raise ValueError(f"pairs[{i}]: context and continuation must be non-empty")
+    inp = (ctx + cont)[:-1]
+    if len(inp) > max_position:
+        raise ValueError(f"pairs[{i}]: {len(inp) + 1} tokens exceed the model's "
+                         f"context of {max_position} + 1")
+    bad = [t for t in ctx + cont if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"pairs[{i}]: token id {bad[0]} outside the vocabulary")
+    return ctx, cont, inp
+
+
+def run_to_completion(
+    engine: Engine | PipelineEngine,
+    prompts: Sequence[str | Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+) -> list[RequestOutput]:
+    """``generate`` of an :class:`Engine` or a ``PipelineEngine``: queue the prompts
+    under private ids, step until all are done and return them in input order, with
+    ids "0", "1", ... A bad request gives an output with ``error`` set; the others run.
+    Outputs of the caller's own requests that finish meanwhile stay for its next
+    ``step()``."""
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
+    tag = f"_gen{engine._rng.getrandbits(40):x}_"
+    results: dict[str, RequestOutput] = {}
+    ids = [f"{tag}{i}" for i in range(len(prompts))]
+    for rid, prompt, p in zip(ids, prompts, params, strict=True):
+        try:
+            engine.add_request(rid, prompt, p)
+        except ValueError as exc:
+            results[rid] = RequestOutput(rid, 0, [], Timings(time.time()), error=str(exc))
+    others: list[RequestOutput] = []
+    while any(rid not in results for rid in ids):
+        for out in engine.step():
+            if out.request_id.startswith(tag):
+                results[out.request_id] = out
+            else:
+                others.append(out)
+    engine._outputs = others + engine._outputs  # not ours: the caller's step() gets them
+    final = []
+    for i, rid in enumerate(ids):
+        out = results[rid]
+        out.request_id = str(i)
+        final.append(out)
+    return final
 
 
 def _fill_tables(tables: np.ndarray, seqs: Sequence[_Seq]) -> None:

@@ -75,6 +75,9 @@ from models.engine import (
     Timings,
     _Request,
     _Seq,
+    as_params,
+    run_to_completion,
+    score_pair,
 )
 from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
 from models.model import NeoX
@@ -1035,12 +1038,7 @@ class PipelineEngine:
         self._guard()
         if isinstance(request_id, str) and request_id in self._where:
             raise ValueError(f"request_id: {request_id!r} is already in the engine")
-        if params is None:
-            params = SamplingParams()
-        elif isinstance(params, Mapping):
-            params = SamplingParams.from_dict(params)
-        else:
-            params.validate()
+        params = as_params(params)
         if params.seed is None:
             # One seed stream for the whole engine, as a one-GPU engine draws them.
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
@@ -1114,49 +1112,15 @@ class PipelineEngine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order (as :meth:`Engine.generate`)."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
-        tag = f"_gen{self._rng.getrandbits(40):x}_"
-        results: dict[str, RequestOutput] = {}
-        ids = [f"{tag}{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            try:
-                self.add_request(rid, prompt, p)
-            except ValueError as exc:
-                results[rid] = RequestOutput(rid, 0, [], Timings(time.time()), error=str(exc))
-        others: list[RequestOutput] = []
-        while any(rid not in results for rid in ids):
-            for out in self.step():
-                if out.request_id.startswith(tag):
-                    results[out.request_id] = out
-                else:
-                    others.append(out)
-        self._outputs = others + self._outputs
-        final = []
-        for i, rid in enumerate(ids):
-            out = results[rid]
-            out.request_id = str(i)
-            final.append(out)
-        return final
+        return run_to_completion(self, prompts, params)
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreResult]:
         """Log-likelihood of each continuation given its context (as :meth:`Engine.score`)."""
         self._guard()
         tag = f"_score{self._rng.getrandbits(40):x}_"
         todo: list[tuple[str, _Group, int]] = []
-        for i, (ctx, cont) in enumerate(pairs):
-            ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
-            if not ctx or not cont:
-                raise ValueError(f"pairs[{i}]: context and continuation must be non-empty")
-            inp = (ctx + cont)[:-1]
-            if len(inp) > self.max_position:
-                raise ValueError(f"pairs[{i}]: {len(inp) + 1} tokens exceed the model's "
-                                 f"context of {self.max_position} + 1")
-            bad = [t for t in ctx + cont if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"pairs[{i}]: token id {bad[0]} outside the vocabulary")
+        for i, pair in enumerate(pairs):
+            ctx, cont, inp = score_pair(i, pair, self.max_position, self.config.vocab_size)
             g = self._pick()
             g._check_fits(len(inp), f"pairs[{i}]")
             rid = f"{tag}{i}"
