@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from store.queries import iter_results
 from store.tables import Batch, File, Item, Result, new_id, now
 
 
@@ -58,21 +59,9 @@ def recent_rate(*, session: Session, batch_id: str, window: float = 30.0) -> tup
 def iter_batch_results(*, session: Session, batch_id: str, failed: bool | None = None,
                        page: int = 500) -> Iterator[tuple[Item, Result]]:
     """(item, result) pairs in input order, read ``page`` rows at a time; ``failed``
-    True gives only errors, False only successes, None both."""
-    last = -1
-    while True:
-        q = (select(Item, Result).join(Result, Result.item_id == Item.id)
-             .where(Item.batch_id == batch_id, Item.index > last)
-             .order_by(Item.index).limit(page))
-        if failed is True:
-            q = q.where(Result.error.is_not(None))
-        elif failed is False:
-            q = q.where(Result.error.is_(None))
-        rows = session.execute(q).tuples().all()
-        yield from rows
-        if len(rows) < page:
-            return
-        last = rows[-1][0].index
+    True gives only errors, False only successes, None both (as
+    :func:`store.queries.iter_results`, in smaller pages)."""
+    return iter_results(session=session, batch_id=batch_id, failed=failed, page=page)
 
 
 def iter_unrun_items(*, session: Session, batch_id: str, page: int = 500) -> Iterator[Item]:
