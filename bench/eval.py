@@ -51,9 +51,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import git_commit  # noqa: E402
 from evals.backend import EvalBackend, build_backend  # noqa: E402
-from evals.runner import build_requests, evaluate_local  # noqa: E402
+from evals.runner import aggregate_answers, build_requests, evaluate_local  # noqa: E402
 from evals.scoring import encode_pairs  # noqa: E402
-from evals.tasks import aggregate, get_task  # noqa: E402
+from evals.tasks import get_task  # noqa: E402
 
 TASKS = ["lambada_openai", "piqa"]
 
@@ -202,15 +202,7 @@ def metrics_from_answers(
     """Per-task metrics for answers in :func:`all_pairs` order."""
     tasks = [get_task(n) for n in TASKS]
     per_task = build_requests(tasks, data_dir, limit)
-    results, pos = {}, 0
-    for task in tasks:
-        docs, reqs = per_task[task.name]
-        per_doc = []
-        for doc, doc_reqs in zip(docs, reqs, strict=True):
-            per_doc.append(task.process(doc, answers[pos : pos + len(doc_reqs)]))
-            pos += len(doc_reqs)
-        results[task.name] = aggregate(task, per_doc, bootstrap_iters)
-    return results
+    return aggregate_answers(tasks, per_task, answers, bootstrap_iters)
 
 
 def all_pairs(backend: EvalBackend, data_dir: Path, limit: float | None

@@ -40,6 +40,26 @@ def build_requests(
     return out
 
 
+def aggregate_answers(
+    tasks: Sequence[LocalTask],
+    per_task: dict[str, tuple[list[dict[str, Any]], list[list[tuple[str, str]]]]],
+    answers: Sequence[tuple[float, bool]],
+    bootstrap_iters: int,
+) -> dict[str, Any]:
+    """``{task: metrics}`` from the answers to :func:`build_requests`'s requests, flat in
+    the order of ``tasks``, then documents, then each document's requests."""
+    results: dict[str, Any] = {}
+    pos = 0
+    for task in tasks:
+        docs, reqs = per_task[task.name]
+        per_doc = []
+        for doc, doc_reqs in zip(docs, reqs, strict=True):
+            per_doc.append(task.process(doc, answers[pos : pos + len(doc_reqs)]))
+            pos += len(doc_reqs)
+        results[task.name] = aggregate(task, per_doc, bootstrap_iters)
+    return results
+
+
 def evaluate_local(
     engine: Scorer,
     encode: Callable[[str], list[int]],
@@ -87,17 +107,8 @@ def evaluate_local(
             bar.close()
     t_score = time.perf_counter()
 
-    results: dict[str, Any] = {}
-    n_samples: dict[str, int] = {}
-    pos = 0
-    for task in tasks:
-        docs, reqs = per_task[task.name]
-        per_doc = []
-        for doc, doc_reqs in zip(docs, reqs, strict=True):
-            per_doc.append(task.process(doc, answers[pos : pos + len(doc_reqs)]))
-            pos += len(doc_reqs)
-        results[task.name] = aggregate(task, per_doc, bootstrap_iters)
-        n_samples[task.name] = len(docs)
+    results = aggregate_answers(tasks, per_task, answers, bootstrap_iters)
+    n_samples = {task.name: len(per_task[task.name][0]) for task in tasks}
     t_end = time.perf_counter()
     return {
         "results": results,
