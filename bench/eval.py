@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import git_commit  # noqa: E402
+from cli.evaluate import json_default  # noqa: E402
 from evals.backend import EvalBackend, build_backend  # noqa: E402
 from evals.runner import aggregate_answers, build_requests, evaluate_local  # noqa: E402
 from evals.scoring import encode_pairs  # noqa: E402
@@ -394,12 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # written now too, so a failing baseline cannot lose neoxq's figures
-    args.out.write_text(json.dumps(report, indent=2, default=_default) + "\n")
+    args.out.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     try:
         runs["hf_replica"], _ = run_hf_replica(backend, args.data_dir, args)
     except Exception as exc:  # noqa: BLE001 - report whatever broke the baseline, keep ours
         report["hf_replica_error"] = f"{type(exc).__name__}: {exc}"
-        args.out.write_text(json.dumps(report, indent=2, default=_default) + "\n")
+        args.out.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
         raise
     print(f"hf replica: {runs['hf_replica']['wall_s']:.1f}s", file=sys.stderr)
     if not gpu and not args.skip_lm_eval:
@@ -436,17 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     report["total_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=_default) + "\n")
+    args.out.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     print(json.dumps({k: report[k] for k in ("agreement", "speedup_vs_hf")}, indent=1,
-                     default=_default))
+                     default=json_default))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return str(obj)
 
 
 if __name__ == "__main__":

@@ -177,12 +177,14 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report["results"], report["versions"]))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        args.output.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps``'s ``default`` for eval reports: a non-finite float is null,
+    anything else (a path, a dtype) its string."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return str(obj)
