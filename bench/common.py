@@ -1,4 +1,5 @@
-"""What every benchmark result records about the code it ran."""
+"""What every benchmark result records about the code it ran, and the clean-up of the
+services a benchmark starts."""
 
 from __future__ import annotations
 
@@ -26,3 +27,26 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}-dirty" if dirty else head
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Ask a benchmark's subprocess (a server, a worker) to stop; kill it after
+    ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def drop_redis_keys(redis_url: str, prefix: str) -> None:
+    """Delete a run's Redis keys (its queue and results), all named ``prefix...``."""
+    import redis  # only the benchmarks that start services need it
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()

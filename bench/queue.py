@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import git_commit
+from bench.common import drop_redis_keys, git_commit, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "preset:tiny"
@@ -144,19 +144,10 @@ def run_queue(lines: list[dict[str, Any]], db_url: str, redis_url: str,
         return {"seconds": elapsed, "submit_seconds": t_submitted, "chunks": len(report.chunks),
                 "worker_startup_seconds": startup, "completion_tokens": b.completion_tokens}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=60)
         log.close()
         db.dispose()
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(match=f"{s.redis_key_prefix}*"))
-        if keys:
-            r.delete(*keys)
+        drop_redis_keys(redis_url, s.redis_key_prefix)
 
 
 def run_ingest(n: int, db_url: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import git_commit
+from bench.common import drop_redis_keys, git_commit, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE_PAD = 900  # characters of prompt per line: ~1 KB lines, ~100,000 lines per 100 MB
@@ -110,18 +110,6 @@ def start_server(tmp: Path, *, redis_url: str, prefix: str) -> tuple[subprocess.
     raise RuntimeError("api did not start")
 
 
-def _drop_redis(redis_url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
-
-
 def measure(tmp: Path, *, size_mb: int = 100, paths: tuple[str, ...] = ("native", "openai"),
             redis_url: str = "redis://127.0.0.1:6379/1", create_openai_batch: bool = True
             ) -> dict[str, Any]:
@@ -170,12 +158,8 @@ def measure(tmp: Path, *, size_mb: int = 100, paths: tuple[str, ...] = ("native"
                 "mb_per_s": round(n_bytes / 1e6 / seconds, 1),
             }
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            _drop_redis(redis_url, prefix)
+            stop(proc, timeout=20)
+            drop_redis_keys(redis_url, prefix)
     return out
 
 
