@@ -70,6 +70,26 @@ class LineScan:
                            code="line_too_long", param="file", line=self.too_long)
 
 
+
+class _ScannedWriter:
+    """Writes an upload to ``out`` chunk by chunk, as it arrives: the 413 past ``limit``
+    bytes, and every line's length checked on the way (:class:`LineScan`)."""
+
+    def __init__(self, out: IO[bytes], limit: int) -> None:
+        self.out, self.limit, self.size, self.scan = out, limit, 0, LineScan()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise too_large(self.limit)
+        self.scan.feed(chunk)
+        self.out.write(chunk)
+
+    def finish(self) -> int:
+        """Bytes written; the 400 for a too-long line, if one was seen."""
+        self.scan.check()
+        return self.size
+
 def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -79,17 +99,13 @@ def _check_declared_length(request: Request, limit: int) -> None:
 async def save_raw_body(request: Request, dest: Path, *, limit: int) -> int:
     """Write the request body to ``dest``; returns its size. 413 past ``limit`` bytes."""
     _check_declared_length(request, limit)
-    scan, size = LineScan(), 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with dest.open("wb") as out:
+            writer = _ScannedWriter(out, limit)
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                scan.feed(chunk)
-                out.write(chunk)
-        scan.check()
+                writer.write(chunk)
+        size = writer.finish()
     except ClientDisconnect:
         dest.unlink(missing_ok=True)
         raise ApiError(400, "the client disconnected during the upload",
@@ -116,17 +132,12 @@ def _limited_receive(receive: Callable[[], Awaitable[dict[str, Any]]], limit: in
 
 
 def _copy_scanned(src: IO[bytes], dest: Path, limit: int) -> int:
-    scan, size = LineScan(), 0
     src.seek(0)
     with dest.open("wb") as out:
+        writer = _ScannedWriter(out, limit)
         while chunk := src.read(_COPY):
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            scan.feed(chunk)
-            out.write(chunk)
-    scan.check()
-    return size
+            writer.write(chunk)
+    return writer.finish()
 
 
 async def save_multipart(request: Request, dest: Path, *, limit: int,
