@@ -308,6 +308,14 @@ def _second_interrupt_kills(stack: Stack) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _stop(stack: Stack) -> None:
+    """Stop the stack (a second Ctrl-C meanwhile kills every child), then give Ctrl-C
+    back its default meaning."""
+    _second_interrupt_kills(stack)
+    stack.stop()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _model_note(model: str | None) -> str:
     chosen = model or DEFAULT_MODEL
     if chosen.startswith("preset:"):
@@ -352,9 +360,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             died.append(str(exc))
         finally:
-            _second_interrupt_kills(stack)
-            stack.stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _stop(stack)
     if died:
         print(f"neoxq: {died[0]}", file=sys.stderr)
         return 1
@@ -432,9 +438,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             died.append(str(exc))
             rc = 1
         finally:
-            _second_interrupt_kills(stack)
-            stack.stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _stop(stack)
     if died:
         print(f"neoxq: {died[0]}", file=sys.stderr)
         return 1
