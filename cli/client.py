@@ -215,7 +215,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         n = _download(client, f"/batches/{batch['id']}/results", args.output)
         where = f" to {args.output}" if args.output else ""
         print(f"{batch['status']}: wrote {n} results{where}; {batch['counts']['failed']} "
-              f"failed", file=sys.stderr)
+              f"failed{_overall_rate(batch)}", file=sys.stderr)
         if batch["counts"]["failed"]:
             print(f"  `neoxq errors {batch['id']}` lists the failed items", file=sys.stderr)
         return 0 if batch["status"] == "completed" else 1
@@ -316,3 +316,14 @@ def _cmd_workers(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, go)
+
+
+def _overall_rate(batch: dict[str, Any]) -> str:
+    """", N tokens in S s (R tok/s)" over the whole run, once a batch has ended (the live
+    figure in the progress bar covers only the last 30 s)."""
+    start, end = batch.get("in_progress_at"), batch.get("completed_at")
+    tokens = batch["tokens"]["completion"]
+    if not start or not end or end <= start:
+        return ""
+    secs = end - start
+    return f"; {tokens} completion tokens in {secs:.1f} s ({tokens / secs:.1f} tok/s)"
