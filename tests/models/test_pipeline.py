@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.engine import RequestOutput
 from models.loaders import load_model
 from models.pipeline import PipelineEngine, PipelineError
 from models.runtime import build_engine
-from models.sampling import SamplingParams
+from tests.models.test_engine import _greedy, _run
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "preset:tiny"
@@ -40,27 +39,6 @@ def _one_thread():
 def _prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     r = random.Random(seed)
     return [[r.randrange(2, 250) for _ in range(r.randint(lo, hi))] for _ in range(n)]
-
-
-def _greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-def _run(engine, arrivals: list[tuple[int, str, list[int], SamplingParams]]
-         ) -> dict[str, RequestOutput]:
-    """Add each request at its step number; step until everything is done."""
-    out: dict[str, RequestOutput] = {}
-    pending = sorted(arrivals, key=lambda a: a[0])
-    step = 0
-    while pending or engine.has_unfinished():
-        while pending and pending[0][0] <= step:
-            _, rid, prompt, params = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-        for o in engine.step():
-            out[o.request_id] = o
-        step += 1
-        assert step < 5000
-    return out
 
 
 def test_stage_weights_are_slices_of_the_whole_model() -> None:
