@@ -12,6 +12,21 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG TORCH_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 
+# ---------------------------------------------------------------------------- src
+# The project's sources once, for both images (tests, docs and local state stay out).
+FROM scratch AS src
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core core
+COPY store store
+COPY api api
+COPY cli cli
+COPY migrations migrations
+COPY models models
+COPY worker worker
+COPY evals evals
+COPY bench bench
+
 # ---------------------------------------------------------------------------- api
 FROM ${PYTHON_IMAGE} AS api
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -23,16 +38,7 @@ RUN pip install "pydantic>=2.5" "pydantic-settings>=2.1" "celery[redis]>=5.3" "r
         "sqlalchemy>=2.0" "alembic>=1.12" "psycopg2-binary>=2.9" "fastapi>=0.110" \
         "uvicorn>=0.27" "python-multipart>=0.0.9" "httpx>=0.26" "jsonlines>=4" \
         "prometheus-client>=0.19" "tqdm" "pyyaml"
-COPY pyproject.toml README.md ./
-COPY core core
-COPY store store
-COPY api api
-COPY cli cli
-COPY migrations migrations
-COPY models models
-COPY worker worker
-COPY evals evals
-COPY bench bench
+COPY --from=src /app ./
 RUN pip install --no-deps . && useradd --create-home --uid 1000 neoxq \
     && mkdir -p /data && chown neoxq /data
 USER neoxq
@@ -46,16 +52,7 @@ FROM ${TORCH_IMAGE} AS worker
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NEOXQ_DATA_DIR=/data
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY core core
-COPY store store
-COPY api api
-COPY cli cli
-COPY migrations migrations
-COPY models models
-COPY worker worker
-COPY evals evals
-COPY bench bench
+COPY --from=src /app ./
 # The image's torch satisfies neoxq's range, so pip keeps it and adds only the rest.
 RUN pip install . && python -c "import torch, models, worker; print(torch.__version__)"
 # Prometheus metrics of the worker (NEOXQ_WORKER_METRICS_PORT).
