@@ -7,9 +7,10 @@ What "the whole stack" is, when nothing is configured:
   (:mod:`cli.embedded`), gone when neoxq exits;
 - the store: ``NEOXQ_DATABASE_URL`` if set, else SQLite in ``NEOXQ_DATA_DIR`` (``./.neoxq``),
   migrated to the latest schema before anything starts;
-- ``neoxq api`` and ``neoxq worker`` as child processes in their own process groups.
+- ``neoxq api`` and one ``neoxq worker`` per GPU (or per group of ``--pipeline-parallel``
+  GPUs; :mod:`cli.gpus`) as child processes in their own process groups.
 
-Ctrl-C (or SIGTERM) stops the worker first (it hands unfinished chunks back while Redis
+Ctrl-C (or SIGTERM) stops the workers first (it hands unfinished chunks back while Redis
 and the store are still there), then the API, then Redis; a second Ctrl-C kills at once.
 No child outlives neoxq: see :mod:`cli.embedded`.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.embedded import Child, EmbeddedRedis, free_port
+from cli.gpus import WorkerSpec, parse_gpus, plan_workers
 
 # Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
 # parameters, mostly the 50k-row embedding and head) generates a few hundred tokens/s,
@@ -48,7 +50,13 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--device", default=None, help="worker device (default cuda if any)")
     common.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
     common.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
-                        help="split the model over N devices")
+                        help="split the model over N devices: one worker per group of N GPUs")
+    common.add_argument("--gpus", default=None, metavar="IDS",
+                        help="GPUs to use, e.g. 0,1,2,3 (default: all visible); one worker per "
+                             "GPU, or per group of --pipeline-parallel GPUs")
+    common.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="worker processes: at most the number of GPU groups (default: "
+                             "one per group); with --device cpu, N CPU workers (default 1)")
     common.add_argument("--tokenizer", default=None, help="tokenizer.json (default: model's)")
     common.add_argument("--data-dir", type=Path, default=None,
                         help="SQLite database and uploads (default $NEOXQ_DATA_DIR or ./.neoxq)")
@@ -57,7 +65,8 @@ def add_parser(sub: Any) -> None:
         "up", parents=[common], help="API + worker + Redis + store in one command",
         description="Start Redis (embedded unless NEOXQ_REDIS_URL is set), the store (SQLite "
                     "in the data dir unless NEOXQ_DATABASE_URL is set; migrated), the API and "
-                    "a worker. Ctrl-C stops everything.")
+                    "one worker per GPU (or per --pipeline-parallel group). Ctrl-C stops "
+                    "everything.")
     p.add_argument("--host", default="127.0.0.1", help="API address (loopback without keys)")
     p.add_argument("--port", type=int, default=8000, help="API port")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -87,12 +96,13 @@ def add_parser(sub: Any) -> None:
 
 
 class Stack:
-    """Redis (maybe embedded), a migrated store, the API and one worker, as children."""
+    """Redis (maybe embedded), a migrated store, the API and the workers, as children."""
 
     def __init__(self, *, model: str, data_dir: Path | None, host: str = "127.0.0.1",
                  port: int | None = None, device: str | None = None, dtype: str | None = None,
                  pipeline_parallel: int = 1, tokenizer: str | None = None,
-                 metrics_port: int | None = None, logs_to_terminal: bool = False) -> None:
+                 metrics_port: int | None = None, logs_to_terminal: bool = False,
+                 gpus: list[str] | None = None, workers: int | None = None) -> None:
         self.model = model
         self.host = host
         self.port = port or free_port()
@@ -103,6 +113,8 @@ class Stack:
                 self.worker_argv += [flag, value]
         if pipeline_parallel != 1:
             self.worker_argv += ["--pipeline-parallel", str(pipeline_parallel)]
+        self.workers = plan_workers(gpus=gpus, pipeline_parallel=pipeline_parallel,
+                                    device=device, workers=workers)
         self.metrics_port = metrics_port
         self.logs_to_terminal = logs_to_terminal
         self.env = dict(os.environ)
@@ -148,7 +160,8 @@ class Stack:
         if not self.env.get("NEOXQ_DATABASE_URL"):
             self._say(f"store: SQLite at {settings.db_url.split(':///', 1)[-1]}")
         self._migrate(settings.db_url)
-        self._spawn("worker", self.worker_argv)
+        for spec in self.workers:
+            self._spawn_worker(spec)
         self._spawn("api", ["api", "--host", self.host, "--port", str(self.port),
                             "--no-upgrade", "--log-level", "warning"])
         self._wait_ready(ready_timeout)
@@ -175,13 +188,28 @@ class Stack:
         if rc.returncode != 0:
             raise RuntimeError(f"migrating the store failed:\n{rc.stderr[-3000:]}")
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log = None if self.logs_to_terminal else self.log_dir / f"{name}.log"
         if log is not None and log.exists():
             log.unlink()  # one run's log per file
-        child = Child(name, [sys.executable, "-m", "cli.main", *argv], env=self.env, log=log)
+        child = Child(name, [sys.executable, "-m", "cli.main", *argv],
+                      env={**self.env, **(env or {})}, log=log)
         self.children[name] = child
         return child
+
+    def _spawn_worker(self, spec: WorkerSpec) -> Child:
+        env = dict(spec.env)
+        if self.metrics_port and len(self.workers) > 1:
+            # One Prometheus port per worker on this host: the base port plus the index.
+            env["NEOXQ_WORKER_METRICS_PORT"] = str(self.metrics_port + self.workers.index(spec))
+        if spec.gpus:
+            self._say(f"{spec.name} on GPU {','.join(spec.gpus)}")
+        return self._spawn(spec.name, self.worker_argv, env)
+
+    @property
+    def worker_children(self) -> list[Child]:
+        """The worker processes (one per GPU or GPU group)."""
+        return [c for n, c in self.children.items() if _is_worker(n)]
 
     def _check_children(self) -> None:
         for name, child in self.children.items():
@@ -212,10 +240,10 @@ class Stack:
         raise RuntimeError(f"the API did not become ready within {timeout:.0f} s ({last}); "
                            f"logs in {self.log_dir}")
 
-    def wait_worker(self, timeout: float | None = None) -> Any:
-        """Wait until the worker has loaded its model and registered (no limit by default:
-        the 20B takes minutes to load); returns its store row. Read from the store, not
-        the API: once API keys exist, ``GET /workers`` needs one."""
+    def wait_worker(self, timeout: float | None = None) -> list[Any]:
+        """Wait until every worker has loaded its model and registered (no limit by
+        default: the 20B takes minutes to load); returns their store rows. Read from the
+        store, not the API: once API keys exist, ``GET /workers`` needs one."""
         from store.db import make_engine, make_sessionmaker
         from store.queries import list_workers
 
@@ -224,17 +252,17 @@ class Stack:
             deadline = None if timeout is None else time.monotonic() + timeout
             while deadline is None or time.monotonic() < deadline:
                 self._check_children()
-                pid = self.children["worker"].pid
+                pids = {c.pid for c in self.worker_children}
                 with contextlib.suppress(Exception):  # e.g. SQLite busy: ask again
                     with make_sessionmaker(db)() as session:
                         mine = [w for w in list_workers(session=session, seen_within=60)
-                                if w.pid == pid and w.status != "stopped"]
-                    if mine:
-                        return mine[0]
+                                if w.pid in pids and w.status != "stopped"]
+                    if len({w.pid for w in mine}) == len(pids):
+                        return sorted(mine, key=lambda w: w.pid)
                 time.sleep(0.2)
         finally:
             db.dispose()
-        raise RuntimeError(f"the worker did not register within {timeout} s")
+        raise RuntimeError(f"the workers did not register within {timeout} s")
 
     def watch(self, on_death: Any, interval: float = 0.5) -> threading.Thread:
         """Call ``on_death(message)`` from a thread if a child dies while running."""
@@ -253,13 +281,23 @@ class Stack:
         return t
 
     def stop(self) -> None:
-        """Stop the worker, the API and Redis, in that order."""
+        """Stop the workers (together), the API and Redis, in that order."""
         self._stopping = True
         grace = float(self.env.get("NEOXQ_SHUTDOWN_GRACE", "5")) + 10
         # Children stay in `children` until stopped, so a second Ctrl-C (kill_all) reaches
-        # the one being waited for too.
-        for name in sorted(self.children, key=lambda n: n != "worker"):  # worker first
-            self.children[name].stop(grace=grace if name == "worker" else 10)
+        # the one being waited for too. Workers drain side by side: N GPUs must not take
+        # N grace periods to stop.
+        workers = [n for n in self.children if _is_worker(n)]
+        threads = [threading.Thread(target=self.children[n].stop, kwargs={"grace": grace})
+                   for n in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for name in workers:
+            self.children.pop(name, None)
+        for name in list(self.children):
+            self.children[name].stop(grace=10)
             self.children.pop(name, None)
         if self.redis is not None:
             self.redis.stop()
@@ -279,6 +317,23 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _is_worker(name: str) -> bool:
+    return name == "worker" or name.startswith("worker-")
+
+
+def stack_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Stack keywords ``up`` and ``run`` share; a bad GPU plan exits with a message."""
+    try:
+        gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+        plan_workers(gpus=gpus, pipeline_parallel=args.pipeline_parallel, device=args.device,
+                     workers=args.workers)
+    except ValueError as exc:
+        raise SystemExit(f"neoxq: {exc}") from None
+    return {"device": args.device, "dtype": args.dtype,
+            "pipeline_parallel": args.pipeline_parallel, "tokenizer": args.tokenizer,
+            "gpus": gpus, "workers": args.workers}
 
 
 @contextlib.contextmanager
@@ -330,9 +385,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     """Run the API, a worker, Redis and the store until Ctrl-C."""
     model = args.model or DEFAULT_MODEL
     stack = Stack(model=model, data_dir=args.data_dir, host=args.host, port=args.port,
-                  device=args.device, dtype=args.dtype, pipeline_parallel=args.pipeline_parallel,
-                  tokenizer=args.tokenizer, metrics_port=args.metrics_port,
-                  logs_to_terminal=not args.quiet)
+                  metrics_port=args.metrics_port, logs_to_terminal=not args.quiet,
+                  **stack_options(args))
     print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
     died: list[str] = []
     main_thread = threading.main_thread()
@@ -349,9 +403,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             stack._say(f"API and dashboard at {stack.url}/dashboard (docs {stack.url}/docs);"
                        f" submit with `neoxq submit FILE --wait --url {stack.url}`; "
                        "Ctrl-C stops everything")
-            stack._say(f"worker loading {model} ...")
-            w = stack.wait_worker()
-            stack._say(f"worker ready: {w.id} on {', '.join(map(str, w.devices or []))}")
+            stack._say(f"{len(stack.workers)} worker(s) loading {model} ...")
+            for w in stack.wait_worker():
+                stack._say(f"worker ready: {w.id} on {', '.join(map(str, w.devices or []))}")
             stack.watch(on_death)
             while True:
                 time.sleep(3600)
@@ -399,8 +453,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
     stack = Stack(model=args.model or DEFAULT_MODEL, data_dir=args.data_dir,
-                  device=args.device, dtype=args.dtype, pipeline_parallel=args.pipeline_parallel,
-                  tokenizer=args.tokenizer)
+                  **stack_options(args))
     died: list[str] = []
     main_thread = threading.main_thread()
 

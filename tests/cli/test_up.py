@@ -261,3 +261,38 @@ def test_up_with_api_keys(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     assert not wait_gone(marker, timeout=15)
+
+
+def test_up_starts_several_workers_and_stops_them_all(tmp_path: Path) -> None:
+    # On CPU `--workers N` stands in for N GPUs: the same children, names and shutdown.
+    marker = uuid.uuid4().hex
+    proc, url = _start_up(tmp_path, marker, "--workers", "2")
+    try:
+        workers = httpx.get(url + "/workers").json()["data"]
+        assert len(workers) == 2 and len({w["id"] for w in workers}) == 2
+        assert (tmp_path / ".neoxq" / "logs" / "worker-1.log").exists()
+        body = "".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(8))
+        r = httpx.post(url + "/batches", content=body, params={"max_tokens": 4},
+                       headers={"Content-Type": "application/x-ndjson"})
+        assert r.status_code == 201, r.text
+        batch = r.json()
+        deadline = time.monotonic() + 60
+        while batch["status"] != "completed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            batch = httpx.get(f"{url}/batches/{batch['id']}").json()
+        assert batch["status"] == "completed"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    log = (tmp_path / "up.log").read_text()
+    assert rc == 0, log
+    assert log.count("worker ready") == 2
+    assert not wait_gone(marker, timeout=15), "processes left behind after Ctrl-C"
+
+
+def test_up_refuses_a_gpu_plan_it_cannot_keep(tmp_path: Path) -> None:
+    proc = subprocess.run(neoxq("up", "--gpus", "0,1,2", "--pipeline-parallel", "2"),
+                          cwd=tmp_path, env=fresh_env(uuid.uuid4().hex), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "groups of --pipeline-parallel 2" in proc.stderr
+    assert not (tmp_path / ".neoxq").exists()  # nothing was started
