@@ -91,8 +91,9 @@ class Rotary(nn.Module):
         # (N, 1, dim): broadcast over heads
         return cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
 
-    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x: (N, nh, hd); rotate the first ``dim`` channels."""
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (N, nh, hd); rotate the first ``dim`` channels. (Not ``apply``: that name is
+        ``nn.Module.apply(fn)``, which DeepSpeed and other tools call on every submodule.)"""
         if self.dim == 0:
             return x
         rot, rest = x[..., : self.dim], x[..., self.dim :]
@@ -117,7 +118,7 @@ class Attention(nn.Module):
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
         qkv = self.query_key_value(x).view(n, self.num_heads, 3, self.head_dim)  # (N, nh, 3, hd)
         q, k, v = qkv.unbind(2)  # each (N, nh, hd)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
         out = attn(self.layer, q, k, v.contiguous())  # (N, nh, hd)
         return self.dense(out.reshape(n, self.num_heads * self.head_dim))
 
