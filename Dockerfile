@@ -26,6 +26,7 @@ COPY models models
 COPY worker worker
 COPY evals evals
 COPY bench bench
+COPY assets assets
 
 # ---------------------------------------------------------------------------- api
 FROM ${PYTHON_IMAGE} AS api

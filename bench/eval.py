@@ -19,8 +19,8 @@ lm-eval, so the baseline is (3): HF ``GPTNeoXForCausalLM`` built on ``meta`` wit
 engine's parameters assigned (zero copy, one set of 41 GB weights), scored exactly as
 lm-eval's ``hf`` model scores. Both runs do the same 8829 requests in the same process.
 
-    python bench/eval.py cpu --data-dir ../shared/data
-    python bench/eval.py gpu --data-dir .evaldata --model preset:gpt-neox-20b --dtype bfloat16
+    python bench/eval.py cpu                       # the data bundled in assets/
+    python bench/eval.py gpu --model preset:gpt-neox-20b --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # `python bench/eval.py` from the repo root
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import assets  # noqa: E402
 from bench.common import git_commit  # noqa: E402
 from cli.evaluate import json_default  # noqa: E402
 from evals.backend import EvalBackend, build_backend  # noqa: E402
@@ -333,7 +334,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["cpu", "gpu"])
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--data-dir", type=Path, default=assets.DATA_DIR,
+                   help="LAMBADA/PIQA files and the tokenizer (default: assets/, bundled)")
     p.add_argument("--model", default=None, help="gpu mode: model spec (preset:gpt-neox-20b)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json (default: DATA_DIR/20B_tokenizer.json)")

@@ -1,7 +1,7 @@
 """``neoxq evaluate``: zero-shot LAMBADA and PIQA (and any lm-eval task) on neoxq's engine.
 
-LAMBADA (OpenAI) and PIQA run from local files (``--data-dir``) with lm-evaluation-
-harness's exact request construction and metrics, without lm-eval installed. Any
+LAMBADA (OpenAI) and PIQA run from local files (the bundled copies, or ``--data-dir``)
+with lm-evaluation-harness's exact request construction and metrics, without lm-eval installed. Any
 other task name goes through lm-eval itself (``evals.harness.NeoXQLM``), which must
 then be installed and able to reach the task's data.
 """
@@ -26,15 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="zero-shot LAMBADA/PIQA (or any lm-eval task) on a model",
         description=(
             "Evaluate MODEL (preset:NAME, a Hugging Face dir, a NeoX YAML or a converted "
-            "dir) zero-shot. lambada (= lambada_openai) and piqa read local files from "
-            "--data-dir and need no network and no lm-eval; other names are lm-eval tasks."
+            "dir) zero-shot. lambada (= lambada_openai) and piqa read the data neoxq carries "
+            "(or --data-dir) and need no network and no lm-eval; other names are lm-eval "
+            "tasks."
         ),
     )
     p.add_argument("model", help="model spec: preset:NAME, HF dir, NeoX YAML, converted dir")
     p.add_argument("--tasks", default="lambada,piqa",
                    help="comma-separated task names (default: lambada,piqa)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with lambada_test.jsonl and piqa/valid.jsonl + valid-labels.lst")
+                   help="folder with lambada_test.jsonl and piqa/valid.jsonl + valid-labels.lst "
+                        "(default: the copies bundled with neoxq)")
     p.add_argument("--limit", type=float, default=None,
                    help="first N documents per task (a fraction if below 1), as lm-eval's")
     p.add_argument("--batch-size", type=int, default=256,
@@ -87,7 +89,7 @@ def _run_lm_eval_tasks(backend: Any, names: list[str], args: argparse.Namespace)
     except ImportError:
         raise SystemExit(
             f"tasks {', '.join(names)} are lm-eval tasks and lm-eval is not installed "
-            "(pip install 'neoxq[eval]'); lambada and piqa need only --data-dir"
+            "(pip install 'neoxq[eval]'); lambada and piqa need no lm-eval"
         ) from None
     from evals.harness import NeoXQLM
 
@@ -111,7 +113,7 @@ def _run_lm_eval_tasks(backend: Any, names: list[str], args: argparse.Namespace)
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table; write JSON with ``-o``."""
-    from evals.data import DataError
+    from evals.data import DEFAULT_DATA_DIR, DataError
     from evals.tasks import get_task, is_local_task
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
@@ -120,9 +122,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     local = [get_task(n).name for n in names if is_local_task(n)]
     remote = [n for n in names if not is_local_task(n)]
-    if local and args.data_dir is None:
-        print(f"error: --data-dir is required for {', '.join(local)}", file=sys.stderr)
-        return 2
     if local:
         # fail on a bad data file before spending minutes loading the model
         try:
@@ -170,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     report["config"] = {
         "model": args.model, "device": args.device, "dtype": str(dtype),
         "tokenizer": args.tokenizer, "tasks": names, "limit": args.limit,
-        "batch_size": args.batch_size, "data_dir": str(args.data_dir) if args.data_dir else None,
+        "batch_size": args.batch_size,
+        "data_dir": str(args.data_dir or DEFAULT_DATA_DIR) if local else None,
         "bootstrap_iters": args.bootstrap_iters, "load_s": load_s,
         "torch": torch.__version__,
     }

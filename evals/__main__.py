@@ -3,8 +3,9 @@
 lm-eval 0.4 discovers no third-party models (no entry points), so ``lm_eval --model
 neoxq`` alone cannot find us; this launcher imports :mod:`evals.harness` (which
 registers ``neoxq``) and hands over to ``lm_eval.__main__.cli_evaluate``. Every lm-eval
-flag works; add ``--include_path evals/lm_tasks --metadata '{"data_dir": DIR}'`` for the
-offline LAMBADA/PIQA tasks (``lambada_openai_local``, ``piqa_local``).
+flag works; add ``--include_path evals/lm_tasks`` for the offline LAMBADA/PIQA tasks
+(``lambada_openai_local``, ``piqa_local``), which read the bundled data unless
+``--metadata '{"data_dir": DIR}'`` names another copy.
 """
 
 from __future__ import annotations

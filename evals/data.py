@@ -1,7 +1,8 @@
 """Reading the local evaluation files, with errors that name the file and the line.
 
 The files are the ones lm-evaluation-harness downloads from the Hugging Face hub, kept
-on disk so that evaluation touches no network:
+on disk so that evaluation touches no network. The project carries them (``assets/``,
+:data:`DEFAULT_DATA_DIR`); any folder of the same layout can stand in (``--data-dir``):
 
 - LAMBADA (OpenAI's version): ``lambada_test.jsonl``, one ``{"text": ...}`` per line.
 - PIQA validation: ``piqa/valid.jsonl`` (``{"goal", "sol1", "sol2"}`` per line) and
@@ -17,6 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import assets
+
+# The copies the project carries: evaluation needs no --data-dir.
+DEFAULT_DATA_DIR = assets.DATA_DIR
 LAMBADA_FILE = "lambada_test.jsonl"
 PIQA_FILE = "piqa/valid.jsonl"
 PIQA_LABELS_FILE = "piqa/valid-labels.lst"
@@ -58,8 +63,10 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     return docs
 
 
-def load_lambada(data_dir: str | Path) -> list[dict[str, Any]]:
-    """LAMBADA (OpenAI) test documents ``{"text"}`` from ``DATA_DIR/lambada_test.jsonl``."""
+def load_lambada(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """LAMBADA (OpenAI) test documents ``{"text"}`` from ``DATA_DIR/lambada_test.jsonl``
+    (``data_dir`` None: the bundled copy)."""
+    data_dir = DEFAULT_DATA_DIR if data_dir is None else data_dir
     path = _require(Path(data_dir) / LAMBADA_FILE, "LAMBADA test file")
     docs = _read_jsonl(path, ("text",))
     for lineno, doc in enumerate(docs, 1):
@@ -69,8 +76,10 @@ def load_lambada(data_dir: str | Path) -> list[dict[str, Any]]:
     return docs
 
 
-def load_piqa(data_dir: str | Path) -> list[dict[str, Any]]:
-    """PIQA validation documents ``{"goal", "sol1", "sol2", "label"}``."""
+def load_piqa(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """PIQA validation documents ``{"goal", "sol1", "sol2", "label"}`` (``data_dir``
+    None: the bundled copy)."""
+    data_dir = DEFAULT_DATA_DIR if data_dir is None else data_dir
     path = _require(Path(data_dir) / PIQA_FILE, "PIQA validation file")
     labels_path = _require(Path(data_dir) / PIQA_LABELS_FILE, "PIQA labels file")
     docs = _read_jsonl(path, ("goal", "sol1", "sol2"))

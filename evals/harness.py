@@ -9,8 +9,10 @@ it reads no entry points. Importing this module registers ``neoxq``; the launche
 ``python -m evals`` does that and then runs lm-eval's own CLI::
 
     python -m evals --model neoxq --model_args model=preset:pythia-70m,device=cuda,dtype=bf16 \\
-        --tasks lambada_openai_local,piqa_local --include_path evals/lm_tasks \\
-        --metadata '{"data_dir": "../shared/data"}'
+        --tasks lambada_openai_local,piqa_local --include_path evals/lm_tasks
+
+(the bundled copies of the data are read unless ``--metadata '{"data_dir": DIR}'`` names
+another folder of the same layout).
 
 ``local_tasks(data_dir)`` builds lm-eval ``ConfigurableTask`` objects for LAMBADA and
 PIQA from the same templates as lm-eval's stock YAML, reading local files instead of
@@ -228,20 +230,18 @@ class NeoXQLM(TemplateLM):
 
 
 def lambada_dataset(data_dir: str | Path | None = None, **_: Any) -> dict[str, Any]:
-    """``custom_dataset`` for lm-eval: LAMBADA (OpenAI) test split from local files."""
+    """``custom_dataset`` for lm-eval: LAMBADA (OpenAI) test split from local files
+    (``data_dir`` None: the bundled copy)."""
     import datasets
 
-    if data_dir is None:
-        raise ValueError("lambada_openai_local needs data_dir (--metadata '{\"data_dir\": ...}')")
     return {"test": datasets.Dataset.from_list(load_lambada(data_dir))}
 
 
 def piqa_dataset(data_dir: str | Path | None = None, **_: Any) -> dict[str, Any]:
-    """``custom_dataset`` for lm-eval: PIQA validation split from local files."""
+    """``custom_dataset`` for lm-eval: PIQA validation split from local files
+    (``data_dir`` None: the bundled copy)."""
     import datasets
 
-    if data_dir is None:
-        raise ValueError("piqa_local needs data_dir (--metadata '{\"data_dir\": ...}')")
     return {"validation": datasets.Dataset.from_list(load_piqa(data_dir))}
 
 

@@ -30,7 +30,7 @@ def limit_docs(docs: list[dict[str, Any]], limit: float | None) -> list[dict[str
 
 
 def build_requests(
-    tasks: Sequence[LocalTask], data_dir: str | Path, limit: float | None
+    tasks: Sequence[LocalTask], data_dir: str | Path | None, limit: float | None
 ) -> dict[str, tuple[list[dict[str, Any]], list[list[tuple[str, str]]]]]:
     """``{task: (docs, requests per doc)}``; reading the files raises ``DataError``."""
     out = {}
@@ -64,7 +64,7 @@ def evaluate_local(
     engine: Scorer,
     encode: Callable[[str], list[int]],
     task_names: Sequence[str],
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     *,
     prefix_token_id: int,
     max_length: int,

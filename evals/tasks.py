@@ -46,7 +46,7 @@ class LocalTask:
 
     name: str  # lm-eval's task name, so result keys match the harness's
     aliases: tuple[str, ...]
-    load: Callable[[str | Path], list[dict[str, Any]]]
+    load: Callable[[str | Path | None], list[dict[str, Any]]]
     requests: Callable[[dict[str, Any]], list[Request]]
     process: Callable[[dict[str, Any], list[Answer]], dict[str, float]]
     # metric -> aggregation ("mean" or "perplexity"), in the order they are printed

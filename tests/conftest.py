@@ -1,4 +1,4 @@
-"""Shared fixtures: real PostgreSQL, real Redis, SQLite files, the shared test data.
+"""Shared fixtures: real PostgreSQL, real Redis, SQLite files, the project's own data.
 
 Every fixture hands out an isolated resource (a fresh PostgreSQL database, a Redis
 database number plus a unique key prefix), so test sessions and parallel runs never
@@ -14,17 +14,23 @@ from pathlib import Path
 
 import pytest
 
+import assets
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("NEOXQ_TEST_DATA", ROOT.parent / "shared" / "data"))
+# The copies the project carries (assets/); NEOXQ_TEST_DATA points the suite at another
+# folder of the same layout.
+DATA_DIR = Path(os.environ.get("NEOXQ_TEST_DATA") or assets.DATA_DIR)
 PG_ADMIN_URL = os.environ.get("NEOXQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_HOST_URL = os.environ.get("NEOXQ_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """``../shared/data``: the real tokenizer, LAMBADA, PIQA, tinyshakespeare."""
-    if not (DATA_DIR / "20B_tokenizer.json").exists():
-        pytest.skip(f"shared test data not found at {DATA_DIR} (set NEOXQ_TEST_DATA)")
+    """The real tokenizer, LAMBADA, PIQA and tinyshakespeare (``assets/``)."""
+    if not (DATA_DIR / "20B_tokenizer.json").is_file():
+        # The repository carries these files: their absence is a broken checkout, not
+        # something to skip over.
+        pytest.fail(f"test data not found at {DATA_DIR} (NEOXQ_TEST_DATA)")
     return DATA_DIR
 
 

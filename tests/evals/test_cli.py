@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import assets
 from cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,9 +54,15 @@ def test_malformed_line_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "lambada_test.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 
-def test_data_dir_required(capsys: pytest.CaptureFixture) -> None:
-    assert main(["evaluate", "preset:tiny", "--tasks", "lambada"]) == 2
-    assert "--data-dir is required" in capsys.readouterr().err
+def test_bundled_data_without_data_dir(tmp_path: Path) -> None:
+    # A fresh install evaluates with nothing but the model spec: the data ships with neoxq.
+    out = tmp_path / "results.json"
+    rc = main(["evaluate", "preset:tiny", "--tasks", "lambada,piqa", "--limit", "3",
+               "--bootstrap-iters", "0", "--no-progress", "-o", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["data_dir"] == str(assets.DATA_DIR)
+    assert report["n_samples"] == {"lambada_openai": 3, "piqa": 3}
 
 
 def test_lm_eval_cli_with_neoxq_model(tiny_hf_dir: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """neoxq's metrics equal lm-evaluation-harness's own ``hf`` model's.
 
 Both sides load the same tiny random HF-format model from disk and score the same
-local task objects (lm-eval's stock LAMBADA/PIQA templates over ../shared/data), so
+local task objects (lm-eval's stock LAMBADA/PIQA templates over the bundled data), so
 only the model backend differs. Accuracies and stderrs must agree to 1e-4 absolute,
 perplexities (in the 1e5s for a random model) to 1e-4 relative.
 """
