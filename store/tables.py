@@ -157,7 +157,12 @@ class Item(Base):
     """One request: a line of the input file."""
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("batch_id", "index"),)
+    __table_args__ = (
+        UniqueConstraint("batch_id", "index"),
+        # Idle workers look for a running batch's unclaimed items (status "queued"), from
+        # the end of the batch backwards (store/claims.py).
+        Index("ix_items_batch_status_index", "batch_id", "status", "index"),
+    )
 
     id: Mapped[int] = mapped_column(ItemId, primary_key=True, autoincrement=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
@@ -169,6 +174,10 @@ class Item(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The worker running the item (its claim, store/claims.py): set with status "running",
+    # cleared when the claim is released. A claim by a worker whose heartbeat stopped is
+    # taken over by the worker holding the item's chunk.
+    worker_id: Mapped[str | None] = mapped_column(String(200))
     queued_at: Mapped[float] = mapped_column(Float, default=now)
     # A per-item validation error (when bad lines are run as item errors): {code, message}.
     error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
