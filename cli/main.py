@@ -13,6 +13,10 @@ import importlib
 import os
 import sys
 
+# Packages only the `neoxq[worker]` install brings (pyproject's worker extra): a command
+# that needs one says which install to add instead of printing a traceback.
+WORKER_PACKAGES = frozenset({"torch", "numpy", "safetensors", "tokenizers", "yaml"})
+
 # command-group modules, in the order their commands appear in --help
 COMMAND_MODULES = (
     "cli.generate",  # generate, convert
@@ -56,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in WORKER_PACKAGES:
+            raise
+        print(f"error: `neoxq {args.command}` needs {exc.name}, which the light install "
+              "leaves out: pip install 'neoxq[worker]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

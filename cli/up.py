@@ -143,8 +143,8 @@ class Stack:
         if not self.env.get("NEOXQ_REDIS_URL"):
             self.redis = EmbeddedRedis(log_dir=self.log_dir).start()
             self.env["NEOXQ_REDIS_URL"] = self.redis.url
-            self._say(f"embedded Redis at {self.redis.url} (no persistence; set "
-                      "NEOXQ_REDIS_URL to use your own)")
+            self._say(f"embedded Redis at {self.redis.url} ({self.redis.binary}; no "
+                      "persistence; set NEOXQ_REDIS_URL to use your own)")
         else:
             self._say(f"Redis at {self.env['NEOXQ_REDIS_URL']}")
         # Children must see exactly the settings this process validated.

