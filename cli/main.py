@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "cli.serve_api",  # api, keys
     "cli.client",  # submit, status, results, errors, cancel, batches, workers
     "cli.evaluate",  # evaluate
+    "cli.finetune",  # finetune
     "cli.up",  # up, run
 )
 

@@ -923,6 +923,35 @@ def load_config(spec: str | Path, *, tokenizer: Tokenizer | str | Path | None = 
     return cfg.replace(eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
 
 
+def load_spec_tokenizer(
+    spec: str | Path, *, tokenizer: Tokenizer | str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer ``load_model(spec, tokenizer=tokenizer)`` would use, reading no
+    weights (so that input files can be checked before a large model loads)."""
+    tok = _as_tokenizer(tokenizer)
+    if tok is not None:
+        return tok
+    kind, where = _spec_kind(spec)
+    if kind == "preset":
+        return ByteTokenizer(get_preset(str(where)).eos_token_id)
+    path = Path(where)
+    found: Tokenizer | None = None
+    if kind == "neoxq":
+        found = _neoxq_plan(path).tokenizer
+    elif kind == "hf":
+        if (path / "tokenizer.json").exists():
+            found = _open_tokenizer(path / "tokenizer.json", str(path))
+    else:
+        args, yaml_files = _read_neox_yaml(path)
+        if args.get("vocab_file"):
+            found = _open_tokenizer(_resolve(str(args["vocab_file"]), yaml_files),
+                                    f"{path} (vocab-file)")
+    if found is None:
+        raise CheckpointError(f"{where}: no tokenizer beside the weights; pass one "
+                              "(--tokenizer PATH)")
+    return found
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

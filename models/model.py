@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.config import TANH_GELUS, NeoXConfig
 
@@ -51,6 +52,40 @@ class DenseAttention:
             # see itself so the (ignored) output stays finite.
             mask |= torch.eye(seq, dtype=torch.bool, device=keep.device)[None]
             self.mask = mask[:, None]  # (B, 1, S_q, S_k)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, s = self.batch, self.seq
+        nh, hd = q.shape[1], q.shape[2]
+        q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hd)
+        if self.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return out.transpose(1, 2).reshape(b * s, nh, hd)  # (N, nh, hd)
+
+
+class PackedAttention:
+    """Causal attention over a ``(B, S)`` batch of rows that each pack several documents.
+
+    ``segments`` (B, S) numbers the documents of each row (0, 1, ... along the row;
+    trailing padding is -1, and sees only padding): a token sees the earlier tokens of its
+    own document only, so packing never lets one training example attend to another.
+    Rows holding a single document (plus padding) take the plain causal path, which is
+    flash attention on CUDA; otherwise one block-diagonal causal mask is built per batch.
+    """
+
+    def __init__(self, segments: Tensor) -> None:
+        self.batch, self.seq = segments.shape
+        self.mask: Tensor | None = None
+        # Padding follows the real tokens, so with one document per row causal is exact
+        # for every real token (padding outputs are never scored).
+        real = segments >= 0
+        first = segments[:, :1]
+        if not bool(((segments == first) | ~real).all()):
+            same = segments[:, :, None] == segments[:, None, :]  # (B, S_q, S_k)
+            causal = torch.ones(self.seq, self.seq, dtype=torch.bool,
+                                device=segments.device).tril()
+            self.mask = (same & causal[None])[:, None]  # (B, 1, S_q, S_k)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, s = self.batch, self.seq
@@ -190,6 +225,9 @@ class NeoX(nn.Module):
             self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
             self.embed_out = nn.Linear(h, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
+        # Training turns this on to recompute each block's activations during the backward
+        # pass instead of keeping them (activation checkpointing); inference never needs it.
+        self.checkpoint_blocks = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -205,7 +243,10 @@ class NeoX(nn.Module):
         """(N, H) hidden states through this module's blocks."""
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for block in self.layers.values():
-            x = block(x, self.rotary, cos, sin, attn)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.rotary, cos, sin, attn, use_reentrant=False)
+            else:
+                x = block(x, self.rotary, cos, sin, attn)
         return x
 
     def head(self, x: Tensor) -> Tensor:

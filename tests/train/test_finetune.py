@@ -1,0 +1,211 @@
+"""`neoxq finetune` on CPU: DeepSpeed (gloo, torch's AdamW, no compiled ops) with the real
+network, full and LoRA, one rank and two, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli.main import main
+from models.loaders import load_model
+from train.finetune import LOG_FILE, FinetuneConfig, Trainer, run, single_process_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / LOG_FILE).read_text().splitlines()]
+
+
+def _probe() -> torch.Tensor:
+    return torch.randint(1, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def _config(byte_model: Path, shakespeare: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:
+    base = dict(model=str(byte_model), train=str(shakespeare[0]),
+                validation=str(shakespeare[1]), out=str(out), max_length=64, batch_size="4",
+                learning_rate=3e-3, quiet=True, device="cpu")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_full_zero2_lowers_validation_loss_and_saves_a_loadable_model(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "full"
+    cfg = _config(byte_model, shakespeare, out, method="full", zero_stage=2, max_steps=50,
+                  log_every=25)
+    with single_process_env():
+        trainer = Trainer(cfg)
+        before = trainer.evaluate()
+        summary = trainer.train()
+    log = _log(out)
+    assert [r["step"] for r in log] == [25, 50]
+    assert summary["zero_stage"] == 2 and summary["steps"] == 50
+    assert log[-1]["val_loss"] < before - 1.0, (before, log)
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in log)
+
+    # The output directory is a neoxq model whose logits are the trained module's.
+    probe = _probe()
+    trained = trainer.net.eval().dense_logits(probe)
+    loaded = load_model(out).model.dense_logits(probe)
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=0)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n")
+    capsys.readouterr()
+    assert main(["generate", str(out), "-i", str(prompts), "-o", str(tmp_path / "gen.jsonl"),
+                 "--max-tokens", "8", "--temperature", "0", "--device", "cpu", "--quiet"]) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [ln["context"] for ln in lines] == ["ROMEO:", "JULIET:"]
+    assert all(ln["length"] == 8 for ln in lines)
+
+
+def test_lora_trains_only_the_adapter_and_merges_exactly(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    cfg = _config(byte_model, shakespeare, out, method="lora", lora_targets="all",
+                  lora_rank=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, log_every=3,
+                  learning_rate=1e-2, save_model=False)
+    with single_process_env():
+        trainer = Trainer(cfg)
+        start = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+        trainer.train()
+        after = dict(trainer.net.named_parameters())
+        for name, p0 in start.items():
+            changed = not torch.equal(p0, after[name])
+            assert changed == ("lora_" in name), name  # adapters move, nothing else does
+        assert trainer.trainable == sum(p.numel() for n, p in start.items() if "lora_" in n)
+        probe = _probe()
+        with_adapter = trainer.net.eval().dense_logits(probe)
+        qkv = trainer.net.layers["0"].attention.query_key_value
+        expected_w = (qkv.base_layer.weight + qkv.lora_B["default"].weight
+                      @ qkv.lora_A["default"].weight * (8 / 4)).detach()
+        trainer.save_model()
+
+    merged = load_model(out).model
+    torch.testing.assert_close(merged.dense_logits(probe), with_adapter, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.layers["0"].attention.query_key_value.weight, expected_w)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in n for n in adapter)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+def test_two_data_parallel_ranks_equal_one(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Same global batch (4 rows): 1 rank x 4 accumulation vs 2 ranks x 2, ZeRO-2."""
+    common = ["--method", "full", "--zero-stage", "2", "--max-steps", "5", "--max-length",
+              "64", "--batch-size", "4", "--micro-batch-size", "1", "--learning-rate", "3e-3",
+              "--log-every", "1", "--device", "cpu", "--quiet",
+              "--train", str(shakespeare[0])]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["finetune", str(byte_model), "--out", str(one), *common]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "finetune", str(byte_model),
+                           "--out", str(two), "--gpus", "2", *common],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s1, s2 = json.loads((one / "finetune.json").read_text()), json.loads(
+        (two / "finetune.json").read_text())
+    assert (s1["ranks"], s1["gradient_accumulation"]) == (1, 4)
+    assert (s2["ranks"], s2["gradient_accumulation"]) == (2, 2)
+    l1, l2 = [r["train_loss"] for r in _log(one)], [r["train_loss"] for r in _log(two)]
+    assert len(l1) == len(l2) == 5
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)
+    m1, m2 = load_model(one).model, load_model(two).model
+    for (name, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    args = ["--method", "full", "--zero-stage", "2", "--max-steps", "10", "--max-length", "64",
+            "--batch-size", "4", "--learning-rate", "3e-3", "--log-every", "1",
+            "--save-every", "5", "--device", "cpu", "--quiet", "--train", str(shakespeare[0])]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert main(["finetune", str(byte_model), "--out", str(ref), *args]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "finetune", str(byte_model),
+                             "--out", str(killed), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert latest.read_text().strip() == "step5"
+    assert not (killed / "neoxq_config.json").exists()  # no final model from a killed run
+
+    # Without --resume the old checkpoints are not silently overwritten.
+    assert main(["finetune", str(byte_model), "--out", str(killed), *args]) == 1
+    assert main(["finetune", str(byte_model), "--out", str(killed), "--resume", *args]) == 0
+    want = {r["step"]: r["train_loss"] for r in _log(ref)}
+    got = {r["step"]: r["train_loss"] for r in _log(killed)}
+    assert sorted(got) == list(range(1, 11))  # the killed run's lines past step 5 dropped
+    for step in range(6, 11):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+    a, b = load_model(ref).model, load_model(killed).model
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_cli_refuses_bad_options_and_files(byte_model: Path, tmp_path: Path, capsys) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    out = str(tmp_path / "out")
+    assert main(["finetune", str(byte_model), "--train", str(good), "--out", out,
+                 "--method", "qlora"]) == 2
+    assert "method: expected one of lora, full, got 'qlora'" in capsys.readouterr().err
+    assert main(["finetune", str(byte_model), "--train", str(good), "--out", out,
+                 "--method", "lora", "--lora-targets", "mlp"]) == 2
+    assert "lora targets" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n"
+                   + json.dumps({"prompt": "a"}) + "\n")
+    assert main(["finetune", str(byte_model), "--train", str(bad), "--out", out,
+                 "--device", "cpu", "--quiet"]) == 1
+    assert "bad.jsonl:2: field 'completion': missing" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["finetune", str(byte_model), "--train", str(empty), "--out", out,
+                 "--device", "cpu", "--quiet"]) == 1
+    assert "empty" in capsys.readouterr().err
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "a", "completion": "b" * 300}) + "\n")
+    assert main(["finetune", str(byte_model), "--train", str(long), "--out", out,
+                 "--device", "cpu", "--quiet", "--max-length", "64"]) == 1
+    assert "long.jsonl:1: 302 tokens, longer than max_length 64" in capsys.readouterr().err
+    assert main(["finetune", str(byte_model), "--train", str(long), "--out", out,
+                 "--device", "cpu", "--quiet", "--max-length", "512"]) == 1
+    assert "exceeds the model's context (256 positions)" in capsys.readouterr().err
+
+
+def test_run_in_process_from_a_config(byte_model: Path, tmp_path: Path) -> None:
+    """Prompt/completion data through `run`: the API that `python -m train.finetune` uses."""
+    f = tmp_path / "pc.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) + "\n"
+                         for i in range(40)))
+    summary = run(FinetuneConfig(model=str(byte_model), train=str(f), out=str(tmp_path / "o"),
+                                 max_length=64, batch_size="8", max_steps=3, log_every=1,
+                                 device="cpu", quiet=True))
+    assert summary["train_format"] == "prompt_completion" and summary["train_documents"] == 40
+    assert summary["train_rows"] < 40  # packed: several examples per row
+    assert (tmp_path / "o" / "adapter" / "adapter_config.json").exists()
