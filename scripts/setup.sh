@@ -3,7 +3,8 @@
 #
 #   bash scripts/setup.sh          # worker: run models (neoxq run/up/worker/generate/evaluate)
 #   bash scripts/setup.sh light    # light: API + client (submit/poll/results), no torch
-#   bash scripts/setup.sh dev      # dev: worker + eval + test tools (what scripts/test.sh uses)
+#   bash scripts/setup.sh train    # train: worker + neoxq finetune (deepspeed, peft)
+#   bash scripts/setup.sh dev      # dev: worker + eval + train + test tools (what scripts/test.sh uses)
 #
 # torch is installed first, pinned to the CPU build available locally, so that the
 # project's torch range does not pull a multi-GB CUDA build (on a GPU host, install your
@@ -14,8 +15,9 @@ MODE=${1:-worker}
 case "$MODE" in
     light) EXTRAS="" ;;
     worker) EXTRAS="[worker]" ;;
+    train) EXTRAS="[train]" ;;
     dev) EXTRAS="[dev]" ;;
-    *) echo "usage: bash scripts/setup.sh [light|worker|dev]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/setup.sh [light|worker|train|dev]" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -23,7 +25,8 @@ PY=${PYTHON:-python3}
 if [ "$MODE" != light ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==${NEOXQ_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".$EXTRAS"
+# DS_BUILD_OPS=0: DeepSpeed (train extra) installs as pure Python, no op compiled.
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".$EXTRAS"
 [ "$MODE" = dev ] || exit 0
 # Headless Chromium for the dashboard's browser test (Debian's package; Playwright drives
 # it, so `playwright install` and its downloads are never needed), and a compose client so
