@@ -34,11 +34,12 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.throughput import log, run_ours, warm_up, workload
+    from models.dtypes import canonical_dtype_name
     from models.runtime import build_engine
 
     n = args.single
     device = args.device
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = canonical_dtype_name(args.dtype, device)
     if device == "cpu":
         torch.set_num_threads(1)
     kw: dict[str, Any] = {"max_num_seqs": args.max_num_seqs,

@@ -481,7 +481,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         args.hf_prompts_a = 256 if cuda else 8
     if args.hf_prompts_b is None:
         args.hf_prompts_b = 32 if cuda else 4
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    from models.dtypes import canonical_dtype_name
+
+    dtype_name = canonical_dtype_name(args.dtype, device)
     dtype = getattr(torch, dtype_name)
     log(f"neoxq throughput: {args.model} on {device} ({dtype_name})")
     result: dict[str, Any] = {

@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
     from evals.backend import build_backend
     from evals.runner import evaluate_local
+    from models.dtypes import canonical_dtype_name
 
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    dtype = canonical_dtype_name(args.dtype, args.device)
     t0 = time.perf_counter()
     backend = build_backend(
         args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-DTYPES = ("float32", "bfloat16", "float16")
+from models.dtypes import DTYPE_NAMES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="stop string (repeatable); not included in the text")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json overriding the model's")
     g.add_argument("--batch-size", type=int, default=256,
@@ -71,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     c.add_argument("src", help="preset:NAME, an HF directory or a GPT-NeoX YAML")
     c.add_argument("dst", type=Path, help="output directory")
-    c.add_argument("--dtype", choices=DTYPES, default=None,
+    c.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="stored dtype (default: the checkpoint's own)")
     c.add_argument("--tokenizer", type=Path, help="tokenizer.json overriding the source's")
     c.add_argument("--model-seed", type=int, default=0, help="seed for preset:NAME weights")
@@ -258,11 +258,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from models.dtypes import canonical_dtype_name
     from models.loaders import CheckpointError
     from models.runtime import build_engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = canonical_dtype_name(args.dtype, device)
     t0 = time.time()
     try:
         engine = build_engine(

@@ -9,27 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
-
-
-def parse_dtype(name: Any) -> Any:
-    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` … → a torch dtype (``"auto"`` → bf16 on
-    CUDA, fp32 elsewhere is decided by the caller; here it means float32)."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).lower().removeprefix("torch.")
-    if key == "auto":
-        key = "float32"
-    if key not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(set(DTYPES))}, got {name!r}")
-    return getattr(torch, DTYPES[key])
-
 
 @dataclass
 class EvalBackend:
@@ -97,6 +76,7 @@ def build_backend(
 
     ``tokenizer`` overrides the checkpoint's own tokenizer (a ``tokenizer.json`` path).
     """
+    from models.dtypes import parse_dtype
     from models.runtime import build_engine
 
     tok = None
@@ -105,7 +85,7 @@ def build_backend(
 
         tok = load_tokenizer(tokenizer)
     engine = build_engine(
-        spec, device=device, dtype=parse_dtype(dtype), pipeline_parallel=pipeline_parallel,
+        spec, device=device, dtype=parse_dtype(dtype, device), pipeline_parallel=pipeline_parallel,
         tokenizer=tok, **engine_kwargs,
     )
     return wrap_engine(engine, tok, max_length=max_length, spec=spec)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import NeoXConfig, get_preset, pad_vocab
+from models.dtypes import parse_dtype
 from models.model import NeoX, init_random_
 from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -952,16 +953,6 @@ def load_spec_tokenizer(
     return found
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype: expected float32|bfloat16|float16, got {dtype!r}")
-    return names[dtype]
-
-
 def _assign(model: nn.Module, target: str, tensor: Tensor) -> None:
     module_name, _, leaf = target.rpartition(".")
     module = model.get_submodule(module_name)
@@ -1026,7 +1017,7 @@ def load_model(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = _as_dtype(dtype)
+    dtype = parse_dtype(dtype)
     tok = _as_tokenizer(tokenizer)
     kind, where = _spec_kind(spec)
     if kind == "preset":
@@ -1193,7 +1184,7 @@ def convert(
     """Convert any spec to neoxq's form (fastest to load). ``dtype`` None keeps the
     checkpoint's stored dtype (float32 for presets). Holds one copy of the model in
     host memory while writing."""
-    target = _as_dtype(dtype) if dtype is not None else _stored_dtype(src, tokenizer)
+    target = parse_dtype(dtype) if dtype is not None else _stored_dtype(src, tokenizer)
     loaded = load_model(src, device="cpu", dtype=target, tokenizer=tokenizer, seed=seed)
     return save_neoxq(loaded.model, loaded.tokenizer, dst)
 

@@ -701,7 +701,8 @@ class PipelineEngine:
         startup_timeout: float = 1800.0,
         **engine_kwargs: Any,
     ) -> None:
-        from models.loaders import _as_dtype, load_config, load_model
+        from models.dtypes import parse_dtype
+        from models.loaders import load_config, load_model
 
         if num_stages < 2:
             raise ValueError(f"pipeline_parallel: a pipeline needs >= 2 stages, got {num_stages}")
@@ -720,7 +721,7 @@ class PipelineEngine:
         if base.type == "cuda" and torch.cuda.device_count() < (base.index or 0) + n:
             raise ValueError(f"pipeline_parallel: {n} stages need {n} GPUs from {base}, "
                              f"{torch.cuda.device_count()} visible")
-        dtype = _as_dtype(dtype)
+        dtype = parse_dtype(dtype)
         self.dtype = dtype
         self.device = _device_for(base, 0)
         config = load_config(spec, tokenizer=tokenizer)
