@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from api import dashboard, health, metrics, native, openai_routes
 from api.errors import install_handlers
+from api.sweeper import Sweeper
 from core.payloads import ChunkPayload
 from core.settings import Settings, get_settings
 from store.db import make_engine
@@ -40,7 +41,11 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = Sweeper(engine, s)
+        sweeper.start()
         yield
+        sweeper.stop()
+        sweeper.join(timeout=10)
         if db is None:
             engine.dispose()
 

@@ -18,9 +18,8 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from core.settings import Settings
 from store.db import make_sessionmaker
-from store.keys import keys_exist, verify_key
+from store.keys import LOCAL_OWNER, keys_exist, verify_key
 
-LOCAL_OWNER = "local"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 

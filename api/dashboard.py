@@ -21,6 +21,7 @@ from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from store.queries import list_workers
 from store.stats import batch_timings, throughput_series
+from store.status import WorkerStatus
 from store.views import list_batches
 
 router = APIRouter(tags=["dashboard"])
@@ -58,7 +59,7 @@ def _asset(name: str) -> FileResponse:
 
 
 def _health(w: Any, live_window: float, t: float) -> str:
-    if w.status == "stopped":
+    if w.status == WorkerStatus.STOPPED:
         return "stopped"
     return "healthy" if t - w.last_seen <= live_window else "stale"
 
@@ -79,7 +80,7 @@ def overview(
     rows, more = list_batches(session=session, owner=owner, limit=limit)
     batches = [render.native_batch(b, **service.status_of(session, b)).model_dump()
                for b in rows]
-    live_window = max(3 * settings.heartbeat_interval, 15.0)
+    live_window = settings.dead_worker_after
     workers = [{
         "id": w.id, "host": w.host, "pid": w.pid, "model": w.model,
         "devices": list(w.devices or []), "pipeline_parallel": w.pipeline_parallel,

@@ -6,6 +6,7 @@ The official ``openai`` client reads that shape; the native routes use it too, a
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
           503: "service_unavailable"}
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response that cannot fail to encode: an error message may quote what the
+    client sent, and a lone surrogate in it must not turn a 400 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8", "replace")
 
 
 class ApiError(Exception):
@@ -42,24 +52,29 @@ def install_handlers(app: FastAPI) -> None:
     """Map every exception the app can raise to OpenAI's error shape."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(_: Request, exc: ApiError) -> SafeJSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return SafeJSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
         err = ApiError(exc.status_code, str(exc.detail), code=None)
-        return JSONResponse(err.body(), status_code=exc.status_code,
+        return SafeJSONResponse(err.body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> SafeJSONResponse:
         problems = exc.errors()
         first = problems[0] if problems else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            offset = first.get("loc", ("body", "?"))[-1]
+            err = ApiError(400, f"body: invalid JSON ({first.get('ctx', {}).get('error')} "
+                                f"at character {offset})", code="invalid_json", param=None)
+            return SafeJSONResponse(err.body(), status_code=400)
         msg = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
             for e in problems[:20])
         err = ApiError(400, msg or "invalid request", code="invalid_value", param=param)
-        return JSONResponse(err.body(), status_code=400)
+        return SafeJSONResponse(err.body(), status_code=400)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.schemas import Health, Readiness
 from store.db import make_sessionmaker
-from store.queries import list_workers
+from store.queries import live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -27,8 +27,7 @@ def _check(request: Request) -> Readiness:
     try:
         with make_sessionmaker(request.app.state.db)() as session:
             session.execute(text("SELECT 1"))
-            workers = len(list_workers(session=session,
-                                       seen_within=max(3 * settings.heartbeat_interval, 15)))
+            workers = len(live_workers(session=session, within=settings.dead_worker_after))
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said why
         db_state = f"unavailable: {type(exc).__name__}: {str(exc)[:200]}"
     try:

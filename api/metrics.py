@@ -23,6 +23,7 @@ from sqlalchemy import Engine, func, select
 from api.auth import OwnerDep
 from core.settings import Settings
 from store.db import make_sessionmaker
+from store.status import ACTIVE, UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch, Item, Worker
 
 router = APIRouter(tags=["monitoring"])
@@ -30,7 +31,6 @@ router = APIRouter(tags=["monitoring"])
 # Seconds: most routes answer in milliseconds; uploads of 200 MB take tens of seconds.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                    30, 60, 120)
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 class StoreCollector(Collector):
@@ -38,16 +38,15 @@ class StoreCollector(Collector):
 
     def __init__(self, db: Engine, settings: Settings) -> None:
         self.db, self.settings = db, settings
-        self._redis: Any = None
+        self._app: Any = None
 
     def _queue_depth(self) -> float:
-        import redis
+        from core.celery_app import make_celery, queue_depth
 
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2,
-                                               socket_connect_timeout=2)
-        # kombu keeps a queue as a Redis list named after it (with the global key prefix).
-        return float(self._redis.llen(f"{self.settings.redis_key_prefix}{self.settings.queue}"))
+        if self._app is None:
+            self._app = make_celery(self.settings)
+            self._app.conf.broker_connection_timeout = 2
+        return float(queue_depth(self._app, self.settings.queue))
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("neoxq_up", "1 if the source answered this scrape",
@@ -69,11 +68,10 @@ class StoreCollector(Collector):
 
     def _store(self) -> list[Any]:
         out: list[Any] = []
-        live_window = max(3 * self.settings.heartbeat_interval, 15.0)
+        live_window = self.settings.dead_worker_after
         with make_sessionmaker(self.db)() as s:
             active_items = (select(Item.status, func.count()).join(Batch, Batch.id == Item.batch_id)
-                            .where(Batch.status.in_(ACTIVE), Item.status.in_(("queued",
-                                                                              "running")))
+                            .where(Batch.status.in_(ACTIVE), Item.status.in_(UNFINISHED_ITEMS))
                             .group_by(Item.status))
             by_item = dict(s.execute(active_items).tuples().all())
             by_batch = dict(s.execute(select(Batch.status, func.count())
@@ -88,13 +86,12 @@ class StoreCollector(Collector):
                                      .where(Worker.last_seen >= since)).tuples().all())
         out.append(GaugeMetricFamily("neoxq_items_in_flight",
                                      "Items a worker is generating right now",
-                                     value=float(by_item.get("running", 0))))
+                                     value=float(by_item.get(ItemStatus.RUNNING, 0))))
         out.append(GaugeMetricFamily("neoxq_items_queued",
                                      "Items of active batches waiting for a worker",
-                                     value=float(by_item.get("queued", 0))))
+                                     value=float(by_item.get(ItemStatus.QUEUED, 0))))
         batches = GaugeMetricFamily("neoxq_batches", "Batches by status", labels=["status"])
-        for status in ("validating", "in_progress", "finalizing", "completed", "failed",
-                       "cancelling", "cancelled", "expired"):
+        for status in BatchStatus:
             batches.add_metric([status], float(by_batch.get(status, 0)))
         out.append(batches)
         items = CounterMetricFamily("neoxq_items", "Items finished, by outcome",
@@ -106,7 +103,7 @@ class StoreCollector(Collector):
                                        value=float(totals[2])))
         out.append(CounterMetricFamily("neoxq_prompt_tokens", "Prompt tokens processed",
                                        value=float(totals[3])))
-        live = [w for w in workers if w[1] != "stopped"]
+        live = [w for w in workers if w[1] != WorkerStatus.STOPPED]
         out.append(GaugeMetricFamily("neoxq_tokens_per_second",
                                      "Generated tokens per second, summed over live workers",
                                      value=float(sum(w[2] or 0.0 for w in live))))
@@ -154,6 +151,10 @@ def install(app: FastAPI) -> None:
 def metrics(request: Request, _owner: OwnerDep) -> Response:
     """Prometheus exposition: queue depth, items in flight and queued, batches by status,
     items and tokens so far, tokens/s over live workers, request latency histograms.
-    Needs an API key once keys exist (Prometheus: ``authorization: {credentials: KEY}``)."""
+    Needs an API key once keys exist (Prometheus: ``authorization: {credentials: KEY}``).
+
+    Fleet-wide, not per key: every key sees the figures of every owner's batches (counts
+    and rates only, never ids, prompts or results). It is an operator's endpoint; scope
+    it at the proxy if keys belong to mutually untrusted tenants."""
     body = generate_latest(request.app.state.metrics_registry)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

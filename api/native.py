@@ -8,14 +8,22 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import BatchList, BatchStatus, WorkerList, WorkerOut
-from api.uploads import multipart_or_raw, remove, save_multipart, save_raw_body
-from core.jsonl import check_defaults
+from api.uploads import (
+    multipart_or_raw,
+    remove,
+    safe_filename,
+    save_multipart,
+    save_raw_body,
+    upload_paths,
+)
+from core.jsonl import check_defaults, text_problem
 from store.queries import list_workers
 from store.tables import new_id
 from store.views import create_file, list_batches
@@ -69,6 +77,9 @@ def _json_object(raw: str | None, param: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ApiError(400, f"{param}: a JSON object expected ({exc})", code="invalid_value",
                        param=param) from None
+    except RecursionError:
+        raise ApiError(400, f"{param}: a JSON object expected (nested too deeply)",
+                       code="invalid_value", param=param) from None
     if not isinstance(value, dict):
         raise ApiError(400, f"{param}: a JSON object expected, got {type(value).__name__}",
                        code="invalid_value", param=param)
@@ -76,15 +87,22 @@ def _json_object(raw: str | None, param: str) -> dict[str, Any]:
 
 
 def check_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """OpenAI's metadata rules: at most 16 string pairs, keys <= 64, values <= 512 chars."""
+    """OpenAI's metadata rules: at most 16 string pairs, keys <= 64, values <= 512 chars;
+    and text the store can hold (no NUL, no lone surrogates). Checked before anything is
+    stored or enqueued: a bad value must not reach the rows every listing reads."""
     if len(meta) > 16:
         raise ApiError(400, f"metadata: at most 16 keys, got {len(meta)}", code="invalid_value",
                        param="metadata")
     for k, v in meta.items():
+        # The key names the field only when it is printable text itself.
+        param = f"metadata.{k}" if len(k) <= 64 and text_problem(k) is None else "metadata"
         if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
-            raise ApiError(400, f"metadata.{k}: string keys of at most 64 and string values "
-                                "of at most 512 characters expected", code="invalid_value",
-                           param=f"metadata.{k}")
+            raise ApiError(400, f"{param}: string keys of at most 64 and string values of "
+                                "at most 512 characters expected", code="invalid_value",
+                           param=param)
+        why = text_problem(k) or text_problem(v)
+        if why is not None:
+            raise ApiError(400, f"{param}: {why}", code="invalid_value", param=param)
     return meta
 
 
@@ -141,38 +159,36 @@ async def create_batch(
     if multipart_or_raw(request) == "raw":
         batch_defaults, meta = _options(opts)  # before reading the body: fail fast
     file_id = new_id("file-")
-    path = settings.files_dir / f"{file_id}.jsonl"
+    tmp, final = upload_paths(settings.files_dir, file_id)
     limit = settings.max_file_bytes
-    if multipart_or_raw(request) == "multipart":
-        size, name, fields = await save_multipart(request, path, limit=limit)
-        try:
+    db = request.app.state.db
+    try:
+        if multipart_or_raw(request) == "multipart":
+            size, name, fields = await save_multipart(request, tmp, limit=limit)
             opts = _form_options(opts, fields)
             batch_defaults, meta = _options(opts)
-        except ApiError:
-            remove(path)
-            raise
-        name = opts.filename or name
-    else:
-        size = await save_raw_body(request, path, limit=limit)
-        name = opts.filename or "upload.jsonl"
-    db = request.app.state.db
-    await run_in_threadpool(service.commit, db, lambda s: create_file(
-        session=s, owner=owner, filename=name[:512], purpose="batch", size=size,
-        path=str(path), file_id=file_id))
-    report = await run_in_threadpool(
-        service.run_submission, db=db, settings=settings, enqueue=request.app.state.enqueue,
-        path=path, owner=owner, fmt=opts.format, defaults=batch_defaults, metadata=meta,
-        input_file_id=file_id, on_invalid=opts.on_invalid)
+            name = opts.filename or name
+        else:
+            size = await save_raw_body(request, tmp, limit=limit)
+            name = opts.filename or "upload.jsonl"
+        name = safe_filename(name)
+
+        def store_file(s: Session) -> None:  # with the batch, in its transaction
+            create_file(session=s, owner=owner, filename=name, purpose="batch", size=size,
+                        path=str(final), file_id=file_id)
+
+        report = await run_in_threadpool(
+            service.run_submission, db=db, settings=settings,
+            enqueue=request.app.state.enqueue, path=tmp, owner=owner, fmt=opts.format,
+            defaults=batch_defaults, metadata=meta, input_file_id=file_id,
+            on_invalid=opts.on_invalid, with_batch=store_file,
+            on_commit=lambda: tmp.rename(final))  # committed: the content's final name
+    finally:
+        remove(tmp)  # refused, failed or interrupted: the upload is not kept
     batch = await run_in_threadpool(service.commit, db, lambda s: service.owned_batch(
         s, report.batch_id, owner))
     if batch.status == "failed" and batch.errors:
-        errors = [e.as_dict() for e in report.errors]
-        first = report.errors[0] if report.errors else None
-        raise ApiError(400, f"The file was refused: {report.invalid or len(errors)} bad "
-                            f"line(s); first: {first}" if first else "The file was refused.",
-                       code=first.code if first else "invalid_file",
-                       param=first.field if first else None, batch_id=batch.id,
-                       errors=errors)
+        raise service.refusal(report)
     return render.native_batch(batch)
 
 
@@ -235,7 +251,10 @@ def workers_route(
     seen_within: Annotated[float, Query(gt=0, le=30 * 86400,
                                         description="seconds since the last heartbeat")] = 3600,
 ) -> WorkerList:
-    """Workers seen recently: host, model, devices, status, tokens/s, items done."""
+    """Workers seen recently: host, model, devices, status, tokens/s, items done.
+
+    Fleet-wide, not per key: workers serve every key's batches, so every key sees the
+    same list (no batch ids, prompts or results are in it)."""
     rows = list_workers(session=session, seen_within=seen_within)
     return WorkerList(data=[WorkerOut(
         id=w.id, host=w.host, pid=w.pid, model=w.model, devices=list(w.devices or []),

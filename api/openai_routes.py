@@ -22,8 +22,9 @@ from api.schemas import (
     OpenAIBatch,
     OpenAIBatchList,
 )
-from api.uploads import remove, save_multipart
-from core.jsonl import OPENAI_URLS
+from api.uploads import remove, save_multipart, upload_paths
+from core.jsonl import OPENAI_URLS, quoted
+from store.status import CUT_SHORT, BatchStatus
 from store.tables import new_id
 from store.views import (
     create_file,
@@ -53,16 +54,19 @@ async def upload_file(request: Request, owner: OwnerDep, settings: SettingsDep) 
     """Upload a JSONL file with ``purpose=batch`` (streamed to disk; validated when a
     batch is created from it, as OpenAI does)."""
     file_id = new_id("file-")
-    path = settings.files_dir / f"{file_id}.jsonl"
-    size, name, fields = await save_multipart(request, path, limit=settings.max_file_bytes)
-    purpose = dict(fields).get("purpose")
-    if purpose != "batch":
-        remove(path)
-        raise ApiError(400, f"purpose: 'batch' expected, got {purpose!r}", code="invalid_value",
-                       param="purpose")
-    f = await run_in_threadpool(service.commit, request.app.state.db, lambda s: create_file(
-        session=s, owner=owner, filename=name[:512], purpose="batch", size=size,
-        path=str(path), file_id=file_id))
+    tmp, final = upload_paths(settings.files_dir, file_id)
+    try:
+        size, name, fields = await save_multipart(request, tmp, limit=settings.max_file_bytes)
+        purpose = dict(fields).get("purpose")
+        if purpose != "batch":
+            raise ApiError(400, f"purpose: 'batch' expected, got {quoted(purpose)}",
+                           code="invalid_value", param="purpose")
+        f = await run_in_threadpool(service.commit, request.app.state.db, lambda s: create_file(
+            session=s, owner=owner, filename=name, purpose="batch", size=size,
+            path=str(final), file_id=file_id))
+        tmp.rename(final)  # committed: the content takes its final name
+    finally:
+        remove(tmp)  # refused or interrupted: nothing is kept
     return render.file_object(f)
 
 
@@ -174,7 +178,7 @@ def list_batches_route(
 def get_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep) -> OpenAIBatch:
     """A batch as OpenAI's Batch object (status, request_counts, file ids)."""
     batch = service.owned_batch(session, batch_id, owner)
-    if batch.status in ("cancelled", "expired"):
+    if batch.status in CUT_SHORT:
         batch = ensure_result_files(session=session, batch=batch)
         session.commit()
     return render.openai_batch(batch)
@@ -186,7 +190,7 @@ def cancel_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep,
     """Cancel a batch (``cancelling``, then ``cancelled`` once workers have stopped it)."""
     batch = service.owned_batch(session, batch_id, owner)
     batch = service.cancel_batch(session=session, settings=settings, batch=batch)
-    if batch.status == "cancelled":
+    if batch.status == BatchStatus.CANCELLED:
         batch = ensure_result_files(session=session, batch=batch)
         session.commit()
     return render.openai_batch(batch)

@@ -20,6 +20,7 @@ from api.schemas import (
     RequestCounts,
     Tokens,
 )
+from store.status import ACTIVE
 from store.tables import Batch, File, Item, Result
 
 
@@ -36,7 +37,7 @@ def native_batch(batch: Batch, *, tokens_per_s: float = 0.0, items_per_s: float 
     """A batch as the native API shows it, with progress and ETA."""
     done = batch.request_completed + batch.request_failed
     pending = max(batch.request_total - done, 0)
-    active = batch.status in ("validating", "in_progress")
+    active = batch.status in ACTIVE
     eta = pending / items_per_s if active and items_per_s > 0 else (0.0 if not pending else None)
     errors = _line_errors(batch)
     return BatchStatus(
@@ -97,8 +98,16 @@ def _usage(r: Result) -> dict[str, int]:
             "total_tokens": r.prompt_tokens + r.completion_tokens}
 
 
+# Characters that JSON leaves raw but that line-splitting readers (Python's
+# str.splitlines, JavaScript's old line terminators) take for line breaks: escaped, so
+# one result is always one line whatever the model generated.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    # Lone surrogates (generated text cut mid-pair) cannot be UTF-8: replaced, not a 500.
+    return text.translate(_LINE_BREAKS).encode("utf-8", "replace") + b"\n"
 
 
 def native_result_line(item: Item, r: Result) -> bytes:

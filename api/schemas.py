@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.jsonl import find_bad_text
+from store.status import BatchStatus as BatchStatusName
 
 # ------------------------------------------------------------------------------- native
 
@@ -102,7 +105,8 @@ class Readiness(BaseModel):
     status: Literal["ok", "unavailable"]
     database: str
     redis: str
-    workers: int = Field(description="workers seen recently")
+    workers: int = Field(description="workers alive now (heartbeat within dead_worker_after, "
+                                     "not stopped)")
 
 
 # ------------------------------------------------------------------------------- OpenAI
@@ -175,8 +179,7 @@ class OpenAIBatch(BaseModel):
     errors: BatchErrors | None
     input_file_id: str
     completion_window: str
-    status: Literal["validating", "failed", "in_progress", "finalizing", "completed",
-                    "expired", "cancelling", "cancelled"]
+    status: BatchStatusName
     output_file_id: str | None
     error_file_id: str | None
     created_at: int
@@ -211,3 +214,12 @@ class CreateBatchRequest(BaseModel):
     completion_window: str
     metadata: dict[str, str] | None = None
     output_expires_after: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _storable_text(self) -> CreateBatchRequest:
+        # JSON can escape a lone surrogate or NUL ("\ud800", "\u0000") that no database
+        # column can hold: refuse it here, before any lookup or insert sees it.
+        bad = find_bad_text(self.model_dump())
+        if bad is not None:
+            raise ValueError(f"{bad[0]}: {bad[1]}")
+        return self

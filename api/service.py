@@ -4,17 +4,15 @@ the request's session)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from api import render
 from api.errors import ApiError, not_found
-from core.jsonl import LineError
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from store.db import make_sessionmaker, session_scope
@@ -22,12 +20,11 @@ from store.ingest import IngestReport, submit_batch
 from store.queries import (
     finish_cancel,
     get_batch,
-    is_terminal,
-    list_workers,
+    live_workers,
     request_cancel,
-    set_batch_status,
 )
-from store.tables import Batch, File, Item, new_id
+from store.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
+from store.tables import Batch, File
 from store.views import iter_batch_results, iter_unrun_items, recent_rate
 
 Enqueue = Callable[[ChunkPayload], None]
@@ -36,21 +33,20 @@ Enqueue = Callable[[ChunkPayload], None]
 def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Path,
                    owner: str, fmt: str, defaults: dict[str, Any],
                    metadata: dict[str, Any], input_file_id: str, on_invalid: str,
-                   endpoint: str | None = None, completion_window: str = "24h"
-                   ) -> IngestReport:
-    """Ingest a stored upload into a new batch and enqueue it (blocking: run in a thread)."""
-    batch_id = new_id("batch_")
+                   endpoint: str | None = None, completion_window: str = "24h",
+                   with_batch: Callable[[Session], None] | None = None,
+                   on_commit: Callable[[], None] | None = None) -> IngestReport:
+    """Ingest a stored upload into a new batch and enqueue it (blocking: run in a thread).
+    ``with_batch``/``on_commit`` as :func:`store.ingest.submit_batch`'s."""
     try:
         with path.open("rb") as source:
             return submit_batch(engine=db, source=source, owner=owner, fmt=fmt,  # type: ignore[arg-type]
                                 endpoint=endpoint, defaults=defaults, metadata=metadata,
                                 input_file_id=input_file_id, on_invalid=on_invalid,  # type: ignore[arg-type]
                                 completion_window=completion_window, enqueue=enqueue,
-                                settings=settings, batch_id=batch_id)
-    except ValueError as exc:
-        if "NUL" in str(exc):  # PostgreSQL text cannot hold U+0000; SQLite can
-            return _refuse_nul(db, batch_id, path, fmt)
-        # bad batch-level defaults
+                                settings=settings, with_batch=with_batch,
+                                on_commit=on_commit)
+    except ValueError as exc:  # bad batch-level defaults
         msg = str(exc)
         raise ApiError(400, msg, code="invalid_value", param=msg.split(":", 1)[0]) from None
     except FileNotFoundError:
@@ -62,45 +58,20 @@ def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Pa
         raise
 
 
-def _nul_fields(value: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(value, str):
-        if "\x00" in value:
-            yield prefix or "line"
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _nul_fields(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(value, list):
-        for v in value:
-            yield from _nul_fields(v, prefix)
-
-
-def _refuse_nul(db: Engine, batch_id: str, path: Path, fmt: str) -> IngestReport:
-    """Refuse a file whose lines hold U+0000, naming them: the database could not store
-    them (found only when the insert fails, so this rare path rescans the file)."""
-    errors: list[LineError] = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if b"u0000" not in raw.lower():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            for name in list(_nul_fields(obj))[:1]:
-                errors.append(LineError(number, name, "invalid_value",
-                                        "NUL characters (\\u0000) are not allowed"))
-            if len(errors) >= 100:
-                break
-    if not errors:
-        errors = [LineError(0, None, "invalid_value",
-                            "the file holds NUL characters (\\u0000), which are not allowed")]
-    with session_scope(db) as session:
-        session.execute(delete(Item).where(Item.batch_id == batch_id))
-        set_batch_status(session=session, batch_id=batch_id, to="failed",
-                         from_=("validating", "in_progress"),
-                         errors=[e.as_dict() for e in errors], request_total=0)
-    return IngestReport(batch_id=batch_id, status="failed", errors=errors,
-                        invalid=len(errors), format=fmt)
+def refusal(report: IngestReport) -> ApiError:
+    """The 400 for a refused file: every bad line (or the file-level reason) and the id of
+    the failed batch that records them."""
+    errors = [e.as_dict() for e in report.errors]
+    first = report.errors[0] if report.errors else None
+    if first is None:
+        summary = "The file was refused."
+    elif first.line == 0:  # the file as a whole: empty, too many lines
+        summary = f"The file was refused: {first.message}."
+    else:
+        summary = (f"The file was refused: {report.invalid} bad line(s); first: {first}")
+    return ApiError(400, summary, code=first.code if first else "invalid_file",
+                    param=first.field if first else None, batch_id=report.batch_id,
+                    errors=errors)
 
 
 def status_of(session: Session, batch: Batch) -> dict[str, float]:
@@ -122,13 +93,11 @@ def owned_batch(session: Session, batch_id: str, owner: str) -> Batch:
 def cancel_batch(*, session: Session, settings: Settings, batch: Batch) -> Batch:
     """Ask workers to cancel; with no live worker the API finishes the cancel itself
     (otherwise the batch would wait in ``cancelling`` for a worker that never comes)."""
-    if batch.status in ("completed", "failed", "expired"):
+    if batch.status in TERMINAL - {BatchStatus.CANCELLED}:
         raise ApiError(409, f"Cannot cancel a batch that is {batch.status}.",
                        code="batch_not_cancellable")
     request_cancel(session=session, batch_id=batch.id)
-    live_window = max(3 * settings.heartbeat_interval, 15.0)
-    live = [w for w in list_workers(session=session, seen_within=live_window)
-            if w.status != "stopped"]
+    live = live_workers(session=session, within=settings.dead_worker_after)
     if not live:
         finish_cancel(session=session, batch_id=batch.id)
     session.commit()
@@ -169,8 +138,9 @@ def stream_virtual_file(db: Engine, f: File) -> Iterator[bytes]:
         for item, result in iter_batch_results(session=session, batch_id=batch.id,
                                                failed=True):
             yield render.openai_error_line(item, result)
-        if batch.status in ("cancelled", "expired"):
-            code = "batch_cancelled" if batch.status == "cancelled" else "batch_expired"
+        if batch.status in CUT_SHORT:
+            code = "batch_cancelled" if batch.status == BatchStatus.CANCELLED \
+                else "batch_expired"
             for item in iter_unrun_items(session=session, batch_id=batch.id):
                 yield render.openai_error_line(item, None, unrun_code=code)
 

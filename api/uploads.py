@@ -5,6 +5,11 @@ Nothing holds a file whole: the raw body goes to disk 64 KB at a time; a multipa
 part is spooled to a temporary file by Starlette (1 MB in memory at most) and copied.
 On the way, the longest line is checked, since ingestion reads one line at a time and a
 single 200 MB "line" would otherwise be read into memory at once.
+
+An upload is written under a temporary name (:func:`upload_paths`) and renamed to its
+final name only after its row is committed, so a file under a final name always has a
+row. Whatever a crash leaves under a temporary name, the sweeper (api/sweeper.py)
+finishes (row committed: rename) or deletes (no row).
 """
 
 from __future__ import annotations
@@ -28,8 +33,30 @@ MULTIPART_SLACK = 1024 * 1024
 _COPY = 1024 * 1024
 
 
+TMP_PREFIX = ".tmp-"
+
+
 class _TooLarge(Exception):
     pass
+
+
+def upload_paths(files_dir: Path, file_id: str) -> tuple[Path, Path]:
+    """``(temporary, final)`` paths of an upload's content."""
+    name = f"{file_id}.jsonl"
+    return files_dir / f"{TMP_PREFIX}{name}", files_dir / name
+
+
+def final_path(tmp: Path) -> Path:
+    """The final path of a temporary upload path."""
+    return tmp.with_name(tmp.name.removeprefix(TMP_PREFIX))
+
+
+def safe_filename(name: str) -> str:
+    """A client-given file name as stored: at most 512 characters, without NUL or lone
+    surrogates (which the database cannot hold; replaced, not refused: it is a label)."""
+    name = name.replace("\x00", "\ufffd")
+    name = name.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
+    return name[:512] or "upload.jsonl"
 
 
 def too_large(limit: int) -> ApiError:
@@ -90,10 +117,11 @@ class _ScannedWriter:
         self.scan.check()
         return self.size
 
-def _check_declared_length(request: Request, limit: int) -> None:
+def _check_declared_length(request: Request, limit: int, slack: int = 0) -> None:
+    # The message names the file limit, whatever framing the request adds on top of it.
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit - MULTIPART_SLACK if limit > MULTIPART_SLACK else limit)
+    if declared and declared.isdigit() and int(declared) > limit + slack:
+        raise too_large(limit)
 
 
 async def save_raw_body(request: Request, dest: Path, *, limit: int) -> int:
@@ -148,7 +176,7 @@ async def save_multipart(request: Request, dest: Path, *, limit: int,
     """
     from starlette.concurrency import run_in_threadpool
 
-    _check_declared_length(request, limit + MULTIPART_SLACK)
+    _check_declared_length(request, limit, MULTIPART_SLACK)
     limited = Request(request.scope, _limited_receive(request.receive, limit + MULTIPART_SLACK))
     try:
         form = await limited.form(max_files=1, max_fields=50)
@@ -169,7 +197,7 @@ async def save_multipart(request: Request, dest: Path, *, limit: int,
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
-        return size, upload.filename or "upload.jsonl", fields
+        return size, safe_filename(upload.filename or "upload.jsonl"), fields
     finally:
         await form.close()
 

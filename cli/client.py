@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from store.status import TERMINAL
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 class ClientError(Exception):

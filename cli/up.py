@@ -246,6 +246,7 @@ class Stack:
         store, not the API: once API keys exist, ``GET /workers`` needs one."""
         from store.db import make_engine, make_sessionmaker
         from store.queries import list_workers
+        from store.status import WorkerStatus
 
         db = make_engine(self._settings().db_url)
         try:
@@ -256,7 +257,7 @@ class Stack:
                 with contextlib.suppress(Exception):  # e.g. SQLite busy: ask again
                     with make_sessionmaker(db)() as session:
                         mine = [w for w in list_workers(session=session, seen_within=60)
-                                if w.pid in pids and w.status != "stopped"]
+                                if w.pid in pids and w.status != WorkerStatus.STOPPED]
                     if len({w.pid for w in mine}) == len(pids):
                         return sorted(mine, key=lambda w: w.pid)
                 time.sleep(0.2)

@@ -17,17 +17,17 @@ from core.settings import Settings, get_settings
 RUN_CHUNK = "neoxq.run_chunk"
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    """Build the Celery app for ``settings`` (default: the environment's)."""
-    s = settings or get_settings()
-    app = Celery("neoxq", broker=s.redis_url, set_as_current=False)
+def transport_options(s: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options for ``s`` (producers, consumers and the worker's
+    own recovery connection share them)."""
     transport: dict[str, Any] = {
         # Redis has no acks: a delivered, unacknowledged message sits in an "unacked" hash
         # and is restored to its queue once older than this. Set well above the longest
         # chunk (chunks are sized to take minutes) so that a healthy worker's chunk is never
         # delivered twice; the worker also refreshes the timestamps of the messages it holds
-        # (worker/runtime.py), so even a slow chunk is safe. A killed worker's chunks come
-        # back after at most this long.
+        # at every heartbeat, so even a slow chunk is safe. A killed worker's chunks come
+        # back much sooner, once they miss `dead_worker_after` seconds of heartbeats
+        # (worker/broker.py); this timeout is only the backstop.
         "visibility_timeout": s.visibility_timeout,
         # How often a consumer looks for messages past their timeout (kombu's default is
         # every 100 s); a quarter of the timeout bounds recovery at 1.25 timeouts.
@@ -42,6 +42,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # Isolates queues *and* the unacked hash: otherwise every app on the Redis database
         # restores every other app's unacknowledged messages with its own timeout.
         transport["global_keyprefix"] = s.redis_key_prefix
+    return transport
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """Build the Celery app for ``settings`` (default: the environment's)."""
+    s = settings or get_settings()
+    app = Celery("neoxq", broker=s.redis_url, set_as_current=False)
+    transport = transport_options(s)
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
@@ -82,6 +90,15 @@ def get_celery() -> Celery:
     if _app is None:
         _app = make_celery()
     return _app
+
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Messages waiting on ``queue`` (every priority level), through kombu's public queue
+    declare (which answers the count; on Redis it writes nothing), so that producers never
+    read the broker's own keys. Not passive: kombu's passive check does not see a prefixed
+    queue, and an empty Redis queue does not exist anyway."""
+    with app.connection_for_read() as conn:
+        return int(conn.default_channel.queue_declare(queue=queue).message_count)
 
 
 def enqueue_chunk(payload: ChunkPayload, *, app: Celery | None = None,

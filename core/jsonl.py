@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,6 +86,56 @@ class SamplingFields(BaseModel):
 SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingFields.model_fields)
 
 
+# Values quoted back in error messages are cut short: a bad 1 MB list (or one nested 900
+# deep) must give a one-line message, not a copy of itself.
+_quote = reprlib.Repr()
+_quote.maxstring, _quote.maxother, _quote.maxlevel = 80, 80, 3
+
+
+def quoted(value: object) -> str:
+    """``repr(value)``, shortened for an error message."""
+    return _quote.repr(value)
+
+
+# Strings the store cannot hold faithfully: U+0000 (PostgreSQL text refuses it) and lone
+# surrogates (JSON can escape them, "\ud800", but they are not Unicode text: UTF-8 encoders,
+# the database drivers and the JSON responses all refuse them). Refused on every backend
+# alike, naming the field, so a file means the same on SQLite and PostgreSQL.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text, or None."""
+    if "\x00" in value:
+        return "NUL characters (\\u0000) are not allowed"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"a lone surrogate (\\u{ord(value[exc.start]):04x}) is not valid Unicode "
+                "text")
+    return None
+
+
+def find_bad_text(value: object, path: str = "") -> tuple[str, str] | None:
+    """The first ``(field path, problem)`` of a decoded JSON value whose strings (keys
+    included) cannot be stored; None when all are fine. Iterative: depth is not a risk."""
+    stack: list[tuple[object, str]] = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if (why := text_problem(v)) is not None:
+                return where, why
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                sub = f"{where}.{k}" if where else str(k)
+                if (why := text_problem(str(k))) is not None:
+                    return where or "(key)", why
+                stack.append((item, sub))
+        elif isinstance(v, list):
+            stack.extend((item, where) for item in reversed(v))
+    return None
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -105,7 +157,7 @@ def check_sampling(
     problems: list[tuple[str, str]] = []
 
     def bad(name: str, expected: str, got: object) -> None:
-        problems.append((name, f"{expected}, got {got!r}"))
+        problems.append((name, f"{expected}, got {quoted(got)}"))
 
     clean = {k: v for k, v in given.items() if v is not None}
     for name in sorted(k for k in clean if k not in SAMPLING_FIELDS):
@@ -183,7 +235,10 @@ def check_sampling(
 def check_defaults(defaults: Mapping[str, Any]) -> list[str]:
     """Problems with batch-level defaults, as ``"field: expected, got value"`` strings."""
     if not isinstance(defaults, Mapping):
-        return [f"defaults: must be an object, got {defaults!r}"]
+        return [f"defaults: must be an object, got {quoted(defaults)}"]
+    bad = find_bad_text(dict(defaults))
+    if bad is not None:
+        return [f"{bad[0] or 'defaults'}: {bad[1]}"]
     _, problems = check_sampling(defaults)
     return [f"{name}: {msg}" for name, msg in problems]
 
@@ -210,12 +265,14 @@ _OPENAI_FIXED: dict[str, tuple[Any, ...]] = {
 class LineError:
     """One problem: ``line`` is 1-based (0 for the file as a whole); ``code`` is OpenAI's
     where OpenAI has one (``invalid_json_line``, ``duplicate_custom_id``, ``empty_file``,
-    ``too_many_tasks``, ``invalid_url``, ...)."""
+    ``too_many_tasks``, ``invalid_url``, ...); ``custom_id`` is the line's, when it has a
+    valid one of its own (so a caller can match the error to its request)."""
 
     line: int
     field: str | None
     code: str
     message: str
+    custom_id: str | None = None
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line else "file"
@@ -224,7 +281,7 @@ class LineError:
     def as_dict(self) -> dict[str, Any]:
         """JSON shape stored in ``batches.errors`` (OpenAI's ``errors.data`` entries)."""
         return {"line": self.line or None, "param": self.field, "code": self.code,
-                "message": str(self)}
+                "message": str(self), "custom_id": self.custom_id}
 
 
 @dataclass(slots=True)
@@ -256,7 +313,7 @@ def parse_json_line(raw: bytes | str, line: int) -> tuple[dict[str, Any] | None,
     """Decode one line to a JSON object, or say why not (bytes, JSON, not an object)."""
     if isinstance(raw, bytes):
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8")  # strict: raw bytes can never hold a lone surrogate
         except UnicodeDecodeError as exc:
             return None, LineError(line, None, "invalid_utf8",
                                    f"not valid UTF-8 (byte {exc.start + 1} of the line)")
@@ -271,9 +328,17 @@ def parse_json_line(raw: bytes | str, line: int) -> tuple[dict[str, Any] | None,
         col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         return None, LineError(line, None, "invalid_json_line",
                                f"invalid JSON: {msg}{col}")
+    except RecursionError:
+        return None, LineError(line, None, "invalid_json_line",
+                               "invalid JSON: nested too deeply")
     if not isinstance(obj, dict):
         return None, LineError(line, None, "invalid_json_line",
                                f"a JSON object expected, got {_type_name(obj)}")
+    if _SUSPECT_ESCAPE.search(text) and (bad := find_bad_text(obj)) is not None:
+        cid = obj.get("custom_id")
+        ok_cid = isinstance(cid, str) and _check_custom_id(cid, line, False) is None
+        return None, LineError(line, bad[0], "invalid_value", bad[1],
+                               custom_id=cid if ok_cid else None)
     return obj, None
 
 
@@ -296,10 +361,12 @@ def _check_custom_id(value: object, line: int, required: bool) -> LineError | No
             if required else None
     if not isinstance(value, str) or not value:
         return LineError(line, "custom_id", "invalid_value",
-                         f"a non-empty string expected, got {value!r}")
+                         f"a non-empty string expected, got {quoted(value)}")
     if len(value) > MAX_CUSTOM_ID:
         return LineError(line, "custom_id", "invalid_value",
                          f"at most {MAX_CUSTOM_ID} characters expected, got {len(value)}")
+    if (why := text_problem(value)) is not None:
+        return LineError(line, "custom_id", "invalid_value", why)
     return None
 
 
@@ -316,12 +383,13 @@ def parse_native(obj: Mapping[str, Any], line: int,
         out.errors.append(err)
     if err := _check_custom_id(obj.get("custom_id"), line, required=False):
         out.errors.append(err)
+    else:
+        out.custom_id = obj.get("custom_id")
     sampling = {k: v for k, v in obj.items() if k in SAMPLING_FIELDS}
     out.params, problems = check_sampling(sampling, defaults)
     out.errors += [LineError(line, f, "invalid_value", m) for f, m in problems]
     if not out.errors:
         out.prompt = obj["prompt"]
-        out.custom_id = obj.get("custom_id")
     return out
 
 
@@ -334,13 +402,15 @@ def parse_openai(obj: Mapping[str, Any], line: int,
                                     "unknown field (expected custom_id, method, url, body)"))
     if err := _check_custom_id(obj.get("custom_id"), line, required=True):
         out.errors.append(err)
+    else:
+        out.custom_id = obj["custom_id"]
     if obj.get("method") != "POST":
         out.errors.append(LineError(line, "method", "invalid_method",
-                                    f"'POST' expected, got {obj.get('method')!r}"))
+                                    f"'POST' expected, got {quoted(obj.get('method'))}"))
     if obj.get("url") not in OPENAI_URLS:
         out.errors.append(LineError(line, "url", "invalid_url",
                                     f"{' or '.join(map(repr, OPENAI_URLS))} expected, "
-                                    f"got {obj.get('url')!r}"))
+                                    f"got {quoted(obj.get('url'))}"))
     body = obj.get("body")
     if not isinstance(body, dict):
         out.errors.append(LineError(line, "body", "invalid_value",
@@ -354,11 +424,11 @@ def parse_openai(obj: Mapping[str, Any], line: int,
         if body.get(key) is not None and body[key] not in allowed:
             out.errors.append(LineError(line, f"body.{key}", "invalid_value",
                                         f"{allowed[0]!r} or null expected (not supported), "
-                                        f"got {body[key]!r}"))
+                                        f"got {quoted(body[key])}"))
     model = body.get("model")
     if not isinstance(model, str) or not model:
         out.errors.append(LineError(line, "body.model", "invalid_value",
-                                    f"a model name expected, got {model!r}"))
+                                    f"a model name expected, got {quoted(model)}"))
     if err := _check_prompt(body.get("prompt"), "body.prompt", line):
         out.errors.append(err)
     sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS}
@@ -366,7 +436,6 @@ def parse_openai(obj: Mapping[str, Any], line: int,
     out.errors += [LineError(line, f"body.{f}", "invalid_value", m) for f, m in problems]
     if not out.errors:
         out.prompt = body["prompt"]
-        out.custom_id = obj["custom_id"]
         out.model = model
     return out
 
@@ -402,20 +471,24 @@ class LineValidator:
         self.requests += 1
         obj, err = parse_json_line(raw, line)
         if err is not None:
-            return ParsedLine(line=line, errors=[err])
+            return ParsedLine(line=line, custom_id=err.custom_id, errors=[err])
         assert obj is not None
         if self.fmt == "auto":
             self.fmt = "openai" if ("body" in obj or "url" in obj) else "native"
         parser = parse_openai if self.fmt == "openai" else parse_native
         parsed = parser(obj, line, self.defaults)
-        cid = obj.get("custom_id")
-        if isinstance(cid, str) and cid:
+        cid = parsed.custom_id
+        if cid is not None:
             first = self._seen.get(cid)
             if first is not None:
+                # Not this line's id to report: it names the request on line `first`.
+                parsed.custom_id = None
                 parsed.errors.append(LineError(line, "custom_id", "duplicate_custom_id",
-                                               f"{cid!r} already used on line {first}"))
+                                               f"{quoted(cid)} already used on line {first}"))
             else:
                 self._seen[cid] = line
+        if parsed.errors and parsed.custom_id is not None:
+            parsed.errors = [replace(e, custom_id=parsed.custom_id) for e in parsed.errors]
         if parsed.model and self.first_model is None:
             self.first_model = parsed.model
         return parsed

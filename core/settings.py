@@ -62,9 +62,20 @@ class Settings(BaseSettings):
     # the store for cancelled batches (the issue asks for cancellation within 5 s).
     heartbeat_interval: float = Field(default=5.0, gt=0)
     cancel_poll_interval: float = Field(default=0.5, gt=0)
+    # A worker that has not refreshed a chunk message it holds for this long is dead: any
+    # other worker puts that message back on the queue (worker/broker.py). Six missed
+    # 5-second heartbeats: a GC pause or a slow database never looks like death, and a
+    # killed GPU worker stalls its chunks for well under a minute, not an hour.
+    dead_worker_after: float = Field(default=30.0, gt=0)
     # Seconds between sweeps that re-enqueue items no chunk message covers any more (a
     # message lost between Redis's BRPOP and its unacked hash; see worker/reconcile.py).
     reconcile_interval: float = Field(default=300.0, gt=0)
+    # Seconds between the API's sweeps (api/sweeper.py): batches past ``expires_at``
+    # become ``expired``, and uploads a crash left behind are finished or removed.
+    sweep_interval: float = Field(default=60.0, gt=0)
+    # An upload under its temporary name untouched for this long belongs to a request
+    # that died (uploads are written continuously and ingested in seconds).
+    stale_upload_after: float = Field(default=900.0, gt=0)
     # On SIGTERM a worker stops taking chunks and lets in-flight sequences finish for at
     # most this long; what is left then is aborted and handed back to the queue.
     shutdown_grace: float = Field(default=30.0, ge=0)

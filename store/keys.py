@@ -14,9 +14,11 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.tables import ApiKey, new_id, now
+from store.tables import ApiKey, Batch, File, new_id, now
 
 KEY_PREFIX = "nxq-"
+# The owner of what is created while no key exists (loopback-only use).
+LOCAL_OWNER = "local"
 
 
 def hash_key(key: str) -> str:
@@ -25,12 +27,21 @@ def hash_key(key: str) -> str:
 
 
 def create_key(*, session: Session, name: str) -> tuple[ApiKey, str]:
-    """Create a key named ``name``; returns its row and the plain key (shown only now)."""
+    """Create a key named ``name``; returns its row and the plain key (shown only now).
+
+    The first key ever created adopts what was made before keys existed (owner
+    ``local``): once a key exists every request needs one, and no key could otherwise
+    ever reach those batches and files again."""
+    first = not keys_exist(session=session)
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(id=new_id("key_"), name=name, key_hash=hash_key(plain),
                  prefix=plain[:12], created_at=now(), revoked_at=None)
     session.add(row)
     session.flush()
+    if first:
+        for table in (Batch, File):
+            session.execute(update(table).where(table.owner == LOCAL_OWNER)
+                            .values(owner=row.id).execution_options(synchronize_session=False))
     return row, plain
 
 

@@ -16,8 +16,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.records import ResultRow
+from store.status import (
+    CANCELLABLE,
+    EXPIRABLE,
+    UNFINISHED_ITEMS,
+    BatchStatus,
+    ItemStatus,
+    WorkerStatus,
+)
 from store.tables import (
-    TERMINAL_BATCH_STATUSES,
     Batch,
     File,
     Item,
@@ -27,7 +35,6 @@ from store.tables import (
     now,
 )
 
-ACTIVE_BATCH_STATUSES = ("validating", "in_progress")
 # Sampling parameters of an item travel in ``items.params``; a prompt given as token ids
 # is kept there under this key (``items.prompt`` is then empty).
 PROMPT_TOKEN_IDS = "prompt_token_ids"
@@ -48,13 +55,18 @@ def create_batch(
     metadata: dict[str, Any] | None = None,
     expires_in: float | None = 24 * 3600,
     batch_id: str | None = None,
+    status: BatchStatus = BatchStatus.VALIDATING,
+    errors: list[dict[str, Any]] | None = None,
 ) -> Batch:
-    """Insert a batch in ``validating`` (not committed: the caller's transaction)."""
+    """Insert a batch in ``validating`` (or, refused at once, ``failed`` with ``errors``);
+    not committed: the caller's transaction."""
     t = now()
     batch = Batch(
         id=batch_id or new_id("batch_"),
         owner=owner,
-        status="validating",
+        status=status,
+        errors=errors,
+        failed_at=t if status == BatchStatus.FAILED else None,
         endpoint=endpoint,
         input_file_id=input_file_id,
         completion_window=completion_window,
@@ -84,7 +96,8 @@ def get_batch(*, session: Session, batch_id: str, owner: str | None = None) -> B
 
 
 def set_batch_status(
-    *, session: Session, batch_id: str, to: str, from_: Sequence[str], **values: Any
+    *, session: Session, batch_id: str, to: BatchStatus, from_: Iterable[str],
+    **values: Any
 ) -> bool:
     """Move a batch from one of ``from_`` to ``to`` (stamping ``<to>_at``); True if this
     call made the move. The WHERE clause is the guard: of two racing callers one wins."""
@@ -102,13 +115,13 @@ def request_cancel(*, session: Session, batch_id: str) -> bool:
     """Ask for a batch to be cancelled: ``validating|in_progress -> cancelling``.
     Workers see the flag within ``cancel_poll_interval`` seconds, abort the batch's
     sequences and finish the move to ``cancelled`` (:func:`finish_cancel`)."""
-    return set_batch_status(session=session, batch_id=batch_id, to="cancelling",
-                            from_=("validating", "in_progress"))
+    return set_batch_status(session=session, batch_id=batch_id, to=BatchStatus.CANCELLING,
+                            from_=CANCELLABLE)
 
 
 def cancelling_batch_ids(*, session: Session) -> list[str]:
     """Batches waiting for workers to obey a cancel (an indexed lookup, polled ~1/s)."""
-    return list(session.scalars(select(Batch.id).where(Batch.status == "cancelling")))
+    return list(session.scalars(select(Batch.id).where(Batch.status == BatchStatus.CANCELLING)))
 
 
 def finish_cancel(*, session: Session, batch_id: str) -> bool:
@@ -117,13 +130,13 @@ def finish_cancel(*, session: Session, batch_id: str) -> bool:
     done = select(Result.item_id).where(Result.batch_id == batch_id)
     session.execute(
         update(Item)
-        .where(Item.batch_id == batch_id, Item.status.in_(("queued", "running")),
+        .where(Item.batch_id == batch_id, Item.status.in_(UNFINISHED_ITEMS),
                Item.id.not_in(done))
-        .values(status="cancelled")
+        .values(status=ItemStatus.CANCELLED)
         .execution_options(synchronize_session=False)
     )
-    return set_batch_status(session=session, batch_id=batch_id, to="cancelled",
-                            from_=("cancelling",))
+    return set_batch_status(session=session, batch_id=batch_id, to=BatchStatus.CANCELLED,
+                            from_=(BatchStatus.CANCELLING,))
 
 
 def finalize_if_done(*, session: Session, batch_id: str) -> str | None:
@@ -132,12 +145,12 @@ def finalize_if_done(*, session: Session, batch_id: str) -> str | None:
     conditional UPDATE lets only one of several racing workers through. Returns the final
     status if this call finalized the batch."""
     batch = session.get(Batch, batch_id, populate_existing=True)
-    if batch is None or batch.status != "in_progress":
+    if batch is None or batch.status != BatchStatus.IN_PROGRESS:
         return None
     if batch.request_completed + batch.request_failed < batch.request_total:
         return None
-    if not set_batch_status(session=session, batch_id=batch_id, to="finalizing",
-                            from_=("in_progress",)):
+    if not set_batch_status(session=session, batch_id=batch_id, to=BatchStatus.FINALIZING,
+                            from_=(BatchStatus.IN_PROGRESS,)):
         return None
     # The output and error files are virtual (rendered from results on download); they
     # get file rows so OpenAI clients can fetch them by id.
@@ -146,8 +159,10 @@ def finalize_if_done(*, session: Session, batch_id: str) -> str | None:
         values["output_file_id"] = _virtual_file(session, batch, "output")
     if batch.request_failed:
         values["error_file_id"] = _virtual_file(session, batch, "error")
-    final = "completed" if batch.request_completed or not batch.request_total else "failed"
-    set_batch_status(session=session, batch_id=batch_id, to=final, from_=("finalizing",),
+    final = BatchStatus.COMPLETED if batch.request_completed or not batch.request_total \
+        else BatchStatus.FAILED
+    set_batch_status(session=session, batch_id=batch_id, to=final,
+                     from_=(BatchStatus.FINALIZING,),
                      **values)
     return final
 
@@ -172,19 +187,63 @@ def chunk_items(*, session: Session, batch_id: str, start: int, end: int) -> lis
     return list(session.scalars(
         select(Item)
         .where(Item.batch_id == batch_id, Item.index >= start, Item.index < end,
-               Item.status != "cancelled", Item.id.not_in(done))
+               Item.status != ItemStatus.CANCELLED, Item.id.not_in(done))
         .order_by(Item.index)
     ))
 
 
 def mark_running(*, session: Session, item_ids: Sequence[int]) -> None:
-    """Count an attempt on each item and mark it running (one UPDATE per chunk)."""
+    """Count an attempt on each item and mark it running (one UPDATE per chunk).
+
+    Counted when a delivery starts, so that a crash (which leaves no chance to count
+    anything) counts; a graceful hand-back takes its count back (:func:`hand_back`)."""
     if item_ids:
         session.execute(
             update(Item).where(Item.id.in_(list(item_ids)))
-            .values(status="running", attempts=Item.attempts + 1)
+            .values(status=ItemStatus.RUNNING, attempts=Item.attempts + 1)
             .execution_options(synchronize_session=False)
         )
+
+
+def hand_back(*, session: Session, item_ids: Sequence[int]) -> int:
+    """Undo :func:`mark_running` for items a shutting-down worker returns unfinished:
+    a rolling restart is not a failed attempt, so it must not use up ``max_attempts``.
+    Items that got a result meanwhile are left alone. Returns how many were handed back."""
+    if not item_ids:
+        return 0
+    done = select(Result.item_id).where(Result.item_id.in_(list(item_ids)))
+    res = session.execute(
+        update(Item)
+        .where(Item.id.in_(list(item_ids)), Item.status == ItemStatus.RUNNING,
+               Item.attempts > 0, Item.id.not_in(done))
+        .values(status=ItemStatus.QUEUED, attempts=Item.attempts - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount
+
+
+def expire_batches(*, session: Session, at: float | None = None) -> list[str]:
+    """Move batches past their ``expires_at`` (OpenAI's 24 h completion window) that no
+    one finished to ``expired``; returns their ids. Workers stop their sequences (as for a
+    cancel); finished results stay, unrun items are reported as ``batch_expired``."""
+    t = now() if at is None else at
+    due = list(session.scalars(select(Batch.id).where(
+        Batch.status.in_(EXPIRABLE), Batch.expires_at.is_not(None), Batch.expires_at < t)))
+    return [b for b in due if set_batch_status(session=session, batch_id=b,
+                                               to=BatchStatus.EXPIRED, from_=EXPIRABLE)]
+
+
+def fail_stale_validating(*, session: Session, older_than: float) -> list[str]:
+    """Fail batches still ``validating`` after ``older_than`` seconds: ingestion is one
+    transaction and never commits that state, so such a row is a leftover of an older
+    version or a hand-made one, and nothing will ever move it on. Returns their ids."""
+    stale = list(session.scalars(select(Batch.id).where(
+        Batch.status == BatchStatus.VALIDATING, Batch.created_at < now() - older_than)))
+    error = {"line": None, "param": None, "code": "ingest_interrupted",
+             "message": "validation of the file never finished (the server stopped)"}
+    return [b for b in stale if set_batch_status(
+        session=session, batch_id=b, to=BatchStatus.FAILED,
+        from_=(BatchStatus.VALIDATING,), errors=[error])]
 
 
 # -------------------------------------------------------------------------------- results
@@ -212,7 +271,7 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def insert_results(*, session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
+def insert_results(*, session: Session, rows: Sequence[ResultRow]) -> list[int]:
     """Insert result rows whose item has none yet; return the item ids really inserted.
 
     In the same transaction: the inserted items' status (completed/failed) and their
@@ -221,24 +280,24 @@ def insert_results(*, session: Session, rows: Sequence[dict[str, Any]]) -> list[
     """
     if not rows:
         return []
+    values = [row.as_row() for row in rows]
     if session.get_bind().dialect.name == "postgresql":
-        rows = [_without_nul(row) for row in rows]
+        values = [_without_nul(v) for v in values]
     stmt = _insert_ignore(session).returning(Result.item_id)
-    inserted = set(session.scalars(stmt, list(rows)).all())
+    inserted = set(session.scalars(stmt, values).all())
     if not inserted:
         return []
     per_batch: dict[str, list[int]] = {}
     ok_ids, failed_ids = [], []
     for row in rows:
-        if row["item_id"] not in inserted:
+        if row.item_id not in inserted:
             continue
-        agg = per_batch.setdefault(row["batch_id"], [0, 0, 0, 0])
-        failed = row.get("error") is not None
-        agg[1 if failed else 0] += 1
-        agg[2] += row.get("prompt_tokens") or 0
-        agg[3] += row.get("completion_tokens") or 0
-        (failed_ids if failed else ok_ids).append(row["item_id"])
-    for status, ids in (("completed", ok_ids), ("failed", failed_ids)):
+        agg = per_batch.setdefault(row.batch_id, [0, 0, 0, 0])
+        agg[1 if row.failed else 0] += 1
+        agg[2] += row.prompt_tokens or 0
+        agg[3] += row.completion_tokens or 0
+        (failed_ids if row.failed else ok_ids).append(row.item_id)
+    for status, ids in ((ItemStatus.COMPLETED, ok_ids), (ItemStatus.FAILED, failed_ids)):
         if ids:
             session.execute(update(Item).where(Item.id.in_(ids)).values(status=status)
                             .execution_options(synchronize_session=False))
@@ -294,7 +353,8 @@ def register_worker(*, session: Session, worker_id: str, host: str, pid: int, mo
         w = Worker(id=worker_id)
         session.add(w)
     w.host, w.pid, w.model, w.devices = host, pid, model, list(devices)
-    w.pipeline_parallel, w.status, w.started_at, w.last_seen = pipeline_parallel, "starting", t, t
+    w.pipeline_parallel, w.status = pipeline_parallel, WorkerStatus.STARTING
+    w.started_at, w.last_seen = t, t
     w.tokens_per_s, w.items_done, w.tokens_done = 0.0, 0, 0
 
 
@@ -309,6 +369,13 @@ def heartbeat(*, session: Session, worker_id: str, status: str, tokens_per_s: fl
     )
 
 
+def live_workers(*, session: Session, within: float) -> list[Worker]:
+    """Workers alive now: heartbeat within ``within`` seconds (``dead_worker_after``,
+    the same limit after which their chunks are taken back) and not shut down."""
+    return [w for w in list_workers(session=session, seen_within=within)
+            if w.status != WorkerStatus.STOPPED]
+
+
 def list_workers(*, session: Session, seen_within: float | None = None) -> list[Worker]:
     """Workers, most recently seen first; optionally only those seen recently."""
     q = select(Worker).order_by(Worker.last_seen.desc())
@@ -317,14 +384,10 @@ def list_workers(*, session: Session, seen_within: float | None = None) -> list[
     return list(session.scalars(q))
 
 
-def is_terminal(status: str) -> bool:
-    """Whether a batch status is final."""
-    return status in TERMINAL_BATCH_STATUSES
-
-
 __all__ = [
-    "ACTIVE_BATCH_STATUSES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids",
+    "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches", "fail_stale_validating",
     "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
-    "get_batch", "heartbeat", "insert_results", "is_terminal", "iter_results",
-    "list_workers", "mark_running", "register_worker", "request_cancel", "set_batch_status",
+    "get_batch", "hand_back", "heartbeat", "insert_results", "iter_results",
+    "list_workers", "live_workers", "mark_running", "register_worker", "request_cancel",
+    "set_batch_status",
 ]

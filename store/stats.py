@@ -14,9 +14,8 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from store.status import ACTIVE
 from store.tables import Batch, Result, now
-
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 def throughput_series(*, session: Session, owner: str, window: float = 600.0,

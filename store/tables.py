@@ -34,6 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from store.status import BatchStatus, ItemStatus, WorkerStatus
+
 # Deterministic constraint names, so that migrations name them the same on every backend.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -43,18 +45,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-BATCH_STATUSES = (
-    "validating",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "failed",
-    "cancelling",
-    "cancelled",
-    "expired",
-)
-TERMINAL_BATCH_STATUSES = ("completed", "failed", "cancelled", "expired")
-ITEM_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 
 # SQLite would accept a bare Integer; PostgreSQL needs BIGINT for millions of items per
 # day over years. On SQLite only "INTEGER PRIMARY KEY" is the auto-incrementing rowid.
@@ -121,7 +111,7 @@ class Batch(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_…
     owner: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="validating")
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING.value)
     endpoint: Mapped[str] = mapped_column(String(64), default="/v1/completions")  # or native
     input_file_id: Mapped[str | None] = mapped_column(String(64))
     output_file_id: Mapped[str | None] = mapped_column(String(64))
@@ -172,7 +162,7 @@ class Item(Base):
     prompt: Mapped[str] = mapped_column(Text)
     # Sampling parameters as given on the line (defaults are applied by the worker).
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The worker running the item (its claim, store/claims.py): set with status "running",
     # cleared when the claim is released. A claim by a worker whose heartbeat stopped is
@@ -223,7 +213,7 @@ class Worker(Base):
     model: Mapped[str] = mapped_column(String(512))
     devices: Mapped[list[Any]] = mapped_column(JSON, default=list)
     pipeline_parallel: Mapped[int] = mapped_column(Integer, default=1)
-    status: Mapped[str] = mapped_column(String(16), default="starting")  # …|running|stopped
+    status: Mapped[str] = mapped_column(String(16), default=WorkerStatus.STARTING.value)
     started_at: Mapped[float] = mapped_column(Float, default=now)
     last_seen: Mapped[float] = mapped_column(Float, default=now)
     tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)

@@ -14,6 +14,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.queries import iter_results
+from store.status import CUT_SHORT
 from store.tables import Batch, File, Item, Result, new_id, now
 
 
@@ -90,7 +91,7 @@ def ensure_result_files(*, session: Session, batch: Batch) -> Batch:
     """Give a cancelled or expired batch the virtual output/error files a completed one
     gets at finalization (OpenAI's cancelled batches have them too). Idempotent: the
     conditional UPDATE keeps the first id if two requests race."""
-    if batch.status not in ("cancelled", "expired"):
+    if batch.status not in CUT_SHORT:
         return batch
     wants = {"output": batch.request_completed > 0 and not batch.output_file_id,
              "error": not batch.error_file_id and (

@@ -17,9 +17,6 @@ from typing import Any
 
 log = logging.getLogger("neoxq.worker")
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                 "float": "float32"}
-
 
 @dataclass
 class WorkerOptions:
@@ -47,13 +44,14 @@ def _default_device() -> str:
 
 def run_worker(opts: WorkerOptions) -> int:
     """Build the engine, register the worker, consume until SIGTERM/SIGINT; exit code."""
-    import torch
     from celery import signals
 
     from core.celery_app import make_celery
     from core.settings import get_settings
+    from models.dtypes import parse_dtype
     from models.runtime import build_engine
     from store.db import make_engine
+    from worker.broker import TRANSPORT
     from worker.runtime import WorkerRuntime
     from worker.tasks import register_tasks
 
@@ -65,15 +63,15 @@ def run_worker(opts: WorkerOptions) -> int:
     }.items() if v}
     settings = get_settings().model_copy(update=overrides)
     device = opts.device or _default_device()
-    dtype = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise SystemExit(f"--dtype: one of float32, bfloat16, float16 expected, got {dtype!r}")
+    try:
+        dtype = parse_dtype(opts.dtype, device)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from None
 
     # The model is loaded once, before anything is consumed: a chunk never waits for it.
-    log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device, dtype,
-             opts.pipeline_parallel)
-    engine = build_engine(opts.model, device=device, dtype=getattr(torch, dtype),
+    log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device,
+             str(dtype).removeprefix("torch."), opts.pipeline_parallel)
+    engine = build_engine(opts.model, device=device, dtype=dtype,
                           pipeline_parallel=opts.pipeline_parallel, tokenizer=opts.tokenizer,
                           **opts.engine_kwargs)
     db = make_engine(settings.db_url)
@@ -90,8 +88,8 @@ def run_worker(opts: WorkerOptions) -> int:
 
     app = make_celery(settings)
     # Same Redis transport, but a garbage list entry is dropped instead of killing the
-    # worker (worker/transport.py). Producers keep the stock transport.
-    app.conf.broker_transport = "worker.transport:Transport"
+    # worker (worker/broker.py). Producers keep the stock transport.
+    app.conf.broker_transport = TRANSPORT
     register_tasks(app, runtime)
 
     @signals.worker_shutting_down.connect(weak=False)

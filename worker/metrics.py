@@ -23,6 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from store.records import ResultRow
+from store.status import ItemStatus
+
 log = logging.getLogger("neoxq.worker")
 
 # Seconds; an item waits from milliseconds (idle worker) to hours (a deep queue).
@@ -58,14 +61,14 @@ class WorkerMetrics:
         r.register(_RuntimeCollector(runtime))
         self.server: Any = None
 
-    def observe(self, rows: list[dict[str, Any]]) -> None:
+    def observe(self, rows: list[ResultRow]) -> None:
         """Count newly committed result rows (the writer's ``on_written``)."""
         for row in rows:
-            self.items.labels("failed" if row.get("error") else "completed").inc()
-            self.completion_tokens.inc(row.get("completion_tokens") or 0)
-            self.prompt_tokens.inc(row.get("prompt_tokens") or 0)
-            queued, started = row.get("queued_at"), row.get("started_at")
-            first, finished = row.get("first_token_at"), row.get("finished_at")
+            self.items.labels(ItemStatus.FAILED if row.failed else ItemStatus.COMPLETED).inc()
+            self.completion_tokens.inc(row.completion_tokens or 0)
+            self.prompt_tokens.inc(row.prompt_tokens or 0)
+            queued, started = row.queued_at, row.started_at
+            first, finished = row.first_token_at, row.finished_at
             if queued and started:
                 self.queue_wait.observe(max(0.0, started - queued))
             if started and first:
@@ -118,9 +121,9 @@ def start_metrics(runtime: Any, port: int) -> WorkerMetrics | None:
     if not port:
         return None
     metrics = WorkerMetrics(runtime)
-    previous: Callable[[list[dict[str, Any]]], None] | None = runtime.writer.on_written
+    previous: Callable[[list[ResultRow]], None] | None = runtime.writer.on_written
 
-    def on_written(rows: list[dict[str, Any]]) -> None:
+    def on_written(rows: list[ResultRow]) -> None:
         if previous is not None:
             previous(rows)
         try:

@@ -16,8 +16,6 @@ even when wrong: results are insert-if-absent.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -25,54 +23,14 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from core.celery_app import RUN_CHUNK
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from store.db import session_scope
+from store.status import UNFINISHED_ITEMS, BatchStatus
 from store.tables import Batch, Item, Result
+from worker.broker import Range, broker_chunks
 
 log = logging.getLogger("neoxq.worker")
-
-Range = tuple[int, int]
-
-
-def _chunk_of(message: dict[str, Any]) -> tuple[str, int, int] | None:
-    """The (batch, start, end) a raw kombu/Celery message carries, if it is a chunk."""
-    try:
-        if message.get("headers", {}).get("task") != RUN_CHUNK:
-            return None
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        _args, kwargs, _embed = json.loads(body)
-        c = kwargs["chunk"]
-        return str(c["batch_id"]), int(c["start"]), int(c["end"])
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-
-
-def covered_ranges(r: Any, settings: Settings) -> dict[str, list[Range]]:
-    """Chunk ranges per batch that the broker holds: queued or delivered-unacknowledged."""
-    prefix, q = settings.redis_key_prefix, settings.queue
-    raws: list[bytes] = []
-    for key in r.scan_iter(match=f"{prefix}{q}*", count=1000):  # the queue + priority lists
-        if r.type(key) == b"list":
-            raws.extend(r.lrange(key, 0, -1))
-    for _tag, raw in r.hscan_iter(f"{prefix}unacked", count=1000):
-        try:
-            raws.append(json.dumps(json.loads(raw)[0]).encode())
-        except (ValueError, IndexError, TypeError):
-            continue
-    out: dict[str, list[Range]] = {}
-    for raw in raws:
-        try:
-            chunk = _chunk_of(json.loads(raw))
-        except ValueError:
-            chunk = None
-        if chunk:
-            out.setdefault(chunk[0], []).append((chunk[1], chunk[2]))
-    return out
-
 
 def _runs(indexes: Iterable[int]) -> list[Range]:
     """Maximal runs of consecutive indexes as [start, end) ranges."""
@@ -102,12 +60,13 @@ def uncovered(db: Engine, covered: dict[str, list[Range]]) -> dict[str, list[Ran
     """Per in-progress batch, the item ranges that need running and no message covers."""
     out: dict[str, list[Range]] = {}
     with session_scope(db) as session:
-        batch_ids = list(session.scalars(select(Batch.id).where(Batch.status == "in_progress")))
+        batch_ids = list(session.scalars(
+            select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS)))
         for batch_id in batch_ids:
             done = select(Result.item_id).where(Result.batch_id == batch_id)
             indexes = session.scalars(
                 select(Item.index).where(Item.batch_id == batch_id,
-                                         Item.status.in_(("queued", "running")),
+                                         Item.status.in_(UNFINISHED_ITEMS),
                                          Item.id.not_in(done)).order_by(Item.index))
             missing = _outside(indexes, covered.get(batch_id, []))
             if missing:
@@ -118,11 +77,11 @@ def uncovered(db: Engine, covered: dict[str, list[Range]]) -> dict[str, list[Ran
 def reconcile(db: Engine, r: Any, settings: Settings,
               enqueue: Callable[[ChunkPayload], None], *, settle: float = 1.0) -> int:
     """One sweep; returns how many chunk messages were sent again."""
-    first = uncovered(db, covered_ranges(r, settings))
+    first = uncovered(db, broker_chunks(r, settings))
     if not first:
         return 0
     time.sleep(settle)
-    second = uncovered(db, covered_ranges(r, settings))
+    second = uncovered(db, broker_chunks(r, settings))
     sent = 0
     for batch_id, ranges in second.items():
         before = set(first.get(batch_id, []))

@@ -20,7 +20,6 @@ is what the Celery task calls from a pool thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -47,12 +46,16 @@ from store.queries import (
     finalize_if_done,
     finish_cancel,
     get_batch,
+    hand_back,
     heartbeat,
     insert_results,
     mark_running,
     register_worker,
 )
+from store.records import ResultRow
+from store.status import STOPPED, BatchStatus, WorkerStatus
 from store.tables import Batch, Item
+from worker import broker
 
 log = logging.getLogger("neoxq.worker")
 
@@ -60,10 +63,6 @@ log = logging.getLogger("neoxq.worker")
 WRITTEN = "written"  # its result row is committed (by us or, before, by someone else)
 ABORTED = "aborted"  # stopped in the engine (cancel, hand-back); nothing written
 TRANSIENT = "transient"  # the engine or the store failed; the chunk should be retried
-
-# Batches whose in-flight sequences must stop.
-STOP_STATUSES = ("cancelling", "cancelled", "failed", "expired")
-
 
 # Exit status of a worker whose engine died (EX_SOFTWARE): supervisors restart it.
 FATAL_EXIT_CODE = 70
@@ -108,15 +107,15 @@ class ResultWriter(threading.Thread):
     per sequence."""
 
     def __init__(self, db: SQLEngine, *, max_rows: int = 512, max_delay: float = 0.1,
-                 on_written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 on_written: Callable[[list[ResultRow]], None] | None = None) -> None:
         super().__init__(name="neoxq-writer", daemon=True)
         self.db = db
         self.max_rows, self.max_delay = max_rows, max_delay
         self.on_written = on_written
-        self.inbox: queue.Queue[tuple[dict[str, Any], list[Future]] | None] = queue.Queue()
+        self.inbox: queue.Queue[tuple[ResultRow, list[Future]] | None] = queue.Queue()
         self._stop_evt = threading.Event()
 
-    def put(self, row: dict[str, Any], futures: list[Future]) -> None:
+    def put(self, row: ResultRow, futures: list[Future]) -> None:
         self.inbox.put((row, futures))
 
     def stop(self) -> None:
@@ -143,10 +142,10 @@ class ResultWriter(threading.Thread):
                 batch.append(nxt)
             self._write(batch)
 
-    def _write(self, batch: list[tuple[dict[str, Any], list[Future]]]) -> None:
-        rows: dict[int, dict[str, Any]] = {}
+    def _write(self, batch: list[tuple[ResultRow, list[Future]]]) -> None:
+        rows: dict[int, ResultRow] = {}
         for row, _ in batch:
-            rows.setdefault(row["item_id"], row)  # one row per item in one statement
+            rows.setdefault(row.item_id, row)  # one row per item in one statement
         delay = 0.2
         while True:
             try:
@@ -173,18 +172,18 @@ class ResultWriter(threading.Thread):
                 delay = min(delay * 2, 5.0)
         if self.on_written:
             new = set(inserted)
-            self.on_written([r for r in rows.values() if r["item_id"] in new])
+            self.on_written([r for r in rows.values() if r.item_id in new])
         for _, futs in batch:
             _resolve(futs, WRITTEN)
 
-    def _write_each(self, rows: list[dict[str, Any]]) -> list[int]:
+    def _write_each(self, rows: list[ResultRow]) -> list[int]:
         inserted: list[int] = []
         for row in rows:
             try:
                 with session_scope(self.db) as session:
                     inserted += insert_results(session=session, rows=[row])
             except IntegrityError as exc:
-                log.error("result of item %s dropped: %s", row["item_id"], exc.orig)
+                log.error("result of item %s dropped: %s", row.item_id, exc.orig)
         return inserted
 
 
@@ -366,20 +365,13 @@ class EngineLoop(threading.Thread):
             log.exception("engine did not recover after a failed step")
 
 
-def _row(p: _Pending, worker_id: str, **values: Any) -> dict[str, Any]:
-    """A full result row (every column present: one executemany needs one shape)."""
-    row: dict[str, Any] = {
-        "item_id": p.item_id, "batch_id": p.batch_id, "index": p.index, "choices": [],
-        "text": None, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0,
-        "logprobs": None, "error": None, "queued_at": p.queued_at, "started_at": None,
-        "first_token_at": None, "finished_at": None, "tokens_per_s": None,
-        "worker_id": worker_id, "attempt": p.attempt,
-    }
-    row.update(values)
-    return row
+def _row(p: _Pending, worker_id: str, **values: Any) -> ResultRow:
+    """The result row of ``p`` (an error, unless ``values`` say otherwise)."""
+    return ResultRow(item_id=p.item_id, batch_id=p.batch_id, index=p.index,
+                     queued_at=p.queued_at, worker_id=worker_id, attempt=p.attempt, **values)
 
 
-def _output_row(p: _Pending, out: Any, worker_id: str) -> dict[str, Any]:
+def _output_row(p: _Pending, out: Any, worker_id: str) -> ResultRow:
     t = out.timings
     choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
                 "logprobs": s.logprobs} for s in out.samples]
@@ -414,7 +406,10 @@ class Control(threading.Thread):
         s = self.rt.settings
         next_beat = next_touch = 0.0
         next_sweep = time.monotonic() + s.reconcile_interval
-        touch_every = max(1.0, s.visibility_timeout / 4)
+        # Held messages are refreshed at the heartbeat's pace: their index time is this
+        # worker's heartbeat as the broker sees it (worker/broker.py), and a message not
+        # refreshed for `dead_worker_after` is taken for a dead worker's.
+        touch_every = min(s.heartbeat_interval, s.dead_worker_after / 3)
         while not self._stop_evt.wait(s.cancel_poll_interval):
             now = time.monotonic()
             try:
@@ -431,8 +426,9 @@ class Control(threading.Thread):
                 next_touch = now + touch_every
                 try:
                     self.rt.touch_messages()
+                    self.rt.restore_dead_workers_chunks()
                 except Exception as exc:  # noqa: BLE001
-                    log.warning("refreshing message visibility failed: %s", exc)
+                    log.warning("refreshing or restoring messages failed: %s", exc)
             if now >= next_sweep:
                 next_sweep = now + s.reconcile_interval
                 try:
@@ -480,7 +476,7 @@ class WorkerRuntime:
         self.writer.start()
         self.loop.start()
         self.control.start()
-        self.beat("running")
+        self.beat(WorkerStatus.RUNNING)
 
     def begin_drain(self) -> None:
         """SIGTERM: take no new chunks; in-flight ones get ``shutdown_grace`` seconds."""
@@ -500,7 +496,7 @@ class WorkerRuntime:
         self.writer.stop()
         self.writer.join(timeout=30)
         try:
-            self.beat("stopped")
+            self.beat(WorkerStatus.STOPPED)
         except Exception as exc:  # noqa: BLE001
             log.warning("final heartbeat failed: %s", exc)
 
@@ -510,6 +506,19 @@ class WorkerRuntime:
         """Run items ``[start, end)`` of a batch that have no result yet; return when each
         has a committed result (or was cancelled). Raises :class:`HandBack` when the worker
         is shutting down and :class:`Retry` after a transient failure."""
+        if task_id:
+            # Held from the first moment: the chunk's message is refreshed at every
+            # heartbeat while this runs, even while its first query waits on a lock.
+            with self._held_lock:
+                self._held_tasks.add(task_id)
+        try:
+            return self._run_chunk(payload)
+        finally:
+            if task_id:
+                with self._held_lock:
+                    self._held_tasks.discard(task_id)
+
+    def _run_chunk(self, payload: ChunkPayload) -> str:
         if self.draining_since is not None:
             raise HandBack()
         s = self.settings
@@ -518,7 +527,7 @@ class WorkerRuntime:
             if batch is None:
                 log.warning("chunk for unknown batch %s dropped", payload.batch_id)
                 return "unknown batch"
-            if batch.status != "in_progress":
+            if batch.status != BatchStatus.IN_PROGRESS:
                 # Cancelled, failed, expired or done: nothing to run. (A cancelling batch
                 # is finished by the control thread.)
                 return f"batch {batch.status}"
@@ -532,15 +541,13 @@ class WorkerRuntime:
             self._fail_items(exhausted, "max_attempts",
                              f"gave up after {s.max_attempts} attempts")
         pending = [self._pending(it, defaults) for it in runnable]
-        if task_id:
-            with self._held_lock:
-                self._held_tasks.add(task_id)
         try:
             outcomes = self._wait(pending)
-        finally:
-            if task_id:
-                with self._held_lock:
-                    self._held_tasks.discard(task_id)
+        except HandBack:
+            # Shutting down is not the items' fault: take back the attempt counted above.
+            with session_scope(self.db) as session:
+                hand_back(session=session, item_ids=[it.id for it in runnable])
+            raise
         if TRANSIENT in outcomes:
             raise Retry()
         with session_scope(self.db) as session:
@@ -594,7 +601,7 @@ class WorkerRuntime:
             stop = []
             if active:
                 stop = list(session.scalars(select(Batch.id).where(
-                    Batch.id.in_(active), Batch.status.in_(STOP_STATUSES))))
+                    Batch.id.in_(active), Batch.status.in_(STOPPED))))
             cancelling = cancelling_batch_ids(session=session)
         if stop:
             log.info("aborting sequences of batches %s", stop)
@@ -624,16 +631,16 @@ class WorkerRuntime:
                 self._rate_t, self._rate_tokens = now, 0
             values = (self.tokens_per_s, self.items_done, self.tokens_done)
         if status is None:
-            status = "draining" if self.draining_since is not None else (
-                "busy" if self.loop.active_batches() else "idle")
+            status = WorkerStatus.DRAINING if self.draining_since is not None else (
+                WorkerStatus.BUSY if self.loop.active_batches() else WorkerStatus.IDLE)
         with session_scope(self.db) as session:
             heartbeat(session=session, worker_id=self.worker_id, status=status,
                       tokens_per_s=values[0], items_done=values[1], tokens_done=values[2])
 
-    def _count(self, rows: list[dict[str, Any]]) -> None:
+    def _count(self, rows: list[ResultRow]) -> None:
         with self._stats_lock:
             self.items_done += len(rows)
-            tokens = sum(r["completion_tokens"] for r in rows)
+            tokens = sum(r.completion_tokens for r in rows)
             self.tokens_done += tokens
             self._rate_tokens += tokens
 
@@ -657,24 +664,16 @@ class WorkerRuntime:
                                 lambda p: enqueue_chunk(p, app=app, queue=q))
 
     def touch_messages(self) -> None:
-        """Refresh the unacked-index timestamps of the chunk messages this worker runs.
-
-        Redis's transport restores a delivered message once its timestamp in the
-        ``unacked_index`` sorted set is older than the visibility timeout; bumping it for
-        the messages we hold means a long chunk on a live worker is never delivered twice,
-        while a killed worker's messages (no longer bumped) come back after one timeout.
-        """
+        """Refresh the broker's index time of the chunk messages this worker runs (its
+        heartbeat as the broker sees it; worker/broker.py): a long chunk on a live worker
+        is never delivered twice, while a dead worker's stop being refreshed."""
         with self._held_lock:
             held = set(self._held_tasks)
-        if not held:
-            return
-        prefix = self.settings.redis_key_prefix
-        r = self.redis
-        now = time.time()
-        for tag, raw in r.hscan_iter(f"{prefix}unacked", count=500):
-            try:
-                task_id = json.loads(raw)[0]["headers"]["id"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-            if task_id in held:
-                r.zadd(f"{prefix}unacked_index", {tag: now}, xx=True)
+        broker.touch(self.redis, self.settings, held)
+
+    def restore_dead_workers_chunks(self) -> int:
+        """Put back on the queue the chunk messages of workers that stopped heartbeating
+        ``dead_worker_after`` seconds ago (any live worker does it; kombu's mutex makes
+        it one at a time)."""
+        return broker.restore_orphans(self.redis, self.settings,
+                                      self.settings.dead_worker_after)

@@ -137,6 +137,7 @@ def write_results(db: Engine, batch_id: str, *, fail: set[int] = frozenset(),
     from sqlalchemy import select
 
     from store.queries import finalize_if_done, insert_results
+    from store.records import ResultRow
     from store.tables import Item, now
 
     with session_scope(db) as s:
@@ -148,20 +149,19 @@ def write_results(db: Engine, batch_id: str, *, fail: set[int] = frozenset(),
         rows = []
         for it in items:
             bad = it.index in fail
-            rows.append({
-                "item_id": it.id, "batch_id": batch_id, "index": it.index,
-                "choices": [] if bad else [{"index": 0, "text": f" out {it.index}",
-                                            "finish_reason": "length", "logprobs": None}],
-                "text": None if bad else f" out {it.index}",
-                "finish_reason": None if bad else "length",
-                "prompt_tokens": 0 if bad else 3, "completion_tokens": 0 if bad else 5,
-                "logprobs": None,
-                "error": {"code": "context_length_exceeded",
-                          "message": "max_tokens: prompt + max_tokens exceed 2048",
-                          "param": "max_tokens"} if bad else None,
-                "queued_at": it.queued_at, "started_at": t, "first_token_at": t,
-                "finished_at": t, "tokens_per_s": None if bad else 50.0,
-                "worker_id": "test", "attempt": 1})
+            rows.append(ResultRow(
+                item_id=it.id, batch_id=batch_id, index=it.index,
+                choices=[] if bad else [{"index": 0, "text": f" out {it.index}",
+                                         "finish_reason": "length", "logprobs": None}],
+                text=None if bad else f" out {it.index}",
+                finish_reason=None if bad else "length",
+                prompt_tokens=0 if bad else 3, completion_tokens=0 if bad else 5,
+                error={"code": "context_length_exceeded",
+                       "message": "max_tokens: prompt + max_tokens exceed 2048",
+                       "param": "max_tokens"} if bad else None,
+                queued_at=it.queued_at, started_at=t, first_token_at=t,
+                finished_at=t, tokens_per_s=None if bad else 50.0,
+                worker_id="test", attempt=1))
         n = len(insert_results(session=s, rows=rows))
         finalize_if_done(session=s, batch_id=batch_id)
     return n

@@ -23,6 +23,7 @@ from store.queries import (
     request_cancel,
     set_batch_status,
 )
+from store.records import ResultRow
 from store.tables import Batch, File, Item, Result
 
 
@@ -119,7 +120,7 @@ def test_bad_defaults_raise(db: Engine) -> None:
                      defaults={"temperature": -2}, settings=settings())
 
 
-def _result(item: Item, **kw) -> dict:
+def _result(item: Item, **kw) -> ResultRow:
     row = {"item_id": item.id, "batch_id": item.batch_id, "index": item.index,
            "choices": [{"index": 0, "text": "t", "finish_reason": "length", "logprobs": None}],
            "text": "t", "finish_reason": "length", "prompt_tokens": 2, "completion_tokens": 3,
@@ -127,7 +128,7 @@ def _result(item: Item, **kw) -> dict:
            "first_token_at": 2.5, "finished_at": 3.0, "tokens_per_s": 3.0,
            "worker_id": "w", "attempt": 1}
     row.update(kw)
-    return row
+    return ResultRow(**row)
 
 
 def test_results_are_written_and_counted_once_and_finalize_once(db: Engine) -> None:

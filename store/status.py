@@ -1,0 +1,69 @@
+"""Batch and item status names, and the groups of them that code branches on.
+
+The one place these are spelled: the store writes them, the worker obeys them, the API
+renders them (they are OpenAI's Batch status names) and the CLI polls for them. Members
+are ``StrEnum``s, so they compare equal to the plain strings stored in the tables and
+sent over HTTP.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    """A batch's life: ``validating -> in_progress -> finalizing -> completed | failed``,
+    with ``cancelling -> cancelled`` and ``expired`` on the side (OpenAI's names)."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class ItemStatus(StrEnum):
+    """One request's life inside a batch."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WorkerStatus(StrEnum):
+    """What a worker's heartbeat says it is doing (``stopped``: it shut down cleanly)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+B = BatchStatus
+# Final: nothing about the batch changes any more (clients stop polling here).
+TERMINAL = frozenset({B.COMPLETED, B.FAILED, B.CANCELLED, B.EXPIRED})
+# Not final yet: counted as active work in listings, metrics and progress figures.
+ACTIVE = frozenset(BatchStatus) - TERMINAL
+# A user may still cancel these (later ones are finishing or finished).
+CANCELLABLE = frozenset({B.VALIDATING, B.IN_PROGRESS})
+# Past its ``expires_at`` these are expired (nothing has finished them).
+EXPIRABLE = frozenset({B.VALIDATING, B.IN_PROGRESS})
+# Workers abort in-flight sequences of these batches and run no more of their chunks.
+STOPPED = frozenset({B.CANCELLING, B.CANCELLED, B.FAILED, B.EXPIRED})
+# Ended before every item ran: their unrun items are reported as errors.
+CUT_SHORT = frozenset({B.CANCELLED, B.EXPIRED})
+
+# Items that still need a worker (no result yet, not cancelled).
+UNFINISHED_ITEMS = frozenset({ItemStatus.QUEUED, ItemStatus.RUNNING})
+
+
+def is_terminal(status: str) -> bool:
+    """Whether a batch status is final."""
+    return status in TERMINAL
