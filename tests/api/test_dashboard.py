@@ -58,7 +58,9 @@ def test_overview_and_detail(api_factory: Callable[..., Api]) -> None:
     assert len(t["queue_wait_s"]["edges"]) == 5
     assert t["queue_wait_s"]["min"] >= 0
 
-    # another key's caller sees none of it
+    # another key's caller sees none of it (the first key adopts what was made without
+    # keys; a second one is "another key")
+    api.key("first")
     key = api.key()
     auth = {"Authorization": f"Bearer {key}"}
     assert api.client.get(f"/dashboard/api/batches/{batch['id']}", headers=auth).status_code \
