@@ -306,6 +306,8 @@ class Trainer:
         """The DeepSpeed config this run passes to ``deepspeed.initialize``."""
         cfg = self.cfg
         zero: dict[str, Any] = {"stage": cfg.stage}
+        if cfg.stage >= 2 and self.device.type == "cuda":
+            zero["overlap_comm"] = True  # reduce-scatter gradients during the backward pass
         if cfg.offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         return {
