@@ -101,47 +101,42 @@ def _trainer(cfg_kw: dict[str, Any]) -> Any:
 
 
 def part_lora20b(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
+    """One LoRA configuration (``--lora-checkpointing 0|1``), in a process of its own."""
     import torch
 
     from train.finetune import single_process_env
 
     smoke = args.smoke
+    ckpt = bool(args.lora_checkpointing)
     model = "preset:tiny" if smoke else "preset:gpt-neox-20b"
     seq = 128 if smoke else 2048
-    results: dict[str, Any] = {"model": model, "seq_len": seq, "dtype": "bfloat16",
-                               "runs": {}}
-    if not smoke:
-        results["gemm_flops_per_s"] = _gemm_rate(torch.device("cuda"))
-    with single_process_env():
-        for ckpt in (False, True):
-            t0 = time.perf_counter()
+    gemm = None if smoke else _gemm_rate(torch.device("cuda"))
+    t0 = time.perf_counter()
+    try:
+        with single_process_env():
             trainer = _trainer(dict(
-                model=model, train=str(data), out=str(work / f"lora_{ckpt}"), method="lora",
-                max_length=seq, batch_size=str(args.lora_batch), micro_batch_size=args.lora_micro,
-                max_steps=1000, learning_rate=1e-4, activation_checkpointing=ckpt,
-                save_model=False,
-                quiet=True, device="cpu" if smoke else "cuda",
-                tokenizer=None if smoke else args.tokenizer,
+                model=model, train=str(data), out=str(work / f"lora_{int(ckpt)}"),
+                method="lora", max_length=seq, batch_size=str(args.lora_batch),
+                micro_batch_size=args.lora_micro, max_steps=1000, learning_rate=1e-4,
+                activation_checkpointing=ckpt, save_model=False, quiet=True,
+                device="cpu" if smoke else "cuda", tokenizer=args.tokenizer,
                 dtype="float32" if smoke else "bfloat16"))
             setup_s = time.perf_counter() - t0
             r = _timed(trainer, args.warmup, args.lora_steps)
-            r.update(setup_s=setup_s, activation_checkpointing=ckpt,
-                     micro_batch=trainer.micro, gradient_accumulation=trainer.accum,
-                     trainable_parameters=trainer.trainable,
-                     lora={"rank": trainer.cfg.lora_rank, "alpha": trainer.cfg.lora_alpha,
-                           "dropout": trainer.cfg.lora_dropout,
-                           "targets": trainer.cfg.lora_targets})
-            if "gemm_flops_per_s" in results:
-                r["mfu_vs_measured_gemm"] = (r["model_tflops_per_gpu"] * 1e12
-                                             / results["gemm_flops_per_s"])
-                r["mfu_vs_989_tflops"] = r["model_tflops_per_gpu"] / 989.4
-            results["runs"]["checkpointing" if ckpt else "no_checkpointing"] = r
-            print(f"lora20b ckpt={ckpt}: {r['tokens_per_s']:.0f} tok/s, "
-                  f"{r['model_tflops_per_gpu']:.1f} TFLOP/s", file=sys.stderr, flush=True)
-            del trainer
-            if not smoke:
-                torch.cuda.empty_cache()
-    return results
+    except torch.OutOfMemoryError as exc:
+        return {"activation_checkpointing": ckpt, "error": f"out of memory: {exc}"[:300]}
+    r.update(model=model, seq_len=seq, dtype="bfloat16", setup_s=setup_s,
+             activation_checkpointing=ckpt, micro_batch=trainer.micro,
+             gradient_accumulation=trainer.accum, trainable_parameters=trainer.trainable,
+             lora={"rank": trainer.cfg.lora_rank, "alpha": trainer.cfg.lora_alpha,
+                   "dropout": trainer.cfg.lora_dropout, "targets": trainer.cfg.lora_targets})
+    if gemm:
+        r["gemm_flops_per_s"] = gemm
+        r["mfu_vs_measured_gemm"] = r["model_tflops_per_gpu"] * 1e12 / gemm
+        r["mfu_vs_989_tflops"] = r["model_tflops_per_gpu"] / 989.4
+    print(f"lora20b ckpt={ckpt}: {r['tokens_per_s']:.0f} tok/s, "
+          f"{r['model_tflops_per_gpu']:.1f} TFLOP/s", file=sys.stderr, flush=True)
+    return r
 
 
 def part_zero(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any] | None:
@@ -251,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-steps", type=int, default=6)
     p.add_argument("--lora-batch", type=int, default=4)
     p.add_argument("--lora-micro", type=int, default=2)
+    p.add_argument("--lora-checkpointing", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--zero-steps", type=int, default=8)
     p.add_argument("--zero-batch", type=int, default=16)
     p.add_argument("--zero-micro", type=int, default=4)
@@ -282,27 +278,44 @@ def main(argv: list[str] | None = None) -> int:
     child = [sys.executable, "-m", "bench.finetune", "--work", str(work)] + [
         a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--parts")]
 
-    def start(part: str, gpu: str | None, ranks: int = 1) -> subprocess.Popen:
+    def start(part: str, gpu: str | None, ranks: int = 1, name: str | None = None,
+              extra: tuple[str, ...] = ()) -> subprocess.Popen:
         e = dict(env)
         if gpu is not None and not args.smoke:
             e["CUDA_VISIBLE_DEVICES"] = gpu
-        cmd = child + ["--part", part, "--json", str(work / f"{part}.json")]
+        cmd = child + ["--part", part, "--json", str(work / f"{name or part}.json"), *extra]
         if ranks > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={ranks}", *cmd[1:]]
-        print(f"== {part}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        print(f"== {name or part}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         return subprocess.Popen(cmd, cwd=ROOT, env=e)
 
     t0 = time.perf_counter()
+    rcs: dict[str, int] = {}
+
+    def lora_both() -> None:  # two configurations one after the other on GPU 0
+        for ck in ("1", "0"):
+            key = f"lora20b_ckpt{ck}"
+            rcs[key] = start("lora20b", "0", name=key,
+                             extra=("--lora-checkpointing", ck)).wait()
+
     # lora20b and scratch need one GPU each: side by side; zero then takes both.
-    procs = {}
+    scratch = start("scratch", "1") if "scratch" in parts else None
     if "lora20b" in parts:
-        procs["lora20b"] = start("lora20b", "0")
-    if "scratch" in parts:
-        procs["scratch"] = start("scratch", "1")
-    rcs = {k: p.wait() for k, p in procs.items()}
+        lora_both()
+    if scratch is not None:
+        rcs["scratch"] = scratch.wait()
+    _write_result(args, work, parts, rcs, t0)
     if "zero" in parts:
         rcs["zero"] = start("zero", None, ranks=2).wait()
+    result = _write_result(args, work, parts, rcs, t0)
+    print(json.dumps({k: v for k, v in result.items() if k not in PARTS}, indent=1))
+    return 0 if all(rc == 0 for rc in rcs.values()) else 1
+
+
+def _write_result(args: argparse.Namespace, work: Path, parts: list[str], rcs: dict[str, int],
+                  t0: float) -> dict[str, Any]:
+    """The result file, rewritten after each phase (a run cut short keeps what it did)."""
     result: dict[str, Any] = {
         "benchmark": "bench/finetune.py", "commit": git_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -321,13 +334,20 @@ def main(argv: list[str] | None = None) -> int:
                       else "cpu", gpus=torch.cuda.device_count())
     except ImportError:
         pass
+
+    def read(name: str) -> Any:
+        f = work / f"{name}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
     for part in parts:
-        f = work / f"{part}.json"
-        result[part] = json.loads(f.read_text()) if f.exists() else None
+        if part == "lora20b":
+            result[part] = {"checkpointing": read("lora20b_ckpt1"),
+                            "no_checkpointing": read("lora20b_ckpt0")}
+        else:
+            result[part] = read(part)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in PARTS}, indent=1))
-    return 0 if all(rc == 0 for rc in rcs.values()) else 1
+    return result
 
 
 if __name__ == "__main__":
