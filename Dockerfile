@@ -33,12 +33,11 @@ FROM ${PYTHON_IMAGE} AS api
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NEOXQ_DATA_DIR=/data
 WORKDIR /app
-# Dependencies first (cached layer), then the code. --no-deps on neoxq itself: its
-# declared dependencies include torch, which this image deliberately lacks.
-RUN pip install "pydantic>=2.5" "pydantic-settings>=2.1" "celery[redis]>=5.3" "redis>=5" \
-        "sqlalchemy>=2.0" "alembic>=1.12" "psycopg2-binary>=2.9" "fastapi>=0.110" \
-        "uvicorn>=0.27" "python-multipart>=0.0.9" "httpx>=0.26" "jsonlines>=4" \
-        "prometheus-client>=0.19" "tqdm" "pyyaml"
+# Dependencies first (cached layer), then the code. They are the light install's, read from
+# pyproject.toml (one list): the API, store, migrations and client, no torch.
+COPY --from=src /app/pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))\
+['project']['dependencies']))" > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
 COPY --from=src /app ./
 RUN pip install --no-deps . && useradd --create-home --uid 1000 neoxq \
     && mkdir -p /data && chown neoxq /data
@@ -54,8 +53,9 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NEOXQ_DATA_DIR=/data
 WORKDIR /app
 COPY --from=src /app ./
-# The image's torch satisfies neoxq's range, so pip keeps it and adds only the rest.
-RUN pip install . && python -c "import torch, models, worker; print(torch.__version__)"
+# The image's torch satisfies neoxq's range, so pip keeps it and adds only the rest of the
+# worker install.
+RUN pip install ".[worker]" && python -c "import torch, models, worker; print(torch.__version__)"
 # Prometheus metrics of the worker (NEOXQ_WORKER_METRICS_PORT).
 EXPOSE 9100
 CMD ["neoxq", "worker", "--model", "/checkpoints"]
