@@ -43,8 +43,9 @@ RUN pip install --no-deps . && useradd --create-home --uid 1000 neoxq \
     && mkdir -p /data && chown neoxq /data
 USER neoxq
 EXPOSE 8000
-# Loopback only until an API key exists (`neoxq keys create NAME`): the server refuses to
-# serve other hosts without authentication.
+# Bound on every interface, but until an API key exists only loopback clients (inside the
+# container) are answered; `docker compose exec api neoxq keys create admin` opens it to
+# other hosts, with keys, without a restart.
 CMD ["neoxq", "api", "--host", "0.0.0.0", "--port", "8000", "--no-upgrade"]
 
 # ---------------------------------------------------------------------------- worker

@@ -1,13 +1,15 @@
 """Who is asking: bearer API keys, and the database session as dependencies.
 
 Every batch and file belongs to an owner: the id of the key that created it, or
-``local`` while no key exists. Without keys the server serves loopback clients only
-(``neoxq api`` also binds loopback then); once a key has been created every request needs
-a live one, and an object of another key answers 404, as a missing one does.
+``local`` while no key exists. Without keys the server serves loopback clients only,
+whatever address it binds; once a key has been created (by any process: it is looked up
+per request until one exists) every request needs a live one, and an object of another
+key answers 404, as a missing one does.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -20,7 +22,17 @@ from core.settings import Settings
 from store.db import make_sessionmaker
 from store.keys import LOCAL_OWNER, keys_exist, verify_key
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+def is_loopback(host: str) -> bool:
+    """Whether a client address is this machine (127.0.0.0/8, ::1, IPv4-mapped forms)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -61,10 +73,11 @@ def _owner(request: Request, session: Session) -> str:
     scheme, _, token = header.partition(" ")
     if not _keys_required(request, session):
         host = request.client.host if request.client else ""
-        if host not in LOOPBACK:
-            raise ApiError(401, "No API keys exist; this server only answers loopback "
-                                "clients. Create a key with `neoxq keys create NAME`.",
-                           code="invalid_api_key")
+        if not is_loopback(host):
+            raise ApiError(401, "No API keys exist; this server only answers loopback clients (its "
+                                "own machine) until one does. Create a key with `neoxq keys "
+                                "create NAME` (no restart needed) and send it as "
+                                "'Authorization: Bearer <key>'.", code="invalid_api_key")
         return LOCAL_OWNER
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.",

@@ -1,7 +1,10 @@
 """``neoxq api`` (the HTTP server) and ``neoxq keys create|list|revoke``.
 
-Without any API key the server listens on loopback only, and says so when it starts;
-create a key to serve other hosts (every request then needs one).
+The server binds what ``--host`` says. While no API key exists it answers only clients on
+this machine (loopback) and refuses others with a message naming ``neoxq keys create``; the
+moment a key is created — by another process, e.g. ``docker compose exec api neoxq keys
+create admin`` — every client is served with a key, no restart needed (the check is per
+request: :mod:`api.auth`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ def add_parser(sub: Any) -> None:
     """Register ``api`` and ``keys`` on the root parser's subparsers."""
     p = sub.add_parser(
         "api", help="run the HTTP API (native and OpenAI-compatible batches)",
-        description="Serve the HTTP API with uvicorn. Without API keys it binds loopback "
-                    "only; create one with `neoxq keys create NAME` to serve other hosts.")
+        description="Serve the HTTP API with uvicorn. Until an API key exists it answers "
+                    "only loopback clients; `neoxq keys create NAME` (any time, no restart) "
+                    "opens it to other hosts, with keys.")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (non-loopback needs at least one API key)")
+                   help="address to bind (other hosts are served once an API key exists)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--database-url", default=None, help="overrides NEOXQ_DATABASE_URL")
     p.add_argument("--redis-url", default=None, help="overrides NEOXQ_REDIS_URL")
@@ -81,9 +85,9 @@ def _cmd_api(args: argparse.Namespace) -> int:
     host = args.host
     if not have_keys:
         if host not in LOOPBACK_HOSTS:
-            print(f"neoxq api: no API keys exist, so listening on 127.0.0.1 only "
-                  f"(not {host}); create one with `neoxq keys create NAME`", file=sys.stderr)
-            host = "127.0.0.1"
+            print(f"neoxq api: no API keys exist: answering loopback clients only, without "
+                  f"authentication; other hosts reaching {host} are refused until a key is "
+                  "created with `neoxq keys create NAME` (no restart needed)", file=sys.stderr)
         else:
             print(f"neoxq api: no API keys exist: listening on {host} (loopback) only, "
                   "without authentication", file=sys.stderr)
