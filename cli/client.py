@@ -36,10 +36,10 @@ def add_parser(sub: Any) -> None:
                         help=f"API server (default $NEOXQ_API_URL or {DEFAULT_URL})")
     common.add_argument("--api-key", default=None, help="bearer key (default $NEOXQ_API_KEY)")
 
-    p = sub.add_parser("submit", parents=[common], help="submit a JSONL file as a batch",
-                       description="Upload a JSONL file (native or OpenAI Batch lines) and "
-                                   "print the batch id; with --wait, show progress and "
-                                   "write the results.")
+    p = sub.add_parser("submit", parents=[common], help="submit a file of prompts as a batch",
+                       description="Upload a JSONL file (native or OpenAI Batch lines) or "
+                                   "plain text (one prompt per line) and print the batch id; "
+                                   "with --wait, show progress and write the results.")
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="wait, with a progress bar, and "
                                                        "write the results (-o or stdout)")
@@ -53,7 +53,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-n", "--n", type=int, help="samples per prompt")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", default=None)
-    p.add_argument("--format", choices=("auto", "native", "openai"), default="auto")
+    p.add_argument("--format", choices=("auto", "native", "openai", "text"), default="auto",
+                   help="auto: .jsonl/.json/.ndjson files and files whose first line is a "
+                        "JSON object are JSONL (native or OpenAI, by their lines), anything "
+                        "else plain text with one prompt per line")
+    p.add_argument("--include-prompt", action="store_true",
+                   help="with --wait: each result also carries its prompt (from FILE)")
     p.add_argument("--on-invalid", choices=("refuse", "record"), default="refuse",
                    help="refuse: one bad line refuses the file; record: bad lines become "
                         "item errors and the rest runs")
@@ -95,17 +100,25 @@ def add_parser(sub: Any) -> None:
 # ---------------------------------------------------------------------------- plumbing
 
 
-def _client(args: argparse.Namespace) -> Any:
+def connect(url: str | None = None, api_key: str | None = None) -> Any:
+    """An ``httpx.Client`` for the API at ``url`` (default ``$NEOXQ_API_URL``) with
+    ``api_key`` (default ``$NEOXQ_API_KEY``)."""
     import httpx
 
-    url = args.url or os.environ.get("NEOXQ_API_URL") or DEFAULT_URL
-    key = args.api_key or os.environ.get("NEOXQ_API_KEY")
+    url = url or os.environ.get("NEOXQ_API_URL") or DEFAULT_URL
+    key = api_key or os.environ.get("NEOXQ_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers,
                         timeout=httpx.Timeout(30.0, read=600.0))
 
 
-def _check(resp: Any) -> Any:
+def _client(args: argparse.Namespace) -> Any:
+    return connect(args.url, args.api_key)
+
+
+def check(resp: Any) -> Any:
+    """``resp`` if it succeeded, else :class:`ClientError` with the API's error message
+    (and the first bad lines of a refused file)."""
     if resp.status_code < 400:
         return resp
     try:
@@ -144,20 +157,108 @@ def _file_chunks(f: IO[bytes], block: int = 1 << 20) -> Iterator[bytes]:
         yield chunk
 
 
-def _download(client: Any, path: str, output: Path | None) -> int:
+def download(client: Any, path: str, output: Path | None, *,
+             prompts_from: Path | None = None) -> int:
+    """Stream a JSONL route (results, errors) to ``output`` (stdout if None); returns the
+    lines written. ``prompts_from``: the input file, whose prompt each result gains as
+    ``prompt`` (joined on ``line``, which names the input file's line)."""
     n = 0
     with client.stream("GET", path) as resp:
-        _check(resp)
+        check(resp)
         out = output.open("wb") if output else sys.stdout.buffer
         try:
-            for chunk in resp.iter_bytes():
-                n += chunk.count(b"\n")
-                out.write(chunk)
+            if prompts_from is None:
+                for chunk in resp.iter_bytes():
+                    n += chunk.count(b"\n")
+                    out.write(chunk)
+            else:
+                prompts = _InputPrompts(prompts_from)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        out.write(_with_prompt(json.loads(line), prompts).encode() + b"\n")
+                        n += 1
             out.flush()
         finally:
             if output:
                 out.close()
     return n
+
+
+class _InputPrompts:
+    """The prompt of line N of an input file, reading the file forward only: results come
+    in input order, so the join holds one line in memory, whatever the file's size."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open(encoding="utf-8")
+        self._lineno = 0
+        self._prompt: Any = None
+
+    def at(self, lineno: int) -> Any:
+        while self._lineno < lineno:
+            raw = self._file.readline()
+            if not raw:
+                return None
+            self._lineno += 1
+            self._prompt = prompt_of(raw)
+        return self._prompt if self._lineno == lineno else None
+
+
+def prompt_of(raw: str) -> Any:
+    """The prompt of one input line: a native ``{"prompt"}`` line, an OpenAI Batch line's
+    ``body.prompt``, or the line itself in a plain-text file."""
+    text = raw.rstrip("\r\n")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(obj, dict):
+        return text
+    if isinstance(obj.get("body"), dict):
+        return obj["body"].get("prompt")
+    return obj.get("prompt")
+
+
+def _with_prompt(row: dict[str, Any], prompts: _InputPrompts) -> str:
+    line = row.get("line")
+    prompt = prompts.at(line) if isinstance(line, int) else None
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "line":  # beside the line it came from
+            out["prompt"] = prompt
+    out.setdefault("prompt", prompt)
+    return json.dumps(out, ensure_ascii=False)
+
+
+# Suffixes that always mean JSONL: such a file is never reread as plain text, so a broken
+# first line is reported as such instead of becoming a prompt.
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def is_plain_text(path: Path) -> bool:
+    """Whether FILE is plain text, one prompt per line, rather than JSONL: its name does
+    not end in .jsonl/.json/.ndjson and its first non-blank line is not a JSON object."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return False
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return not isinstance(json.loads(line), dict)
+                except ValueError:
+                    return True
+    return False
+
+
+def text_to_jsonl(path: Path, dst: Path) -> Path:
+    """Plain text (one prompt per line) as native JSONL at ``dst``. Blank lines stay blank
+    lines (not requests), so every result's ``line`` is still the input file's line."""
+    with path.open(encoding="utf-8") as src, dst.open("w", encoding="utf-8") as out:
+        for line in src:
+            text = line.rstrip("\r\n")
+            out.write(json.dumps({"prompt": text}, ensure_ascii=False) + "\n"
+                      if text.strip() else "\n")
+    return dst
 
 
 def _eta(seconds: float | None) -> str:
@@ -184,47 +285,78 @@ def _summary(b: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- commands
 
 
+def batch_params(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The query parameters of ``POST /batches`` from the submit options on ``args``
+    (batch-level defaults, ``--metadata``); options ``args`` lacks are skipped."""
+    params: list[tuple[str, Any]] = []
+    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "n"):
+        if getattr(args, name, None) is not None:
+            params.append((name, getattr(args, name)))
+    if getattr(args, "ignore_eos", None):
+        params.append(("ignore_eos", "true"))
+    params += [("stop", s) for s in getattr(args, "stop", None) or []]
+    metadata = getattr(args, "metadata", None)
+    if metadata:
+        meta = dict(m.split("=", 1) if "=" in m else (m, "") for m in metadata)
+        params.append(("metadata", json.dumps(meta)))
+    return params
+
+
+def submit_file(client: Any, path: Path, params: list[tuple[str, Any]], *,
+                fmt: str = "auto") -> dict[str, Any]:
+    """Upload ``path`` as a batch and return the batch object. Plain text (see
+    :func:`is_plain_text`, or ``fmt="text"``) is sent as native JSONL, one prompt per line."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="neoxq-submit-") as tmp:
+        if fmt == "text" or (fmt == "auto" and is_plain_text(path)):
+            print(f"{path}: plain text, one prompt per line", file=sys.stderr)
+            path = text_to_jsonl(path, Path(tmp) / (path.stem + ".jsonl"))
+            fmt = "native"
+        params = [("format", fmt), ("filename", path.name), *params]
+        with path.open("rb") as f:
+            resp = client.post("/batches", params=params, content=_file_chunks(f),
+                               headers={"Content-Type": "application/x-ndjson",
+                                        "Content-Length": str(path.stat().st_size)})
+        return check(resp).json()
+
+
+def finish_line(batch: dict[str, Any], n: int, output: Path | None) -> str:
+    """What a waited-for batch ends with: state, results written, failures, overall rate."""
+    where = f" to {output}" if output else ""
+    text = (f"{batch['status']}: wrote {n} results{where}; {batch['counts']['failed']} "
+            f"failed{_overall_rate(batch)}")
+    if batch["counts"]["failed"]:
+        text += f"\n  `neoxq errors {batch['id']}` lists the failed items"
+    return text
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     """Submit FILE; print the batch id; with --wait, follow it and write the results."""
     if not args.file.is_file():
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 1
+    if args.include_prompt and not args.wait:
+        print("error: --include-prompt needs --wait (it joins the results with FILE)",
+              file=sys.stderr)
+        return 2
 
     def go(client: Any, args: argparse.Namespace) -> int:
-        params: list[tuple[str, Any]] = [("format", args.format),
-                                         ("on_invalid", args.on_invalid),
-                                         ("filename", args.file.name)]
-        for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "n"):
-            if getattr(args, name) is not None:
-                params.append((name, getattr(args, name)))
-        if args.ignore_eos:
-            params.append(("ignore_eos", "true"))
-        params += [("stop", s) for s in args.stop or []]
-        if args.metadata:
-            meta = dict(m.split("=", 1) if "=" in m else (m, "") for m in args.metadata)
-            params.append(("metadata", json.dumps(meta)))
-        size = args.file.stat().st_size
-        with args.file.open("rb") as f:
-            resp = client.post("/batches", params=params, content=_file_chunks(f),
-                               headers={"Content-Type": "application/x-ndjson",
-                                        "Content-Length": str(size)})
-        batch = _check(resp).json()
+        batch = submit_file(client, args.file, [("on_invalid", args.on_invalid),
+                                                *batch_params(args)], fmt=args.format)
         print(batch["id"], flush=True)
         if not args.wait:
             return 0
-        batch = _follow(client, batch, args.poll)
-        n = _download(client, f"/batches/{batch['id']}/results", args.output)
-        where = f" to {args.output}" if args.output else ""
-        print(f"{batch['status']}: wrote {n} results{where}; {batch['counts']['failed']} "
-              f"failed{_overall_rate(batch)}", file=sys.stderr)
-        if batch["counts"]["failed"]:
-            print(f"  `neoxq errors {batch['id']}` lists the failed items", file=sys.stderr)
+        batch = follow(client, batch, args.poll)
+        n = download(client, f"/batches/{batch['id']}/results", args.output,
+                     prompts_from=args.file if args.include_prompt else None)
+        print(finish_line(batch, n, args.output), file=sys.stderr)
         return 0 if batch["status"] == "completed" else 1
 
     return _run(args, go)
 
 
-def _follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
+def follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
     """Poll a batch until it is terminal, drawing a progress bar on stderr."""
     from tqdm import tqdm
 
@@ -240,7 +372,7 @@ def _follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
             if batch["status"] in TERMINAL:
                 return batch
             time.sleep(poll)
-            batch = _check(client.get(f"/batches/{batch['id']}")).json()
+            batch = check(client.get(f"/batches/{batch['id']}")).json()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -250,7 +382,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return _cmd_batches(args)
 
     def go(client: Any, args: argparse.Namespace) -> int:
-        b = _check(client.get(f"/batches/{args.batch_id}")).json()
+        b = check(client.get(f"/batches/{args.batch_id}")).json()
         print(json.dumps(b, indent=2) if args.json else _summary(b))
         return 0
 
@@ -259,13 +391,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_results(args: argparse.Namespace) -> int:
     """Write a batch's results (JSONL, input order; partial while it runs)."""
-    return _run(args, lambda client, a: (_download(client, f"/batches/{a.batch_id}/results",
+    return _run(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/results",
                                                     a.output), 0)[1])
 
 
 def _cmd_errors(args: argparse.Namespace) -> int:
     """Write a batch's failed items (JSONL: line, field, reason)."""
-    return _run(args, lambda client, a: (_download(client, f"/batches/{a.batch_id}/errors",
+    return _run(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/errors",
                                                     a.output), 0)[1])
 
 
@@ -273,7 +405,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel a batch; finished results are kept."""
 
     def go(client: Any, args: argparse.Namespace) -> int:
-        b = _check(client.post(f"/batches/{args.batch_id}/cancel")).json()
+        b = check(client.post(f"/batches/{args.batch_id}/cancel")).json()
         print(f"{b['id']}  {b['status']}")
         return 0
 
@@ -285,7 +417,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
 
     def go(client: Any, args: argparse.Namespace) -> int:
         params = {"limit": args.limit, **({"after": args.after} if args.after else {})}
-        page = _check(client.get("/batches", params=params)).json()
+        page = check(client.get("/batches", params=params)).json()
         if getattr(args, "json", False):
             print(json.dumps(page, indent=2))
             return 0
@@ -307,7 +439,7 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     """List workers seen in the last hour (model, devices, status, tokens/s)."""
 
     def go(client: Any, args: argparse.Namespace) -> int:
-        rows = _check(client.get("/workers")).json()["data"]
+        rows = check(client.get("/workers")).json()["data"]
         print(f"{'ID':<28} {'STATUS':<9} {'TOK/S':>8} {'ITEMS':>8} {'SEEN':>6}  MODEL (DEVICES)")
         for w in rows:
             ago = max(0, int(time.time() - w["last_seen"]))

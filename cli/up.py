@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -80,8 +78,10 @@ def add_parser(sub: Any) -> None:
         description="Start the stack (as `neoxq up`), submit FILE (JSONL lines, or plain text: "
                     "one prompt per line), show progress, write the results to OUT, and stop "
                     "everything.")
-    r.add_argument("file", type=Path, help="prompts: JSONL ({\"prompt\": ...} or OpenAI Batch "
-                                           "lines) or plain text, one prompt per line")
+    r.add_argument("file", type=Path,
+                   help="prompts: JSONL ({\"prompt\": ...} or OpenAI Batch lines) or plain "
+                        "text, one prompt per line (a file not named .jsonl/.json/.ndjson "
+                        "whose first line is not a JSON object)")
     r.add_argument("-o", "--output", type=Path, required=True, help="results file (JSONL)")
     r.add_argument("--max-tokens", type=int, default=None)
     r.add_argument("--temperature", type=float, default=None)
@@ -89,6 +89,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--top-k", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--stop", action="append", default=None)
+    r.add_argument("--include-prompt", action="store_true",
+                   help="each result also carries its prompt (`prompt`, beside `line`)")
     r.set_defaults(func=_cmd_run)
 
 
@@ -146,6 +148,7 @@ class Stack:
             self._say(f"embedded Redis at {self.redis.url} ({self.redis.binary}; no "
                       "persistence; set NEOXQ_REDIS_URL to use your own)")
         else:
+            check_redis(self.env["NEOXQ_REDIS_URL"])
             self._say(f"Redis at {self.env['NEOXQ_REDIS_URL']}")
         # Children must see exactly the settings this process validated.
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -320,6 +323,33 @@ class Stack:
         self.stop()
 
 
+def check_redis(url: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the URL, if the Redis of NEOXQ_REDIS_URL does not answer:
+    nothing started after it could work."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RuntimeError(f"Redis at {url} (NEOXQ_REDIS_URL) does not answer: {exc}; start "
+                           "it, or unset NEOXQ_REDIS_URL for an embedded one") from None
+    finally:
+        client.close()
+
+
+def check_model(model: str, tokenizer: str | None) -> None:
+    """Exit with a message, before anything starts, if ``model`` is not a loadable spec (a
+    typo'd path or preset name, a directory without config.json, a bad NeoX YAML). Reads
+    configs only, no weights."""
+    from models.loaders import CheckpointError, load_config
+
+    try:
+        load_config(model, tokenizer=tokenizer)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise SystemExit(f"error: --model {model}: {exc}") from None
+
+
 def _is_worker(name: str) -> bool:
     return name == "worker" or name.startswith("worker-")
 
@@ -385,6 +415,7 @@ def _model_note(model: str | None) -> str:
 def _cmd_up(args: argparse.Namespace) -> int:
     """Run the API, a worker, Redis and the store until Ctrl-C."""
     model = args.model or DEFAULT_MODEL
+    check_model(model, args.tokenizer)
     stack = Stack(model=model, data_dir=args.data_dir, host=args.host, port=args.port,
                   metrics_port=args.metrics_port, logs_to_terminal=not args.quiet,
                   **stack_options(args))
@@ -423,38 +454,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_jsonl(path: Path, tmp: Path) -> Path:
-    """FILE as JSONL: JSONL files as they are; plain text becomes one prompt per line."""
-    with path.open("rb") as f:
-        first = b""
-        for line in f:
-            if line.strip():
-                first = line.strip()
-                break
-    try:
-        if isinstance(json.loads(first), dict):
-            return path
-    except ValueError:
-        pass
-    out = tmp / (path.stem + ".jsonl")
-    with path.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
-        for line in src:
-            text = line.rstrip("\r\n")
-            if text.strip():
-                dst.write(json.dumps({"prompt": text}) + "\n")
-    return out
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    """Start the stack, submit FILE, show progress, write results to OUT, stop the stack."""
-    from cli.main import main as neoxq_main
+    """Start the stack, submit FILE, show progress, write results to OUT, stop the stack.
+    A run that does not finish (an error, a dead child, Ctrl-C) cancels its batch, so that
+    no later ``neoxq up`` runs it unasked."""
+    from cli.client import (
+        ClientError,
+        batch_params,
+        connect,
+        download,
+        finish_line,
+        follow,
+        submit_file,
+    )
 
     if not args.file.is_file():
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 1
+    model = args.model or DEFAULT_MODEL
+    check_model(model, args.tokenizer)
     print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
-    stack = Stack(model=args.model or DEFAULT_MODEL, data_dir=args.data_dir,
-                  **stack_options(args))
+    stack = Stack(model=model, data_dir=args.data_dir, **stack_options(args))
     died: list[str] = []
     main_thread = threading.main_thread()
 
@@ -462,40 +482,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
         died.append(msg)
         signal.pthread_kill(main_thread.ident or 0, signal.SIGINT)
 
+    if model.startswith("preset:"):
+        # the batch itself says so too (`neoxq status ID --json`, the dashboard)
+        args.metadata = ["weights=random (demo preset)"]
     rc = 1
-    with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="neoxq-run-") as tmp:
+    batch: dict[str, Any] | None = None
+    with _terminate_as_interrupt():
         try:
-            jsonl = _as_jsonl(args.file, Path(tmp))
             started = time.monotonic()
             stack.start()
             stack._say(f"API up in {time.monotonic() - started:.1f} s; the worker loads the "
-                       f"model while the file is submitted (logs in "
-                       f"{stack.log_dir})")
+                       f"model while the file is submitted (logs in {stack.log_dir})")
             stack.watch(on_death)
-            argv = ["submit", str(jsonl), "--wait", "-o", str(args.output), "--url", stack.url,
-                    "--poll", "0.5"]
-            for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
-                value = getattr(args, name)
-                if value is not None:
-                    argv += [f"--{name.replace('_', '-')}", str(value)]
-            for s in args.stop or []:
-                argv += ["--stop", s]
-            if (args.model or DEFAULT_MODEL).startswith("preset:"):
-                # the batch itself says so too (`neoxq status ID --json`, the dashboard)
-                argv += ["--metadata", "weights=random (demo preset)"]
-            rc = neoxq_main(argv)
+            with connect(stack.url) as client:
+                batch = submit_file(client, args.file, batch_params(args))
+                stack._say(f"batch {batch['id']}: {batch['counts']['total']} prompts")
+                batch = follow(client, batch, poll=0.5)
+                n = download(client, f"/batches/{batch['id']}/results", args.output,
+                             prompts_from=args.file if args.include_prompt else None)
+            print(finish_line(batch, n, args.output), file=sys.stderr)
+            rc = 0 if batch["status"] == "completed" else 1
         except KeyboardInterrupt:
             if not died:
                 stack._say("interrupted; stopping")
             rc = 130 if not died else 1
+        except ClientError as exc:
+            print(exc, file=sys.stderr)
+            rc = exc.code
         except RuntimeError as exc:
             died.append(str(exc))
             rc = 1
         finally:
             _stop(stack)
+            if batch is not None and batch["status"] not in ("completed", "failed",
+                                                               "cancelled", "expired"):
+                _cancel_unfinished(stack, batch["id"])
     if died:
         print(f"neoxq: {died[0]}", file=sys.stderr)
         return 1
-    if rc == 0 and (args.model is None or args.model.startswith("preset:")):
+    if rc == 0 and model.startswith("preset:"):
         print(f"neoxq: {_model_note(args.model)}", file=sys.stderr)
     return rc
+
+
+def _cancel_unfinished(stack: Stack, batch_id: str) -> None:
+    """Cancel a batch its run left unfinished, in the store (every child is stopped by
+    now); its finished results are kept."""
+    from store.db import make_engine, session_scope
+    from store.queries import count_items, finish_cancel, request_cancel
+
+    db = make_engine(stack._settings().db_url)
+    try:
+        with session_scope(db) as session:
+            request_cancel(session=session, batch_id=batch_id)
+            finish_cancel(session=session, batch_id=batch_id)
+            counts = count_items(session=session, batch_id=batch_id)
+        items = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        stack._say(f"batch {batch_id} cancelled, as its run did not finish ({items}); "
+                   f"`neoxq results {batch_id}` has what finished")
+    except Exception as exc:  # noqa: BLE001 - report, the run's own error matters more
+        stack._say(f"could not cancel batch {batch_id}: {exc}")
+    finally:
+        db.dispose()

@@ -100,6 +100,52 @@ def test_cancel(env: Live, tmp_path: Path, capsys) -> None:
     assert batch_id in out and ("cancelling" in out or "cancelled" in out)
 
 
+def test_submit_plain_text_with_prompts_and_line_numbers(env: Live, tmp_path: Path,
+                                                         capsys) -> None:
+    src = tmp_path / "prompts.txt"
+    src.write_text('First prompt\n\n{"not": "json object line one"} is text here\nLast\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["submit", str(src), "--wait", "-o", str(out), "--max-tokens", "2",
+               "--include-prompt", "--poll", "0.2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "prompts.txt: plain text, one prompt per line" in captured.err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["line"], r["prompt"]) for r in rows] == [
+        (1, "First prompt"), (3, '{"not": "json object line one"} is text here'), (4, "Last")]
+    # OpenAI Batch lines get their body's prompt
+    oa = write(tmp_path / "oa.jsonl", [{"custom_id": "a", "method": "POST",
+                                        "url": "/v1/completions",
+                                        "body": {"model": "m", "prompt": "Hi there",
+                                                 "max_tokens": 2}}])
+    assert main(["submit", str(oa), "--wait", "-o", str(out), "--include-prompt",
+                 "--poll", "0.2"]) == 0
+    capsys.readouterr()
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["custom_id"] == "a" and row["prompt"] == "Hi there"
+    # A .jsonl file is JSONL even when its first line is broken: refused, not run as text.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"\n')
+    assert main(["submit", str(bad)]) == 1
+    assert "invalid JSON" in capsys.readouterr().err
+    assert main(["submit", str(src), "--include-prompt"]) == 2
+    assert "--include-prompt needs --wait" in capsys.readouterr().err
+
+
+def test_results_into_a_closed_pipe(env: Live, tmp_path: Path, capsys) -> None:
+    # More than a pipe's 64 KiB buffer, so the writer is still writing when head exits.
+    src = write(tmp_path / "many.jsonl", [{"prompt": f"p{i}"} for i in range(400)])
+    assert main(["submit", str(src), "--wait", "-o", str(tmp_path / "o.jsonl"),
+                 "--max-tokens", "2", "--poll", "0.2"]) == 0
+    assert (tmp_path / "o.jsonl").stat().st_size > 1 << 17
+    batch_id = capsys.readouterr().out.strip().splitlines()[0]
+    proc = subprocess.run(f"{sys.executable} -m cli.main results {batch_id} | head -1",
+                          shell=True, cwd=ROOT, env=dict(env.env, NEOXQ_API_URL=env.url),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == ""  # no BrokenPipeError traceback
+
+
 def test_unreachable_server(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("NEOXQ_API_URL", "http://127.0.0.1:9")
     assert main(["batches"]) == 2

@@ -83,11 +83,13 @@ def neoxq(*argv: str) -> list[str]:
 
 def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
-    (tmp_path / "prompts.txt").write_text("The capital of France is\nOnce upon a time\n\n"
-                                          "In a hole in the ground there lived\n")
+    prompts = ["The capital of France is", "Once upon a time", "",
+               "In a hole in the ground there lived"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     started = time.monotonic()
     # No redis-server on PATH: the embedded Redis is the one neoxq's dependencies bring.
-    proc = subprocess.run(neoxq("run", "prompts.txt", "-o", "out.jsonl", "--max-tokens", "16"),
+    proc = subprocess.run(neoxq("run", "prompts.txt", "-o", "out.jsonl", "--max-tokens", "16",
+                                "--include-prompt"),
                           cwd=tmp_path, env=fresh_env(marker, path=NO_TOOLS),
                           capture_output=True, text=True, timeout=240)
     took = time.monotonic() - started
@@ -95,7 +97,9 @@ def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]  # the blank line is not a prompt
-    assert [r["line"] for r in rows] == [1, 2, 3]
+    assert [r["line"] for r in rows] == [1, 2, 4]  # ... but it is a line of the file
+    assert [r["prompt"] for r in rows] == [prompts[0], prompts[1], prompts[3]]
+    assert list(rows[0])[list(rows[0]).index("line") + 1] == "prompt"
     for r in rows:
         assert r["finish_reason"] in ("length", "stop")
         assert r["usage"]["completion_tokens"] >= 1 and r["usage"]["prompt_tokens"] > 0
@@ -202,16 +206,61 @@ def test_up_killed_outright_takes_its_children_along(tmp_path: Path) -> None:
     assert not wait_gone(marker, timeout=30), "children outlived a SIGKILLed neoxq up"
 
 
-def test_up_fails_cleanly_when_the_worker_cannot_start(tmp_path: Path) -> None:
-    marker = uuid.uuid4().hex
-    proc = subprocess.run(neoxq("up", "--port", str(free_port()), "--quiet", "--model",
-                                "preset:no-such-model", "--device", "cpu"),
-                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
+@pytest.mark.parametrize("command", ["up", "run"])
+@pytest.mark.parametrize("model", ["preset:no-such-model", "/data/nope", "gpt-neox-20b"])
+def test_a_bad_model_is_refused_before_anything_starts(tmp_path: Path, command: str,
+                                                       model: str) -> None:
+    (tmp_path / "p.txt").write_text("hello\n")
+    argv = ["up", "--port", str(free_port())] if command == "up" else ["run", "p.txt", "-o",
+                                                                       "o.jsonl"]
+    started = time.monotonic()
+    proc = subprocess.run(neoxq(*argv, "--model", model, "--device", "cpu"), cwd=tmp_path,
+                          env=fresh_env(uuid.uuid4().hex), capture_output=True, text=True,
                           timeout=120)
+    assert proc.returncode == 1 and f"error: --model {model}: " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "embedded Redis" not in proc.stderr and not (tmp_path / ".neoxq").exists()
+    assert time.monotonic() - started < 30
+
+
+def test_run_whose_worker_dies_cancels_its_batch(tmp_path: Path) -> None:
+    # A model whose config is fine but whose weights are missing: the worker dies loading.
+    marker = uuid.uuid4().hex
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 256,
+        "vocab_size": 512, "max_position_embeddings": 128, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "layer_norm_eps": 1e-5}))
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    proc = subprocess.run(neoxq("run", "p.txt", "-o", "o.jsonl", "--model", str(ckpt),
+                                "--device", "cpu"),
+                          cwd=tmp_path, env=fresh_env(marker), capture_output=True, text=True,
+                          timeout=180)
     note_redis(marker, proc.stderr)
-    assert proc.returncode == 1
-    assert "worker exited" in proc.stderr and "no-such-model" in proc.stderr
+    assert proc.returncode == 1 and "worker exited" in proc.stderr, proc.stderr[-3000:]
+    assert "cancelled, as its run did not finish" in proc.stderr
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / ".neoxq" / "neoxq.db") as db:
+        assert db.execute("SELECT status FROM batches").fetchall() == [("cancelled",)]
+        assert db.execute("SELECT DISTINCT status FROM items").fetchall() == [("cancelled",)]
     assert not wait_gone(marker, timeout=15)
+
+
+def test_run_with_a_dead_redis_url_fails_at_once(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("hello\n")
+    env = fresh_env(uuid.uuid4().hex)
+    env["NEOXQ_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run(neoxq("run", "p.txt", "-o", "o.jsonl", "--model", "preset:tiny"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 1
+    assert f"Redis at {env['NEOXQ_REDIS_URL']} (NEOXQ_REDIS_URL) does not answer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert took < 20, f"took {took:.1f} s"
 
 
 def test_embedded_redis_starts_on_a_free_port_and_leaves_nothing() -> None:
