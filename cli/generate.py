@@ -82,34 +82,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 class InputError(ValueError):
-    """A bad input line; the message names file, line and field."""
+    """Bad input lines; the message names file, line and field of each (up to 20)."""
+
+
+# One prompt to generate for: its text (or token ids), the fields its output carries
+# (custom_id), and the sampling fields its own line sets.
+Item = tuple[str | list[int], dict[str, Any], dict[str, Any]]
+
+
+def _where(path: Path, err: Any) -> str:
+    """``FILE:LINE: field: message`` for a :class:`core.jsonl.LineError`."""
+    line = f"{err.line}:" if err.line else ""
+    return f"{path}:{line} {err.field + ': ' if err.field else ''}{err.message}"
 
 
 def count_prompts(path: Path) -> int:
     return sum(1 for _ in read_prompts(path))
 
 
-def read_prompts(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (prompt, extra fields) from a .txt (non-empty lines) or .jsonl file."""
-    jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not jsonl:
+def read_prompts(path: Path) -> Iterator[Item]:
+    """Yield ``(prompt, extra, params)`` from a .txt (non-empty lines) or .jsonl file.
+
+    JSONL lines are validated exactly as the API validates them (:mod:`core.jsonl`: native
+    ``{"prompt", "custom_id"?, <sampling fields>}`` or OpenAI Batch lines), so a line's own
+    ``max_tokens``, ``temperature``, ``stop``, ``seed``, ``n``, ... apply to it over the
+    command-line options; the first bad lines are all reported, before any model loads."""
+    from core.jsonl import LineValidator
+
+    jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
+    if not jsonl:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
                 text = line.rstrip("\r\n")
                 if text.strip():  # GPT-NeoX skips blank lines too
-                    yield text, {}
+                    yield text, {}, {}
+        return
+    validator = LineValidator("auto", max_lines=2**62)
+    errors: list[str] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            parsed = validator.feed(raw.rstrip(b"\r\n"))
+            if parsed is None:
                 continue
-            if not line.strip():
+            if not parsed.ok:
+                errors += [_where(path, e) for e in parsed.errors]
+                if len(errors) >= 20:
+                    break
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                got = type(obj.get("prompt")).__name__ if isinstance(obj, dict) else "non-object"
-                raise InputError(f"{path}:{lineno}: field 'prompt': expected a string, got {got}")
-            extra = {k: v for k, v in obj.items() if k == "custom_id"}
-            yield obj["prompt"], extra
+            if not errors:
+                extra = {"custom_id": parsed.custom_id} if parsed.custom_id else {}
+                yield parsed.prompt, extra, parsed.params
+    errors += [_where(path, e) for e in validator.finish() if e.code == "empty_file"]
+    if errors:
+        raise InputError("\n".join(errors[:20]))
 
 
 # ------------------------------------------------------------------------------ generate
@@ -123,16 +148,17 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _params(args: argparse.Namespace, seed: int, n: int):
+def _params(args: argparse.Namespace, seed: int, n: int, line: dict[str, Any] | None = None):
+    """A prompt's SamplingParams: its line's own fields over the command-line options."""
     from models.sampling import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, stop=list(args.stop), seed=seed, n=n,
-    )
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+               "top_k": args.top_k, "top_p": args.top_p, "stop": list(args.stop),
+               "seed": seed, "n": n}
+    return SamplingParams.from_dict(line or {}, defaults=options)
 
 
-def _records(context: str, extra: dict[str, Any], out) -> list[dict[str, Any]]:
+def _records(context: str | list[int], extra: dict[str, Any], out) -> list[dict[str, Any]]:
     """JSONL lines (GPT-NeoX's fields + finish_reason) for one RequestOutput."""
     if out.error:
         return [{"context": context, **extra, "text": "", "length": 0, "finished": False,
@@ -151,7 +177,7 @@ def _records(context: str, extra: dict[str, Any], out) -> list[dict[str, Any]]:
 
 def generate_stream(
     engine: Any,
-    items: Iterator[tuple[str, dict[str, Any]]],
+    items: Iterator[Item],
     args: argparse.Namespace,
     sink: TextIO,
     total: int | None,
@@ -164,7 +190,7 @@ def generate_stream(
 
     eos = engine.eos_id
     window = max(2 * args.batch_size, 64)
-    contexts: dict[int, tuple[str, dict[str, Any]]] = {}
+    contexts: dict[int, tuple[str | list[int], dict[str, Any]]] = {}
     done: dict[int, list[dict[str, Any]]] = {}
     next_out = 0
     next_in = 0
@@ -178,14 +204,15 @@ def generate_stream(
             if item is None:
                 exhausted = True
                 break
-            context, extra = item
+            context, extra, line_params = item
             i = next_in
             next_in += 1
             contexts[i] = (context, extra)
             # An empty prompt means "unconditional": the model starts after EOS.
             prompt: str | list[int] = context if context else [eos]
             try:
-                engine.add_request(str(i), prompt, _params(args, args.seed + i, n))
+                engine.add_request(str(i), prompt,
+                                   _params(args, args.seed + i, n, line_params))
             except ValueError as exc:
                 err = RequestOutput(str(i), 0, [], Timings(time.time()), error=str(exc))
                 done[i] = _records(context, extra, err)
@@ -218,7 +245,7 @@ def _interactive(engine: Any, args: argparse.Namespace, sink: TextIO | None) -> 
             return count
         quiet = argparse.Namespace(**{**vars(args), "quiet": True})
         buf = io.StringIO()
-        generate_stream(engine, iter([(prompt, {})]), quiet, buf, 1)
+        generate_stream(engine, iter([(prompt, {}, {})]), quiet, buf, 1)
         for line in buf.getvalue().splitlines():
             rec = json.loads(line)
             print(f"{prompt}{rec['text']}\n[{rec['length']} tokens, {rec['finish_reason']}, "
@@ -234,7 +261,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         print("--num-samples: must be >= 1", file=sys.stderr)
         return 2
-    items: Iterator[tuple[str, dict[str, Any]]]
+    items: Iterator[Item]
     total: int | None = None
     if args.input is not None:
         if not args.input.is_file():
@@ -248,7 +275,7 @@ def run_generate(args: argparse.Namespace) -> int:
         items = read_prompts(args.input)
     elif not args.interactive:
         total = args.num_samples
-        items = iter([("", {})] * args.num_samples)
+        items = iter([("", {}, {})] * args.num_samples)
 
     try:  # a bad sampling option fails here, before the model loads
         _params(args, args.seed, args.num_samples if args.input or args.interactive else 1)

@@ -126,6 +126,39 @@ def test_jsonl_input_stop_and_samples(tmp_path) -> None:
     assert [r["text"] for r in read_jsonl(out)] == [r["text"] for r in a]
 
 
+def test_per_line_fields_override_the_options(tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    lines = [{"prompt": "ab", "max_tokens": 3},
+             {"prompt": "ab", "max_tokens": 7, "temperature": 0},
+             {"prompt": "ab", "temperature": 0, "n": 2},
+             {"prompt": "ab", "seed": 11},
+             {"prompt": "ab", "seed": 11}]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--max-tokens", 5,
+                   "--quiet", "--device", "cpu") == 0
+    rows = read_jsonl(out)
+    assert [r["length"] for r in rows] == [3, 7, 5, 5, 5, 5]
+    assert rows[2]["sample"] == 0 and rows[3]["sample"] == 1  # n from the line
+    assert rows[2]["text"] == rows[3]["text"] == rows[1]["text"][:len(rows[2]["text"])]
+    assert rows[4]["text"] == rows[5]["text"]  # the line's seed, not --seed + index
+    # a stop string on its line ends that line's text only
+    stop = rows[1]["text"][2:4]
+    src.write_text(json.dumps({"prompt": "ab", "max_tokens": 7, "temperature": 0,
+                               "stop": stop}) + "\n" + json.dumps(lines[1]) + "\n")
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu") == 0
+    stopped, full = read_jsonl(out)
+    assert stopped["finish_reason"] == "stop" and full["text"] == rows[1]["text"]
+    # OpenAI Batch lines: the body's fields
+    src.write_text(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "m", "prompt": "ab", "max_tokens": 2}}) + "\n")
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu") == 0
+    [row] = read_jsonl(out)
+    assert row["custom_id"] == "x" and row["length"] == 2
+
+
 def test_unconditional(tmp_path, capsys) -> None:
     assert run_cli("generate", "preset:tiny", "--num-samples", 3, "--max-tokens", 4,
                    "--device", "cpu") == 0
@@ -138,9 +171,13 @@ def test_unconditional(tmp_path, capsys) -> None:
 
 def test_bad_inputs(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n\n'
+                   '{"custom_id": "c", "prompt": "p", "max_tokens": 0}\n')
     assert run_cli("generate", "preset:tiny", "-i", bad) == 2
-    assert "bad.jsonl:2: field 'prompt'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # every bad line, named as the API names it
+    assert "bad.jsonl:2: prompt: required" in err and "bad.jsonl:2: text: unknown field" in err
+    assert "bad.jsonl:4: max_tokens:" in err
     assert run_cli("generate", "preset:tiny", "--temperature", "-1") == 2
     assert "temperature" in capsys.readouterr().err
     assert run_cli("generate", tmp_path / "nothing-here", "--num-samples", 1) == 2
