@@ -182,7 +182,7 @@ def part_scratch(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     train, val = work / "shakespeare_train.txt", work / "shakespeare_val.txt"
     train.write_text(text[:cut] if not smoke else text[:20000], encoding="utf-8")
     val.write_text(text[cut:] if not smoke else text[cut:cut + 5000], encoding="utf-8")
-    out = work / "scratch160m"
+    out = args.scratch_out or work / "scratch160m"
     t = time.perf_counter()
     summary = run(_scratch_config(args, train, val, out))
     wall = time.perf_counter() - t
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     # 200 steps x 16 rows x 256 tokens: ~2.7 passes over the 0.3M training tokens
     p.add_argument("--scratch-steps", type=int, default=200)
     p.add_argument("--scratch-log-every", type=int, default=20)
+    p.add_argument("--scratch-out", type=Path, help="keep the from-scratch model here")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokenizer = None
