@@ -69,7 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep optimizer states on the CPU and step there (ZeRO >= 1)")
     p.add_argument("--gpus", type=int, default=1,
-                   help="data-parallel ranks on this host (processes on --device cpu)")
+                   help="data-parallel ranks on this host, one per GPU (without CUDA, or "
+                   "with --device cpu: N processes)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -119,6 +120,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         )
         if args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+        if args.gpus > 1 and args.device != "cpu":
+            import torch
+
+            have = torch.cuda.device_count()
+            if args.device == "cuda" or have:
+                if have < args.gpus:
+                    raise ValueError(f"--gpus {args.gpus}: only {have} CUDA device(s) here")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

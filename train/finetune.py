@@ -29,6 +29,7 @@ import shutil
 import socket
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,7 @@ class Trainer:
         net.checkpoint_blocks = cfg.activation_checkpointing
         self.peft_model: Any = None
         if cfg.method == "lora":
+            torch.manual_seed(cfg.seed)  # the adapters' initial values
             self.peft_model = lora_lib.apply_lora(
                 net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                 lora_lib.parse_targets(cfg.lora_targets))
@@ -525,7 +527,7 @@ class _Log:
             # WANDB_MODE=offline works with no network; the run id is stable across resumes.
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(path.parent),
                                     config=dataclasses.asdict(cfg), resume="allow",
-                                    id=f"neoxq-{abs(hash(str(path.parent.resolve()))):x}")
+                                    id=f"neoxq-{zlib.crc32(str(path.parent.resolve()).encode()):08x}")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.active:

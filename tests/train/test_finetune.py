@@ -68,6 +68,9 @@ def test_full_zero2_lowers_validation_loss_and_saves_a_loadable_model(
     lines = [json.loads(ln) for ln in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert [ln["context"] for ln in lines] == ["ROMEO:", "JULIET:"]
     assert all(ln["length"] == 8 for ln in lines)
+    assert main(["evaluate", str(out), "--tasks", "lambada", "--limit", "4", "--no-progress",
+                 "--bootstrap-iters", "10", "-o", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())
 
 
 def test_lora_trains_only_the_adapter_and_merges_exactly(
@@ -209,3 +212,46 @@ def test_run_in_process_from_a_config(byte_model: Path, tmp_path: Path) -> None:
     assert summary["train_format"] == "prompt_completion" and summary["train_documents"] == 40
     assert summary["train_rows"] < 40  # packed: several examples per row
     assert (tmp_path / "o" / "adapter" / "adapter_config.json").exists()
+
+
+def test_lora_resume_restores_adapter_optimizer_and_dropout(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A LoRA checkpoint holds only the adapter (plus optimizer and schedule); with
+    dropout on, the resumed steps still equal the uninterrupted run's."""
+    kw = dict(method="lora", lora_targets="all", lora_dropout=0.2, max_steps=6, log_every=1,
+              save_every=3, learning_rate=1e-2, save_model=False, validation=None)
+    with single_process_env():
+        ref = Trainer(_config(byte_model, shakespeare, tmp_path / "ref", **kw))
+        want = [ref.train_step()["loss"] for _ in range(6)]
+
+        cut = Trainer(_config(byte_model, shakespeare, tmp_path / "cut", **kw))
+        for _ in range(3):
+            cut.train_step()
+        cut.save_checkpoint()  # then the process "dies": nothing else is written
+        stored = sum(f.stat().st_size for f in (tmp_path / "cut" / "checkpoints").rglob("*")
+                     if f.is_file())
+        base_bytes = sum(p.numel() * 4 for n, p in cut.net.named_parameters()
+                         if "lora_" not in n)
+        assert stored < base_bytes / 2  # the frozen base is not in the checkpoint
+
+        resumed = Trainer(_config(byte_model, shakespeare, tmp_path / "cut", resume=True, **kw))
+        assert resumed.resume() and resumed.step == 3
+        got = [resumed.train_step()["loss"] for _ in range(3)]
+    assert got == pytest.approx(want[3:], rel=1e-6)
+    assert want[3:] != pytest.approx(want[:3], rel=1e-3)  # the steps do differ
+
+
+def test_wandb_offline_logging(byte_model: Path, shakespeare: tuple[Path, Path],
+                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wandb with WANDB_MODE=offline: no network, a local run under OUT/wandb."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    run(_config(byte_model, shakespeare, out, max_steps=2, log_every=1, validation=None,
+                wandb_project="neoxq-test"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = list(runs[0].glob("run-*.wandb"))
+    assert data and data[0].stat().st_size > 0
