@@ -31,21 +31,24 @@ def main() -> None:
     engine = Engine(model, None, kv_memory=None, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens, cuda_graphs=True)
     log(f"decode kernel config (tile, warps, stages, heads/program): {engine.attn_config}")
-    # Host phases of each step: the engine's methods wrapped with timers (per instance).
+    # Host phases of each step: the engine's own pieces (scheduler -> runner -> sampler),
+    # driven here with a timer around each.
     phase = {"schedule": 0.0, "sample": 0.0}
+    sched, runner = engine.scheduler, engine.runner
 
-    def timed(name, fn):  # noqa: ANN001, ANN202
-        def run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    @torch.inference_mode()
+    def step() -> None:
+        t = time.perf_counter()
+        plan = sched.schedule()
+        phase["schedule"] += time.perf_counter() - t
+        if not plan.is_empty:
+            logits, rows = runner.execute(runner.prepare(plan))
             t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phase[name] += time.perf_counter() - t
-        return run
+            # Includes waiting for the GPU: the step's one sync (tokens to the host).
+            sched.update(plan, engine.sampler(logits, plan, rows))
+            phase["sample"] += time.perf_counter() - t
+        sched.take_outputs()
 
-    engine._schedule = timed("schedule", engine._schedule)
-    # Includes waiting for the GPU: the step's one sync (tokens to the host) is in there.
-    engine._sample_and_update = timed("sample", engine._sample_and_update)
     warm_up(engine)
     engine.capture_graphs()
     prompts, outs = workload("a", args.num_prompts, model.config.max_position,
@@ -60,18 +63,18 @@ def main() -> None:
         phase["schedule"] = phase["sample"] = 0.0
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        running = len(engine._running)
-        if profiled is None and running >= 200 and not engine._waiting and len(rows) > 60:
+        running = len(sched.running)
+        if profiled is None and running >= 200 and not sched.waiting and len(rows) > 60:
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU,
                             torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
-                    engine.step()
+                    step()
                 torch.cuda.synchronize()
             profiled = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
             cpu_tab = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
             continue
-        engine.step()
+        step()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()

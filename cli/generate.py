@@ -12,9 +12,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from models.dtypes import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from models.engine.protocol import InferenceEngine
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -176,7 +179,7 @@ def _records(context: str | list[int], extra: dict[str, Any], out) -> list[dict[
 
 
 def generate_stream(
-    engine: Any,
+    engine: InferenceEngine,
     items: Iterator[Item],
     args: argparse.Namespace,
     sink: TextIO,
@@ -233,7 +236,7 @@ def generate_stream(
     return next_out
 
 
-def _interactive(engine: Any, args: argparse.Namespace, sink: TextIO | None) -> int:
+def _interactive(engine: InferenceEngine, args: argparse.Namespace, sink: TextIO | None) -> int:
     count = 0
     while True:
         try:
@@ -312,9 +315,7 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         if args.output:
             sink.close()
-        close = getattr(engine, "close", None)
-        if callable(close):
-            close()
+        engine.close()
     return 0
 
 

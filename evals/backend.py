@@ -7,14 +7,17 @@ Shared by ``neoxq evaluate`` (:mod:`evals.runner`) and the lm-eval model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.engine.protocol import InferenceEngine
 
 
 @dataclass
 class EvalBackend:
     """An engine plus what scoring needs to know about its model and tokenizer."""
 
-    engine: Any  # models.engine.Engine (or the pipeline engine): .score, .generate
+    engine: InferenceEngine
     tokenizer: Any  # models.tokenizer.Tokenizer: .encode, .decode, .eos_id
     max_length: int  # tokens the model can attend over (its max_position)
     eos_id: int
@@ -33,31 +36,15 @@ class EvalBackend:
         return self.tokenizer.decode(list(ids))
 
 
-def _model_config(engine: Any) -> Any:
-    for path in (("config",), ("model", "config"), ("runner", "model", "config")):
-        obj = engine
-        for attr in path:
-            obj = getattr(obj, attr, None)
-        if obj is not None and hasattr(obj, "max_position"):
-            return obj
-    return None
-
-
-def wrap_engine(engine: Any, tokenizer: Any = None, *, max_length: int | None = None,
-                spec: str = "") -> EvalBackend:
+def wrap_engine(engine: InferenceEngine, tokenizer: Any = None, *,
+                max_length: int | None = None, spec: str = "") -> EvalBackend:
     """Wrap an already built engine (tests and benchmarks share one model this way)."""
-    tok = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    tok = tokenizer if tokenizer is not None else engine.tokenizer
     if tok is None:
         raise ValueError("the engine has no tokenizer; pass one")
     if max_length is None:
-        config = _model_config(engine)
-        if config is None:
-            raise ValueError("cannot tell the model's context length; pass max_length")
-        max_length = int(config.max_position)
-    eos = getattr(tok, "eos_id", None)
-    if eos is None:
-        config = _model_config(engine)
-        eos = int(getattr(config, "eos_token_id", 0)) if config is not None else 0
+        max_length = engine.max_position
+    eos = tok.eos_id if tok.eos_id is not None else engine.eos_id
     return EvalBackend(engine=engine, tokenizer=tok, max_length=max_length, eos_id=int(eos),
                        spec=spec)
 

@@ -28,6 +28,8 @@ TokenPair = tuple[list[int], list[int]]
 class Scorer(Protocol):
     """The part of neoxq's engine (``models.engine.Engine``) that evaluation needs."""
 
+    max_batch_tokens: int  # most tokens in one engine step
+
     def score(self, pairs: list[TokenPair]) -> list[Any]: ...
 
 
@@ -139,7 +141,7 @@ def score_pairs(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     if max_tokens is None:
-        max_tokens = getattr(engine, "max_batch_tokens", None)
+        max_tokens = engine.max_batch_tokens
     prepared = [truncate_pair(list(c), list(t), max_length) for c, t in pairs]
     # input tokens: the last continuation token is never fed to the model
     sizes = [len(c) + len(t) - 1 for c, t in prepared]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.kv_cache import KVCache
+from models.engine.kv_cache import KVCache
 
 
 @dataclass

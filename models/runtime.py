@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from models.engine import Engine
+from models.engine.engine import Engine
+from models.engine.protocol import InferenceEngine
 from models.tokenizer import Tokenizer
 
 
@@ -20,24 +21,25 @@ def build_engine(
     tokenizer: Tokenizer | str | Path | None = None,
     seed: int = 0,
     **engine_kwargs: Any,
-) -> Engine:
+) -> InferenceEngine:
     """Load ``spec`` (``preset:NAME``, an HF dir, a NeoX YAML, a neoxq dir) and wrap it in
-    an :class:`~models.engine.Engine`.
+    an :class:`~models.engine.engine.Engine`.
 
     ``tokenizer`` overrides the checkpoint's own; ``seed`` fills random presets;
     ``engine_kwargs`` go to :class:`Engine` (``kv_memory``, ``max_num_seqs``, ...).
 
     ``pipeline_parallel=N`` > 1 splits the model over N stages (N GPUs from ``device``
     on CUDA, N processes on CPU) and returns a
-    :class:`~models.pipeline.PipelineEngine` with the same interface; close it (or use
+    :class:`~models.engine.pipeline.PipelineEngine` (both are
+    :class:`~models.engine.protocol.InferenceEngine`); close it (or use
     it as a context manager) to stop the stage processes.
     """
     if pipeline_parallel != 1:
         if pipeline_parallel < 1:
             raise ValueError(f"pipeline_parallel: must be >= 1, got {pipeline_parallel}")
-        from models.pipeline import PipelineEngine
+        from models.engine.pipeline import PipelineEngine
 
-        return PipelineEngine(  # type: ignore[return-value]
+        return PipelineEngine(
             spec, num_stages=pipeline_parallel, device=device, dtype=dtype,
             tokenizer=tokenizer, seed=seed, **engine_kwargs)
     from models.loaders import load_model

@@ -37,7 +37,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
-from models.pipeline import PipelineError
+from models.engine.pipeline import PipelineError
+from models.engine.protocol import InferenceEngine
 from store.db import session_scope
 from store.queries import (
     PROMPT_TOKEN_IDS,
@@ -193,7 +194,7 @@ class ResultWriter(threading.Thread):
 class EngineLoop(threading.Thread):
     """The only thread that touches the engine."""
 
-    def __init__(self, engine: Any, writer: ResultWriter, *, worker_id: str,
+    def __init__(self, engine: InferenceEngine, writer: ResultWriter, *, worker_id: str,
                  exit_on_fatal: bool = False) -> None:
         super().__init__(name="neoxq-engine", daemon=True)
         # The `neoxq worker` process exits when its engine dies; in-process users (tests,
@@ -282,10 +283,9 @@ class EngineLoop(threading.Thread):
             if not engine.has_unfinished():
                 # Idle: still notice a dead pipeline stage within a second or so, not only
                 # when the next chunk arrives.
-                check = getattr(engine, "check_stages", None)
-                if check is not None and time.monotonic() - last_check > 1.0:
+                if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
-                    check()
+                    engine.check_health()
                 continue
             t0 = time.perf_counter()
             try:
@@ -444,7 +444,7 @@ class WorkerRuntime:
     """Everything a worker process holds for its whole life: one engine, its loop, the
     result writer, the control thread and counters."""
 
-    def __init__(self, engine: Any, db: SQLEngine, settings: Settings, *,
+    def __init__(self, engine: InferenceEngine, db: SQLEngine, settings: Settings, *,
                  worker_id: str | None = None, model: str = "",
                  devices: Sequence[str] = (), pipeline_parallel: int = 1,
                  exit_on_fatal: bool = False) -> None:

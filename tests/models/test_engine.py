@@ -88,8 +88,10 @@ def _run(engine: Engine, arrivals: list[tuple[int, str, list[int], SamplingParam
 
 
 def _no_leaks(engine: Engine) -> None:
-    assert engine.allocator.num_free == engine.allocator.capacity
-    assert engine._demand == 0 and not engine._running and not engine._waiting
+    sched = engine.scheduler
+    engine.blocks.check(sched.held_tables())
+    assert engine.blocks.num_free == engine.blocks.capacity
+    assert sched.demand == 0 and not sched.running and not sched.waiting
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_greedy_continuous_batching_equals_alone_and_hf(model: NeoX) -> None:
 def test_decode_graph_buffers_on_cpu(model: NeoX) -> None:
     """The CUDA-graph decode path's static buffers, buckets and padding rows, run without
     capture: same tokens as the eager path, across batch sizes that shrink and grow."""
-    from models.engine import _DecodeGraphs
+    from models.engine.runner import DecodeGraphs
 
     prompts = _prompts(9, 1, 50, seed=13)
     arrivals = [(3 * i, f"r{i}", p, _greedy(5 + 4 * i)) for i, p in enumerate(prompts)]
@@ -139,10 +141,10 @@ def test_decode_graph_buffers_on_cpu(model: NeoX) -> None:
                  arrivals)
     engine = Engine(model, None, num_blocks=30, block_size=4, kv_overcommit=100.0,
                     max_num_seqs=8)
-    engine._graphs = _DecodeGraphs(engine, capture=False)
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
     got = _run(engine, arrivals)
     assert engine.stats["graph_steps"] > 10 and engine.stats["preemptions"] > 0
-    assert len(engine._graphs.graphs) > 2  # several buckets used
+    assert len(graphs.graphs) > 2  # several buckets used
     for rid, out in eager.items():
         assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
     _no_leaks(engine)
@@ -328,9 +330,9 @@ def test_abort_frees_blocks_within_one_step(model: NeoX) -> None:
         engine.add_request(f"r{i}", p, _greedy(20, n=2 if i == 1 else 1))
     engine.step()
     engine.step()
-    held = engine.allocator.num_free
+    held = engine.blocks.num_free
     assert engine.abort("r1") is True
-    assert engine.allocator.num_free > held  # freed at once, not at the next step
+    assert engine.blocks.num_free > held  # freed at once, not at the next step
     assert engine.abort("r1") is False and engine.abort("nope") is False
     outs = {o.request_id: o for o in engine.step()}
     assert "r1" in outs
@@ -490,7 +492,7 @@ def test_prefill_split_with_one_token_left(model: NeoX) -> None:
 def test_score_many_short_pairs_in_one_step(model: NeoX) -> None:
     """More new sequences in a step than per-sequence attention calls allowed: they share
     one masked attention call."""
-    from models.engine import MAX_FRESH_CALLS
+    from models.engine.runner import MAX_FRESH_CALLS
 
     pairs = [(p[:-2], p[-2:]) for p in _prompts(MAX_FRESH_CALLS + 8, 3, 12, seed=83)]
     engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=512)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.engine.pipeline import PipelineEngine, PipelineError
 from models.loaders import load_model
-from models.pipeline import PipelineEngine, PipelineError
 from models.runtime import build_engine
 from tests.models.test_engine import _greedy, _run
 

@@ -8,15 +8,19 @@ Layout (DESIGN.md, "Pipeline parallelism"):
   GPU (``cuda:base+rank``), each holding a contiguous run of blocks (the last also the
   final norm and head, see :mod:`models.partition`). Each stage loads only its own
   tensors (``load_model(..., layer_range=...)``).
-- **Every stage holds the KV cache of its own layers**, with the same block ids: rank 0
-  decides block tables and slots and ships them with each step (:class:`StepPlan`).
+- **Every stage holds the KV cache of its own layers**, with the same block ids, and
+  runs the same :class:`~models.engine.runner.ModelRunner` as a one-GPU engine over its
+  slice of the layers: rank 0 schedules a step, prepares it once
+  (:class:`~models.engine.runner.StepInputs`: host arrays with the block tables and
+  slots) and ships it to every stage.
 - **Commands travel on a CPU channel** (a multiprocessing queue per stage), activations
   on torch.distributed point-to-point (NCCL on GPUs, gloo on CPU). An idle stage waits
   on its queue with a timeout — never on an NCCL operation — so ranks survive hours
   without work, notice a dead parent within a second and exit.
 - **Micro-batches.** The running sequences are split into ``micro_batches`` groups
-  (default N + 1), each a full :class:`~models.engine.Engine` scheduler over its own share
-  of the KV blocks. :meth:`PipelineEngine.step` takes the next group in turn: it waits
+  (default N + 1), each a :class:`~models.engine.scheduler.Scheduler` over its own share
+  of the KV blocks (and its own prefix cache). :meth:`PipelineEngine.step` takes the
+  next group in turn: it waits
   for that group's logits (from the last stage), samples and updates on rank 0, then
   schedules the group's next step and launches it into stage 0. Meanwhile the other
   groups' steps are in the other stages, so all N GPUs compute at once.
@@ -44,10 +48,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
-import math
 import os
 import queue
+import random
 import shutil
 import sys
 import tempfile
@@ -60,29 +63,28 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from models.attention import PagedAttention, StepMetadata, tune_decode_kernel
-from models.config import NeoXConfig
-from models.engine import (
-    Engine,
-    RequestOutput,
-    ScoreResult,
-    Timings,
-    _Request,
-    _Seq,
-    as_params,
+from models.attention import tune_decode_kernel
+from models.engine.block_manager import BlockManager
+from models.engine.engine import (
+    fit_params,
+    prefix_salt,
+    prefix_stats,
+    prompt_ids,
     run_to_completion,
-    score_pair,
 )
-from models.kv_cache import NULL_BLOCK, BlockAllocator, KVCache, block_bytes
+from models.engine.kv_cache import KVCache, blocks_for_budget
+from models.engine.outputs import RequestOutput, ScoreResult, as_params, score_pair
+from models.engine.runner import ModelRunner, SamplerInputs, StepInputs
+from models.engine.sampler import Sampler
+from models.engine.scheduler import Scheduler, StepPlan
 from models.model import NeoX
+from models.params import SamplingParams
 from models.partition import partition_layers
-from models.sampling import SamplingParams
 
 # Idle ranks wait on their command queue, not on a collective, but a step in flight can
 # legitimately take long (a huge prefill on a slow device): no timeout should ever fire.
@@ -94,306 +96,6 @@ PARENT_CHECK_S = 1.0
 
 class PipelineError(RuntimeError):
     """A pipeline stage failed or died; the engine cannot continue."""
-
-
-# --------------------------------------------------------------------------------------
-# One step, as every stage sees it
-# --------------------------------------------------------------------------------------
-
-@dataclass
-class StepPlan:
-    """One micro-batch step as every stage needs it (picklable host data).
-
-    Built from exactly what :meth:`Engine._forward` hands the network: the token ids,
-    positions, the :class:`StepMetadata` it gives the attention backend and the logits
-    rows it selects, recorded on host tensors (:class:`_Recorder`). int64 tensors travel
-    in one array (one host-to-device copy per stage), anything else beside it.
-    """
-
-    num_tokens: int  # N tokens in the forward
-    rows: int  # logits rows the last stage returns
-    select_rows: bool  # the head runs on a subset of the N rows (``logit_rows``)
-    ints: np.ndarray  # int64 tensors, flattened and concatenated
-    int_fields: list[tuple[str, tuple[int, ...]]]  # (name, shape) of each, in order
-    other: dict[str, Any]  # other StepMetadata fields (numpy arrays or plain values)
-    copies: tuple[list[int], list[int]] | None = None  # copy-on-write blocks (src, dst)
-
-    @classmethod
-    def from_host(cls, tokens: Tensor, positions: Tensor, meta: StepMetadata,
-                  logit_rows: Tensor | None) -> StepPlan:
-        named: list[tuple[str, Tensor]] = [("tokens", tokens), ("positions", positions)]
-        if logit_rows is not None:
-            named.append(("logit_rows", logit_rows))
-        other: dict[str, Any] = {}
-        for f in dataclasses.fields(meta):
-            v = getattr(meta, f.name)
-            if isinstance(v, Tensor) and v.dtype == torch.int64:
-                named.append((f"meta.{f.name}", v))
-            elif isinstance(v, Tensor):
-                other[f.name] = v.cpu().numpy()
-            else:
-                other[f.name] = v
-        ints = np.concatenate([t.reshape(-1).numpy() for _, t in named]).astype(np.int64)
-        return cls(num_tokens=int(tokens.numel()),
-                   rows=int(logit_rows.numel()) if logit_rows is not None else int(
-                       tokens.numel()),
-                   select_rows=logit_rows is not None, ints=ints,
-                   int_fields=[(name, tuple(t.shape)) for name, t in named], other=other)
-
-    def host(self, name: str) -> np.ndarray:
-        """One int64 section (``tokens``, ``positions``, ``meta.<field>``) on the host."""
-        off = 0
-        for n, shape in self.int_fields:
-            size = math.prod(shape)
-            if n == name:
-                return self.ints[off: off + size].reshape(shape)
-            off += size
-        raise KeyError(name)
-
-    def is_decode_only(self) -> bool:
-        return self.other.get("num_decode") == self.num_tokens and not self.select_rows
-
-    def to_device(self, device: torch.device) -> tuple[Tensor, Tensor, StepMetadata,
-                                                        Tensor | None]:
-        """(tokens, positions, metadata, logit rows or None) as ``device`` tensors."""
-        host = torch.from_numpy(self.ints)
-        if device.type == "cuda":
-            dev = host.pin_memory().to(device, non_blocking=True)
-        else:
-            dev = host
-        sizes = [math.prod(shape) for _, shape in self.int_fields]
-        got = {name: t.view(shape) for (name, shape), t in
-               zip(self.int_fields, torch.split(dev, sizes), strict=True)}
-        fields: dict[str, Any] = {k[5:]: v for k, v in got.items() if k.startswith("meta.")}
-        for k, v in self.other.items():
-            fields[k] = torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
-        return got["tokens"], got["positions"], StepMetadata(**fields), got.get("logit_rows")
-
-
-class _Recorder:
-    """Stands in for the network and the attention backend while ``Engine._forward``
-    runs on host tensors: it records what the network would have been given."""
-
-    def __init__(self) -> None:
-        self.tokens: Tensor | None = None
-        self.positions: Tensor | None = None
-        self.meta: StepMetadata | None = None
-        self.logit_rows: Tensor | None = None
-
-    def set_step(self, meta: StepMetadata) -> None:
-        self.meta = meta
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        self.tokens = tokens
-        return tokens
-
-    def run_layers(self, x: Tensor, positions: Tensor, attn: Any) -> _Recorder:
-        self.positions = positions
-        return self
-
-    def __getitem__(self, rows: Tensor) -> _Recorder:
-        self.logit_rows = rows
-        return self
-
-    def head(self, hidden: Any) -> None:
-        return None
-
-    def plan(self) -> StepPlan:
-        assert self.tokens is not None and self.positions is not None and self.meta is not None
-        return StepPlan.from_host(self.tokens, self.positions, self.meta, self.logit_rows)
-
-
-class StageRuntime:
-    """A stage's layers and the KV cache of those layers; runs one :class:`StepPlan`.
-
-    ``graphs``: decode-only steps replay a per-bucket graph of this stage's layers
-    (:class:`_StageGraphs`), captured on CUDA; off CUDA the same static-buffer path runs
-    uncaptured (so it is tested on CPU).
-    """
-
-    def __init__(self, model: NeoX, num_blocks: int, block_size: int, graphs: bool = False,
-                 max_batch: int = 256) -> None:
-        self.model = model
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.block_size = block_size
-        start, stop = model.layer_range
-        cfg = model.config
-        self.cache = KVCache(num_layers=stop - start, num_blocks=num_blocks,
-                             block_size=block_size, num_heads=cfg.num_heads,
-                             head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
-                             layer_start=start)
-        self.attn = PagedAttention(self.cache)
-        self.graphs = _StageGraphs(self, max_batch, capture=self.device.type == "cuda") \
-            if graphs else None
-        self.graph_steps = 0
-
-    def _copies(self, plan: StepPlan) -> None:
-        if plan.copies:
-            src, dst = plan.copies
-            self.cache.copy_blocks(torch.tensor(src, device=self.device),
-                                   torch.tensor(dst, device=self.device))
-
-    def forward(self, plan: StepPlan, x: Tensor | None) -> Tensor:
-        """Token ids (first stage, from the plan) or hidden states ``x`` (N, H) in;
-        hidden states (N, H) out, or logits (rows, V) from the last stage. The result is
-        the caller's to keep (a graph's output buffer is copied out)."""
-        self._copies(plan)
-        if self.graphs is not None and plan.is_decode_only() and \
-                plan.num_tokens <= self.graphs.max_batch:
-            self.graph_steps += 1
-            return self.graphs.run(plan, x)
-        tokens, pos, meta, lrows = plan.to_device(self.device)
-        self.attn.set_step(meta)
-        m = self.model
-        if m.has_embedding:
-            x = m.embed(tokens)
-        assert x is not None
-        x = m.run_layers(x, pos, self.attn)  # (N, H)
-        if not m.has_head:
-            return x
-        if lrows is not None:
-            x = x[lrows]
-        return m.head(x)  # (rows, V)
-
-
-class _StageGraphs:
-    """Graphs of a stage's decode-only steps, one per bucketed batch size (the engine's
-    ``_DecodeGraphs``, for a slice of the layers).
-
-    Inputs live in one static int64 buffer (tokens, positions, slot blocks, slot offsets,
-    context lengths, block tables of ``width`` columns) refreshed by one copy per step
-    from a freshly pinned host array (stages never sync with the host, so a reused
-    pinned buffer could be overwritten before its copy ran); stages after the first also
-    copy the received hidden states into a static input. Rows past the batch are
-    padding: token 0 at position 0, writing to and reading from the null block. The
-    output is cloned: the next replay would overwrite it while a send still reads it.
-    """
-
-    def __init__(self, rt: StageRuntime, max_batch: int, capture: bool = True) -> None:
-        self.rt = rt
-        self.capture = capture
-        self.max_batch = max_batch
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
-                              | set(range(64, max_batch, 32)) | {max_batch})
-        cfg = rt.model.config
-        # The engine rounds its table width up to 16 columns: cover the largest such.
-        self.width = -(-math.ceil(cfg.max_position / rt.block_size) // 16) * 16
-        m, w = max_batch, self.width
-        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 5 * m, 5 * m + m * w]
-        self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=rt.device)
-        self.x = None if rt.model.has_embedding else torch.zeros(
-            m, cfg.hidden_size, dtype=rt.dtype, device=rt.device)
-        self.graphs: dict[int, Any] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-
-    def _section(self, i: int) -> Tensor:
-        return self.static[self.offsets[i]: self.offsets[i + 1]]
-
-    def _capture(self, b: int) -> Any:
-        rt, m = self.rt, self.rt.model
-        tokens, pos, sblk, soff, ctx = (self._section(i)[:b] for i in range(5))
-        tables = self._section(5).view(self.max_batch, self.width)[:b]
-        attn = PagedAttention(rt.cache)
-        # Valid, harmless inputs while warming up and capturing.
-        tokens.zero_()
-        pos.zero_()
-        sblk.fill_(NULL_BLOCK)
-        soff.zero_()
-        ctx.fill_(1)
-        tables.fill_(NULL_BLOCK)
-        x_static = self.x
-
-        def forward() -> Tensor:
-            attn.set_step(StepMetadata(slot_blocks=sblk, slot_offsets=soff, num_decode=b,
-                                       block_tables=tables, context_lens=ctx))
-            x = m.embed(tokens) if m.has_embedding else x_static[:b]  # type: ignore[index]
-            h = m.run_layers(x, pos, attn)  # (b, H)
-            return m.head(h) if m.has_head else h
-
-        if not self.capture:
-            return forward
-        stream = torch.cuda.Stream(device=rt.device)
-        stream.wait_stream(torch.cuda.current_stream(rt.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # Triton compiles, cuBLAS picks, off-graph
-                forward()
-        torch.cuda.current_stream(rt.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the NCCL watchdog thread queries events while we capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = forward()
-
-        def replay() -> Tensor:
-            graph.replay()
-            return out
-
-        return replay
-
-    def capture_all(self) -> int:
-        """Capture every bucket now, largest first (the smaller reuse its memory)."""
-        with torch.inference_mode():
-            for b in sorted(self.buckets, reverse=True):
-                if b not in self.graphs:
-                    self.graphs[b] = self._capture(b)
-        return len(self.graphs)
-
-    def run(self, plan: StepPlan, x: Tensor | None) -> Tensor:
-        d = plan.num_tokens
-        b = next(v for v in self.buckets if v >= d)
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        o, w = self.offsets, self.width
-        n = o[5] + b * w  # only the used prefix of the tables section travels
-        host = np.zeros(n, dtype=np.int64)
-        host[o[0]: o[0] + d] = plan.host("tokens")
-        host[o[1]: o[1] + d] = plan.host("positions")
-        host[o[2]: o[2] + b] = NULL_BLOCK  # padding rows write to the null block
-        host[o[2]: o[2] + d] = plan.host("meta.slot_blocks")
-        host[o[3]: o[3] + d] = plan.host("meta.slot_offsets")
-        host[o[4]: o[4] + b] = 1
-        host[o[4]: o[4] + d] = plan.host("meta.context_lens")
-        bt = plan.host("meta.block_tables")  # (d, table width <= w); zeros = null block
-        host[o[5]: n].reshape(b, w)[:d, : bt.shape[1]] = bt
-        src = torch.from_numpy(host)
-        if self.capture:
-            src = src.pin_memory()
-        self.static[:n].copy_(src, non_blocking=True)
-        if self.x is not None:
-            assert x is not None
-            self.x[:d].copy_(x)
-        out = self.graphs[b]()[:d]
-        return out.clone()
-
-
-def _stage_blocks(
-    config: NeoXConfig, layer_range: tuple[int, int], device: torch.device,
-    dtype: torch.dtype, kv_memory: float | int | None, block_size: int, max_num_seqs: int,
-    max_batch_tokens: int, rank: int,
-) -> int:
-    """How many KV blocks this stage can hold (the engine's sizing rule, per stage)."""
-    per_block = block_bytes(config, block_size, dtype, layer_range[1] - layer_range[0])
-    if device.type == "cuda":
-        if kv_memory is None:
-            kv_memory = 0.9
-        if isinstance(kv_memory, float):
-            if not 0 < kv_memory <= 1:
-                raise ValueError(f"kv_memory: a fraction must be in (0, 1], got {kv_memory}")
-            torch.cuda.synchronize(device)
-            free, _ = torch.cuda.mem_get_info(device)
-            v = config.vocab_size
-            reserve = 2 << 30  # activations of the largest step, receive buffers
-            if layer_range[1] == config.num_layers or rank == 0:
-                # The last stage's logits; rank 0's received logits and sampler temporaries.
-                reserve += max_batch_tokens * v * 4 * 3 + max_num_seqs * v * 8 * 6
-            budget = int(free * kv_memory) - reserve
-        else:
-            budget = int(kv_memory)
-    else:
-        if isinstance(kv_memory, float):
-            raise ValueError("kv_memory: give bytes (an int) off CUDA")
-        budget = int(kv_memory) if kv_memory is not None else 256 << 20
-    return max(0, budget // per_block)
 
 
 # --------------------------------------------------------------------------------------
@@ -508,14 +210,16 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
         cfg = model.config
         tune_decode_kernel(cfg.num_heads, cfg.head_dim, args.block_size, args.dtype, device)
         torch.cuda.empty_cache()
-    max_blocks = _stage_blocks(model.config, args.layer_range, device, args.dtype,
-                               args.kv_memory, args.block_size, args.max_num_seqs,
-                               args.max_batch_tokens, rank)
+    max_blocks = blocks_for_budget(
+        model.config, layer_range=args.layer_range, block_size=args.block_size,
+        dtype=args.dtype, device=device, kv_memory=args.kv_memory,
+        max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
+        logits=model.has_head)
     status.send(("ready", {"rank": rank, "layer_range": args.layer_range, "device": str(device),
                            "weight_bytes": model.parameter_bytes(), "max_blocks": max_blocks,
                            "load_s": time.time() - t0, "pid": os.getpid()}))
     last = rank == args.world - 1
-    runtime: StageRuntime | None = None
+    runner: ModelRunner | None = None
     sends = _Sends(polls=backend == "nccl")
     hidden = model.config.hidden_size
     checked = time.monotonic()
@@ -541,22 +245,22 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
                     torch.cuda.synchronize(device)
                 return
             if kind == "init":
-                runtime = StageRuntime(model, msg[1], args.block_size, graphs=args.cuda_graphs,
-                                       max_batch=args.max_num_seqs)
-                status.send(("init_done", {"rank": rank, "kv_bytes": runtime.cache.nbytes}))
+                runner = _stage_runner(model, msg[1], args.block_size, args.max_num_seqs,
+                                       args.cuda_graphs)
+                status.send(("init_done", {"rank": rank, "kv_bytes": runner.cache.nbytes}))
                 continue
             if kind == "capture":
-                assert runtime is not None and runtime.graphs is not None
-                status.send(("captured", runtime.graphs.capture_all()))
+                assert runner is not None
+                status.send(("captured", runner.capture_graphs()))
                 continue
-            assert kind == "step" and runtime is not None
-            plan: StepPlan = msg[1]
-            x = torch.empty(plan.num_tokens, hidden, dtype=args.dtype, device=device)
+            assert kind == "step" and runner is not None
+            inputs: StepInputs = msg[1]
+            x = torch.empty(inputs.num_tokens, hidden, dtype=args.dtype, device=device)
             # NCCL: wait() only orders our stream after the receive; the CPU runs on.
             dist.irecv(x, src=rank - 1, group=fwd[rank - 1]).wait()
-            out = runtime.forward(plan, x)
+            out, _ = runner.execute(inputs, x)
             if last:
-                if plan.rows:
+                if inputs.num_rows:
                     out = out.contiguous()
                     sends.add(dist.isend(out, dst=0, group=ret), out)
             else:
@@ -568,100 +272,27 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class _RangeAllocator(BlockAllocator):
-    """A :class:`BlockAllocator` handing out only the block ids ``lo..hi-1`` (a group's
-    share of the stages' caches; block 0 stays the shared null block)."""
-
-    def __init__(self, lo: int, hi: int) -> None:
-        super().__init__(hi)
-        self._free = list(range(hi - 1, lo - 1, -1))
-        self._lo = lo
-
-    @property
-    def capacity(self) -> int:
-        return self.num_blocks - self._lo
+def _stage_runner(model: NeoX, num_blocks: int, block_size: int, max_num_seqs: int,
+                  cuda_graphs: bool) -> ModelRunner:
+    """A stage's runner: its layers over a KV cache of those layers (every stage the
+    same block ids)."""
+    param = next(model.parameters())
+    cache = KVCache.for_model(model.config, model.layer_range, num_blocks, block_size,
+                              param.dtype, param.device)
+    return ModelRunner(model, cache, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs,
+                       pipelined=True)
 
 
-class _CopyRecorder:
-    """Stands in for a group's KV cache: copy-on-write copies ride along with the step."""
+class _MicroBatch:
+    """One micro-batch: a scheduler over a share of the stages' KV blocks, and its step
+    in flight (the logits receive, and the plan and sampler rows that wait for them)."""
 
-    def __init__(self) -> None:
-        self.copies: tuple[list[int], list[int]] | None = None
-
-    def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
-        self.copies = (src.tolist(), dst.tolist())
-
-
-_CPU = torch.device("cpu")
-
-
-class _Group(Engine):
-    """One micro-batch: the engine's scheduler, state and sampling, over a share of the
-    KV blocks, with the forward replaced by a launch into the pipeline.
-
-    ``Engine._execute`` builds a step and calls ``_forward`` then ``_sample_and_update``;
-    here ``_forward`` records a :class:`StepPlan` and launches it, and
-    ``_sample_and_update`` keeps its arguments until :meth:`consume` has the logits.
-    """
-
-    def __init__(self, owner: PipelineEngine, meta_model: NeoX, tokenizer: Any,
-                 lo: int, hi: int, device: torch.device, **kwargs: Any) -> None:
-        # A meta-device whole model: Engine's bookkeeping without memory (the cache it
-        # builds lives on meta too); the real layers are the stages'.
-        super().__init__(meta_model, tokenizer, num_blocks=hi, cuda_graphs=False,
-                         tune_kernels=False, **kwargs)
-        self.owner = owner
-        self.device = device
-        self.allocator = _RangeAllocator(lo, hi)
-        self.watermark_blocks = int(kwargs.get("watermark", 0.01) * self.allocator.capacity)
-        self.cache = _CopyRecorder()  # type: ignore[assignment]
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
         self.inflight: tuple[Any, Tensor | None] | None = None
+        self.stash: tuple[StepPlan, SamplerInputs] | None = None
         self.deferred_aborts: list[str] = []
-        self._stash: tuple[Any, ...] | None = None
         self.load = 0  # tokens of unfinished requests (balances new requests over groups)
-
-    def launch(self) -> bool:
-        """Schedule this group's next step and launch it; False if nothing to run."""
-        sched = self._schedule()
-        if not (sched.decodes or sched.prefills):
-            return False
-        self.cache.copies = None  # type: ignore[attr-defined]
-        self._execute(sched)
-        return True
-
-    def _forward(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        # The engine's own forward, on host tensors, with a recorder for network and
-        # attention: the step's metadata is whatever the engine builds, by construction.
-        rec = _Recorder()
-        model, attn, device = self.model, self.attn, self.device
-        self.model, self.attn, self.device = rec, rec, _CPU  # type: ignore[assignment]
-        try:
-            out = Engine._forward(self, *args, **kwargs)
-        finally:
-            self.model, self.attn, self.device = model, attn, device
-        plan = rec.plan()
-        plan.copies = self.cache.copies  # type: ignore[attr-defined]
-        self.inflight = self.owner._launch(plan)
-        # (logits, sampler rows, score rows, score targets): the last three on the host
-        # until the logits come back.
-        return (None, *out[1:])
-
-    def _sample_and_update(self, logits: Tensor, *args: Any) -> None:  # type: ignore[override]
-        self._stash = args
-
-    def consume(self, logits: Tensor) -> None:
-        """Sample and update from the logits of the step in flight."""
-        assert self._stash is not None
-        args = tuple(a.to(self.device, non_blocking=True) if isinstance(a, Tensor) else a
-                     for a in self._stash)
-        self._stash = None
-        Engine._sample_and_update(self, logits, *args)
-
-    def enqueue_score(self, rid: str, inp: list[int], ctx: list[int], cont: list[int]) -> None:
-        req = _Request(rid, inp, None, 0, Timings(time.time()), score_ctx=len(ctx),
-                       score_targets=cont)
-        req.seqs.append(_Seq(req, 0, inp, len(inp), None))
-        self._enqueue(req, req.seqs[0])
 
 
 class PipelineEngine:
@@ -678,7 +309,8 @@ class PipelineEngine:
     ``micro_batches`` (default ``num_stages + 1``) is the number of groups in flight.
     ``cuda_graphs`` (default on CUDA) replays decode-only steps from per-stage graphs.
     ``abort`` of a request whose micro-batch is in flight takes effect when that step
-    returns (if the step finished the request, it finishes normally).
+    returns (if the step finished the request, it finishes normally). The other
+    arguments mean what they mean for :class:`~models.engine.engine.Engine`.
     """
 
     def __init__(
@@ -696,10 +328,14 @@ class PipelineEngine:
         max_num_seqs: int = 256,
         max_batch_tokens: int = 2048,
         micro_batches: int | None = None,
+        kv_overcommit: float = 1.0,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = True,
+        mask_padded_vocab: bool = True,
+        clamp_max_tokens: bool = False,
         tune_kernels: bool | None = None,
         cuda_graphs: bool | None = None,
         startup_timeout: float = 1800.0,
-        **engine_kwargs: Any,
     ) -> None:
         from models.dtypes import parse_dtype
         from models.loaders import load_config, load_model
@@ -734,6 +370,9 @@ class PipelineEngine:
         self.cuda_graphs = bool(cuda_graphs)
         self.block_size = block_size
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.max_position = config.max_position
+        self.clamp_max_tokens = clamp_max_tokens
+        self._rng = random.Random(seed)
         try:
             self._start(spec, base, dtype, tokenizer, seed, kv_memory, block_size,
                         max_num_seqs, max_batch_tokens, bool(tune_kernels), startup_timeout)
@@ -748,8 +387,11 @@ class PipelineEngine:
                 tune_decode_kernel(config.num_heads, config.head_dim, block_size, dtype,
                                    self.device)
                 torch.cuda.empty_cache()
-            mine = _stage_blocks(config, self.ranges[0], self.device, dtype, kv_memory,
-                                 block_size, max_num_seqs, max_batch_tokens, 0)
+            # Rank 0 receives the logits and samples.
+            mine = blocks_for_budget(
+                config, layer_range=self.ranges[0], block_size=block_size, dtype=dtype,
+                device=self.device, kv_memory=kv_memory, max_batch_tokens=max_batch_tokens,
+                max_num_seqs=max_num_seqs, logits=True)
             self.stage_info: list[dict[str, Any]] = [{
                 "rank": 0, "layer_range": self.ranges[0], "device": str(self.device),
                 "weight_bytes": stage0.parameter_bytes(), "max_blocks": mine,
@@ -767,34 +409,39 @@ class PipelineEngine:
                                  f"{[s['max_blocks'] for s in self.stage_info]} blocks)")
             for q in self._cmd_qs:
                 q.put(("init", total))
-            self._stage = StageRuntime(stage0, total, block_size, graphs=self.cuda_graphs,
-                                       max_batch=max_num_seqs)
-            self.stage_info[0]["kv_bytes"] = self._stage.cache.nbytes
+            self._runner = _stage_runner(stage0, total, block_size, max_num_seqs,
+                                         self.cuda_graphs)
+            self.stage_info[0]["kv_bytes"] = self._runner.cache.nbytes
             for r in range(1, n):
                 self.stage_info[r].update(self._expect(r, "init_done", startup_timeout))
             self.num_blocks = total
-            with torch.device("meta"):
-                meta_model = NeoX(config).to(dtype)
-            self._groups: list[_Group] = []
+            tok = self.tokenizer
+            self.eos_id: int = (int(tok.eos_id) if tok is not None and tok.eos_id is not None
+                                else int(config.eos_token_id))
+            vocab = tok.vocab_size if tok is not None else None
+            self._sampler = Sampler(
+                device=self.device, eos_id=self.eos_id,
+                valid_vocab=min(int(vocab), config.vocab_size)
+                if mask_padded_vocab and vocab else None)
+            salt = prefix_salt(config, dtype)
+            self._groups: list[_MicroBatch] = []
             lo, usable = 1, total - 1
             for g in range(groups):
                 hi = lo + usable // groups + (1 if g < usable % groups else 0)
-                self._groups.append(_Group(
-                    self, meta_model, self.tokenizer, lo, hi, self.device,
-                    block_size=block_size, max_num_seqs=max_num_seqs,
-                    max_batch_tokens=max_batch_tokens, seed=seed + g, **engine_kwargs))
+                blocks = BlockManager(hi, block_size, lo=lo,
+                                      enable_prefix_caching=enable_prefix_caching, salt=salt)
+                self._groups.append(_MicroBatch(Scheduler(
+                    blocks, max_position=self.max_position, max_num_seqs=max_num_seqs,
+                    max_batch_tokens=max_batch_tokens, kv_overcommit=kv_overcommit,
+                    watermark=watermark, decoder=tok, eos_id=self.eos_id)))
                 lo = hi
         except BaseException:
             self.close()
             raise
-        g0 = self._groups[0]
-        self.eos_id = g0.eos_id
-        self.max_position = g0.max_position
         self.model = stage0
         self._turn = 0
-        self._where: dict[str, tuple[_Group, int]] = {}  # request -> (group, its load)
-        self._outputs: list[RequestOutput] = []
-        self._rng = g0._rng
+        self._where: dict[str, tuple[_MicroBatch, int]] = {}  # request -> (group, its load)
+        self._pending: list[RequestOutput] = []
         self._last_check = time.monotonic()
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -887,17 +534,24 @@ class PipelineEngine:
 
     # -- the pipeline --------------------------------------------------------------------
 
-    def _launch(self, plan: StepPlan) -> tuple[Any, Tensor | None]:
-        """Send a step to every stage, run stage 0 on it, post the logits receive."""
+    def _launch(self, g: _MicroBatch) -> None:
+        """Schedule the micro-batch's next step; send it to every stage, run stage 0 on
+        it, post the logits receive. Nothing happens if it has nothing to run."""
+        plan = g.scheduler.schedule()
+        if plan.is_empty:
+            return
+        inputs = self._runner.prepare(plan)
         for q in self._cmd_qs:
-            q.put(("step", plan))
-        x = self._stage.forward(plan, None)
+            q.put(("step", inputs))
+        x, rows = self._runner.execute(inputs)
         self._sends.add(dist.isend(x, dst=1, group=self._fwd[0]), x)
-        if not plan.rows:
-            return None, None
-        buf = torch.empty(plan.rows, self.config.vocab_size, dtype=self.dtype,
+        g.stash = (plan, rows)
+        if not inputs.num_rows:
+            g.inflight = (None, None)
+            return
+        buf = torch.empty(inputs.num_rows, self.config.vocab_size, dtype=self.dtype,
                           device=self.device)
-        return dist.irecv(buf, src=self.num_stages - 1, group=self._ret), buf
+        g.inflight = (dist.irecv(buf, src=self.num_stages - 1, group=self._ret), buf)
 
     def _wait(self, work: Any) -> None:
         """Wait for a receive, checking every ``LIVENESS_S`` that the stages are alive."""
@@ -936,22 +590,24 @@ class PipelineEngine:
             self._blame(exc, grace=5.0)
             raise PipelineError(f"pipeline: receiving logits failed: {exc}") from exc
 
-    def _finish(self, g: _Group) -> None:
-        assert g.inflight is not None
+    def _finish(self, g: _MicroBatch) -> None:
+        """Wait for the micro-batch's logits; sample and update its scheduler."""
+        assert g.inflight is not None and g.stash is not None
         work, buf = g.inflight
         if work is not None:
             self._wait(work)
         logits = buf if buf is not None else torch.empty(
             0, self.config.vocab_size, dtype=self.dtype, device=self.device)
-        g.inflight = None
+        plan, rows = g.stash
+        g.inflight = g.stash = None
         # Sampling on a side stream: its host sync then waits for this step's logits
         # only, not for the stage-0 work of the next micro-batch already queued.
         with torch.cuda.stream(self._side) if self._side is not None else \
                 contextlib.nullcontext():
-            g.consume(logits)
+            g.scheduler.update(plan, self._sampler(logits, plan, rows))
         aborts, g.deferred_aborts = g.deferred_aborts, []
         for rid in aborts:
-            g.abort(rid)
+            g.scheduler.abort(rid)
 
     def _guard(self) -> None:
         if self._broken is not None:
@@ -1007,15 +663,13 @@ class PipelineEngine:
             self._turn = (self._turn + 1) % len(self._groups)
             if g.inflight is not None:
                 self._finish(g)
-            g.launch()
+            self._launch(g)
         return self._collect()
 
     def _collect(self) -> list[RequestOutput]:
-        out, self._outputs = self._outputs, []
+        out, self._pending = self._pending, []
         for g in self._groups:
-            if g._outputs:
-                out.extend(g._outputs)
-                g._outputs = []
+            out.extend(g.scheduler.take_outputs())
         for o in out:
             where = self._where.pop(o.request_id, None)
             if where is not None:
@@ -1024,7 +678,7 @@ class PipelineEngine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def _pick(self) -> _Group:
+    def _pick(self) -> _MicroBatch:
         return min(self._groups, key=lambda g: g.load)
 
     def add_request(
@@ -1037,16 +691,19 @@ class PipelineEngine:
         """Queue a request (on the least loaded micro-batch). Raises ``ValueError``
         naming the field for a bad one."""
         self._guard()
-        if isinstance(request_id, str) and request_id in self._where:
-            raise ValueError(f"request_id: {request_id!r} is already in the engine")
         params = as_params(params)
-        if params.seed is None:
-            # One seed stream for the whole engine, as a one-GPU engine draws them.
-            params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
+        if request_id in self._where:
+            raise ValueError(f"request_id: {request_id!r} is already in the engine")
+        ids = prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
+        params = fit_params(ids, params, self.max_position, self.clamp_max_tokens)
         g = self._pick()
-        g.add_request(request_id, prompt, params, arrival)
-        req = g._requests[request_id]
-        load = len(req.prompt) + params.max_tokens * params.n
+        g.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
+        # One seed stream for the whole engine, as a one-GPU engine draws them.
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        g.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time())
+        load = len(ids) + params.max_tokens * params.n
         g.load += load
         self._where[request_id] = (g, load)
 
@@ -1059,8 +716,8 @@ class PipelineEngine:
             return False
         g = where[0]
         if g.inflight is None:
-            return g.abort(request_id)
-        req = g._requests.get(request_id)
+            return g.scheduler.abort(request_id)
+        req = g.scheduler.requests.get(request_id)
         if req is None or req.done:
             return False
         g.deferred_aborts.append(request_id)
@@ -1071,31 +728,37 @@ class PipelineEngine:
         polls this (an idle worker loop) must not spin on a broken engine."""
         if self._broken is not None:
             raise PipelineError(self._broken)
-        return bool(self._outputs) or any(
-            g.inflight is not None or g.has_unfinished() for g in self._groups)
+        return bool(self._pending) or any(
+            g.inflight is not None or g.scheduler.has_unfinished() for g in self._groups)
 
     def num_unfinished(self) -> int:
-        return sum(g.num_unfinished() for g in self._groups)
+        return sum(g.scheduler.num_unfinished() for g in self._groups)
+
+    def check_health(self) -> None:
+        """Raise :class:`PipelineError` if a stage reported an error or died."""
+        self.check_stages()
 
     @property
-    def stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def stats(self) -> dict[str, float]:
+        """The micro-batches' counters added up (as :attr:`Engine.stats`)."""
+        total: dict[str, float] = {}
         for g in self._groups:
-            for k, v in g.stats.items():
+            for k, v in g.scheduler.stats.items():
                 total[k] = total.get(k, 0) + v
-        total["graph_steps"] = self._stage.graph_steps  # stage 0's; the others match
+        total["graph_steps"] = self._runner.graph_steps  # stage 0's; the others match
+        total.update(prefix_stats([g.scheduler.blocks for g in self._groups]))
         return total
 
     def capture_graphs(self) -> int:
         """Capture every stage's decode graphs now instead of on first use (as
         :meth:`Engine.capture_graphs`). Returns how many rank 0 holds."""
         self._guard()
-        if self._stage.graphs is None:
+        if self._runner.graphs is None:
             return 0
         with self._failing():
             for q in self._cmd_qs:
                 q.put(("capture",))
-            count = self._stage.graphs.capture_all()
+            count = self._runner.capture_graphs()
             for r in range(1, self.num_stages):
                 self._expect(r, "captured", 1800.0)
         return count
@@ -1113,30 +776,40 @@ class PipelineEngine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order (as :meth:`Engine.generate`)."""
-        return run_to_completion(self, prompts, params)
+        self._guard()
+        tag = f"_gen{self._rng.getrandbits(40):x}_"
+        final, others = run_to_completion(self.add_request, self.step, tag, prompts, params)
+        self._pending = others + self._pending
+        return final
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreResult]:
         """Log-likelihood of each continuation given its context (as :meth:`Engine.score`)."""
         self._guard()
         tag = f"_score{self._rng.getrandbits(40):x}_"
-        todo: list[tuple[str, _Group, int]] = []
+        checked = []
         for i, pair in enumerate(pairs):
             ctx, cont, inp = score_pair(i, pair, self.max_position, self.config.vocab_size)
+            self._groups[0].scheduler.check_fits(len(inp), f"pairs[{i}]")
+            checked.append((ctx, cont, inp))
+        todo: list[tuple[str, _MicroBatch, int]] = []
+        for i, (ctx, cont, inp) in enumerate(checked):
             g = self._pick()
-            g._check_fits(len(inp), f"pairs[{i}]")
             rid = f"{tag}{i}"
-            g.enqueue_score(rid, inp, ctx, cont)
+            g.scheduler.add_score(rid, inp, len(ctx), cont)
             g.load += len(inp)
             todo.append((rid, g, len(inp)))
+        results: dict[str, ScoreResult] = {}
         others: list[RequestOutput] = []
-        while any(rid not in g._scores for rid, g, _ in todo):
+        while len(results) < len(todo):
             others.extend(self.step())
-        self._outputs = others + self._outputs
-        results = []
-        for rid, g, load in todo:
-            g.load -= load
-            results.append(g._scores.pop(rid))
-        return results
+            for rid, g, load in todo:
+                if rid not in results:
+                    got = g.scheduler.take_score(rid)
+                    if got is not None:
+                        results[rid] = got
+                        g.load -= load
+        self._pending = others + self._pending
+        return [results[rid] for rid, _, _ in todo]
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -1218,4 +891,4 @@ def _looks_like_transport(exc: BaseException) -> bool:
         w in text for w in ("connection", "gloo", "nccl", "peer", "socket", "closed"))
 
 
-__all__ = ["PipelineEngine", "PipelineError", "StageRuntime", "StepPlan"]
+__all__ = ["PipelineEngine", "PipelineError"]

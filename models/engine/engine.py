@@ -1,0 +1,355 @@
+"""The one-GPU engine: scheduler -> runner -> sampler, one step at a time.
+
+Every :meth:`Engine.step` asks the :class:`~models.engine.scheduler.Scheduler` for a
+plan (which sequences, how many tokens, which blocks), has the
+:class:`~models.engine.runner.ModelRunner` run the whole network on it (decode-only
+steps from CUDA graphs), samples with the :class:`~models.engine.sampler.Sampler` and
+hands the tokens back to the scheduler, which returns the finished requests.
+
+Threading: one thread drives the engine (``add_request``, ``abort``, ``step``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from models.attention import tune_decode_kernel
+from models.config import NeoXConfig
+from models.engine.block_manager import BlockManager
+from models.engine.kv_cache import KVCache, blocks_for_budget
+from models.engine.outputs import (
+    RequestOutput,
+    ScoreResult,
+    Timings,
+    as_params,
+    expand_params,
+    score_pair,
+)
+from models.engine.runner import ModelRunner
+from models.engine.sampler import Sampler
+from models.engine.scheduler import Scheduler
+from models.model import NeoX
+from models.params import SamplingParams
+
+
+def prefix_salt(config: NeoXConfig, dtype: torch.dtype) -> int:
+    """The start of every prefix-cache hash chain: what besides the tokens decides a
+    block's keys and values (the model's shape and weights' identity, the KV dtype)."""
+    return hash((repr(config), str(dtype)))
+
+
+def prompt_ids(prompt: str | Sequence[int], tokenizer: Any | None, vocab_size: int) -> list[int]:
+    """A prompt as checked token ids (``ValueError`` naming the field when bad)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("prompt: this engine has no tokenizer; pass token ids")
+        ids = list(tokenizer.encode(prompt))
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} outside the model's vocabulary "
+                             f"(0..{vocab_size - 1})")
+    if not ids:
+        raise ValueError("prompt: must have at least one token")
+    return ids
+
+
+def fit_params(ids: list[int], params: SamplingParams, max_position: int,
+               clamp_max_tokens: bool) -> SamplingParams:
+    """``params`` for a prompt of ``ids`` in a context of ``max_position`` tokens:
+    rejected (``ValueError``) or shortened when prompt + max_tokens exceeds it."""
+    if len(ids) >= max_position:
+        raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate in the "
+                         f"model's context of {max_position} tokens")
+    if len(ids) + params.max_tokens > max_position:
+        if not clamp_max_tokens:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) exceeds the model's context of "
+                f"{max_position} tokens")
+        room = max_position - len(ids)
+        params = SamplingParams.from_dict(
+            {**params.to_dict(), "max_tokens": room,
+             "min_tokens": min(params.min_tokens, room)})
+    return params
+
+
+def run_to_completion(
+    add: Any, step: Any, tag: str, prompts: Sequence[str | Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] | None,
+) -> tuple[list[RequestOutput], list[RequestOutput]]:
+    """``generate`` of any engine: queue the prompts under ids ``tag + i`` with ``add``,
+    call ``step`` until all are done. Returns (their outputs in input order, with ids
+    "0", "1", ...; the outputs of other requests that finished meanwhile). A bad
+    request gives an output with ``error`` set; the others run."""
+    plist = expand_params(prompts, params)
+    results: dict[str, RequestOutput] = {}
+    ids = [f"{tag}{i}" for i in range(len(prompts))]
+    for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+        try:
+            add(rid, prompt, p)
+        except ValueError as exc:
+            results[rid] = RequestOutput(rid, 0, [], Timings(time.time()), error=str(exc))
+    others: list[RequestOutput] = []
+    while any(rid not in results for rid in ids):
+        for out in step():
+            if out.request_id.startswith(tag):
+                results[out.request_id] = out
+            else:
+                others.append(out)
+    final = []
+    for i, rid in enumerate(ids):
+        out = results[rid]
+        out.request_id = str(i)
+        final.append(out)
+    return final, others
+
+
+class Engine:
+    """Continuous-batching text generation over a paged KV cache with prefix caching.
+
+    Args:
+        model: a whole :class:`NeoX` (embedding and head), already on its device.
+        tokenizer: ``encode``/``decode``/``eos_id``/``vocab_size``; ``None`` runs on token
+            ids only (prompts must be id lists, texts are empty, EOS is the config's).
+        kv_memory: KV-cache budget — a float in (0, 1] is a fraction of the free GPU
+            memory (after an activation reserve), an int is bytes. Default 0.9 on CUDA,
+            256 MiB elsewhere.
+        num_blocks: the number of KV blocks, overriding ``kv_memory`` (tests).
+        block_size: tokens per KV block.
+        max_num_seqs: most sequences in the running batch.
+        max_batch_tokens: most tokens in one forward (decode tokens + prefill chunks).
+        kv_overcommit, watermark: admission control (see
+            :class:`~models.engine.scheduler.Scheduler`).
+        enable_prefix_caching: reuse the KV of full prompt blocks already computed (for
+            another request, or before a preemption) instead of recomputing it.
+        mask_padded_vocab: never sample ids >= the tokenizer's vocabulary (rows of a
+            padded embedding). Turn off only to compare raw ids with a reference.
+        clamp_max_tokens: when prompt + max_tokens exceeds the context, shorten
+            max_tokens instead of rejecting the request (OpenAI rejects; so do we by
+            default).
+        cuda_graphs: capture decode-only steps in CUDA graphs at bucketed batch sizes
+            (default: on for CUDA).
+        tune_kernels: time a few configurations of the Triton decode kernel at this
+            model's shape at start-up and keep the fastest (default: on for CUDA).
+        seed: seeds the per-request seeds drawn for requests that give none.
+    """
+
+    def __init__(
+        self,
+        model: NeoX,
+        tokenizer: Any | None = None,
+        *,
+        kv_memory: float | int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_batch_tokens: int = 2048,
+        kv_overcommit: float = 1.0,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = True,
+        mask_padded_vocab: bool = True,
+        clamp_max_tokens: bool = False,
+        cuda_graphs: bool | None = None,
+        tune_kernels: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not (model.has_embedding and model.has_head):
+            raise ValueError("Engine needs a whole model (embedding and head)")
+        if max_batch_tokens < 1 or max_num_seqs < 1 or block_size < 1:
+            raise ValueError("max_batch_tokens, max_num_seqs and block_size must be >= 1")
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.clamp_max_tokens = clamp_max_tokens
+        self.max_position = self.config.max_position
+        self.eos_id: int = (
+            int(tokenizer.eos_id) if tokenizer is not None and tokenizer.eos_id is not None
+            else int(self.config.eos_token_id)
+        )
+        vocab = tokenizer.vocab_size if tokenizer is not None else None
+        self.valid_vocab: int | None = (
+            min(int(vocab), self.config.vocab_size) if mask_padded_vocab and vocab else None
+        )
+        self.attn_config: tuple[int, int, int, int] | None = None
+        if tune_kernels is None:
+            tune_kernels = self.device.type == "cuda"
+        if tune_kernels:
+            # Before sizing the cache: tuning borrows some memory for a while.
+            self.attn_config = tune_decode_kernel(
+                self.config.num_heads, self.config.head_dim, block_size, self.dtype,
+                self.device)
+            torch.cuda.empty_cache()
+        whole = (0, self.config.num_layers)
+        if num_blocks is None:
+            num_blocks = blocks_for_budget(
+                self.config, layer_range=whole, block_size=block_size, dtype=self.dtype,
+                device=self.device, kv_memory=kv_memory, max_batch_tokens=max_batch_tokens,
+                max_num_seqs=max_num_seqs, logits=True)
+            if num_blocks < 2:
+                raise ValueError(f"kv_memory: {kv_memory!r} holds less than two KV blocks")
+        self.blocks = BlockManager(num_blocks, block_size,
+                                   enable_prefix_caching=enable_prefix_caching,
+                                   salt=prefix_salt(self.config, self.dtype))
+        self.scheduler = Scheduler(
+            self.blocks, max_position=self.max_position, max_num_seqs=max_num_seqs,
+            max_batch_tokens=max_batch_tokens, kv_overcommit=kv_overcommit,
+            watermark=watermark, decoder=tokenizer, eos_id=self.eos_id)
+        cache = KVCache.for_model(self.config, whole, num_blocks, block_size, self.dtype,
+                                  self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs: needs a CUDA model")
+        self.runner = ModelRunner(model, cache, max_num_seqs=max_num_seqs,
+                                  cuda_graphs=cuda_graphs)
+        self.sampler = Sampler(device=self.device, valid_vocab=self.valid_vocab,
+                               eos_id=self.eos_id)
+        self._rng = random.Random(seed)
+        self._pending: list[RequestOutput] = []  # finished, returned by the next step()
+
+    # -- sizes and stats -----------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the KV cache holds (usable blocks x block size)."""
+        return self.scheduler.cache_tokens
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Step counts, preemptions, decode-graph steps and the prefix cache's hits."""
+        s: dict[str, float] = dict(self.scheduler.stats)
+        s["graph_steps"] = self.runner.graph_steps
+        s.update(prefix_stats([self.blocks]))
+        return s
+
+    def capture_graphs(self) -> int:
+        """Capture the CUDA graphs of every decode batch-size bucket now instead of on
+        first use. Returns how many."""
+        return self.runner.capture_graphs()
+
+    def check_health(self) -> None:
+        """Nothing can fail outside the caller's own calls in one process."""
+
+    def close(self) -> None:
+        """Nothing to stop (the pipeline engine's close stops its stage processes)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | Mapping[str, Any] | None = None,
+        arrival: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ``ValueError`` naming the field for a bad one; nothing
+        else in the engine is affected."""
+        params = as_params(params)
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in the engine")
+        ids = prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
+        params = fit_params(ids, params, self.max_position, self.clamp_max_tokens)
+        self.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time())
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its memory; its output (finish_reason "abort")
+        comes back from the next :meth:`step`. False if it is unknown or finished."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    # -- the step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled tokens; return the requests that finished
+        (or were aborted) since the last call."""
+        plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            inputs = self.runner.prepare(plan)
+            logits, rows = self.runner.execute(inputs)
+            self.scheduler.update(plan, self.sampler(logits, plan, rows))
+        out = self._pending + self.scheduler.take_outputs()
+        self._pending = []
+        return out
+
+    # -- conveniences --------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in input order. A bad request gives an
+        output with ``error`` set (and no samples); the others run. Outputs of the
+        caller's own requests that finish meanwhile come from its next :meth:`step`."""
+        tag = f"_gen{self._rng.getrandbits(40):x}_"
+        final, others = run_to_completion(self.add_request, self.step, tag, prompts, params)
+        self._pending = others + self._pending
+        return final
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreResult]:
+        """Log-likelihood of each continuation given its context, batched through the
+        engine's steps (prefill only). ``len(context) + len(continuation)`` may be up to
+        the context length + 1 (the last token is never an input)."""
+        tag = f"_score{self._rng.getrandbits(40):x}_"
+        checked = []
+        for i, pair in enumerate(pairs):
+            ctx, cont, inp = score_pair(i, pair, self.max_position, self.config.vocab_size)
+            self.scheduler.check_fits(len(inp), f"pairs[{i}]")
+            checked.append((ctx, cont, inp))
+        ids = []
+        for i, (ctx, cont, inp) in enumerate(checked):
+            rid = f"{tag}{i}"
+            self.scheduler.add_score(rid, inp, len(ctx), cont)
+            ids.append(rid)
+        results: dict[str, ScoreResult] = {}
+        others: list[RequestOutput] = []
+        while len(results) < len(ids):
+            others.extend(self.step())
+            for rid in ids:
+                if rid not in results:
+                    got = self.scheduler.take_score(rid)
+                    if got is not None:
+                        results[rid] = got
+        self._pending = others + self._pending
+        return [results[rid] for rid in ids]
+
+
+def prefix_stats(managers: Sequence[BlockManager]) -> dict[str, float]:
+    """Prefix-cache figures of one or more block managers: prompt tokens looked up, found,
+    and the hit rate (found / looked up; 0 before any lookup)."""
+    query = sum(m.query_tokens for m in managers)
+    hit = sum(m.hit_tokens for m in managers)
+    return {"prefix_query_tokens": query, "prefix_hit_tokens": hit,
+            "prefix_cache_hit_rate": hit / query if query else 0.0}

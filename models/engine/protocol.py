@@ -1,0 +1,79 @@
+"""The engine interface worker/, evals/ and cli/ program against.
+
+:class:`~models.engine.engine.Engine` (one GPU) and
+:class:`~models.engine.pipeline.PipelineEngine` (N stages) both implement it; code
+that holds "an engine" types it as :class:`InferenceEngine` and needs no probing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from models.config import NeoXConfig
+from models.engine.outputs import RequestOutput, ScoreResult
+from models.params import SamplingParams
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """A continuous-batching engine driven by one thread."""
+
+    config: NeoXConfig
+    tokenizer: Any  # models.tokenizer.Tokenizer, or None for token-id-only engines
+    eos_id: int
+    max_position: int  # the model's context length
+    max_batch_tokens: int  # most tokens in one forward
+    block_size: int
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the KV cache holds."""
+        ...
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters: steps, decode_steps, graph_steps, preemptions, prefix_query_tokens,
+        prefix_hit_tokens, prefix_cache_hit_rate."""
+        ...
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int],
+                    params: SamplingParams | Mapping[str, Any] | None = None,
+                    arrival: float | None = None) -> None:
+        """Queue a request; ``ValueError`` naming the field for a bad one."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its output (finish_reason "abort") comes from a later step."""
+        ...
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the requests that finished since the last call."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def num_unfinished(self) -> int: ...
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in input order."""
+        ...
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+              ) -> list[ScoreResult]:
+        """Log-likelihood of each continuation given its context."""
+        ...
+
+    def capture_graphs(self) -> int:
+        """Capture decode CUDA graphs now instead of on first use; how many."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise if a part of the engine outside this process (a pipeline stage) failed."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's processes and memory. Idempotent."""
+        ...

@@ -1,0 +1,469 @@
+"""The model runner: a :class:`StepPlan` in, device tensors, one forward of a slice of
+the network, hidden states or logits out.
+
+The slice is the whole model on one GPU, or one pipeline stage's layers (the first
+stage also embeds, the last also runs the head): the same runner, the same metadata,
+the same decode graphs. It works in two halves so that a pipeline prepares each step
+once, on rank 0, and ships it to every stage:
+
+- :meth:`ModelRunner.prepare` turns the plan into :class:`StepInputs`: host int64 arrays
+  (one buffer, so one host-to-device copy) plus a few host ints — picklable;
+- :meth:`ModelRunner.execute` copies them to the device and runs the layers, through
+  the paged attention backend, or replays a captured CUDA graph for a decode-only step
+  (:class:`DecodeGraphs`).
+
+On a one-GPU engine the host buffer of decode-graph steps is reused (every step ends
+with a host sync, so the previous copy has completed); pipeline stages never sync with
+the host and use a fresh pinned buffer per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.attention import PagedAttention, StepMetadata, prefill_mask
+from models.engine.block_manager import NULL_BLOCK
+from models.engine.kv_cache import KVCache
+from models.engine.scheduler import Chunk, StepPlan
+from models.model import NeoX
+
+# Prefill chunks that start a sequence run as a few padded causal attention calls per
+# layer, one per length group (see fresh_groups); at most this many groups.
+MAX_FRESH_CALLS = 16
+
+# The int64 sections of an eager step's host buffer, in order.
+SECTIONS = ("tokens", "positions", "slots", "tables", "context_lens", "q_seq", "k_slots",
+            "k_seq", "k_pos", "logit_rows", "sample_rows", "score_rows", "score_targets",
+            "fresh_gather", "fresh_scatter")
+
+
+@dataclass
+class StepInputs:
+    """A step plan as host arrays: everything any stage's runner needs (picklable).
+
+    ``bucket`` > 0 marks a decode-only step laid out for the decode graph of that
+    batch-size bucket (see :class:`DecodeGraphs`); else ``ints`` holds :data:`SECTIONS`
+    of ``sizes``.
+    """
+
+    ints: np.ndarray
+    num_tokens: int
+    num_decode: int
+    sizes: tuple[int, ...] = ()
+    table_width: int = 0
+    num_continuing: int = 0
+    fresh: tuple[tuple[int, int], ...] = ()
+    fresh_groups: tuple[tuple[int, int], ...] = ()
+    num_rows: int = 0  # logits rows the last stage returns
+    select_rows: bool = False  # the head runs on a subset of the tokens
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    bucket: int = 0
+
+
+@dataclass
+class SamplerInputs:
+    """Device tensors the sampler reads (None: identity rows, or no score rows)."""
+
+    sample_rows: Tensor | None = None
+    score_rows: Tensor | None = None
+    score_targets: Tensor | None = None
+
+
+def fill_tables(tables: np.ndarray, lists: Sequence[Sequence[int]]) -> None:
+    """Row i of ``tables`` starts with ``lists[i]`` (the rest is left alone): one
+    vectorised write instead of a numpy slice assignment per sequence."""
+    lens = np.fromiter((len(t) for t in lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
+                       count=int(lens.sum()))
+    # Row-major order of the mask is the order of the concatenated block lists.
+    tables[np.arange(tables.shape[1])[None, :] < lens[:, None]] = flat
+
+
+def decode_slots(tables: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slot of each decode row's new token (row i writes at ``positions[i]``)."""
+    rows = np.arange(len(positions))
+    return tables[rows, positions // block_size] * block_size + positions % block_size
+
+
+def fresh_groups(
+    fresh: Sequence[tuple[int, int]],
+) -> tuple[tuple[tuple[int, int], ...], np.ndarray, np.ndarray]:
+    """Pack the chunks that start a sequence (``(start, end)`` rows, contiguous, in row
+    order) into right-padded batches: ``((n, S), ...)`` per group, the gather rows (all
+    groups' ``n * S`` padded rows, flattened in order; padding repeats a chunk's last
+    row) and, for each fresh row, its index among the gathered rows (the scatter back).
+
+    Right padding is exact under a causal mask (a real query never sees the padded keys
+    after it). Chunks are grouped by length so padding stays under half of each group.
+    """
+    if not fresh:
+        empty = np.zeros(0, dtype=np.int64)
+        return (), empty, empty
+    base = fresh[0][0]
+    order = sorted(range(len(fresh)), key=lambda i: fresh[i][0] - fresh[i][1])  # longest first
+    members: list[list[int]] = []
+    for i in order:  # a chunk under half its group's length starts a new group
+        n = fresh[i][1] - fresh[i][0]
+        if not members or (2 * n < fresh[members[-1][0]][1] - fresh[members[-1][0]][0]
+                           and len(members) < MAX_FRESH_CALLS):
+            members.append([i])
+        else:
+            members[-1].append(i)
+    total = fresh[-1][1] - base
+    scatter = np.zeros(total, dtype=np.int64)
+    gathers: list[np.ndarray] = []
+    groups: list[tuple[int, int]] = []
+    at = 0
+    for group in members:
+        s_max = fresh[group[0]][1] - fresh[group[0]][0]
+        starts = np.asarray([fresh[i][0] for i in group], dtype=np.int64)
+        lens = np.asarray([fresh[i][1] - fresh[i][0] for i in group], dtype=np.int64)
+        cols = np.arange(s_max, dtype=np.int64)
+        gathers.append((starts[:, None] + np.minimum(cols[None, :], lens[:, None] - 1))
+                       .reshape(-1))
+        for k, i in enumerate(group):
+            scatter[fresh[i][0] - base: fresh[i][1] - base] = at + k * s_max + cols[: lens[k]]
+        groups.append((len(group), s_max))
+        at += len(group) * s_max
+    return tuple(groups), np.concatenate(gathers), scatter
+
+
+def _upload(ints: np.ndarray, device: torch.device) -> Tensor:
+    host = torch.from_numpy(ints)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+class ModelRunner:
+    """Runs steps of ``model`` (a whole :class:`NeoX` or one stage's slice) over ``cache``.
+
+    ``cuda_graphs``: decode-only steps of up to ``max_num_seqs`` sequences replay a
+    graph per batch-size bucket — captured on CUDA; ``capture=False`` runs the same
+    static-buffer path uncaptured (so it is tested on CPU). ``pipelined``: the runner is
+    a pipeline stage (fresh host buffers per step, graph outputs copied out because a
+    send may still read them when the next replay runs).
+    """
+
+    def __init__(self, model: NeoX, cache: KVCache, *, max_num_seqs: int,
+                 cuda_graphs: bool = False, capture: bool | None = None,
+                 pipelined: bool = False) -> None:
+        self.model = model
+        self.cache = cache
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = cache.block_size
+        self.attn = PagedAttention(cache)
+        self.pipelined = pipelined
+        # Columns of a decode graph's block tables: a whole context.
+        self.max_blocks_per_seq = math.ceil(model.config.max_position / self.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            if capture is None:
+                capture = self.device.type == "cuda"
+            if capture and self.device.type != "cuda":
+                raise ValueError("cuda_graphs: needs a CUDA model")
+            self.graphs = DecodeGraphs(self, max_num_seqs, capture=capture)
+        self.graph_steps = 0
+
+    # -- plan -> host arrays -------------------------------------------------------------
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """The plan's host arrays (see :class:`StepInputs`)."""
+        d = plan.num_decode
+        if self.graphs is not None and plan.decode_only and self.graphs.covers(d):
+            return self.graphs.layout(plan)
+        bs = self.block_size
+        dec_w = 0
+        bt = np.zeros(0, dtype=np.int64)
+        ctx = np.zeros(0, dtype=np.int64)
+        dec_pos = np.asarray(plan.decode_positions, dtype=np.int64)
+        slots_d = dec_pos
+        if d:
+            # Table width rounded up to 16 columns: one kernel specialisation for all steps.
+            dec_w = -(-max(len(t) for t in plan.decode_tables) // 16) * 16
+            bt = np.zeros((d, dec_w), dtype=np.int64)
+            fill_tables(bt, plan.decode_tables)
+            ctx = dec_pos + 1
+            slots_d = decode_slots(bt, dec_pos, bs)
+        toks: list[int] = list(plan.decode_tokens)
+        pos_parts: list[np.ndarray] = [dec_pos]
+        slot_parts: list[np.ndarray] = [slots_d]
+        # Prefill metadata. Chunks that start a sequence attend only to themselves
+        # (`fresh` row ranges); continuing chunks need their earlier keys: query
+        # (sequence, position) pairs and the keys they see, for one masked SDPA call.
+        q_seq: list[np.ndarray] = []
+        k_parts: list[np.ndarray] = []
+        k_seq_parts: list[np.ndarray] = []
+        k_pos_parts: list[np.ndarray] = []
+        fresh: list[tuple[int, int]] = []
+        num_continuing = 0
+        row = 0
+        for j, c in enumerate(plan.chunks):
+            start, end, n = c.start, c.end, len(c.tokens)
+            toks.extend(c.tokens)
+            pos = np.arange(end, dtype=np.int64)
+            table = np.asarray(c.blocks, dtype=np.int64)
+            seq_slots = table[pos // bs] * bs + pos % bs  # (end,) slots of the whole context
+            pos_parts.append(pos[start:])
+            slot_parts.append(seq_slots[start:])
+            if start == 0:
+                fresh.append((row, row + n))
+            else:
+                if fresh:
+                    raise ValueError("a plan lists continuing chunks before starting ones")
+                num_continuing += n
+                q_seq.append(np.full(n, j, dtype=np.int64))
+                k_parts.append(seq_slots)
+                k_seq_parts.append(np.full(end, j, dtype=np.int64))
+                k_pos_parts.append(pos)
+            row += n
+        empty = np.zeros(0, dtype=np.int64)
+        k_slots = np.concatenate(k_parts) if k_parts else empty
+        k_seq = np.concatenate(k_seq_parts) if k_parts else empty
+        k_pos = np.concatenate(k_pos_parts) if k_parts else empty
+        if len(k_slots) % 16:
+            # Pad keys to a multiple of 16 (fused SDPA kernels want aligned mask rows);
+            # padding keys belong to no sequence.
+            pad = 16 - len(k_slots) % 16
+            k_slots = np.concatenate([k_slots, np.full(pad, NULL_BLOCK * bs, dtype=np.int64)])
+            k_seq = np.concatenate([k_seq, np.full(pad, -1, dtype=np.int64)])
+            k_pos = np.concatenate([k_pos, np.zeros(pad, dtype=np.int64)])
+        groups, f_gather, f_scatter = fresh_groups(fresh)
+        n_tok = len(toks)
+        rows = plan.logit_rows
+        select = len(rows) != n_tok
+        identity = plan.sample_rows == list(range(len(rows)))
+        parts = [
+            np.asarray(toks, dtype=np.int64),
+            np.concatenate(pos_parts) if len(pos_parts) > 1 else pos_parts[0],
+            np.concatenate(slot_parts) if len(slot_parts) > 1 else slot_parts[0],
+            bt.reshape(-1), ctx,
+            np.concatenate(q_seq) if q_seq else empty, k_slots, k_seq, k_pos,
+            np.asarray(rows, dtype=np.int64) if select else empty,
+            empty if identity else np.asarray(plan.sample_rows, dtype=np.int64),
+            np.asarray(plan.score_rows, dtype=np.int64),
+            np.asarray(plan.score_targets, dtype=np.int64),
+            f_gather, f_scatter,
+        ]
+        # Each section starts 16-byte aligned (padded to an even length), so a Triton
+        # kernel handed one sees the same pointer alignment every step and is not
+        # recompiled for a new specialisation mid-run.
+        sizes = tuple(int(p.size) for p in parts)
+        padded = [p if p.size % 2 == 0 else np.append(p, 0) for p in parts]
+        return StepInputs(
+            ints=np.concatenate(padded).astype(np.int64, copy=False), num_tokens=n_tok,
+            num_decode=d, sizes=sizes, table_width=dec_w, num_continuing=num_continuing,
+            fresh=tuple(fresh), fresh_groups=groups, num_rows=len(rows), select_rows=select,
+            copies=list(plan.copies))
+
+    # -- host arrays -> forward ----------------------------------------------------------
+
+    def execute(self, inputs: StepInputs, x: Tensor | None = None,
+                ) -> tuple[Tensor, SamplerInputs]:
+        """Run the step: token ids (first stage, from ``inputs``) or hidden states ``x``
+        (N, H) in; hidden states (N, H) out, or logits (rows, V) from the last stage,
+        with the sampler's row tensors."""
+        if inputs.copies:
+            src, dst = zip(*inputs.copies, strict=True)
+            self.cache.copy_blocks(torch.tensor(src, device=self.device),
+                                   torch.tensor(dst, device=self.device))
+        if inputs.bucket:
+            assert self.graphs is not None
+            self.graph_steps += 1
+            return self.graphs.run(inputs, x), SamplerInputs()
+        bs = self.block_size
+        dev = _upload(inputs.ints, self.device)
+        t: dict[str, Tensor] = {}
+        at = 0
+        for name, size in zip(SECTIONS, inputs.sizes, strict=True):
+            t[name] = dev[at: at + size]
+            at += size + size % 2
+        d = inputs.num_decode
+        slots = t["slots"]
+        meta = StepMetadata(
+            slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=d,
+            block_tables=t["tables"].view(d, inputs.table_width) if d else None,
+            context_lens=t["context_lens"] if d else None,
+            num_continuing=inputs.num_continuing, fresh=inputs.fresh,
+        )
+        if inputs.fresh_groups:
+            meta.fresh_groups = inputs.fresh_groups
+            meta.fresh_gather, meta.fresh_scatter = t["fresh_gather"], t["fresh_scatter"]
+        r = inputs.num_continuing
+        if r:
+            k_slots = t["k_slots"]
+            meta.key_blocks, meta.key_offsets = k_slots // bs, k_slots % bs
+            meta.prefill_mask = prefill_mask(t["q_seq"], t["positions"][d: d + r],
+                                             t["k_seq"], t["k_pos"])
+        self.attn.set_step(meta)
+        # The sampler's rows travel with the step (in a pipeline, rank 0 keeps them for
+        # the logits that come back from the last stage).
+        rows = SamplerInputs(
+            sample_rows=t["sample_rows"] if inputs.sizes[SECTIONS.index("sample_rows")]
+            else None,
+            score_rows=t["score_rows"], score_targets=t["score_targets"])
+        model = self.model
+        if model.has_embedding:
+            x = model.embed(t["tokens"])
+        assert x is not None
+        hidden = model.run_layers(x, t["positions"], self.attn)  # (N, H)
+        if not model.has_head:
+            return hidden, rows
+        if inputs.select_rows:
+            hidden = hidden[t["logit_rows"]]
+        return model.head(hidden), rows  # logits (rows, V)
+
+    def capture_graphs(self) -> int:
+        """Capture every decode bucket's graph now (largest first, so the smaller ones
+        reuse its memory) instead of on first use. Returns how many there are."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
+
+class DecodeGraphs:
+    """Decode-only steps of a runner's slice as CUDA graphs, one per bucketed batch size,
+    captured on first use (or by :meth:`capture_all`).
+
+    A decode step at batch B replays the graph of the smallest bucket >= B. Inputs live in
+    one static device buffer — tokens, positions, slots, context lengths (``max_batch``
+    each), block tables (``max_batch`` rows of a whole context's blocks) — refreshed by a
+    single copy of the used prefix from a host array; stages after the first also copy
+    the received hidden states into a static input. Rows past B are padding: token 0 at
+    position 0, written to and read from the reserved null block.
+    """
+
+    def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True) -> None:
+        self.runner = runner
+        self.capture = capture
+        self.max_batch = max_batch
+        # Padding a decode batch costs little (it is bound by reading weights and KV), so
+        # coarse buckets above 64 keep capture time and graph memory down.
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
+                              | set(range(64, max_batch, 32)) | {max_batch})
+        self.width = runner.max_blocks_per_seq
+        m, w = max_batch, self.width
+        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
+        device = runner.device
+        self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=device)
+        # A one-GPU engine reuses one pinned host buffer (it syncs every step).
+        self.host: Tensor | None = None
+        if not runner.pipelined:
+            self.host = torch.zeros(self.offsets[-1], dtype=torch.int64)
+            if device.type == "cuda":
+                self.host = self.host.pin_memory()
+        model = runner.model
+        self.x = None if model.has_embedding else torch.zeros(
+            m, model.config.hidden_size, dtype=runner.dtype, device=device)
+        self.graphs: dict[int, Callable[[], Tensor]] = {}  # bucket -> replay
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def covers(self, d: int) -> bool:
+        return 0 < d <= self.max_batch
+
+    def layout(self, plan: StepPlan) -> StepInputs:
+        """A decode-only plan in the static buffer's layout (the used prefix only)."""
+        d = plan.num_decode
+        b = next(x for x in self.buckets if x >= d)
+        o, w = self.offsets, self.width
+        n = o[4] + b * w  # only the used prefix of the tables section travels
+        h = self.host.numpy()[:n] if self.host is not None else np.empty(n, dtype=np.int64)
+        bs = self.runner.block_size
+        h[o[0]: o[0] + b] = 0
+        h[o[0]: o[0] + d] = plan.decode_tokens
+        pos = np.asarray(plan.decode_positions, dtype=np.int64)
+        h[o[1]: o[1] + b] = 0
+        h[o[1]: o[1] + d] = pos
+        tables = h[o[4]: n].reshape(b, w)
+        tables[:] = NULL_BLOCK
+        fill_tables(tables[:d], plan.decode_tables)
+        h[o[2]: o[2] + b] = NULL_BLOCK * bs  # padding writes go there
+        h[o[2]: o[2] + d] = decode_slots(tables[:d], pos, bs)
+        h[o[3]: o[3] + b] = 1
+        h[o[3]: o[3] + d] = pos + 1
+        return StepInputs(ints=h, num_tokens=d, num_decode=d, num_rows=d,
+                          copies=list(plan.copies), bucket=b)
+
+    def _section(self, i: int, rows: int) -> Tensor:
+        return self.static[self.offsets[i]: self.offsets[i] + rows]
+
+    def _capture(self, b: int) -> Callable[[], Tensor]:
+        rt = self.runner
+        model, bs = rt.model, rt.block_size
+        tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
+        tables = self.static[self.offsets[4]: self.offsets[5]].view(self.max_batch, self.width)
+        attn = PagedAttention(rt.cache)
+        # Padding rows everywhere while capturing: valid, harmless inputs.
+        tokens.zero_()
+        positions.zero_()
+        slots.fill_(NULL_BLOCK * bs)
+        ctx.fill_(1)
+        tables.fill_(NULL_BLOCK)
+        x_static = self.x
+
+        def forward() -> Tensor:
+            attn.set_step(StepMetadata(
+                slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
+                block_tables=tables[:b], context_lens=ctx))
+            x = model.embed(tokens) if x_static is None else x_static[:b]
+            h = model.run_layers(x, positions, attn)  # (b, H)
+            return model.head(h) if model.has_head else h  # (b, V) or (b, H)
+
+        if not self.capture:
+            return forward
+        stream = torch.cuda.Stream(device=rt.device)
+        stream.wait_stream(torch.cuda.current_stream(rt.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels (Triton compiles, cuBLAS picks) off-graph
+                forward()
+        torch.cuda.current_stream(rt.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a pipeline's NCCL watchdog thread queries events during capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = forward()
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    def capture_all(self) -> int:
+        """Capture every bucket now, largest first (the smaller reuse its memory)."""
+        with torch.inference_mode():
+            for b in sorted(self.buckets, reverse=True):
+                if b not in self.graphs:
+                    self.graphs[b] = self._capture(b)
+        return len(self.graphs)
+
+    def run(self, inputs: StepInputs, x: Tensor | None) -> Tensor:
+        b, d = inputs.bucket, inputs.num_decode
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        n = inputs.ints.size
+        # A one-GPU engine's layout() wrote the pinned buffer in place.
+        src = self.host[:n] if self.host is not None else _pinned(inputs.ints,
+                                                                  self.runner.device)
+        self.static[:n].copy_(src, non_blocking=True)
+        if self.x is not None:
+            assert x is not None
+            self.x[:d].copy_(x)
+        out = self.graphs[b]()[:d]
+        # A pipeline stage's output may still be read by a send when the next replay
+        # overwrites it.
+        return out.clone() if self.runner.pipelined else out
+
+
+def _pinned(ints: np.ndarray, device: torch.device) -> Tensor:
+    host = torch.from_numpy(ints)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+__all__ = ["Chunk", "DecodeGraphs", "ModelRunner", "SamplerInputs", "StepInputs",
+           "fresh_groups"]

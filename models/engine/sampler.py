@@ -1,0 +1,101 @@
+"""The sampler of a step: the last stage's logits in, a :class:`StepResult` out.
+
+Draws each sample row's token on the device (:func:`models.sampling.sample`, or a plain
+argmax when every row is greedy with nothing to report), computes score rows'
+log-probabilities, and reads everything back in **one** host transfer — the step's only
+host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.engine.runner import SamplerInputs
+from models.engine.scheduler import Seq, StepPlan, StepResult
+from models.sampling import SampleRow, SamplingBatch, sample
+
+
+def _plain_greedy(seq: Seq) -> bool:
+    """The sequence's next token is the plain argmax: greedy, no logprobs, no penalties
+    and no banned ids (min_tokens reached)."""
+    p = seq.params
+    return (p is not None and p.temperature == 0 and p.logprobs is None
+            and not p.has_penalties and len(seq.tokens) - seq.num_prompt >= p.min_tokens)
+
+
+class Sampler:
+    """Turns logits into tokens and scores for the rows a plan asks for.
+
+    ``valid_vocab``: ids at or above it are never sampled (rows of a padded embedding);
+    ``eos_id``: banned until a row's ``min_tokens``.
+    """
+
+    def __init__(self, *, device: torch.device, valid_vocab: int | None,
+                 eos_id: int | None) -> None:
+        self.device = device
+        self.valid_vocab = valid_vocab
+        self.eos_id = eos_id
+
+    def __call__(self, logits: Tensor, plan: StepPlan, rows: SamplerInputs) -> StepResult:
+        pieces: list[Tensor] = []
+        res = None
+        want_lp = False
+        samplers = plan.samples
+        lg = logits if rows.sample_rows is None else logits[rows.sample_rows]
+        if samplers and all(_plain_greedy(seq) for seq, _ in samplers):
+            # Greedy with nothing to report or ban (the benchmark's case): what sample()
+            # would return, without packing per-row parameters to the device (a pinned
+            # copy and a dozen small kernels per step) or the log-softmax.
+            valid = lg.shape[1] if self.valid_vocab is None else min(self.valid_vocab,
+                                                                       lg.shape[1])
+            pieces.append(lg[:, :valid].argmax(dim=-1).double())
+        elif samplers:
+            sample_rows = []
+            for seq, index in samplers:
+                params = seq.params
+                assert params is not None
+                sample_rows.append(SampleRow(
+                    params=params, seed=seq.seed,
+                    sample_index=index, position=len(seq.tokens) - seq.num_prompt,
+                    output_ids=seq.outputs if params.has_penalties else (),
+                    prompt_ids=seq.tokens[: seq.num_prompt]
+                    if params.repetition_penalty != 1 else ()))
+            batch = SamplingBatch.build(sample_rows, device=self.device,
+                                        vocab_size=logits.shape[1],
+                                        valid_vocab=self.valid_vocab, eos_id=self.eos_id)
+            res = sample(lg, batch)
+            pieces.append(res.tokens.double())
+            want_lp = batch.max_logprobs is not None
+            if want_lp:
+                assert res.top_ids is not None and res.top_logprobs is not None
+                pieces += [res.logprobs.double(), res.top_ids.double().reshape(-1),
+                           res.top_logprobs.double().reshape(-1)]
+        if plan.scores:
+            assert rows.score_rows is not None and rows.score_targets is not None
+            srow_logits = logits[rows.score_rows]  # (S, V)
+            lp = torch.log_softmax(srow_logits.float(), dim=-1)
+            targets = rows.score_targets
+            pieces.append(lp.gather(1, targets[:, None])[:, 0].double())
+            pieces.append((srow_logits.argmax(dim=-1) == targets).double())
+        flat = torch.cat(pieces).tolist() if pieces else []  # the step's one host sync
+        out = StepResult()
+        off = 0
+        if samplers:
+            m = len(samplers)
+            out.tokens = [int(t) for t in flat[:m]]
+            off = m
+            if want_lp:
+                assert res is not None and res.top_ids is not None
+                k = int(res.top_ids.shape[1])
+                out.logprobs = flat[off: off + m]
+                ids = flat[off + m: off + m + m * k]
+                lps = flat[off + m + m * k: off + m + 2 * m * k]
+                out.top_ids = [[int(i) for i in ids[r * k: (r + 1) * k]] for r in range(m)]
+                out.top_logprobs = [lps[r * k: (r + 1) * k] for r in range(m)]
+                off += m + 2 * m * k
+        if plan.scores:
+            s = len(plan.scores)
+            out.score_logprobs = flat[off: off + s]
+            out.score_greedy = [g > 0.5 for g in flat[off + s: off + 2 * s]]
+        return out

@@ -1,0 +1,651 @@
+"""The scheduler: which sequences run each step, with how many tokens, in which blocks.
+
+Plain Python, no torch: it runs (and is tested) on plain data. Every step:
+
+1. :meth:`Scheduler.schedule` decides the step. Running sequences that are generating
+   get one token each (decode); then running prefills continue and waiting requests are
+   admitted, each taking a chunk of its prompt within the step's token budget
+   (``max_batch_tokens``). An admitted sequence first takes every leading full block of
+   its tokens already in the prefix cache and prefills only the rest (always at least
+   its last token, whose logits it needs). KV blocks are allocated as tokens arrive;
+   when none is left the most recently admitted sequence is *preempted* (its blocks
+   freed, recomputed later — mostly from the prefix cache), so the engine never runs
+   out of memory whatever the workload. The result is a :class:`StepPlan`.
+2. The engine's runner turns the plan into tensors and runs the network; its sampler
+   turns the logits into a :class:`StepResult`.
+3. :meth:`Scheduler.update` appends the tokens, checks stop conditions, forks the
+   ``n`` samples of a prompt whose prefill just ended (they share its blocks; a shared
+   partial block is copied on first write), records score rows, makes newly full blocks
+   findable in the prefix cache, frees finished sequences and produces their outputs.
+
+Between ``schedule`` and ``update`` nothing else may touch the scheduler (a pipeline
+launches a micro-batch's step and updates it when its logits return).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.engine.block_manager import BlockManager
+from models.engine.outputs import RequestOutput, Sample, ScoreResult, Timings
+from models.params import Decoder, SamplingParams, StopChecker
+
+# --------------------------------------------------------------------------------------
+# Requests and sequences
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Request:
+    """What every request has: an id, its input tokens, its sequences."""
+
+    request_id: str
+    prompt: list[int]
+    timings: Timings
+    seqs: list[Seq] = field(default_factory=list)
+    done: bool = False
+    order: int = 0  # arrival order (preempted sequences go back in this order)
+
+
+@dataclass(eq=False)
+class GenerateRequest(Request):
+    """Generate ``params.n`` samples after the prompt."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    pending_fork: int = 0  # samples still to be forked from sample 0 after its prefill
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+
+
+@dataclass(eq=False)
+class ScoreRequest(Request):
+    """Log-likelihood of ``targets`` after the first ``context`` input tokens (prefill
+    only: the input is context + continuation less its last token)."""
+
+    context: int = 0
+    targets: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Seq:
+    """One sequence: a prompt and the tokens one sample generated after it."""
+
+    req: Request
+    index: int  # sample index
+    tokens: list[int]  # prompt + generated
+    num_prompt: int
+    checker: StopChecker | None  # None for a score request
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # prefix-cache chain of full blocks
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    demand: int = 0  # blocks counted against admission while running
+    finished: bool = False
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def outputs(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def params(self) -> SamplingParams | None:
+        req = self.req
+        return req.params if isinstance(req, GenerateRequest) else None
+
+    @property
+    def seed(self) -> int:
+        req = self.req
+        return req.seed if isinstance(req, GenerateRequest) else 0
+
+    def max_cached_blocks(self, block_size: int) -> int:
+        """Most leading blocks the prefix cache may supply: the logits this sequence
+        needs (its last token's; a score's from the context's last token on) must be
+        computed."""
+        req = self.req
+        first_logit = req.context - 1 if isinstance(req, ScoreRequest) else len(self.tokens) - 1
+        return first_logit // block_size
+
+
+# --------------------------------------------------------------------------------------
+# The step plan and its result
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """Prefill tokens ``[start, end)`` of a sequence; ``blocks`` is its block table."""
+
+    tokens: list[int]  # the sequence's tokens[start:end]
+    start: int
+    blocks: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass
+class StepPlan:
+    """One step as plain data. Token rows: decode tokens first (longest context first),
+    then prefill chunks, those continuing a sequence before those starting one.
+
+    Valid until the next :meth:`Scheduler.schedule` (block tables are the sequences'
+    own lists).
+    """
+
+    decode_tokens: list[int] = field(default_factory=list)
+    decode_positions: list[int] = field(default_factory=list)  # = context length - 1
+    decode_tables: list[list[int]] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write src, dst
+    # Rows (of the step's tokens) whose logits are computed, in order; then which of
+    # those rows each sample and each score reads.
+    logit_rows: list[int] = field(default_factory=list)
+    samples: list[tuple[Seq, int]] = field(default_factory=list)  # (seq or fork source, index)
+    sample_rows: list[int] = field(default_factory=list)
+    forks: list[Seq] = field(default_factory=list)
+    scores: list[ScoreRequest] = field(default_factory=list)
+    score_rows: list[int] = field(default_factory=list)
+    score_targets: list[int] = field(default_factory=list)
+    # Sequences that computed tokens this step (their new full blocks become cached).
+    seqs: list[Seq] = field(default_factory=list)
+
+    @property
+    def num_decode(self) -> int:
+        return len(self.decode_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode_tokens) + sum(len(c.tokens) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode_tokens and not self.chunks
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.chunks and bool(self.decode_tokens)
+
+
+@dataclass
+class StepResult:
+    """The sampler's answer to a plan, read back from the device in one transfer."""
+
+    tokens: list[int] = field(default_factory=list)  # one per plan.samples row
+    logprobs: list[float] | None = None  # per sample row, when any request asked
+    top_ids: list[list[int]] | None = None  # per sample row: top alternatives
+    top_logprobs: list[list[float]] | None = None
+    score_logprobs: list[float] = field(default_factory=list)  # one per plan.scores row
+    score_greedy: list[bool] = field(default_factory=list)
+
+
+class _NullDecoder:
+    """Stands in when the engine has no tokenizer: token ids in, token ids out, no text."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return ""
+
+
+# --------------------------------------------------------------------------------------
+# The scheduler
+# --------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Requests, sequences and KV blocks of one engine (or one pipeline micro-batch).
+
+    Args:
+        blocks: the block manager (its capacity is this scheduler's KV memory).
+        max_position: the model's context length.
+        max_num_seqs: most sequences in the running batch.
+        max_batch_tokens: most tokens in one step (decode tokens + prefill chunks).
+        kv_overcommit: a request is admitted while the running sequences' projected
+            final sizes (prompt + max_tokens) add up to at most this many times the
+            cache. 1.0 avoids preemption for ``ignore_eos`` workloads; larger values bet
+            that requests stop early (EOS) and rely on preemption when they do not.
+        watermark: fraction of blocks kept free when admitting (room for decodes).
+        decoder: the tokenizer's ``decode`` for stop strings and output text (None: no
+            text).
+        eos_id: the end-of-text token.
+    """
+
+    def __init__(self, blocks: BlockManager, *, max_position: int, max_num_seqs: int = 256,
+                 max_batch_tokens: int = 2048, kv_overcommit: float = 1.0,
+                 watermark: float = 0.01, decoder: Decoder | None = None,
+                 eos_id: int | None = None) -> None:
+        if max_batch_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.max_position = max_position
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.kv_overcommit = kv_overcommit
+        self.watermark_blocks = int(watermark * blocks.capacity)
+        self.decoder: Decoder = decoder if decoder is not None else _NullDecoder()
+        self.eos_id = eos_id
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.outputs: list[RequestOutput] = []  # finished, not yet taken
+        self.scores: dict[str, ScoreResult] = {}  # finished score requests
+        self.demand = 0  # blocks the running sequences will need at their final size
+        self._order = 0
+        self.stats: dict[str, int] = {"steps": 0, "preemptions": 0, "decode_steps": 0}
+
+    # -- requests ------------------------------------------------------------------------
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.blocks.capacity * self.block_size
+
+    def check_fits(self, tokens: int, what: str) -> None:
+        """Raise ``ValueError`` if ``tokens`` could never be in the cache at once."""
+        if tokens > self.cache_tokens:
+            raise ValueError(f"{what}: {tokens} tokens do not fit in the KV cache "
+                             f"({self.cache_tokens} tokens)")
+
+    def add_generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                     seed: int, arrival: float) -> None:
+        """Queue a checked generation request (the engine validates it)."""
+        req = GenerateRequest(request_id, prompt, Timings(arrival), params=params, seed=seed,
+                              pending_fork=params.n - 1)
+        seq = Seq(req, 0, list(prompt), len(prompt), self._checker(params))
+        req.seqs.append(seq)
+        self._enqueue(req, seq)
+
+    def add_score(self, request_id: str, inputs: list[int], context: int,
+                  targets: list[int]) -> None:
+        """Queue a score request: ``inputs`` = context + continuation less its last token."""
+        req = ScoreRequest(request_id, inputs, Timings(time.time()), context=context,
+                           targets=targets)
+        req.seqs.append(Seq(req, 0, inputs, len(inputs), None))
+        self._enqueue(req, req.seqs[0])
+
+    def _checker(self, params: SamplingParams) -> StopChecker:
+        return StopChecker(params, self.decoder, eos_id=self.eos_id)
+
+    def _enqueue(self, req: Request, seq: Seq) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already in the engine")
+        req.order = self._order
+        self._order += 1
+        self.requests[req.request_id] = req
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its memory; a generation's output (finish_reason
+        "abort") is among the next :meth:`take_outputs`. False if unknown or finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.done:
+            return False
+        if isinstance(req, ScoreRequest):  # internal to score(): just drop it
+            self._release(req.seqs[0])
+            req.done = True
+            del self.requests[request_id]
+            return True
+        assert isinstance(req, GenerateRequest)
+        for seq in req.seqs:
+            if not seq.finished:
+                if seq.checker is not None:
+                    seq.checker.finish_abort()
+                self._release(seq)
+        # Samples never forked still count, as empty aborted samples.
+        for _ in range(req.pending_fork):
+            sib = Seq(req, len(req.seqs), list(req.prompt), len(req.prompt),
+                      self._checker(req.params))
+            assert sib.checker is not None
+            sib.checker.finish_abort()
+            sib.finished = True
+            req.seqs.append(sib)
+        req.pending_fork = 0
+        self._finish_request(req, now=time.time())
+        return True
+
+    def take_outputs(self) -> list[RequestOutput]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def take_score(self, request_id: str) -> ScoreResult | None:
+        return self.scores.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.outputs)
+
+    def num_unfinished(self) -> int:
+        return sum(1 for r in self.requests.values() if not r.done)
+
+    def held_tables(self) -> list[list[int]]:
+        """Block tables of every sequence holding blocks (tests check the counts)."""
+        return [s.blocks for s in self.running if s.blocks]
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Decide the next step (it may be empty: nothing to run)."""
+        bs = self.block_size
+        budget = self.max_batch_tokens
+        copies: list[tuple[int, int]] = []
+        decodes: list[Seq] = []
+        prefills: list[tuple[Seq, int]] = []
+        now = time.time()
+        # 1) decodes, then continuing prefills, in admission order. A sequence short of
+        # blocks preempts the most recently admitted sequences not yet scheduled.
+        scheduled: set[int] = set()
+        any_prefill = False
+        running = self.running
+        for want_decode in (True, False):
+            if not want_decode and not any_prefill:
+                break  # every running sequence is decoding: skip the second pass
+            i = 0
+            while i < len(running) and budget > 0:
+                seq = running[i]
+                need = len(seq.tokens) - seq.num_computed
+                # A decode extends generated text; a prompt (or score input) with one token
+                # left is still a prefill chunk (it may fork samples or score rows).
+                is_decode = need == 1 and len(seq.tokens) > seq.num_prompt
+                if is_decode != want_decode:
+                    any_prefill = True
+                    i += 1
+                    continue
+                n = min(need, budget)
+                while True:
+                    n_fit = self._grow(seq, n, copies)
+                    victim = running[-1]
+                    if n_fit > 0 or victim is seq or id(victim) in scheduled:
+                        break
+                    self._preempt(victim)
+                if n_fit == 0:
+                    if running[-1] is seq:  # the lowest priority itself: give way
+                        self._preempt(seq)
+                        break
+                    # Blocks are held by sequences already in this step: wait, and admit
+                    # nobody new, so that this older sequence goes first next step.
+                    budget = 0
+                    break
+                scheduled.add(id(seq))
+                if want_decode:
+                    decodes.append(seq)
+                else:
+                    prefills.append((seq, n_fit))
+                budget -= n_fit
+                i += 1
+        # 2) admit waiting sequences, first come first served.
+        limit = self.kv_overcommit * self.blocks.capacity
+        blocks = self.blocks
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            req = seq.req
+            forks = req.pending_fork if isinstance(req, GenerateRequest) and seq.index == 0 \
+                else 0
+            if len(running) + 1 + forks > self.max_num_seqs and running:
+                break
+            hit, hashes = blocks.lookup(seq.tokens, seq.max_cached_blocks(bs))
+            reused = blocks.reusable(hit)
+            # Blocks shared with running sequences are already in their demand.
+            demand = self._demand_of(seq) - (len(hit) - reused)
+            if running and self.demand + demand > limit:
+                break
+            start = len(hit) * bs
+            n = min(len(seq.tokens) - start, budget)
+            need_blocks = math.ceil(n / bs) + reused
+            free = blocks.num_free
+            if running and free - need_blocks < self.watermark_blocks:
+                break
+            if need_blocks > free:  # nothing running: everything is free but the prompt is huge
+                n = (free - reused) * bs
+                if n <= 0:
+                    break
+            self.waiting.popleft()
+            running.append(seq)
+            blocks.acquire(hit)
+            blocks.count_query(len(seq.tokens), start)
+            seq.blocks, seq.hashes, seq.num_computed = list(hit), hashes, start
+            if isinstance(req, GenerateRequest) and req.timings.first_scheduled is None:
+                req.cached_tokens = start
+            seq.demand = demand
+            self.demand += demand
+            n = self._grow(seq, n, copies)
+            prefills.append((seq, n))
+            budget -= n
+            if req.timings.first_scheduled is None:
+                req.timings.first_scheduled = now
+        return self._plan(decodes, prefills, copies)
+
+    def _plan(self, decodes: list[Seq], prefills: list[tuple[Seq, int]],
+              copies: list[tuple[int, int]]) -> StepPlan:
+        """The plan of the chosen work; advances each sequence's computed count."""
+        plan = StepPlan(copies=copies)
+        if not decodes and not prefills:
+            return plan
+        self.stats["steps"] += 1
+        if not prefills:
+            self.stats["decode_steps"] += 1
+        # Longest contexts first: the decode kernel then finishes with its shortest work.
+        decodes.sort(key=lambda s: -s.num_computed)
+        logit_rows, samples, sample_rows = plan.logit_rows, plan.samples, plan.sample_rows
+        for r, seq in enumerate(decodes):
+            p = seq.num_computed
+            plan.decode_tokens.append(seq.tokens[p])
+            plan.decode_positions.append(p)
+            plan.decode_tables.append(seq.blocks)
+            sample_rows.append(r)
+            logit_rows.append(r)
+            samples.append((seq, seq.index))
+            seq.num_computed = p + 1
+        # The scheduler lists continuing chunks (running sequences) before starting ones
+        # (admissions without a cache hit); a cache hit makes an admission continue.
+        prefills.sort(key=lambda sn: sn[0].num_computed == 0)
+        row = len(decodes)
+        for seq, n in prefills:
+            start, end = seq.num_computed, seq.num_computed + n
+            plan.chunks.append(Chunk(seq.tokens[start:end], start, seq.blocks))
+            req = seq.req
+            if isinstance(req, ScoreRequest):
+                # Logits at positions context-1 .. len-1 predict the continuation tokens.
+                first = max(start, req.context - 1)
+                for p in range(first, end):
+                    plan.scores.append(req)
+                    plan.score_targets.append(req.targets[p - (req.context - 1)])
+                    plan.score_rows.append(len(logit_rows))
+                    logit_rows.append(row + p - start)
+            elif end == len(seq.tokens):
+                assert isinstance(req, GenerateRequest)
+                # The chunk completes the sequence's context: sample its next token.
+                sample_rows.append(len(logit_rows))
+                samples.append((seq, seq.index))
+                if seq.index == 0 and req.pending_fork and len(seq.tokens) == seq.num_prompt:
+                    # n > 1: the other samples draw their first token from the same row.
+                    for k in range(req.pending_fork):
+                        samples.append((seq, len(req.seqs) + k))
+                        sample_rows.append(len(logit_rows))
+                    plan.forks.append(seq)
+                logit_rows.append(row + n - 1)
+            row += n
+            seq.num_computed = end
+        plan.seqs = decodes + [s for s, _ in prefills]
+        return plan
+
+    def _demand_of(self, seq: Seq) -> int:
+        req, bs = seq.req, self.block_size
+        if not isinstance(req, GenerateRequest):
+            return math.ceil(len(seq.tokens) / bs)
+        final = min(len(req.prompt) + req.params.max_tokens, self.max_position)
+        d = math.ceil(final / bs)
+        if seq.index == 0 and req.pending_fork:
+            d += req.pending_fork * (d - len(req.prompt) // bs)
+        return d
+
+    def _demand_of_sibling(self, req: GenerateRequest) -> int:
+        final = min(len(req.prompt) + req.params.max_tokens, self.max_position)
+        return math.ceil(final / self.block_size) - len(req.prompt) // self.block_size
+
+    def _grow(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> int:
+        """Give ``seq`` the blocks for its next ``n`` tokens, or as many as fit (a prefill
+        chunk may shrink; copy-on-write of a shared last block included). Returns the
+        number of tokens that fit."""
+        bs, blocks = self.block_size, self.blocks
+        start = seq.num_computed
+        # Copy-on-write: the first new token lands in a block shared with a sibling.
+        if start % bs and blocks.refs(seq.blocks[start // bs]) > 1:
+            if blocks.num_free == 0:
+                return 0
+            src = seq.blocks[start // bs]
+            dst = blocks.allocate()
+            blocks.free(src)
+            seq.blocks[start // bs] = dst
+            copies.append((src, dst))
+        have = len(seq.blocks) * bs - start
+        if have < n:
+            extra = min(math.ceil((n - have) / bs), blocks.num_free)
+            for _ in range(extra):
+                seq.blocks.append(blocks.allocate())
+            have += extra * bs
+        return min(n, have)
+
+    def _preempt(self, seq: Seq) -> None:
+        """Free a running sequence's blocks; it goes back to the waiting queue (in
+        arrival order) and is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.free_all(seq.blocks)
+        seq.blocks = []
+        seq.hashes = []
+        seq.num_computed = 0
+        self.demand -= seq.demand
+        seq.demand = 0
+        self.stats["preemptions"] += 1
+        req = seq.req
+        if isinstance(req, ScoreRequest):  # recomputes its rows from the start
+            req.logprobs.clear()
+            req.greedy.clear()
+        # Keep waiting sequences in arrival order (preempted ones are older than new ones).
+        pos = 0
+        key = (req.order, seq.index)
+        while pos < len(self.waiting) and (
+            (self.waiting[pos].req.order, self.waiting[pos].index) < key
+        ):
+            pos += 1
+        self.waiting.insert(pos, seq)
+
+    def _release(self, seq: Seq) -> None:
+        """A sequence is done (finished or aborted): free its blocks, drop it."""
+        seq.finished = True
+        if seq.blocks:
+            self.blocks.free_all(seq.blocks)
+            seq.blocks = []
+        if seq in self.running:
+            self.running.remove(seq)
+            self.demand -= seq.demand
+            seq.demand = 0
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+
+    # -- after the step ------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Apply a step's sampled tokens and score rows to the sequences."""
+        now = time.time()
+        bs = self.block_size
+        if self.blocks.enable_prefix_caching:
+            for seq in plan.seqs:
+                if seq.num_computed // bs > len(seq.hashes):
+                    self.blocks.register(seq.tokens, seq.blocks, seq.hashes, seq.num_computed)
+        if plan.samples:
+            # Fork new siblings first: sample 0 may finish on this very token.
+            seqs = [self._fork(seq, index) if index != seq.index else seq
+                    for seq, index in plan.samples]
+            for src in plan.forks:
+                src_req = src.req
+                assert isinstance(src_req, GenerateRequest)
+                src_req.pending_fork = 0
+            lps, top_ids, top_lps = result.logprobs, result.top_ids, result.top_logprobs
+            for r, seq in enumerate(seqs):
+                tok = result.tokens[r]
+                params = seq.params
+                assert params is not None
+                k = params.logprobs
+                if lps is not None and k is not None:
+                    assert top_ids is not None and top_lps is not None
+                    if seq.logprobs is None:
+                        seq.logprobs = []
+                    seq.logprobs.append({
+                        "token_id": tok, "logprob": lps[r],
+                        "top": [[top_ids[r][j], top_lps[r][j]] for j in range(k)],
+                    })
+                self._append_token(seq, tok, now)
+        if plan.scores:
+            for req, lp, g in zip(plan.scores, result.score_logprobs, result.score_greedy,
+                                  strict=True):
+                req.logprobs.append(lp)
+                req.greedy.append(g)
+            for req in {id(r): r for r in plan.scores}.values():
+                seq = req.seqs[0]
+                if seq.num_computed == len(seq.tokens):
+                    self._release(seq)
+                    self.scores[req.request_id] = ScoreResult(
+                        logprob=math.fsum(req.logprobs), is_greedy=all(req.greedy),
+                        token_logprobs=list(req.logprobs))
+                    req.done = True
+                    req.timings.finished = now
+                    del self.requests[req.request_id]
+
+    def _fork(self, src: Seq, index: int) -> Seq:
+        """A sibling sample sharing ``src``'s prompt blocks (reference counted)."""
+        req = src.req
+        assert isinstance(req, GenerateRequest)
+        sib = Seq(req, index, list(src.tokens[: src.num_prompt]), src.num_prompt,
+                  self._checker(req.params))
+        sib.blocks = self.blocks.fork(src.blocks[: math.ceil(src.num_prompt / self.block_size)])
+        sib.hashes = src.hashes[: src.num_prompt // self.block_size]
+        sib.num_computed = src.num_prompt
+        # Sample 0 was admitted with its siblings' growth in its demand; hand it over.
+        share = self._demand_of_sibling(req)
+        src.demand -= share
+        sib.demand = share
+        req.seqs.append(sib)
+        self.running.append(sib)
+        return sib
+
+    def _append_token(self, seq: Seq, tok: int, now: float) -> None:
+        req = seq.req
+        if req.timings.first_token is None:
+            req.timings.first_token = now
+        seq.tokens.append(tok)
+        assert seq.checker is not None
+        reason = seq.checker.append(tok)
+        if reason is None and len(seq.tokens) >= self.max_position:
+            reason = seq.checker.finish_length()
+        if reason is not None:
+            self._release(seq)
+            assert isinstance(req, GenerateRequest)
+            if req.pending_fork == 0 and all(s.finished for s in req.seqs):
+                self._finish_request(req, now=now)
+
+    def _finish_request(self, req: GenerateRequest, now: float) -> None:
+        req.done = True
+        req.timings.finished = now
+        samples = []
+        for s in sorted(req.seqs, key=lambda s: s.index):
+            c = s.checker
+            assert c is not None
+            samples.append(Sample(index=s.index, text=c.text, token_ids=list(c.token_ids),
+                                  finish_reason=c.finish_reason, logprobs=s.logprobs,
+                                  stop_reason=c.stop_reason))
+        self.outputs.append(RequestOutput(req.request_id, len(req.prompt), samples,
+                                          req.timings, None, cached_tokens=req.cached_tokens))
+        del self.requests[req.request_id]
+
+
+def new_seed(rng: random.Random) -> int:
+    """A request seed for a request that gives none (one stream per engine)."""
+    return rng.getrandbits(63)
