@@ -63,6 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="split the layers over N GPUs")
     g.add_argument("--model-seed", type=int, default=0,
                    help="seed of the random weights of preset:NAME models")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt (no reuse of cached prefix KV)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run_generate)
 
@@ -145,7 +147,8 @@ def read_prompts(path: Path) -> Iterator[Item]:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"max_num_seqs": args.batch_size,
-                          "max_batch_tokens": args.max_batch_tokens}
+                          "max_batch_tokens": args.max_batch_tokens,
+                          "enable_prefix_caching": args.prefix_caching}
     if args.kv_memory is not None:
         kw["kv_memory"] = args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory * 2**30)
     return kw

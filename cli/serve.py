@@ -42,6 +42,8 @@ def _add_worker(sub: Any) -> None:
                    help="chunks held at once (default NEOXQ_WORKER_CONCURRENCY)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences in the engine at once (engine default if unset)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt (no reuse of cached prefix KV)")
     p.add_argument("--worker-id", default=None, help="id shown in the store (default host:pid)")
     p.add_argument("--database-url", default=None, help="overrides NEOXQ_DATABASE_URL")
     p.add_argument("--redis-url", default=None, help="overrides NEOXQ_REDIS_URL")
@@ -53,7 +55,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     """Run one worker process until SIGTERM/SIGINT."""
     from worker.main import WorkerOptions, run_worker
 
-    engine_kwargs: dict[str, Any] = {}
+    engine_kwargs: dict[str, Any] = {"enable_prefix_caching": args.prefix_caching}
     if args.max_num_seqs:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     return run_worker(

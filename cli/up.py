@@ -56,6 +56,9 @@ def add_parser(sub: Any) -> None:
                         help="worker processes: at most the number of GPU groups (default: "
                              "one per group); with --device cpu, N CPU workers (default 1)")
     common.add_argument("--tokenizer", default=None, help="tokenizer.json (default: model's)")
+    common.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="the worker recomputes every prompt: no reuse of the KV of "
+                             "prompt prefixes already computed")
     common.add_argument("--data-dir", type=Path, default=None,
                         help="SQLite database and uploads (default $NEOXQ_DATA_DIR or ./.neoxq)")
 
@@ -104,7 +107,8 @@ class Stack:
                  port: int | None = None, device: str | None = None, dtype: str | None = None,
                  pipeline_parallel: int = 1, tokenizer: str | None = None,
                  metrics_port: int | None = None, logs_to_terminal: bool = False,
-                 gpus: list[str] | None = None, workers: int | None = None) -> None:
+                 gpus: list[str] | None = None, workers: int | None = None,
+                 prefix_caching: bool = True) -> None:
         self.model = model
         self.host = host
         self.port = port or free_port()
@@ -115,6 +119,8 @@ class Stack:
                 self.worker_argv += [flag, value]
         if pipeline_parallel != 1:
             self.worker_argv += ["--pipeline-parallel", str(pipeline_parallel)]
+        if not prefix_caching:
+            self.worker_argv.append("--no-prefix-caching")
         self.workers = plan_workers(gpus=gpus, pipeline_parallel=pipeline_parallel,
                                     device=device, workers=workers)
         self.metrics_port = metrics_port
@@ -364,7 +370,7 @@ def stack_options(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"neoxq: {exc}") from None
     return {"device": args.device, "dtype": args.dtype,
             "pipeline_parallel": args.pipeline_parallel, "tokenizer": args.tokenizer,
-            "gpus": gpus, "workers": args.workers}
+            "gpus": gpus, "workers": args.workers, "prefix_caching": args.prefix_caching}
 
 
 @contextlib.contextmanager

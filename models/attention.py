@@ -200,82 +200,20 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         stride_bt,
         HEAD_DIM: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
         HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
+        NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
     ):
-        # One program per (head, sequence): an online softmax over the sequence's
-        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration. The head is
-        # the fastest-varying grid index, so programs start sequence by sequence: with
-        # sequences sorted longest first (the engine does) the last wave holds the
-        # shortest ones and the tail is short.
+        # One program per (HPP heads, sequence): an online softmax over the sequence's
+        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration. With HPP > 1
+        # the block-table loads and address math are shared by the heads and each
+        # iteration moves HPP times the bytes (a block's heads are adjacent in the
+        # cache). Tiles are (TILE, HPP, dims); the softmax state is per head. The head
+        # group is the fastest-varying grid index, so programs start sequence by
+        # sequence: with sequences sorted longest first (the engine does) the last wave
+        # holds the shortest ones and the tail is short.
         #
         # The head dim is covered by two power-of-two parts, HD_A + HD_B (96 = 64 + 32):
         # padding 96 to 128 would leave a quarter of every load's lanes masked off. When
         # no such split exists HD_A is the padded width (> HEAD_DIM, masked) and HD_B 0.
-        head = tl.program_id(0)
-        seq = tl.program_id(1)
-        ctx = tl.load(ctx_ptr + seq)
-        da = tl.arange(0, HD_A)
-        amask = da < HEAD_DIM
-        db = HD_A + tl.arange(0, HD_B_ALLOC)
-        q_row = q_ptr + seq * stride_qn + head * stride_qh
-        # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
-        qa = tl.load(q_row + da, mask=amask, other=0.0).to(tl.float32) * scale_log2
-        acc_a = tl.zeros([HD_A], tl.float32)
-        acc_b = tl.zeros([HD_B_ALLOC], tl.float32)  # unused when HD_B == 0
-        qb = acc_b
-        if HD_B > 0:
-            qb = tl.load(q_row + db).to(tl.float32) * scale_log2
-        m_i = -float("inf")  # running max (log2 domain) and softmax denominator
-        l_i = 0.0
-        t = tl.arange(0, TILE)
-        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-        head_off = head.to(tl.int64) * stride_kh
-        # num_stages > 1 lets the compiler issue the next tiles' loads while this one's
-        # math runs (each iteration is otherwise a chain of dependent loads).
-        for start in tl.range(0, ctx, TILE, num_stages=NUM_STAGES):
-            pos = start + t
-            valid = pos < ctx
-            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = blk * stride_kb + head_off + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
-            # K and V are both issued before any math: V does not depend on the scores.
-            a_mask = valid[:, None] & amask[None, :]
-            ka = tl.load(k_ptr + row[:, None] + da[None, :], mask=a_mask, other=0.0)
-            va = tl.load(v_ptr + row[:, None] + da[None, :], mask=a_mask, other=0.0)
-            s = tl.sum(ka.to(tl.float32) * qa[None, :], axis=1)  # (TILE,)
-            if HD_B > 0:
-                b_mask = valid[:, None]
-                kb = tl.load(k_ptr + row[:, None] + db[None, :], mask=b_mask, other=0.0)
-                vb = tl.load(v_ptr + row[:, None] + db[None, :], mask=b_mask, other=0.0)
-                s += tl.sum(kb.to(tl.float32) * qb[None, :], axis=1)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc_a = acc_a * alpha + tl.sum(p[:, None] * va.to(tl.float32), axis=0)
-            if HD_B > 0:
-                acc_b = acc_b * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
-            m_i = m_new
-        o_row = out_ptr + seq * stride_on + head * stride_oh
-        tl.store(o_row + da, (acc_a / l_i).to(out_ptr.dtype.element_ty), mask=amask)
-        if HD_B > 0:
-            tl.store(o_row + db, (acc_b / l_i).to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def paged_decode_heads_kernel(
-        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-        scale_log2,
-        stride_qn, stride_qh, stride_on, stride_oh,
-        stride_kb, stride_kh, stride_kt,
-        stride_bt,
-        HEAD_DIM: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
-        HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
-    ):
-        # paged_decode_kernel for HPP heads of one sequence per program: the block-table
-        # loads and address math are shared by the heads, each iteration moves HPP times
-        # the bytes (a block's heads are adjacent in the cache), and there are HPP times
-        # fewer programs. Tiles are (TILE, HPP, dims); the softmax state is per head.
         heads = tl.program_id(0) * HPP + tl.arange(0, HPP)
         seq = tl.program_id(1)
         ctx = tl.load(ctx_ptr + seq)
@@ -283,6 +221,7 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         amask = da < HEAD_DIM
         db = HD_A + tl.arange(0, HD_B_ALLOC)
         q_rows = q_ptr + seq * stride_qn + heads[:, None] * stride_qh  # (HPP, 1)
+        # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
         qa = tl.load(q_rows + da[None, :], mask=amask[None, :], other=0.0)
         qa = qa.to(tl.float32) * scale_log2  # (HPP, HD_A)
         acc_a = tl.zeros([HPP, HD_A], tl.float32)
@@ -290,11 +229,13 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         qb = acc_b
         if HD_B > 0:
             qb = tl.load(q_rows + db[None, :]).to(tl.float32) * scale_log2
-        m_i = tl.full([HPP], -float("inf"), tl.float32)
-        l_i = tl.zeros([HPP], tl.float32)
+        m_i = tl.full([HPP], -float("inf"), tl.float32)  # running max (log2 domain)
+        l_i = tl.zeros([HPP], tl.float32)  # softmax denominator
         t = tl.arange(0, TILE)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
         head_off = heads.to(tl.int64) * stride_kh  # (HPP,)
+        # num_stages > 1 lets the compiler issue the next tiles' loads while this one's
+        # math runs (each iteration is otherwise a chain of dependent loads).
         for start in tl.range(0, ctx, TILE, num_stages=NUM_STAGES):
             pos = start + t
             valid = pos < ctx
@@ -303,6 +244,7 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
             base = row[:, None, None] + head_off[None, :, None]  # (TILE, HPP, 1)
             vmask = valid[:, None, None]
             a_mask = vmask & amask[None, None, :]
+            # K and V are both issued before any math: V does not depend on the scores.
             ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
             va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
             s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
@@ -327,7 +269,7 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
             tl.store(o_rows + db[None, :],
                      (acc_b / l_i[:, None]).to(out_ptr.dtype.element_ty))
 
-    return paged_decode_kernel, paged_decode_heads_kernel
+    return paged_decode_kernel
 
 
 def _split_head_dim(hd: int) -> tuple[int, int]:
@@ -378,15 +320,14 @@ def paged_decode_triton(
     if d == 0:
         return out
     hd_a, hd_b = _split_head_dim(hd)
-    extra = {"HPP": hpp} if hpp > 1 else {}
-    _KERNEL[hpp > 1][(nh // hpp, d)](
+    _KERNEL[(nh // hpp, d)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         (1.0 / math.sqrt(hd)) * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
-        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages, **extra,
+        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages, HPP=hpp,
         num_warps=num_warps,
     )
     return out

@@ -67,3 +67,13 @@ def test_config_round_trips_through_hf(variant: str) -> None:
     assert cfg.tie_embeddings == spec["tie_word_embeddings"]
     assert cfg.attention_bias == spec.get("attention_bias", True)
     assert NeoXConfig.from_hf(cfg.to_hf()) == cfg.replace(name="hf")
+
+
+def test_module_apply_reaches_every_submodule() -> None:
+    """``model.apply(fn)`` is ``nn.Module.apply``: no submodule shadows it."""
+    from models.config import get_preset
+
+    model = NeoX(get_preset("tiny"))
+    seen: list[str] = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert "Rotary" in seen and "Block" in seen and seen[-1] == "NeoX"

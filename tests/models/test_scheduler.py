@@ -1,0 +1,186 @@
+"""The scheduler and the block manager alone, on plain data (no torch, no model).
+
+A step's "model" here is a random number generator: the scheduler cannot tell, which is
+the point — block accounting, preemption, forks, aborts and the prefix cache are tested
+over many thousands of steps in a second.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.engine.block_manager import NULL_BLOCK, BlockManager
+from models.engine.scheduler import Scheduler, StepPlan, StepResult
+from models.params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_scheduler_imports_no_torch() -> None:
+    code = ("import sys, models.engine.scheduler, models.engine.block_manager, "
+            "models.engine.outputs, models.params; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Block manager
+# ---------------------------------------------------------------------------------------
+
+
+def _filled(bm: BlockManager, tokens: list[int]) -> list[int]:
+    """Allocate and register blocks for ``tokens`` as a computed sequence would."""
+    blocks = [bm.allocate() for _ in range(-(-len(tokens) // bm.block_size))]
+    bm.register(tokens, blocks, [], len(tokens))
+    return blocks
+
+
+def test_prefix_lookup_reuse_and_lru_eviction() -> None:
+    bm = BlockManager(9, 4)  # 8 usable blocks of 4 tokens
+    a = list(range(10, 22))  # 3 full blocks
+    blocks_a = _filled(bm, a)
+    assert bm.num_cached == 3
+    # A prompt sharing 2 blocks then diverging finds exactly those 2.
+    hit, hashes = bm.lookup(a[:8] + [99, 98, 97, 96, 1], max_blocks=10)
+    assert hit == blocks_a[:2] and len(hashes) == 2
+    # Same tokens after a different first block: no hit (the hash is chained).
+    assert bm.lookup([0, 0, 0, 0] + a[4:8], max_blocks=2)[0] == []
+    # Freed cached blocks stay findable and count as free.
+    bm.free_all(blocks_a)
+    assert bm.num_free == bm.capacity and bm.num_cached == 3
+    assert bm.reusable(blocks_a) == 3
+    bm.acquire(blocks_a[:2])
+    assert bm.refs(blocks_a[0]) == 1 and bm.num_free == bm.capacity - 2
+    bm.free_all(blocks_a[:2])
+    # Never-used blocks go first; then cached ones, least recently freed first: the
+    # tail block (freed first by free_all) before the prefix.
+    got = [bm.allocate() for _ in range(5)]
+    assert set(got).isdisjoint(blocks_a) and bm.num_cached == 3
+    assert bm.allocate() == blocks_a[2] and bm.num_cached == 2
+    assert bm.lookup(a, max_blocks=3)[0] == blocks_a[:2]  # the evicted tail is gone
+    bm.check([got + [blocks_a[2]]])
+
+
+def test_lookup_respects_max_blocks_and_disabled_cache() -> None:
+    bm = BlockManager(20, 4)
+    tokens = list(range(100, 116))  # 4 full blocks
+    _filled(bm, tokens)
+    assert len(bm.lookup(tokens, max_blocks=(len(tokens) - 1) // 4)[0]) == 3
+    off = BlockManager(20, 4, enable_prefix_caching=False)
+    blocks = _filled(off, tokens)
+    assert off.num_cached == 0 and off.lookup(tokens, 4) == ([], [])
+    off.free_all(blocks)
+    assert off.num_free == off.capacity
+
+
+def test_salt_separates_caches() -> None:
+    one, two = BlockManager(10, 4, salt=1), BlockManager(10, 4, salt=2)
+    tokens = [5, 6, 7, 8, 9]
+    _filled(one, tokens)
+    assert one.lookup(tokens, 1)[1] != two.lookup(tokens, 1)[1] or not two.lookup(tokens, 1)[0]
+
+
+def test_null_block_is_never_handed_out() -> None:
+    bm = BlockManager(5, 2)
+    got = [bm.allocate() for _ in range(4)]
+    assert NULL_BLOCK not in got
+    with pytest.raises(RuntimeError, match="no free block"):
+        bm.allocate()
+
+
+# ---------------------------------------------------------------------------------------
+# Scheduler
+# ---------------------------------------------------------------------------------------
+
+
+def _result(plan: StepPlan, rng: random.Random, vocab: int) -> StepResult:
+    return StepResult(tokens=[rng.randrange(vocab) for _ in plan.samples],
+                      score_logprobs=[-1.0] * len(plan.scores),
+                      score_greedy=[True] * len(plan.scores))
+
+
+def test_cache_hit_capped_at_prompt_length_minus_one() -> None:
+    sched = Scheduler(BlockManager(40, 4), max_position=64, max_batch_tokens=64)
+    prompt = list(range(1, 17))  # exactly 4 full blocks
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    sched.add_generate("a", prompt, greedy, 0, 0.0)
+    plan = sched.schedule()
+    assert [len(c.tokens) for c in plan.chunks] == [16]
+    sched.update(plan, _result(plan, random.Random(0), 50))
+    sched.add_generate("b", prompt, greedy, 0, 0.0)
+    plan = sched.schedule()
+    # "a" decodes; "b" found 3 blocks and recomputes the last 4 tokens (it needs the
+    # last one's logits), as a continuing chunk.
+    assert plan.num_decode == 1
+    assert [(c.start, len(c.tokens)) for c in plan.chunks] == [(12, 4)]
+    assert sched.blocks.hit_tokens == 12 and sched.blocks.query_tokens == 32
+    # A score whose continuation starts inside the cached prefix recomputes from there.
+    sched.add_score("s", prompt[:15], context=6, targets=prompt[6:16])
+    plan = sched.schedule()
+    chunk = plan.chunks[-1]
+    assert chunk.start == 4 and len(plan.scores) == 10  # (6 - 1) // 4 = 1 block reused
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_random_steps_never_leak_a_block(caching: bool) -> None:
+    """10,000 random steps of adds (prompts sharing prefixes, n > 1, scores), aborts,
+    finishes (stop tokens) and preemptions (an overcommitted small cache): after every
+    step the reference counts equal the block tables; at the end every block is free."""
+    rng = random.Random(1234 if caching else 4321)
+    bs, vocab = 4, 40
+    bm = BlockManager(33, bs, enable_prefix_caching=caching)
+    sched = Scheduler(bm, max_position=96, max_num_seqs=8, max_batch_tokens=24,
+                      kv_overcommit=3.0, watermark=0.0)
+    prefixes = [[rng.randrange(2, vocab) for _ in range(rng.randint(1, 40))] for _ in range(5)]
+    live: set[str] = set()
+    finished = scores = 0
+    n_req = 0
+    for _ in range(10_000):
+        if rng.random() < 0.3 and len(live) < 12:
+            rid = f"r{n_req}"
+            n_req += 1
+            prompt = rng.choice(prefixes)[: rng.randint(1, 40)] + [
+                rng.randrange(2, vocab) for _ in range(rng.randint(0, 12))]
+            if not prompt:
+                prompt = [3]
+            if rng.random() < 0.15 and len(prompt) > 1:
+                ctx = rng.randint(1, len(prompt) - 1)
+                sched.add_score(rid, prompt, ctx, prompt[ctx:] + [1])
+            else:
+                params = SamplingParams(
+                    temperature=1.0, max_tokens=rng.randint(1, 30), n=rng.choice([1, 1, 2, 3]),
+                    stop_token_ids=[0], seed=n_req)
+                sched.add_generate(rid, prompt, params, n_req, 0.0)
+            live.add(rid)
+        if live and rng.random() < 0.05:
+            sched.abort(rng.choice(sorted(live)))
+        plan = sched.schedule()
+        if not plan.is_empty:
+            assert plan.num_tokens <= sched.max_batch_tokens
+            sched.update(plan, _result(plan, rng, vocab))
+        bm.check(sched.held_tables())
+        for out in sched.take_outputs():
+            live.discard(out.request_id)
+            finished += 1
+        for rid in list(live):
+            if sched.take_score(rid) is not None:
+                live.discard(rid)
+                scores += 1
+        live &= set(sched.requests)
+    for rid in list(sched.requests):
+        sched.abort(rid)
+    sched.take_outputs()
+    bm.check([])
+    assert bm.num_free == bm.capacity and not sched.running and not sched.waiting
+    assert sched.demand == 0
+    assert sched.stats["preemptions"] > 50 and finished > 500 and scores > 50
+    if caching:
+        assert bm.hit_tokens > 1000
+    else:
+        assert bm.hit_tokens == 0
