@@ -87,7 +87,7 @@ def overview(
         "status": w.status, "health": _health(w, live_window, t),
         "last_seen_s": round(max(0.0, t - w.last_seen), 1), "started_at": w.started_at,
         "tokens_per_s": w.tokens_per_s, "items_done": w.items_done,
-        "tokens_done": w.tokens_done,
+        "tokens_done": w.tokens_done, "prefix_cache_hit_rate": w.prefix_cache_hit_rate,
     } for w in list_workers(session=session, seen_within=3600)]
     series = throughput_series(session=session, owner=owner, window=window, step=step)
     live = sum(w["tokens_per_s"] for w in workers if w["health"] == "healthy")

@@ -3,7 +3,10 @@
 Workloads (token ids drawn at random, fixed seed, ``ignore_eos``, greedy):
 
 - (a) 1024 prompts x 128 tokens in, 128 out;
-- (b) 2000 prompts, input lengths uniform 16-1024, output uniform 16-512.
+- (b) 2000 prompts, input lengths uniform 16-1024, output uniform 16-512;
+- (c) 2000 prompts, each one of 8 shared 1024-token prefixes (picked at random)
+  followed by a unique 64-token suffix, 128 out: run with prefix caching on and then
+  off, on the same engine (``prefix_caching_speedup`` is on / off).
 
 Lengths are capped to the model's context (only the tiny smoke models need it).
 
@@ -17,6 +20,7 @@ bytes = weights + the KV of every running sequence, plus prefill FLOPs at the GE
 with sequences admitted while their final contexts fit in the engine's KV cache.
 
     python -m bench.throughput --out bench/results/engine_h200.json          # 20B, H200
+    python -m bench.throughput --workload c --num-prompts-c 500 --skip-hf ...  # a subset
     python -m bench.throughput --model preset:tiny --device cpu --num-prompts 16  # smoke
 
 Results merge into ``--out`` by workload, so ``--workload a`` and ``--workload b`` can run
@@ -60,8 +64,10 @@ def log(msg: str) -> None:
 
 def workload(name: str, num_prompts: int | None, max_position: int, vocab: int,
              seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    """(prompts as token ids, output lengths) of workload ``a`` or ``b``."""
-    r = random.Random(seed + (0 if name == "a" else 1))
+    """(prompts as token ids, output lengths) of workload ``a``, ``b`` or ``c``."""
+    r = random.Random(seed + {"a": 0, "b": 1, "c": 2}[name])
+    if name == "c":
+        return _shared_prefix_workload(r, num_prompts or 2000, max_position, vocab)
     if name == "a":
         n = num_prompts or 1024
         lens = [(128, 128)] * n
@@ -79,6 +85,20 @@ def workload(name: str, num_prompts: int | None, max_position: int, vocab: int,
         out_prompts.append([r.randrange(2, vocab) for _ in range(p)])
         outs.append(o)
     return out_prompts, outs
+
+
+def _shared_prefix_workload(r: random.Random, n: int, max_position: int, vocab: int,
+                            ) -> tuple[list[list[int]], list[int]]:
+    """Workload (c): 8 shared 1024-token prefixes, a unique 64-token suffix, 128 out
+    (all three scaled down together for a short context)."""
+    prefix, suffix, out = 1024, 64, 128
+    if prefix + suffix + out > max_position:
+        scale = max_position / (prefix + suffix + out)
+        prefix, suffix, out = (max(1, int(x * scale)) for x in (prefix, suffix, out))
+    prefixes = [[r.randrange(2, vocab) for _ in range(prefix)] for _ in range(8)]
+    prompts = [r.choice(prefixes) + [r.randrange(2, vocab) for _ in range(suffix)]
+               for _ in range(n)]
+    return prompts, [out] * n
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +262,10 @@ def run_ours(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[
     prompt_tokens = sum(len(p) for p in prompts)
     if gen_tokens != sum(outs):
         raise RuntimeError(f"engine produced {gen_tokens} tokens, expected {sum(outs)}")
-    steps = {k: engine.stats[k] - stats0.get(k, 0) for k in engine.stats}
+    stats = engine.stats
+    steps = {k: stats[k] - stats0.get(k, 0) for k in stats if k != "prefix_cache_hit_rate"}
+    query = steps.get("prefix_query_tokens", 0)
+    steps["prefix_cache_hit_rate"] = steps.get("prefix_hit_tokens", 0) / query if query else 0.0
     return {
         "requests": len(prompts), "seconds": secs, "requests_per_s": len(prompts) / secs,
         "output_tokens": gen_tokens, "output_tok_per_s": gen_tokens / secs,
@@ -370,6 +393,14 @@ def table(data: dict[str, Any]) -> str:
             f"{w['ratios']['ours_over_roofline']:.0%} | "
             + (f"{hf_rate:.0f} ({hf['requests']} prompts, batch {hf['batch_size']}) | "
                f"{w['ratios']['ours_over_hf']:.1f}x |" if hf_rate else "- | - |"))
+        off = w.get("ours_no_prefix_caching")
+        if off:
+            lines.append(
+                f"| ({name}) prefix caching off | {off['output_tok_per_s']:.0f} | "
+                f"{off['total_tok_per_s']:.0f} | {off['requests_per_s']:.2f} | - | "
+                f"{r['output_tok_per_s']:.0f} | "
+                f"{off['output_tok_per_s'] / r['output_tok_per_s']:.0%} | - | "
+                f"on / off = {w['ratios']['prefix_caching_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -378,8 +409,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="preset:gpt-neox-20b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--workload", choices=("a", "b", "both"), default="both")
-    ap.add_argument("--num-prompts", type=int, default=None, help="override both workloads")
+    ap.add_argument("--workload", choices=("a", "b", "c", "both", "all"), default="both",
+                    help="both = a and b; all = a, b and c")
+    ap.add_argument("--num-prompts", type=int, default=None, help="override every workload")
+    ap.add_argument("--num-prompts-b", type=int, default=None,
+                    help="override workload b's count (the README's figures use 1000)")
+    ap.add_argument("--num-prompts-c", type=int, default=None,
+                    help="override workload c's count")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-ours", action="store_true",
                     help="HF baseline only, added to the engine results already in --out")
@@ -438,9 +474,12 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     elem = torch.empty((), dtype=dtype).element_size()
     kv_per_token = 2 * cfg.num_layers * cfg.hidden_size * elem
     result["engine"].update(num_blocks=engine.num_blocks, block_size=engine.block_size,
-                            kv_cache_bytes=engine.cache.nbytes, cache_tokens=engine.cache_tokens)
+                            kv_cache_bytes=engine.kv_cache_bytes,
+                            cache_tokens=engine.cache_tokens,
+                            decode_kernel_config=engine.attn_config)
     log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
-        f"({engine.cache.nbytes / 1e9:.1f} GB)")
+        f"({engine.kv_cache_bytes / 1e9:.1f} GB); decode kernel (tile, warps, stages, "
+        f"heads/program) {engine.attn_config}")
     t = time.time()
     warm_up(engine)
     graphs = engine.capture_graphs()
@@ -455,16 +494,26 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         log(f"workload {name}: {len(prompts)} prompts, {sum(lens)} in / {sum(outs)} out tokens; "
             f"roofline {roof['seconds']:.1f}s = {roof['output_tok_per_s']:.0f} out tok/s "
             f"(mean decode batch {roof['mean_decode_batch']:.0f})")
+        engine.set_prefix_caching(True)
         ours = run_ours(engine, prompts, outs)
-        log(f"workload {name} ours: {ours['seconds']:.1f}s, {ours['output_tok_per_s']:.0f} out "
-            f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
-            f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
-            f"stats {ours['engine_stats']}")
-        result["workloads"][name] = {
+        _say(name, "ours", ours, roof)
+        entry: dict[str, Any] = {
             "prompts": len(prompts), "prompt_tokens": sum(lens), "output_tokens": sum(outs),
             "ours": ours, "roofline": roof,
             "ratios": {"ours_over_roofline": ours["output_tok_per_s"] / roof["output_tok_per_s"]},
         }
+        if name == "c":
+            # The same requests again with the cache off: what prefix caching buys. (The
+            # roofline above assumes every prompt is prefilled, i.e. no reuse.)
+            engine.set_prefix_caching(False)
+            off = run_ours(engine, prompts, outs)
+            engine.set_prefix_caching(True)
+            _say(name, "ours, prefix caching off", off, roof)
+            entry["ours_no_prefix_caching"] = off
+            entry["ratios"]["prefix_caching_speedup"] = (off["seconds"] / ours["seconds"])
+            log(f"workload c: prefix caching on / off = "
+                f"{entry['ratios']['prefix_caching_speedup']:.2f}x")
+        result["workloads"][name] = entry
         _write(args.out, result)
 
     # Free the engine's KV cache (and its graphs) before HF allocates its own.
@@ -472,6 +521,13 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _say(name: str, what: str, ours: dict[str, Any], roof: dict[str, Any]) -> None:
+    log(f"workload {name} {what}: {ours['seconds']:.1f}s, {ours['output_tok_per_s']:.0f} out "
+        f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
+        f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
+        f"stats {ours['engine_stats']}")
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -502,8 +558,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = model.parameter_bytes()
     log(f"model built: {cfg.num_params() / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB")
 
-    names = ["a", "b"] if args.workload == "both" else [args.workload]
-    loads = {n: workload(n, args.num_prompts, cfg.max_position, min(cfg.vocab_size, 50277),
+    names = {"both": ["a", "b"], "all": ["a", "b", "c"]}.get(args.workload, [args.workload])
+    counts = {"a": args.num_prompts, "b": args.num_prompts_b or args.num_prompts,
+              "c": args.num_prompts_c or args.num_prompts}
+    loads = {n: workload(n, counts[n], cfg.max_position, min(cfg.vocab_size, 50277),
                          args.seed) for n in names}
     if args.skip_ours:
         # HF only, next to engine results an earlier run left in --out.
@@ -528,6 +586,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         _write(args.out, result)
         return result
     for name in names:
+        if name == "c":
+            continue  # (c) compares the engine with itself (prefix caching on / off)
         prompts, outs = loads[name]
         k = min(len(prompts), args.hf_prompts_a if name == "a" else args.hf_prompts_b)
         batch = args.hf_batch_a if name == "a" else args.hf_batch_b

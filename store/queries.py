@@ -359,12 +359,13 @@ def register_worker(*, session: Session, worker_id: str, host: str, pid: int, mo
 
 
 def heartbeat(*, session: Session, worker_id: str, status: str, tokens_per_s: float,
-              items_done: int, tokens_done: int) -> None:
-    """Refresh a worker's liveness and throughput."""
+              items_done: int, tokens_done: int, prefix_cache_hit_rate: float = 0.0) -> None:
+    """Refresh a worker's liveness, throughput and its engine's prefix-cache hit rate."""
     session.execute(
         update(Worker).where(Worker.id == worker_id)
         .values(status=status, last_seen=now(), tokens_per_s=tokens_per_s,
-                items_done=items_done, tokens_done=tokens_done)
+                items_done=items_done, tokens_done=tokens_done,
+                prefix_cache_hit_rate=prefix_cache_hit_rate)
         .execution_options(synchronize_session=False)
     )
 

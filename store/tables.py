@@ -219,3 +219,6 @@ class Worker(Base):
     tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     items_done: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Prompt tokens the engine found in its prefix cache / prompt tokens it looked up.
+    prefix_cache_hit_rate: Mapped[float] = mapped_column(Float, default=0.0,
+                                                         server_default="0")

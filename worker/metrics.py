@@ -104,6 +104,10 @@ class _RuntimeCollector(Collector):
                                 value=float(len(getattr(rt, "_held_tasks", ()) or ())))
         yield GaugeMetricFamily("neoxq_worker_draining", "1 while shutting down",
                                 value=0.0 if rt.draining_since is None else 1.0)
+        yield GaugeMetricFamily(
+            "neoxq_worker_prefix_cache_hit_rate",
+            "Prompt tokens found in the engine's prefix cache / prompt tokens looked up",
+            value=float(rt.loop.engine_stats.get("prefix_cache_hit_rate", 0.0)))
         steps = CounterMetricFamily("neoxq_worker_engine_steps", "Engine steps taken")
         steps.add_metric([], float(getattr(rt.loop, "steps", 0)))
         yield steps

@@ -213,6 +213,9 @@ class EngineLoop(threading.Thread):
         self.steps = 0
         self.step_seconds = 0.0
         self.started = time.monotonic()
+        # The engine's counters after its last step (prefix-cache hit rate, ...): other
+        # threads (heartbeat, metrics) read this copy, never the engine.
+        self.engine_stats: dict[str, float] = {}
 
     # -- called from other threads --------------------------------------------------------
 
@@ -298,6 +301,7 @@ class EngineLoop(threading.Thread):
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - t0
+            self.engine_stats = engine.stats
             for out in outputs:
                 self._finished(out)
 
@@ -635,7 +639,9 @@ class WorkerRuntime:
                 WorkerStatus.BUSY if self.loop.active_batches() else WorkerStatus.IDLE)
         with session_scope(self.db) as session:
             heartbeat(session=session, worker_id=self.worker_id, status=status,
-                      tokens_per_s=values[0], items_done=values[1], tokens_done=values[2])
+                      tokens_per_s=values[0], items_done=values[1], tokens_done=values[2],
+                      prefix_cache_hit_rate=self.loop.engine_stats.get(
+                          "prefix_cache_hit_rate", 0.0))
 
     def _count(self, rows: list[ResultRow]) -> None:
         with self._stats_lock:

@@ -165,6 +165,7 @@ function renderWorkers(workers) {
     el("td", {}, fmtRate(w.tokens_per_s)),
     el("td", {}, fmtInt(w.items_done)),
     el("td", {}, fmtInt(w.tokens_done)),
+    el("td", { class: "prefix-hits" }, `${Math.round(100 * (w.prefix_cache_hit_rate || 0))}%`),
     el("td", {}, fmtSecs(w.last_seen_s) + " ago"))));
   $("#no-workers").hidden = workers.length > 0;
 }

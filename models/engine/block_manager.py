@@ -191,6 +191,12 @@ class BlockManager:
         self._evictable.clear()
         return n
 
+    def set_enabled(self, enabled: bool) -> None:
+        """Turn prefix caching on or off (off also forgets the unheld cached blocks)."""
+        self.enable_prefix_caching = enabled
+        if not enabled:
+            self.reset_prefix_cache()
+
     def check(self, held: Sequence[Sequence[int]]) -> None:
         """Raise if the counts disagree with the block tables ``held`` (tests)."""
         refs = [0] * self.num_blocks

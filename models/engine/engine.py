@@ -238,6 +238,14 @@ class Engine:
         s.update(prefix_stats([self.blocks]))
         return s
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.runner.cache.nbytes
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on or off from now on (off forgets what is cached)."""
+        self.blocks.set_enabled(enabled)
+
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode batch-size bucket now instead of on
         first use. Returns how many."""

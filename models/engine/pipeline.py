@@ -749,6 +749,11 @@ class PipelineEngine:
         total.update(prefix_stats([g.scheduler.blocks for g in self._groups]))
         return total
 
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on or off from now on (as :meth:`Engine.set_prefix_caching`)."""
+        for g in self._groups:
+            g.scheduler.blocks.set_enabled(enabled)
+
     def capture_graphs(self) -> int:
         """Capture every stage's decode graphs now instead of on first use (as
         :meth:`Engine.capture_graphs`). Returns how many rank 0 holds."""

@@ -43,6 +43,21 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
     assert "| (b) 16 prompts |" in table(data)
 
 
+def test_shared_prefix_workload_with_caching_on_and_off(tmp_path: Path) -> None:
+    out = tmp_path / "c.json"
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "c", "--num-prompts-c",
+          "24", "--skip-hf", "--out", str(out)])
+    w = json.loads(out.read_text())["workloads"]["c"]
+    assert w["prompts"] == 24
+    on, off = w["ours"], w["ours_no_prefix_caching"]
+    assert on["output_tokens"] == off["output_tokens"] == w["output_tokens"]
+    # 8 prefixes over 24 prompts: most prompts find theirs (all its full blocks).
+    assert on["engine_stats"]["prefix_cache_hit_rate"] > 0.3
+    assert off["engine_stats"]["prefix_hit_tokens"] == 0
+    assert w["ratios"]["prefix_caching_speedup"] > 0
+    assert "prefix caching off" in table(json.loads(out.read_text()))
+
+
 def test_hf_baseline_shares_our_weights() -> None:
     """The HF model built around our tensors (zero copy) generates what the engine does."""
     model = init_random_(NeoX(get_preset("tiny").replace(vocab_size=512)), seed=3).eval()

@@ -237,3 +237,27 @@ def _children(pid: int) -> list[int]:
         if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
             kids.append(int(k))
     return kids
+
+
+def test_worker_reports_its_prefix_cache_hit_rate(sqlite_cluster) -> None:
+    """Questions about one long document: the worker's engine computes the document's
+    KV once and its heartbeat reports the hit rate (the results are those of an engine
+    with the cache off)."""
+    c = sqlite_cluster(chunk_items=8)
+    c.start_worker("wp")
+    doc = "One long document that every question in this batch is about. " * 6
+    lines = [{"custom_id": f"q{i}", "prompt": f"{doc}Question {i}: why?", "max_tokens": 6,
+              "temperature": 0, "ignore_eos": True} for i in range(24)]
+    report = c.submit(lines)
+    results = assert_exactly_once(c, report, 24)
+
+    def hit_rate() -> float:
+        with session_scope(c.db) as s:
+            w = s.get(Worker, "wp")
+            return w.prefix_cache_hit_rate if w is not None else 0.0
+
+    c.wait_for(lambda: hit_rate() > 0.5, 10, "a heartbeat with the prefix-cache hit rate")
+    from models.runtime import build_engine
+
+    off = build_engine("preset:tiny", device="cpu", enable_prefix_caching=False)
+    assert [r.text for r in results] == direct_texts(off, lines)
