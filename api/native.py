@@ -260,4 +260,5 @@ def workers_route(
         id=w.id, host=w.host, pid=w.pid, model=w.model, devices=list(w.devices or []),
         pipeline_parallel=w.pipeline_parallel, status=w.status, started_at=w.started_at,
         last_seen=w.last_seen, tokens_per_s=w.tokens_per_s, items_done=w.items_done,
-        tokens_done=w.tokens_done) for w in rows])
+        tokens_done=w.tokens_done, prefix_cache_hit_rate=w.prefix_cache_hit_rate)
+        for w in rows])

@@ -90,6 +90,8 @@ class WorkerOut(BaseModel):
     tokens_per_s: float
     items_done: int
     tokens_done: int
+    prefix_cache_hit_rate: float = Field(
+        0.0, description="prompt tokens found in the engine's prefix cache / looked up")
 
 
 class WorkerList(BaseModel):

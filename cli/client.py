@@ -440,11 +440,13 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
     def go(client: Any, args: argparse.Namespace) -> int:
         rows = check(client.get("/workers")).json()["data"]
-        print(f"{'ID':<28} {'STATUS':<9} {'TOK/S':>8} {'ITEMS':>8} {'SEEN':>6}  MODEL (DEVICES)")
+        print(f"{'ID':<28} {'STATUS':<9} {'TOK/S':>8} {'ITEMS':>8} {'PREFIX':>6} {'SEEN':>6}  "
+              "MODEL (DEVICES)")
         for w in rows:
             ago = max(0, int(time.time() - w["last_seen"]))
+            hits = f"{100 * w.get('prefix_cache_hit_rate', 0.0):.0f}%"
             print(f"{w['id']:<28} {w['status']:<9} {w['tokens_per_s']:>8.1f} "
-                  f"{w['items_done']:>8} {str(ago) + 's':>6}  {w['model']} "
+                  f"{w['items_done']:>8} {hits:>6} {str(ago) + 's':>6}  {w['model']} "
                   f"({', '.join(map(str, w['devices']))})")
         return 0
 

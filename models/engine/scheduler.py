@@ -428,8 +428,11 @@ class Scheduler:
         self.stats["steps"] += 1
         if not prefills:
             self.stats["decode_steps"] += 1
-        # Longest contexts first: the decode kernel then finishes with its shortest work.
-        decodes.sort(key=lambda s: -s.num_computed)
+        # Longest contexts first (the decode kernel then finishes with its shortest work),
+        # in bands of 256 tokens; within a band, sequences that share their first block (a
+        # cached prompt prefix) are adjacent, so the kernel's programs running at the same
+        # time read the same prefix blocks, mostly from L2.
+        decodes.sort(key=lambda s: (-(s.num_computed >> 8), s.blocks[0]))
         logit_rows, samples, sample_rows = plan.logit_rows, plan.samples, plan.sample_rows
         for r, seq in enumerate(decodes):
             p = seq.num_computed

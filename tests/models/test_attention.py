@@ -32,8 +32,9 @@ def test_every_decode_config_matches_torch(config: tuple[int, int, int, int]) ->
 
     g = torch.Generator(device="cuda").manual_seed(0)
     # 8 heads: every heads-per-program the list holds divides it.
-    for hd, bs, dtype in ((96, 16, torch.bfloat16), (16, 16, torch.float32),
-                          (64, 8, torch.float16)):
+    # The 20B's shape (head dim 96 = 64 + 32: two parts) and a one-part head dim with
+    # another block size and dtype.
+    for hd, bs, dtype in ((96, 16, torch.bfloat16), (64, 8, torch.float16)):
         d, nh, w = 5, 8, 9
         kc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
         vc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
@@ -42,5 +43,4 @@ def test_every_decode_config_matches_torch(config: tuple[int, int, int, int]) ->
         ctx = torch.tensor([1, bs, bs + 1, w * bs - 3, w * bs], device="cuda")
         ref = paged_decode_torch(q.float(), kc.float(), vc.float(), tables, ctx)
         got = paged_decode_triton(q, kc, vc, tables, ctx, *config).float()
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        assert (got - ref).abs().max().item() < tol, (hd, bs, dtype)
+        assert (got - ref).abs().max().item() < 2e-2, (hd, bs, dtype)
