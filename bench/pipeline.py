@@ -35,6 +35,7 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.throughput import log, run_ours, warm_up, workload
     from models.dtypes import canonical_dtype_name
+    from models.engine import Engine, PipelineEngine
     from models.runtime import build_engine
 
     n = args.single
@@ -56,12 +57,13 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.time() - t
     try:
         cfg = engine.config
-        if n == 1:
+        if isinstance(engine, Engine):
             stages = [{"rank": 0, "layer_range": [0, cfg.num_layers], "device": str(engine.device),
                        "weight_bytes": engine.model.parameter_bytes(),
-                       "kv_bytes": engine.cache.nbytes}]
+                       "kv_bytes": engine.kv_cache_bytes}]
             cache_tokens = engine.cache_tokens
         else:
+            assert isinstance(engine, PipelineEngine)
             stages = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()
                        if k != "pid"} for s in engine.stage_info]
             cache_tokens = engine.cache_tokens
@@ -71,22 +73,21 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
                 f"{s.get('kv_bytes', 0) / 1e9:.1f} GB")
         log(f"PP={n}: built in {load_s:.1f}s; KV cache {cache_tokens} tokens")
         t = time.time()
-        warm_up(engine)  # type: ignore[arg-type]
-        graphs = engine.capture_graphs() if hasattr(engine, "capture_graphs") else 0
+        warm_up(engine)
+        graphs = engine.capture_graphs()
         log(f"PP={n}: warm-up {time.time() - t:.1f}s ({graphs} CUDA graphs)")
         prompts, outs = workload("a", args.num_prompts, cfg.max_position,
                                  min(cfg.vocab_size, 50277), args.seed)
-        res = run_ours(engine, prompts, outs)  # type: ignore[arg-type]
+        res = run_ours(engine, prompts, outs)
         log(f"PP={n}: {res['seconds']:.1f}s, {res['output_tok_per_s']:.0f} out tok/s, "
             f"stats {res['engine_stats']}")
-        return {"pipeline_parallel": n, "micro_batches": len(getattr(engine, "_groups", [0])),
+        groups = engine.micro_batches if isinstance(engine, PipelineEngine) else 1
+        return {"pipeline_parallel": n, "micro_batches": groups,
                 "load_s": load_s, "stages": stages,
                 "cache_tokens": cache_tokens, "run": res,
                 "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"}
     finally:
-        close = getattr(engine, "close", None)
-        if callable(close):
-            close()
+        engine.close()
 
 
 _git_commit = git_commit

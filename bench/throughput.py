@@ -46,7 +46,7 @@ import torch
 
 from bench.common import git_commit
 from models.config import NeoXConfig
-from models.engine import Engine
+from models.engine import Engine, InferenceEngine
 from models.model import NeoX, init_random_
 from models.sampling import SamplingParams
 
@@ -220,7 +220,7 @@ def build_model(spec: str, device: torch.device, dtype: torch.dtype) -> NeoX:
     return load_model(spec, device=device, dtype=dtype).model
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: InferenceEngine) -> None:
     """Every kind of step once (Triton compiles, cuBLAS picks, graphs): new prompts,
     decode-only steps, decodes mixed with a new prompt and with a prompt chunked over
     several steps."""
@@ -236,7 +236,8 @@ def warm_up(engine: Engine) -> None:
         engine.step()
 
 
-def run_ours(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
+def run_ours(engine: InferenceEngine, prompts: list[list[int]], outs: list[int],
+             ) -> dict[str, Any]:
     device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -769,6 +769,11 @@ class PipelineEngine:
         return count
 
     @property
+    def micro_batches(self) -> int:
+        """Micro-batch groups in flight."""
+        return len(self._groups)
+
+    @property
     def cache_tokens(self) -> int:
         """Tokens the stages' KV caches hold (all micro-batches together)."""
         return (self.num_blocks - 1) * self.block_size

@@ -8,11 +8,14 @@ that holds "an engine" types it as :class:`InferenceEngine` and needs no probing
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from models.config import NeoXConfig
 from models.engine.outputs import RequestOutput, ScoreResult
 from models.params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -20,6 +23,7 @@ class InferenceEngine(Protocol):
     """A continuous-batching engine driven by one thread."""
 
     config: NeoXConfig
+    device: torch.device  # where the logits are sampled (a pipeline's rank 0)
     tokenizer: Any  # models.tokenizer.Tokenizer, or None for token-id-only engines
     eos_id: int
     max_position: int  # the model's context length
