@@ -92,7 +92,27 @@ def test_greedy_matches_hf_sequential_tied(tmp_path, tokenizer_path, prompts_fil
     hf = hf_model("sequential-rot50-tied", seed=22)
     d = write_hf_dir(hf, tmp_path / "hf", None)  # tokenizer given on the command line
     _check_greedy(d, hf, tokenizer_path, prompts_file, tmp_path / "out.jsonl",
-                  "--tokenizer", tokenizer_path)
+                  "--tokenizer", tokenizer_path, "--no-prefix-caching")
+
+
+def test_prefix_caching_flag_reaches_the_engine(tmp_path) -> None:
+    from cli.generate import _engine_kwargs
+    from cli.main import build_parser
+    from cli.up import Stack, stack_options
+
+    on = build_parser().parse_args(["generate", "preset:tiny"])
+    off = build_parser().parse_args(["generate", "preset:tiny", "--no-prefix-caching"])
+    assert _engine_kwargs(on)["enable_prefix_caching"] is True
+    assert _engine_kwargs(off)["enable_prefix_caching"] is False
+    worker = build_parser().parse_args(["worker", "--model", "m", "--no-prefix-caching"])
+    assert worker.prefix_caching is False
+    for cmd in (["up"], ["run", "f.txt", "-o", "o.jsonl"]):
+        args = build_parser().parse_args([*cmd, "--device", "cpu", "--no-prefix-caching"])
+        stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
+        assert "--no-prefix-caching" in stack.worker_argv
+        args = build_parser().parse_args([*cmd, "--device", "cpu"])
+        assert "--no-prefix-caching" not in Stack(
+            model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
 
 
 def test_greedy_neox_tp2_checkpoint(tmp_path, tokenizer_path, prompts_file) -> None:
