@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from models.config import NeoXConfig, get_preset
-from models.engine import Engine, RequestOutput
+from models.engine import Engine, InferenceEngine, RequestOutput
 from models.model import NeoX, init_random_
 from models.runtime import build_engine
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, sample
@@ -530,6 +530,7 @@ def test_score_under_preemption(model: NeoX) -> None:
 
 def test_build_engine_from_preset() -> None:
     engine = build_engine("preset:tiny", device="cpu", dtype=torch.float32, num_blocks=40)
+    assert isinstance(engine, Engine) and isinstance(engine, InferenceEngine)
     out = engine.generate(["hello"], SamplingParams(max_tokens=3, seed=1))[0]
     assert out.error is None and len(out.samples[0].token_ids) <= 3
     assert engine.config.name == "tiny" and engine.tokenizer is not None

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from models.engine.pipeline import PipelineEngine, PipelineError
+from models.engine.protocol import InferenceEngine
 from models.loaders import load_model
 from models.runtime import build_engine
 from tests.models.test_engine import _greedy, _run
@@ -66,7 +67,7 @@ def test_two_stages_match_one_stage_greedy() -> None:
     # cuda_graphs on CPU: decode steps take the stages' static-buffer path, uncaptured.
     with build_engine(SPEC, pipeline_parallel=2, num_blocks=41, kv_overcommit=4.0,
                       cuda_graphs=True, **kw) as two:
-        assert isinstance(two, PipelineEngine)
+        assert isinstance(two, PipelineEngine) and isinstance(two, InferenceEngine)
         assert [s["layer_range"] for s in two.stage_info] == [(0, 1), (1, 2)]
         got = _run(two, arrivals)
         scores = two.score(pairs)
