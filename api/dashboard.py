@@ -78,7 +78,8 @@ def overview(
                        param="step")
     t = time.time()
     rows, more = list_batches(session=session, owner=owner, limit=limit)
-    batches = [render.native_batch(b, **service.status_of(session, b)).model_dump()
+    live_rates = service.live_generation(session, settings)
+    batches = [render.native_batch(b, **service.status_of(b, live_rates)).model_dump()
                for b in rows]
     live_window = settings.dead_worker_after
     workers = [{
@@ -97,11 +98,12 @@ def overview(
 
 @router.get("/dashboard/api/batches/{batch_id}")
 def batch_detail(
-    batch_id: str, session: SessionDep, owner: OwnerDep,
+    batch_id: str, session: SessionDep, owner: OwnerDep, settings: SettingsDep,
     bins: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> dict[str, Any]:
     """One batch: its status and the distribution of its items' timings (queue wait,
     first token, generation time, tokens/s, completion length) with percentiles."""
     batch = service.owned_batch(session, batch_id, owner)
-    return {"batch": render.native_batch(batch, **service.status_of(session, batch)).model_dump(),
+    live = service.live_generation(session, settings)
+    return {"batch": render.native_batch(batch, **service.status_of(batch, live)).model_dump(),
             "timings": batch_timings(session=session, batch_id=batch.id, bins=bins)}

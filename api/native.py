@@ -194,23 +194,26 @@ async def create_batch(
 
 @router.get("/batches", response_model=BatchList)
 def list_batches_route(
-    session: SessionDep, owner: OwnerDep,
+    session: SessionDep, owner: OwnerDep, settings: SettingsDep,
     after: Annotated[str | None, Query(max_length=64, description="a batch id: the page "
                                                                   "after it")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     """Your batches, newest first, a page at a time."""
     rows, more = list_batches(session=session, owner=owner, after=after, limit=limit)
-    data = [render.native_batch(b, **service.status_of(session, b)) for b in rows]
+    live = service.live_generation(session, settings)
+    data = [render.native_batch(b, **service.status_of(b, live)) for b in rows]
     return BatchList(data=data, has_more=more, first_id=data[0].id if data else None,
                      last_id=data[-1].id if data else None)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchStatus)
-def get_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep) -> BatchStatus:
+def get_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep,
+                    settings: SettingsDep) -> BatchStatus:
     """A batch's state, counts, progress, tokens, current tokens/s, ETA and timestamps."""
     batch = service.owned_batch(session, batch_id, owner)
-    return render.native_batch(batch, **service.status_of(session, batch))
+    live = service.live_generation(session, settings)
+    return render.native_batch(batch, **service.status_of(batch, live))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchStatus)

@@ -20,6 +20,7 @@ from api.schemas import (
     RequestCounts,
     Tokens,
 )
+from core.jsonl import SAMPLING_DEFAULTS
 from store.status import ACTIVE
 from store.tables import Batch, File, Item, Result
 
@@ -32,13 +33,56 @@ def _line_errors(batch: Batch) -> list[dict[str, Any]]:
     return [e for e in (batch.errors or []) if isinstance(e, dict)]
 
 
-def native_batch(batch: Batch, *, tokens_per_s: float = 0.0, items_per_s: float = 0.0
-                 ) -> BatchStatus:
-    """A batch as the native API shows it, with progress and ETA."""
+def _run_seconds(batch: Batch) -> float | None:
+    """How long a finished batch generated: from in_progress to its end."""
+    end = batch.finalizing_at or batch.completed_at or batch.failed_at or batch.cancelled_at
+    if batch.in_progress_at is None or end is None or end <= batch.in_progress_at:
+        return None
+    return end - batch.in_progress_at
+
+
+def batch_rates(batch: Batch, *, tokens_per_s: float = 0.0, inflight_tokens: float = 0,
+                inflight_items: float = 0, inflight_budget: float = 0
+                ) -> tuple[float, float, float | None]:
+    """``(tokens/s, items/s, ETA s)`` of a batch: the one definition behind the status
+    route, the CLI's progress bar and the dashboard (``/metrics`` sums the same workers'
+    figures).
+
+    While it runs, ``tokens_per_s`` is what the live workers report generating for it
+    (counted as tokens are generated, over the last 10 s: worker/meter.py), and the ETA is
+    the work left at that rate: pending items times the tokens an item takes (the mean of
+    its finished items; before any finished, the max_tokens of those in flight, else the
+    batch's), minus the tokens already generated for items in flight. Once finished, the
+    whole run's average, and ETA 0."""
     done = batch.request_completed + batch.request_failed
     pending = max(batch.request_total - done, 0)
-    active = batch.status in ACTIVE
-    eta = pending / items_per_s if active and items_per_s > 0 else (0.0 if not pending else None)
+    if batch.status not in ACTIVE:
+        secs = _run_seconds(batch)
+        if secs is None:
+            return 0.0, 0.0, 0.0 if not pending else None
+        return batch.completion_tokens / secs, done / secs, 0.0 if not pending else None
+    if batch.request_completed:
+        per_item = batch.completion_tokens / batch.request_completed
+    elif inflight_items:
+        per_item = inflight_budget / inflight_items
+    else:
+        per_item = float((batch.defaults or {}).get("max_tokens")
+                         or SAMPLING_DEFAULTS["max_tokens"])
+    items_per_s = tokens_per_s / per_item if per_item else 0.0
+    if not pending:
+        return tokens_per_s, items_per_s, 0.0
+    if tokens_per_s <= 0:
+        return 0.0, 0.0, None
+    remaining = max(pending * per_item - inflight_tokens, 0.0)
+    return tokens_per_s, items_per_s, remaining / tokens_per_s
+
+
+def native_batch(batch: Batch, **live: float) -> BatchStatus:
+    """A batch as the native API shows it, with progress, rates and ETA (``live``: what
+    the workers report generating for it, :func:`batch_rates`)."""
+    done = batch.request_completed + batch.request_failed
+    pending = max(batch.request_total - done, 0)
+    tokens_per_s, items_per_s, eta = batch_rates(batch, **live)
     errors = _line_errors(batch)
     return BatchStatus(
         id=batch.id, status=batch.status, format=batch.format, endpoint=batch.endpoint,
@@ -47,8 +91,8 @@ def native_batch(batch: Batch, *, tokens_per_s: float = 0.0, items_per_s: float 
                       failed=batch.request_failed, pending=pending),
         progress=done / batch.request_total if batch.request_total else 0.0,
         tokens=Tokens(prompt=batch.prompt_tokens, completion=batch.completion_tokens),
-        tokens_per_s=round(tokens_per_s if active else 0.0, 3),
-        items_per_s=round(items_per_s if active else 0.0, 3), eta_s=eta,
+        tokens_per_s=round(tokens_per_s, 3), items_per_s=round(items_per_s, 3),
+        eta_s=None if eta is None else round(eta, 1),
         created_at=batch.created_at, in_progress_at=batch.in_progress_at,
         finalizing_at=batch.finalizing_at, completed_at=batch.completed_at,
         failed_at=batch.failed_at, cancelling_at=batch.cancelling_at,

@@ -48,9 +48,13 @@ class BatchStatus(BaseModel):
     counts: Counts
     progress: float = Field(description="fraction of items with a result, 0..1")
     tokens: Tokens
-    tokens_per_s: float = Field(description="output tokens/s over the last 30 s")
-    items_per_s: float
-    eta_s: float | None = Field(description="seconds to go at the current rate; null if unknown")
+    tokens_per_s: float = Field(description=(
+        "generated tokens/s: while running, what the workers generate for it now (counted "
+        "as tokens are generated, over the last 10 s); once finished, the run's average"))
+    items_per_s: float = Field(description="tokens_per_s in items (over tokens per item)")
+    eta_s: float | None = Field(description=(
+        "seconds to go: the tokens left (pending items x tokens per item so far, minus "
+        "those in flight) at tokens_per_s; null while nothing is generating"))
     created_at: float
     in_progress_at: float | None
     finalizing_at: float | None

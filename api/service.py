@@ -18,6 +18,7 @@ from core.settings import Settings
 from store.db import make_sessionmaker, session_scope
 from store.ingest import IngestReport, submit_batch
 from store.queries import (
+    batch_generation,
     finish_cancel,
     get_batch,
     live_workers,
@@ -25,7 +26,7 @@ from store.queries import (
 )
 from store.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
 from store.tables import Batch, File
-from store.views import iter_batch_results, iter_unrun_items, recent_rate
+from store.views import iter_batch_results, iter_unrun_items
 
 Enqueue = Callable[[ChunkPayload], None]
 
@@ -74,12 +75,17 @@ def refusal(report: IngestReport) -> ApiError:
                     errors=errors)
 
 
-def status_of(session: Session, batch: Batch) -> dict[str, float]:
-    """Current rates of a running batch (empty for finished ones)."""
+def live_generation(session: Session, settings: Settings) -> dict[str, dict[str, float]]:
+    """What the live workers generate per batch (:func:`store.queries.batch_generation`);
+    read once per request, then :func:`status_of` for each batch shown."""
+    return batch_generation(session=session, within=settings.dead_worker_after)
+
+
+def status_of(batch: Batch, live: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The live figures of a batch, as :func:`api.render.native_batch` takes them."""
     if is_terminal(batch.status):
         return {}
-    tps, ips = recent_rate(session=session, batch_id=batch.id)
-    return {"tokens_per_s": tps, "items_per_s": ips}
+    return dict(live.get(batch.id, {}))
 
 
 def owned_batch(session: Session, batch_id: str, owner: str) -> Batch:

@@ -454,8 +454,8 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 
 def _overall_rate(batch: dict[str, Any]) -> str:
-    """", N tokens in S s (R tok/s)" over the whole run, once a batch has ended (the live
-    figure in the progress bar covers only the last 30 s)."""
+    """", N tokens in S s (R tok/s)" over the whole run, once a batch has ended (the
+    progress bar shows the live rate: the last 10 s of generation)."""
     start, end = batch.get("in_progress_at"), batch.get("completed_at")
     tokens = batch["tokens"]["completion"]
     if not start or not end or end <= start:

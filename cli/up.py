@@ -29,6 +29,7 @@ from typing import Any
 
 from cli.embedded import Child, EmbeddedRedis, free_port
 from cli.gpus import WorkerSpec, parse_gpus, plan_workers
+from models.dtypes import DTYPE_NAMES
 
 # Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
 # parameters, mostly the 50k-row embedding and head) generates a few hundred tokens/s,
@@ -46,7 +47,8 @@ def add_parser(sub: Any) -> None:
                         help=f"preset:NAME, an HF dir, a NeoX YAML (default {DEFAULT_MODEL}: "
                              "random weights)")
     common.add_argument("--device", default=None, help="worker device (default cuda if any)")
-    common.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    common.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                        help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     common.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                         help="split the model over N devices: one worker per group of N GPUs")
     common.add_argument("--gpus", default=None, metavar="IDS",

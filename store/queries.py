@@ -355,19 +355,40 @@ def register_worker(*, session: Session, worker_id: str, host: str, pid: int, mo
     w.host, w.pid, w.model, w.devices = host, pid, model, list(devices)
     w.pipeline_parallel, w.status = pipeline_parallel, WorkerStatus.STARTING
     w.started_at, w.last_seen = t, t
-    w.tokens_per_s, w.items_done, w.tokens_done = 0.0, 0, 0
+    w.tokens_per_s, w.items_done, w.tokens_done, w.batch_rates = 0.0, 0, 0, {}
 
 
 def heartbeat(*, session: Session, worker_id: str, status: str, tokens_per_s: float,
-              items_done: int, tokens_done: int, prefix_cache_hit_rate: float = 0.0) -> None:
-    """Refresh a worker's liveness, throughput and its engine's prefix-cache hit rate."""
+              items_done: int, tokens_done: int, prefix_cache_hit_rate: float = 0.0,
+              batch_rates: dict[str, dict[str, float]] | None = None) -> None:
+    """Refresh a worker's liveness, throughput (``tokens_per_s``: generated tokens/s;
+    ``batch_rates``: the same per batch, with the tokens, items and token budget each has
+    in flight) and its engine's prefix-cache hit rate."""
     session.execute(
         update(Worker).where(Worker.id == worker_id)
         .values(status=status, last_seen=now(), tokens_per_s=tokens_per_s,
                 items_done=items_done, tokens_done=tokens_done,
-                prefix_cache_hit_rate=prefix_cache_hit_rate)
+                prefix_cache_hit_rate=prefix_cache_hit_rate, batch_rates=batch_rates or {})
         .execution_options(synchronize_session=False)
     )
+
+
+# What workers report per batch (worker/meter.py), summed over workers by batch_generation.
+GENERATION_FIGURES = ("tokens_per_s", "inflight_tokens", "inflight_items", "inflight_budget")
+
+
+def batch_generation(*, session: Session, within: float) -> dict[str, dict[str, float]]:
+    """``{batch id: {tokens_per_s, inflight_tokens, inflight_items, inflight_budget}}``
+    summed over the workers alive now (heartbeat within ``within`` seconds): generated
+    tokens/s, and the tokens, items and token budget in flight. Every live tokens/s
+    figure reads this."""
+    out: dict[str, dict[str, float]] = {}
+    for w in live_workers(session=session, within=within):
+        for batch_id, figures in (w.batch_rates or {}).items():
+            acc = out.setdefault(batch_id, dict.fromkeys(GENERATION_FIGURES, 0.0))
+            for key in GENERATION_FIGURES:
+                acc[key] += float(figures.get(key) or 0.0)
+    return out
 
 
 def live_workers(*, session: Session, within: float) -> list[Worker]:

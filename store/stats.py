@@ -20,8 +20,14 @@ from store.tables import Batch, Result, now
 
 def throughput_series(*, session: Session, owner: str, window: float = 600.0,
                       step: float = 5.0) -> list[dict[str, float]]:
-    """Generated tokens/s and items/s of ``owner``'s batches in ``step``-second buckets over
-    the last ``window`` seconds (oldest first; empty buckets included, as zeros)."""
+    """Generated tokens/s and finished items/s of ``owner``'s batches in ``step``-second
+    buckets over the last ``window`` seconds (oldest first; empty buckets included, as
+    zeros).
+
+    Each result's tokens are spread over the time they were generated (first token to
+    finish), not piled on the moment it was stored: many items finishing together make no
+    spike, and the curve means what the live figure means (worker/meter.py). Items still
+    generating join the curve when they finish."""
     t_now = now()
     since = t_now - window
     batch_ids = list(session.scalars(
@@ -32,15 +38,38 @@ def throughput_series(*, session: Session, owner: str, window: float = 600.0,
     start = t_now - n * step
     tokens = [0.0] * n
     items = [0.0] * n
+
+    def bucket(t: float) -> int:
+        return min(n - 1, max(0, int((t - start) // step)))
+
     for i in range(0, len(batch_ids), 500):  # bounded IN lists
         rows = session.execute(
-            select(Result.finished_at, Result.completion_tokens)
+            select(Result.first_token_at, Result.started_at, Result.finished_at,
+                   Result.completion_tokens)
             .where(Result.batch_id.in_(batch_ids[i:i + 500]), Result.finished_at >= start)
         ).tuples()
-        for finished, count in rows:
-            b = min(n - 1, max(0, int((finished - start) // step)))
-            tokens[b] += count or 0
-            items[b] += 1
+        for first, started, finished, count in rows:
+            items[bucket(finished)] += 1
+            if not count:
+                continue
+            begin = max(first or started or finished, start)
+            span = finished - begin
+            if span <= 0:
+                tokens[bucket(finished)] += count
+                continue
+            # The share of [begin, finished] each bucket it crosses holds (begin is clipped
+            # to the window, so a long item counts only its part inside).
+            full = finished - (first or started or finished)
+            rate = count / full if full > 0 else 0.0
+            b = bucket(begin)
+            while b < n:
+                lo = max(begin, start + b * step)
+                hi = min(finished, start + (b + 1) * step)
+                if hi > lo:
+                    tokens[b] += rate * (hi - lo)
+                if start + (b + 1) * step >= finished:
+                    break
+                b += 1
     return [{"t": start + (b + 1) * step, "tokens_per_s": tokens[b] / step,
              "items_per_s": items[b] / step} for b in range(n)]
 

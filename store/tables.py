@@ -222,3 +222,6 @@ class Worker(Base):
     # Prompt tokens the engine found in its prefix cache / prompt tokens it looked up.
     prefix_cache_hit_rate: Mapped[float] = mapped_column(Float, default=0.0,
                                                          server_default="0")
+    # {batch id: {"tokens_per_s", "inflight_tokens", ...}} as of the last heartbeat: this worker's
+    # generation per batch, counted as tokens are generated (worker/meter.py).
+    batch_rates: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)

@@ -47,16 +47,6 @@ def list_batches(*, session: Session, owner: str, after: str | None = None,
     return _page(session, Batch, q, owner=owner, after=after, limit=limit)
 
 
-def recent_rate(*, session: Session, batch_id: str, window: float = 30.0) -> tuple[float, float]:
-    """``(tokens/s, items/s)`` over the results finished in the last ``window`` seconds."""
-    since = now() - window
-    tokens, items = session.execute(
-        select(func.coalesce(func.sum(Result.completion_tokens), 0), func.count())
-        .where(Result.batch_id == batch_id, Result.finished_at >= since)
-    ).one()
-    return float(tokens) / window, float(items) / window
-
-
 def iter_batch_results(*, session: Session, batch_id: str, failed: bool | None = None,
                        page: int = 500) -> Iterator[tuple[Item, Result]]:
     """(item, result) pairs in input order, read ``page`` rows at a time; ``failed``

@@ -35,6 +35,7 @@ from sqlalchemy import Engine as SQLEngine
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from core.jsonl import SAMPLING_DEFAULTS
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from models.engine.pipeline import PipelineError
@@ -57,6 +58,7 @@ from store.records import ResultRow
 from store.status import STOPPED, BatchStatus, WorkerStatus
 from store.tables import Batch, Item
 from worker import broker
+from worker.meter import BUCKET, GenerationMeter
 
 log = logging.getLogger("neoxq.worker")
 
@@ -216,6 +218,9 @@ class EngineLoop(threading.Thread):
         # The engine's counters after its last step (prefix-cache hit rate, ...): other
         # threads (heartbeat, metrics) read this copy, never the engine.
         self.engine_stats: dict[str, float] = {}
+        # Tokens counted as the engine generates them (every tokens/s neoxq shows).
+        self.meter = GenerationMeter()
+        self._observed = 0.0
 
     # -- called from other threads --------------------------------------------------------
 
@@ -304,6 +309,10 @@ class EngineLoop(threading.Thread):
             self.engine_stats = engine.stats
             for out in outputs:
                 self._finished(out)
+            if time.monotonic() - self._observed >= BUCKET:
+                # Not every step: the engine's count walks its running requests.
+                self._observed = time.monotonic()
+                self.meter.observe(engine.generated_tokens())
 
     def _command(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -324,6 +333,7 @@ class EngineLoop(threading.Thread):
         params = dict(p.params)
         try:
             self.engine.add_request(p.request_id, p.prompt, params, arrival=time.time())
+            self.meter.track(p.request_id, p.batch_id, _budget(params))
         except ValueError as exc:
             # A bad request (prompt longer than the context, bad parameter): an item
             # error, written like a result; the rest of the batch goes on.
@@ -340,6 +350,7 @@ class EngineLoop(threading.Thread):
                              finished_at=t), p.futures)
 
     def _finished(self, out: Any) -> None:
+        self.meter.finish(out.request_id, out.completion_tokens)
         with self._lock:
             p = self.pending.pop(out.request_id, None)
         if p is None:
@@ -358,6 +369,7 @@ class EngineLoop(threading.Thread):
         with self._lock:
             pending, self.pending = list(self.pending.values()), {}
         for p in pending:
+            self.meter.forget(p.request_id)
             try:
                 self.engine.abort(p.request_id)
             except Exception:  # noqa: BLE001
@@ -367,6 +379,12 @@ class EngineLoop(threading.Thread):
             self.engine.step()  # collect the aborted outputs so the engine is empty again
         except Exception:  # noqa: BLE001
             log.exception("engine did not recover after a failed step")
+
+
+def _budget(params: dict[str, Any]) -> int:
+    """The most tokens a request may generate: its max_tokens times its samples."""
+    return int(params.get("max_tokens") or SAMPLING_DEFAULTS["max_tokens"]) * int(
+        params.get("n") or 1)
 
 
 def _row(p: _Pending, worker_id: str, **values: Any) -> ResultRow:
@@ -458,7 +476,7 @@ class WorkerRuntime:
         self.model, self.devices, self.pipeline_parallel = model, list(devices), pipeline_parallel
         self.items_done = 0
         self.tokens_done = 0
-        self._rate_t, self._rate_tokens, self.tokens_per_s = time.monotonic(), 0, 0.0
+        self.tokens_per_s = 0.0  # the meter's, as of the last heartbeat
         self._stats_lock = threading.Lock()
         self.writer = ResultWriter(db, on_written=self._count)
         self.loop = EngineLoop(engine, self.writer, worker_id=self.worker_id,
@@ -623,16 +641,11 @@ class WorkerRuntime:
             time.sleep(0.02)
 
     def beat(self, status: str | None = None) -> None:
-        """Refresh this worker's row: liveness, tokens/s, totals."""
+        """Refresh this worker's row: liveness, generated tokens/s (in all and per batch,
+        from :class:`worker.meter.GenerationMeter`), totals."""
+        snap = self.loop.meter.snapshot()
         with self._stats_lock:
-            now = time.monotonic()
-            span = now - self._rate_t
-            if span >= 1.0:
-                rate = self._rate_tokens / span
-                # Smoothed, so the figure the API shows does not jump with every beat.
-                self.tokens_per_s = rate if not self.tokens_per_s else \
-                    0.5 * self.tokens_per_s + 0.5 * rate
-                self._rate_t, self._rate_tokens = now, 0
+            self.tokens_per_s = snap.tokens_per_s
             values = (self.tokens_per_s, self.items_done, self.tokens_done)
         if status is None:
             status = WorkerStatus.DRAINING if self.draining_since is not None else (
@@ -641,14 +654,14 @@ class WorkerRuntime:
             heartbeat(session=session, worker_id=self.worker_id, status=status,
                       tokens_per_s=values[0], items_done=values[1], tokens_done=values[2],
                       prefix_cache_hit_rate=self.loop.engine_stats.get(
-                          "prefix_cache_hit_rate", 0.0))
+                          "prefix_cache_hit_rate", 0.0),
+                      batch_rates=snap.batch_rates())
 
     def _count(self, rows: list[ResultRow]) -> None:
         with self._stats_lock:
             self.items_done += len(rows)
             tokens = sum(r.completion_tokens for r in rows)
             self.tokens_done += tokens
-            self._rate_tokens += tokens
 
     @property
     def redis(self) -> Any:

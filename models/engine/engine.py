@@ -296,6 +296,11 @@ class Engine:
     def num_unfinished(self) -> int:
         return self.scheduler.num_unfinished()
 
+    def generated_tokens(self) -> dict[str, int]:
+        """Tokens generated so far by each unfinished request (all its samples); a
+        finished request's total is its RequestOutput's ``completion_tokens``."""
+        return self.scheduler.generated_tokens()
+
     # -- the step ------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -738,6 +738,13 @@ class PipelineEngine:
         """Raise :class:`PipelineError` if a stage reported an error or died."""
         self.check_stages()
 
+    def generated_tokens(self) -> dict[str, int]:
+        """As :meth:`Engine.generated_tokens`, over every micro-batch group."""
+        out: dict[str, int] = {}
+        for g in self._groups:
+            out.update(g.scheduler.generated_tokens())
+        return out
+
     @property
     def stats(self) -> dict[str, float]:
         """The micro-batches' counters added up (as :attr:`Engine.stats`)."""

@@ -59,6 +59,10 @@ class InferenceEngine(Protocol):
 
     def num_unfinished(self) -> int: ...
 
+    def generated_tokens(self) -> dict[str, int]:
+        """Tokens generated so far by each unfinished request (its samples together)."""
+        ...
+
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:

@@ -322,6 +322,13 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return sum(1 for r in self.requests.values() if not r.done)
 
+    def generated_tokens(self) -> dict[str, int]:
+        """Tokens generated so far by each unfinished generate request (its samples
+        together): what a live throughput figure counts while requests run."""
+        return {rid: sum(len(s.tokens) - s.num_prompt for s in r.seqs)
+                for rid, r in self.requests.items()
+                if not r.done and isinstance(r, GenerateRequest)}
+
     def held_tables(self) -> list[list[int]]:
         """Block tables of every sequence holding blocks (tests check the counts)."""
         return [s.blocks for s in self.running if s.blocks]

@@ -69,6 +69,39 @@ def test_overview_and_detail(api_factory: Callable[..., Api]) -> None:
     assert api.client.get("/dashboard/api/overview").status_code == 401
 
 
+
+def test_series_counts_tokens_when_they_were_generated(api_factory: Callable[..., Api]) -> None:
+    from sqlalchemy import select
+
+    from store.db import session_scope
+    from store.queries import insert_results
+    from store.records import ResultRow
+    from store.tables import Item, now
+
+    api = api_factory()
+    batch = submit(api.client, 2)
+    t = now()
+    with session_scope(api.db) as s:
+        items = list(s.scalars(select(Item).where(Item.batch_id == batch["id"])
+                               .order_by(Item.index)))
+        # one long item: 100 tokens over 20 s; one short: 12 tokens over 2 s
+        spans = [(t - 30.0, t - 10.0, 100), (t - 6.0, t - 4.0, 12)]
+        insert_results(session=s, rows=[ResultRow(
+            item_id=it.id, batch_id=batch["id"], index=it.index,
+            choices=[{"index": 0, "text": "x", "finish_reason": "length", "logprobs": None}],
+            text="x", finish_reason="length", prompt_tokens=1, completion_tokens=n,
+            queued_at=it.queued_at, started_at=first, first_token_at=first,
+            finished_at=done, tokens_per_s=n / (done - first), worker_id="w", attempt=1)
+            for it, (first, done, n) in zip(items, spans, strict=True)])
+    o = api.client.get("/dashboard/api/overview", params={"window": 60, "step": 2}).json()
+    rates = [p["tokens_per_s"] for p in o["series"]]
+    assert sum(rates) * 2 == pytest.approx(112)  # every token, once
+    # spread over its 20 s at 5 tok/s, not 100 tokens in the 2 s it finished in
+    long_part = [r for p, r in zip(o["series"], rates, strict=True)
+                 if t - 28 <= p["t"] <= t - 12]
+    assert long_part and all(r == pytest.approx(5.0) for r in long_part)
+    assert max(rates) <= 6.0 + 1e-9  # never above the fastest true pace (12 tokens in 2 s)
+
 def test_page_and_assets(sqlite_api: Api) -> None:
     page = sqlite_api.client.get("/dashboard")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

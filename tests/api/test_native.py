@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import select
 
+from store.db import session_scope
+from store.queries import heartbeat, register_worker
 from store.tables import Item
 from tests.api.conftest import Api, jsonl, prompts, write_results
 
@@ -51,7 +54,26 @@ def test_progress_results_and_errors_in_input_order(api: Api) -> None:
     g = api.client.get(f"/batches/{b['id']}").json()
     assert g["counts"] == {"total": 30, "completed": 11, "failed": 1, "pending": 18}
     assert g["progress"] == 12 / 30 and g["tokens"]["completion"] == 55
-    assert g["tokens_per_s"] > 0 and g["eta_s"] is not None and g["eta_s"] > 0
+    # No worker generates for it: no rate, no ETA (finished results alone say nothing of now).
+    assert g["tokens_per_s"] == 0 and g["eta_s"] is None
+    # Two live workers report what they generate for it, in-flight tokens included.
+    with session_scope(api.db) as s:
+        for w, rate, inflight in (("w1", 20.0, 6), ("w2", 5.0, 4)):
+            figures = {"tokens_per_s": rate, "inflight_tokens": inflight, "inflight_items": 1,
+                       "inflight_budget": 64}
+            register_worker(session=s, worker_id=w, host="h", pid=1, model="m",
+                            devices=["cpu"], pipeline_parallel=1)
+            heartbeat(session=s, worker_id=w, status="busy", tokens_per_s=rate + 1,
+                      items_done=0, tokens_done=0,
+                      batch_rates={b["id"]: figures,
+                                   "batch_other": {"tokens_per_s": 1.0, "inflight_tokens": 0}})
+    g = api.client.get(f"/batches/{b['id']}").json()
+    assert g["tokens_per_s"] == 25.0
+    # 18 pending items x 5 tokens per item so far, less 10 in flight, at 25 tok/s
+    assert g["eta_s"] == pytest.approx((18 * 5 - 10) / 25, abs=0.05)
+    assert g["items_per_s"] == pytest.approx(25 / 5)
+    listed = api.client.get("/batches").json()["data"][0]
+    assert (listed["tokens_per_s"], listed["eta_s"]) == (g["tokens_per_s"], g["eta_s"])
     partial = [json.loads(x) for x in api.client.get(f"/batches/{b['id']}/results").text
                .splitlines()]
     assert [x["index"] for x in partial] == [i for i in range(12) if i != 3]
@@ -69,6 +91,9 @@ def test_progress_results_and_errors_in_input_order(api: Api) -> None:
     write_results(api.db, b["id"])  # the rest: the batch completes
     g = api.client.get(f"/batches/{b['id']}").json()
     assert g["status"] == "completed" and g["completed_at"] and g["eta_s"] == 0
+    # finished: the whole run's average, not 0.0
+    run = g["finalizing_at"] - g["in_progress_at"]  # the last result came in at finalizing
+    assert g["tokens_per_s"] == pytest.approx(g["tokens"]["completion"] / run, rel=1e-3)
     lines = api.client.get(f"/batches/{b['id']}/results").text.splitlines()
     assert [json.loads(x)["index"] for x in lines] == [i for i in range(30) if i != 3]
 
@@ -151,3 +176,19 @@ def test_queue_down_is_503_and_the_batch_is_failed(sqlite_api_factory) -> None:
     page = api.client.get("/batches").json()["data"]
     assert page[0]["status"] == "failed"
     assert page[0]["errors"][0]["code"] == "queue_unavailable"
+
+
+def test_eta_before_any_item_finished_uses_the_items_own_max_tokens() -> None:
+    from api.render import batch_rates
+    from store.tables import Batch
+
+    b = Batch(id="batch_x", status="in_progress", request_total=8, request_completed=0,
+              request_failed=0, completion_tokens=0, defaults={})
+    # 6 items of max_tokens 300 in flight, 600 tokens generated so far, 100 tok/s
+    rate, items_per_s, eta = batch_rates(b, tokens_per_s=100.0, inflight_tokens=600,
+                                         inflight_items=6, inflight_budget=1800)
+    assert (rate, items_per_s) == (100.0, pytest.approx(100 / 300))
+    assert eta == pytest.approx((8 * 300 - 600) / 100)
+    # nothing in flight and nothing finished: the batch's own max_tokens (default 64)
+    assert batch_rates(b, tokens_per_s=32.0)[2] == pytest.approx(8 * 64 / 32)
+    assert batch_rates(b)[2] is None  # nobody generating: unknown, not "0:00"

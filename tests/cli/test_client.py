@@ -146,6 +146,37 @@ def test_results_into_a_closed_pipe(env: Live, tmp_path: Path, capsys) -> None:
     assert proc.stderr == ""  # no BrokenPipeError traceback
 
 
+def test_live_rate_and_eta_while_generating(env: Live, tmp_path: Path, capsys) -> None:
+    # Long generations: nothing finishes for a while, yet the rate is there at once,
+    # because workers count tokens as they generate them.
+    import time
+
+    import httpx
+
+    src = write(tmp_path / "slow.jsonl", [{"prompt": f"p{i}", "max_tokens": 300,
+                                           "ignore_eos": True} for i in range(6)])
+    assert main(["submit", str(src)]) == 0
+    batch_id = capsys.readouterr().out.strip()
+    seen = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        b = httpx.get(f"{env.url}/batches/{batch_id}").json()
+        if b["tokens_per_s"] > 0 and b["counts"]["completed"] == 0:
+            seen = b
+            break
+        time.sleep(0.2)
+    assert seen is not None, "no live rate before the first item finished"
+    assert seen["eta_s"] is not None and seen["eta_s"] > 0
+    # every place shows the same workers' figure
+    workers = httpx.get(f"{env.url}/workers").json()["data"]
+    metrics = httpx.get(f"{env.url}/metrics").text
+    gauge = [float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("neoxq_tokens_per_second")]
+    assert sum(w["tokens_per_s"] for w in workers) > 0 and gauge and gauge[0] > 0
+    assert main(["cancel", batch_id]) == 0
+    capsys.readouterr()
+
+
 def test_unreachable_server(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("NEOXQ_API_URL", "http://127.0.0.1:9")
     assert main(["batches"]) == 2
