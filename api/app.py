@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from api import dashboard, health, metrics, native, openai_routes
 from api.errors import install_handlers
 from api.sweeper import Sweeper
+from api.uploads import InFlight
 from core.payloads import ChunkPayload
 from core.settings import Settings, get_settings
 from store.db import make_engine
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        sweeper = Sweeper(engine, s)
+        sweeper = Sweeper(engine, s, busy=app.state.in_flight)
         sweeper.start()
         yield
         sweeper.stop()
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
     app.state.db = engine
     app.state.enqueue = enqueue or default_enqueue(s)
     app.state.keys_required = False
+    app.state.in_flight = InFlight()
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(native.router)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +26,7 @@ from api.uploads import (
     save_raw_body,
     upload_paths,
 )
-from core.jsonl import check_defaults, text_problem
+from core.jsonl import SAMPLING_FIELDS, SAMPLING_TYPES, check_defaults, text_problem
 from store.queries import list_workers
 from store.tables import new_id
 from store.views import create_file, list_batches
@@ -44,29 +47,32 @@ UPLOAD_BODY: dict[str, Any] = {
         },
     }
 }
-_SAMPLING_PARAMS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "n",
-                    "stop", "ignore_eos")
 
 
-class BatchOptions(BaseModel):
-    """Submission options, from the query string or multipart form fields."""
+def _as_query_type(t: Any) -> Any:
+    """A field's type as a query parameter or form field: a list stays a (repeatable)
+    list; a union with a list (``stop: str | list[str]``) becomes the list."""
+    args = [a for a in get_args(t) if get_origin(a) is list]
+    return args[0] if args else t
 
-    model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "native", "openai"] = "auto"
-    on_invalid: Literal["refuse", "record"] = "refuse"
-    max_tokens: int | None = None
-    min_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    n: int | None = None
-    stop: list[str] | None = None
-    ignore_eos: bool | None = None
-    defaults: str | None = None
-    metadata: str | None = None
-    filename: str | None = None
+# Submission options, from the query string or multipart form fields: the batch-level
+# sampling defaults are every sampling field, taken from core (which takes them from
+# specs/sampling.py) rather than listed again here.
+BatchOptions: type[BaseModel] = create_model(
+    "BatchOptions", __config__=ConfigDict(extra="forbid"),
+    format=(Literal["auto", "native", "openai"], "auto"),
+    on_invalid=(Literal["refuse", "record"], Field(
+        "refuse", description="refuse: one bad line refuses the file (nothing runs); record: "
+                              "bad lines become item errors and the rest runs")),
+    defaults=(str | None, Field(None, description="JSON object of sampling defaults")),
+    metadata=(str | None, Field(None, description="JSON object of strings")),
+    filename=(str | None, None),
+    **{name: (_as_query_type(SAMPLING_TYPES[name]) | None, None)
+       for name in sorted(SAMPLING_FIELDS)},
+)
+_LIST_OPTIONS = frozenset(name for name in SAMPLING_FIELDS
+                          if get_origin(_as_query_type(SAMPLING_TYPES[name])) is list)
 
 
 def _json_object(raw: str | None, param: str) -> dict[str, Any]:
@@ -108,7 +114,7 @@ def check_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 def _options(opts: BatchOptions) -> tuple[dict[str, Any], dict[str, str]]:
     defaults = _json_object(opts.defaults, "defaults")
-    for name in _SAMPLING_PARAMS:
+    for name in SAMPLING_FIELDS:
         value = getattr(opts, name)
         if value is not None:
             defaults[name] = value
@@ -121,10 +127,10 @@ def _options(opts: BatchOptions) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _form_options(query: BatchOptions, fields: list[tuple[str, str]]) -> BatchOptions:
     merged: dict[str, Any] = query.model_dump(exclude_none=True)
-    stops = [v for k, v in fields if k == "stop"]
-    merged.update({k: v for k, v in fields if k != "stop"})
-    if stops:
-        merged["stop"] = stops
+    merged.update({k: v for k, v in fields if k not in _LIST_OPTIONS})
+    for name in _LIST_OPTIONS:  # repeated form fields, like repeated query parameters
+        if values := [v for k, v in fields if k == name]:
+            merged[name] = values
     try:
         return BatchOptions.model_validate(merged)
     except ValidationError as exc:
@@ -133,36 +139,33 @@ def _form_options(query: BatchOptions, fields: list[tuple[str, str]]) -> BatchOp
         raise ApiError(400, f"{param}: {e['msg']}", code="invalid_value", param=param) from None
 
 
+@contextmanager
+def removing(tmp: Path) -> Iterator[None]:
+    """Remove the temporary upload however the request ends: refused, failed or
+    interrupted, it is not kept (a committed one was renamed away already)."""
+    try:
+        yield
+    finally:
+        remove(tmp)
+
+
 @router.post("/batches", status_code=201, response_model=BatchStatus, openapi_extra=UPLOAD_BODY,
              responses={400: {"description": "refused: every bad line with its number"},
                         413: {"description": "file over the size limit"}})
 async def create_batch(
     request: Request, owner: OwnerDep, settings: SettingsDep,
-    format: Literal["auto", "native", "openai"] = "auto",
-    on_invalid: Annotated[Literal["refuse", "record"], Query(
-        description="refuse: one bad line refuses the file (nothing runs); record: bad lines "
-                    "become item errors and the rest runs")] = "refuse",
-    max_tokens: int | None = None, min_tokens: int | None = None,
-    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-    seed: int | None = None, n: int | None = None,
-    stop: Annotated[list[str] | None, Query()] = None, ignore_eos: bool | None = None,
-    defaults: Annotated[str | None, Query(description="JSON object of sampling defaults")] = None,
-    metadata: Annotated[str | None, Query(description="JSON object of strings")] = None,
-    filename: str | None = None,
+    opts: Annotated[BatchOptions, Query()],  # type: ignore[valid-type]
 ) -> BatchStatus:
     """Submit a JSONL file (native or OpenAI Batch lines): stored, validated line by line
-    and enqueued. Batch-level sampling defaults apply to fields a line leaves out."""
-    opts = BatchOptions(format=format, on_invalid=on_invalid, max_tokens=max_tokens,
-                        min_tokens=min_tokens, temperature=temperature, top_p=top_p,
-                        top_k=top_k, seed=seed, n=n, stop=stop, ignore_eos=ignore_eos,
-                        defaults=defaults, metadata=metadata, filename=filename)
+    and enqueued. Batch-level sampling defaults (any sampling field, as a query parameter
+    or form field, or all of them as ``defaults``) apply to fields a line leaves out."""
     if multipart_or_raw(request) == "raw":
         batch_defaults, meta = _options(opts)  # before reading the body: fail fast
     file_id = new_id("file-")
     tmp, final = upload_paths(settings.files_dir, file_id)
     limit = settings.max_file_bytes
     db = request.app.state.db
-    try:
+    with request.app.state.in_flight.hold(tmp), removing(tmp):
         if multipart_or_raw(request) == "multipart":
             size, name, fields = await save_multipart(request, tmp, limit=limit)
             opts = _form_options(opts, fields)
@@ -183,8 +186,6 @@ async def create_batch(
             defaults=batch_defaults, metadata=meta, input_file_id=file_id,
             on_invalid=opts.on_invalid, with_batch=store_file,
             on_commit=lambda: tmp.rename(final))  # committed: the content's final name
-    finally:
-        remove(tmp)  # refused, failed or interrupted: the upload is not kept
     batch = await run_in_threadpool(service.commit, db, lambda s: service.owned_batch(
         s, report.batch_id, owner))
     if batch.status == "failed" and batch.errors:

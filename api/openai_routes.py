@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
-from api.native import check_metadata
+from api.native import check_metadata, removing
 from api.schemas import (
     CreateBatchRequest,
     FileDeleted,
@@ -22,7 +22,7 @@ from api.schemas import (
     OpenAIBatch,
     OpenAIBatchList,
 )
-from api.uploads import remove, save_multipart, upload_paths
+from api.uploads import save_multipart, upload_paths
 from core.jsonl import OPENAI_URLS, quoted
 from store.status import CUT_SHORT, BatchStatus
 from store.tables import new_id
@@ -55,7 +55,7 @@ async def upload_file(request: Request, owner: OwnerDep, settings: SettingsDep) 
     batch is created from it, as OpenAI does)."""
     file_id = new_id("file-")
     tmp, final = upload_paths(settings.files_dir, file_id)
-    try:
+    with request.app.state.in_flight.hold(tmp), removing(tmp):
         size, name, fields = await save_multipart(request, tmp, limit=settings.max_file_bytes)
         purpose = dict(fields).get("purpose")
         if purpose != "batch":
@@ -65,8 +65,6 @@ async def upload_file(request: Request, owner: OwnerDep, settings: SettingsDep) 
             session=s, owner=owner, filename=name, purpose="batch", size=size,
             path=str(final), file_id=file_id))
         tmp.rename(final)  # committed: the content takes its final name
-    finally:
-        remove(tmp)  # refused or interrupted: nothing is kept
     return render.file_object(f)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def _file_rows(db: Engine, file_ids: list[str]) -> dict[str, str | None]:
 
 
 def sweep_uploads(db: Engine, files_dir: Path, *, stale_after: float,
-                  at: float | None = None) -> SweepReport:
-    """Settle upload files older than ``stale_after`` seconds (see the module doc)."""
+                  at: float | None = None, busy: Container[Path] = ()) -> SweepReport:
+    """Settle upload files older than ``stale_after`` seconds (see the module doc),
+    except the ``busy`` ones (this process's uploads in flight)."""
     report = SweepReport()
     if not files_dir.is_dir():
         return report
@@ -63,7 +65,7 @@ def sweep_uploads(db: Engine, files_dir: Path, *, stale_after: float,
     old: dict[str, Path] = {}
     for path in files_dir.iterdir():
         try:
-            if not path.is_file() or path.stat().st_mtime > t - stale_after:
+            if path in busy or not path.is_file() or path.stat().st_mtime > t - stale_after:
                 continue
         except FileNotFoundError:
             continue
@@ -89,14 +91,15 @@ def sweep_uploads(db: Engine, files_dir: Path, *, stale_after: float,
     return report
 
 
-def sweep(db: Engine, settings: Settings) -> SweepReport:
+def sweep(db: Engine, settings: Settings, busy: Container[Path] = ()) -> SweepReport:
     """One sweep: expiry, stale validating batches, upload leftovers."""
     with session_scope(db) as session:
         expired = expire_batches(session=session)
         stale = fail_stale_validating(session=session, older_than=settings.stale_upload_after)
     if expired:
         log.info("batches expired: %s", expired)
-    report = sweep_uploads(db, settings.files_dir, stale_after=settings.stale_upload_after)
+    report = sweep_uploads(db, settings.files_dir, stale_after=settings.stale_upload_after,
+                           busy=busy)
     report.expired, report.failed_validating = len(expired), len(stale)
     return report
 
@@ -104,9 +107,9 @@ def sweep(db: Engine, settings: Settings) -> SweepReport:
 class Sweeper(threading.Thread):
     """Runs :func:`sweep` every ``sweep_interval`` seconds until stopped."""
 
-    def __init__(self, db: Engine, settings: Settings) -> None:
+    def __init__(self, db: Engine, settings: Settings, busy: Container[Path] = ()) -> None:
         super().__init__(name="neoxq-sweeper", daemon=True)
-        self.db, self.settings = db, settings
+        self.db, self.settings, self.busy = db, settings, busy
         self._stop_evt = threading.Event()
 
     def stop(self) -> None:
@@ -115,7 +118,7 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                sweep(self.db, self.settings)
+                sweep(self.db, self.settings, self.busy)
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try next time
                 log.warning("sweep failed: %s", exc)
             if self._stop_evt.wait(self.settings.sweep_interval):

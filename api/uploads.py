@@ -15,7 +15,9 @@ finishes (row committed: rename) or deletes (no row).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +40,31 @@ TMP_PREFIX = ".tmp-"
 
 class _TooLarge(Exception):
     pass
+
+
+class InFlight:
+    """The temporary upload paths this process is writing or ingesting right now, which
+    its sweeper must leave alone however old their last write (a large file is ingested
+    long after its last byte arrived). Other API processes are protected by the
+    sweeper's age limit."""
+
+    def __init__(self) -> None:
+        self._paths: set[Path] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, path: Path) -> Iterator[None]:
+        with self._lock:
+            self._paths.add(path)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paths.discard(path)
+
+    def __contains__(self, path: object) -> bool:
+        with self._lock:
+            return path in self._paths
 
 
 def upload_paths(files_dir: Path, file_id: str) -> tuple[Path, Path]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import drop_redis_keys, git_commit, stop
+from store.status import TERMINAL, BatchStatus, WorkerStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "preset:tiny"
@@ -118,7 +119,8 @@ def run_queue(lines: list[dict[str, Any]], db_url: str, redis_url: str,
         while True:  # ready: registered, engine loaded (the row appears after the load)
             with session_scope(db) as session:
                 w = session.get(Worker, f"bench-{tag}")
-                if w is not None and w.status in ("idle", "running", "busy"):
+                if w is not None and w.status in (WorkerStatus.IDLE, WorkerStatus.RUNNING,
+                                                  WorkerStatus.BUSY):
                     break
             if proc.poll() is not None:
                 raise RuntimeError((work / "worker.log").read_text()[-3000:])
@@ -134,13 +136,13 @@ def run_queue(lines: list[dict[str, Any]], db_url: str, redis_url: str,
         while True:  # polled slowly (CPU is shared); the clock stops at completed_at
             with session_scope(db) as session:
                 b = session.get(Batch, report.batch_id)
-                if b.status in ("completed", "failed", "cancelled"):
+                if b.status in TERMINAL:
                     break
             if proc.poll() is not None:
                 raise RuntimeError((work / "worker.log").read_text()[-3000:])
             time.sleep(0.2)
         elapsed = (b.completed_at or time.time()) - t0
-        assert b.status == "completed" and b.request_completed == len(lines), b.status
+        assert b.status == BatchStatus.COMPLETED and b.request_completed == len(lines), b.status
         return {"seconds": elapsed, "submit_seconds": t_submitted, "chunks": len(report.chunks),
                 "worker_startup_seconds": startup, "completion_tokens": b.completion_tokens}
     finally:
@@ -167,7 +169,7 @@ def run_ingest(n: int, db_url: str) -> dict[str, Any]:
                                              max_lines=max(n, 50_000)))
     elapsed = time.perf_counter() - t0
     db.dispose()
-    assert report.status == "in_progress" and report.total == n, report.errors[:3]
+    assert report.status == BatchStatus.IN_PROGRESS and report.total == n, report.errors[:3]
     return {"lines": n, "bytes": len(data), "seconds": round(elapsed, 3),
             "lines_per_s": round(n / elapsed), "chunks": len(sent)}
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from store.status import TERMINAL
+from store.status import TERMINAL, BatchStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -351,7 +351,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         n = download(client, f"/batches/{batch['id']}/results", args.output,
                      prompts_from=args.file if args.include_prompt else None)
         print(finish_line(batch, n, args.output), file=sys.stderr)
-        return 0 if batch["status"] == "completed" else 1
+        return 0 if batch["status"] == BatchStatus.COMPLETED else 1
 
     return _run(args, go)
 

@@ -11,79 +11,42 @@ Two line shapes:
 - OpenAI Batch: ``{"custom_id": str, "method": "POST", "url": "/v1/completions",
   "body": {"model": str, "prompt": str | [int], <sampling fields>...}}``
 
-The sampling fields and their rules mirror ``models.sampling.SamplingParams`` (core may
-not import models); ``tests/worker/test_sampling_schema.py`` holds the two together.
+The sampling fields and their rules are ``specs.sampling``'s (the one place they are
+written, shared with the engine's ``SamplingParams``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, create_model
+
+from specs import sampling
 
 # ---------------------------------------------------------------------------------------
-# Sampling fields (the schema SamplingParams validates)
+# Sampling fields: derived from specs/sampling.py, the one place they are written
 # ---------------------------------------------------------------------------------------
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
-MAX_STOP_TOKEN_IDS = 256
-MAX_N = 128
-MAX_LOGPROBS = 20
 MAX_CUSTOM_ID = 512  # items.custom_id is VARCHAR(512)
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
-# SamplingParams' defaults: what a field is when neither the line nor the batch gives it.
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 64,
-    "min_tokens": 0,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "stop": [],
-    "stop_token_ids": [],
-    "ignore_eos": False,
-    "seed": None,
-    "n": 1,
-    "logprobs": None,
-}
+# What a field is when neither the line nor the batch gives it.
+SAMPLING_DEFAULTS: dict[str, Any] = dict(sampling.DEFAULTS)
+SAMPLING_FIELDS: frozenset[str] = frozenset(sampling.FIELDS)
+# Each field's type, as SamplingParams declares it.
+SAMPLING_TYPES: dict[str, Any] = get_type_hints(sampling.SamplingParams)
 
-
-class SamplingFields(BaseModel):
-    """Per-request sampling fields as they appear on a line or in batch defaults; each is
-    optional (``null`` = not given: the batch default, then the field's own default applies).
-    The authoritative checks are :func:`check_sampling`'s, which match SamplingParams'."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate per sample")
-    min_tokens: int | None = Field(None, ge=0, description="no EOS/stop before this many")
-    temperature: float | None = Field(None, ge=0, description="0 = greedy")
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
-    top_p: float | None = Field(None, gt=0, le=1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingFields.model_fields)
+# Per-request sampling fields as they appear on a line or in batch defaults (for schemas
+# and documentation); each optional: ``null`` = not given, the batch default and then the
+# field's own default apply. The checks themselves are :func:`check_sampling`'s.
+SamplingFields: type[BaseModel] = create_model(
+    "SamplingFields", __config__=ConfigDict(extra="forbid", strict=True),
+    **{name: (SAMPLING_TYPES[name] | None, None) for name in sampling.FIELDS},
+)
 
 
 # Values quoted back in error messages are cut short: a bad 1 MB list (or one nested 900
@@ -136,14 +99,6 @@ def find_bad_text(value: object, path: str = "") -> tuple[str, str] | None:
     return None
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
 def check_sampling(
     given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -154,82 +109,19 @@ def check_sampling(
     field, not just the first. Cross-field rules (min_tokens <= max_tokens) see the
     batch defaults and the fields' own defaults, as the worker will.
     """
-    problems: list[tuple[str, str]] = []
-
-    def bad(name: str, expected: str, got: object) -> None:
-        problems.append((name, f"{expected}, got {quoted(got)}"))
-
     clean = {k: v for k, v in given.items() if v is not None}
-    for name in sorted(k for k in clean if k not in SAMPLING_FIELDS):
-        bad(name, "not a known field (known: " + ", ".join(sorted(SAMPLING_FIELDS)) + ")",
-            clean[name])
+    problems = [(name, "not a known field (known: " + ", ".join(sorted(SAMPLING_FIELDS))
+                 + f"), got {quoted(clean[name])}")
+                for name in sorted(k for k in clean if k not in SAMPLING_FIELDS)]
     if isinstance(clean.get("stop"), str):
         clean["stop"] = [clean["stop"]]
-    merged = {**SAMPLING_DEFAULTS, **{k: v for k, v in (defaults or {}).items() if v is not None}}
-    merged.update(clean)
-    for name in ("max_tokens", "min_tokens", "top_k", "n"):
-        if name in clean and not _is_int(clean[name]):
-            bad(name, "must be an integer", clean[name])
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty"):
-        if name in clean:
-            v = clean[name]
-            if not _is_number(v):
-                bad(name, "must be a number", v)
-            elif not math.isfinite(v):
-                bad(name, "must be finite", v)
-    bad_names = {p[0] for p in problems}
-
-    def ok(name: str) -> bool:  # typed and given on this line (or in the batch defaults)
-        return name not in bad_names and _is_number(merged[name])
-
-    if ok("max_tokens") and merged["max_tokens"] < 1:
-        bad("max_tokens", "must be >= 1", merged["max_tokens"])
-    if ok("min_tokens") and ok("max_tokens") and not (
-        0 <= merged["min_tokens"] <= max(merged["max_tokens"], 0)
-    ):
-        bad("min_tokens", f"must be between 0 and max_tokens ({merged['max_tokens']})",
-            merged["min_tokens"])
-    if ok("temperature") and merged["temperature"] < 0:
-        bad("temperature", "must be >= 0", merged["temperature"])
-    if ok("top_k") and merged["top_k"] < -1:
-        bad("top_k", "must be >= 1, or 0 or -1 to turn it off", merged["top_k"])
-    if ok("top_p") and not 0 < merged["top_p"] <= 1:
-        bad("top_p", "must be in (0, 1]", merged["top_p"])
-    if ok("min_p") and not 0 <= merged["min_p"] <= 1:
-        bad("min_p", "must be in [0, 1]", merged["min_p"])
-    if ok("repetition_penalty") and merged["repetition_penalty"] <= 0:
-        bad("repetition_penalty", "must be > 0", merged["repetition_penalty"])
-    for name in ("presence_penalty", "frequency_penalty"):
-        if ok(name) and not -2 <= merged[name] <= 2:
-            bad(name, "must be in [-2, 2]", merged[name])
-    stop = merged["stop"]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        bad("stop", "must be a string or a list of strings", stop)
-    else:
-        if len(stop) > MAX_STOP_STRINGS:
-            bad("stop", f"at most {MAX_STOP_STRINGS} strings", len(stop))
-        for s in stop:
-            if not s:
-                bad("stop", "strings must not be empty", s)
-            elif len(s) > MAX_STOP_LENGTH:
-                bad("stop", f"strings must be at most {MAX_STOP_LENGTH} characters", len(s))
-    ids = merged["stop_token_ids"]
-    if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
-        bad("stop_token_ids", "must be a list of non-negative integers", ids)
-    elif len(ids) > MAX_STOP_TOKEN_IDS:
-        bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids", len(ids))
-    if not isinstance(merged["ignore_eos"], bool):
-        bad("ignore_eos", "must be true or false", merged["ignore_eos"])
-    seed = merged["seed"]
-    if seed is not None and not (_is_int(seed) and _SEED_MIN <= seed <= _SEED_MAX):
-        bad("seed", "must be a 64-bit integer or null", seed)
-    if ok("n") and not 1 <= merged["n"] <= MAX_N:
-        bad("n", f"must be between 1 and {MAX_N}", merged["n"])
-    lp = merged["logprobs"]
-    if lp is not None and not (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS):
-        bad("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS} or null", lp)
-    return clean, problems
+    merged = {**SAMPLING_DEFAULTS,
+              **{k: v for k, v in (defaults or {}).items()
+                 if v is not None and k in SAMPLING_FIELDS},
+              **{k: v for k, v in clean.items() if k in SAMPLING_FIELDS}}
+    if isinstance(merged.get("stop"), str):
+        merged["stop"] = [merged["stop"]]
+    return clean, problems + sampling.sampling_problems(merged)
 
 
 def check_defaults(defaults: Mapping[str, Any]) -> list[str]:
@@ -348,7 +240,7 @@ def _check_prompt(value: object, field_name: str, line: int) -> LineError | None
     if isinstance(value, str):
         return None if value else LineError(line, field_name, "invalid_value",
                                             "a non-empty string expected, got ''")
-    if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+    if isinstance(value, list) and value and all(sampling.is_int(t) and t >= 0 for t in value):
         return None
     return LineError(line, field_name, "invalid_value",
                      "a string or a non-empty list of token ids expected (one prompt per line),"

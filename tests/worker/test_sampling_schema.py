@@ -1,5 +1,6 @@
-"""core/jsonl.py's sampling schema (core may not import models) must agree with
-models/sampling.py's SamplingParams: the same fields, the same defaults, the same verdicts."""
+"""The sampling schema is written once (specs/sampling.py): the API's line checks
+(core/jsonl.py) and the engine's SamplingParams (models/sampling.py) see the same fields,
+the same defaults and give the same verdicts."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Leaf schemas shared by every layer (plain Python; imports no project package)."""
