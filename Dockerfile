@@ -4,7 +4,7 @@
 #   docker build --target api    -t neoxq-api .     # API, migrations, CLI client: no torch
 #   docker build --target worker -t neoxq-worker .  # GPU worker: CUDA torch + neoxq
 #
-# The API image never installs torch (the API never imports it; DESIGN.md), which keeps
+# The API image never installs torch (the API never imports it; docs/ARCHITECTURE.md), which keeps
 # it around 300 MB instead of several GB. The worker starts from a PyTorch CUDA runtime
 # image so the GPU stack (CUDA, cuDNN, NCCL) comes as PyTorch built and tested it; pick
 # another with --build-arg TORCH_IMAGE=... (neoxq accepts torch >=2.4,<2.15).

@@ -15,7 +15,7 @@ engine; the same figures for HF ``transformers.generate`` with static batches on
 subset (labelled as such: HF needs minutes where the engine needs seconds), sharing the
 engine's weight tensors (zero copy, so the 20B fits once); and the roofline time of the
 whole workload from the copy bandwidth and bf16 GEMM rate measured in the same run
-(DESIGN.md, "Roofline"): per decode step max(bytes / bandwidth, FLOPs / GEMM rate) with
+(docs/ARCHITECTURE.md, "The engine"): per decode step max(bytes / bandwidth, FLOPs / GEMM rate) with
 bytes = weights + the KV of every running sequence, plus prefill FLOPs at the GEMM rate,
 with sequences admitted while their final contexts fit in the engine's KV cache.
 

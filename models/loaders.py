@@ -123,7 +123,7 @@ def translate(name: str) -> str | None:
     return target.format(int(m.group(1))) if target is not None and m is not None else target
 
 
-# How tensor-parallel shards of each parameter merge back into one tensor (DESIGN.md):
+# How tensor-parallel shards of each parameter merge back into one tensor (docs/ARCHITECTURE.md):
 # column-parallel weights and their biases concatenate on the output dim (0); row-parallel
 # weights on the input dim (1); row-parallel biases are added after the all-reduce, each
 # rank holding a part, so they sum; LayerNorms are replicated and are averaged.

@@ -1,4 +1,5 @@
-"""The import table of DESIGN.md, enforced with import-linter (contracts in pyproject.toml)."""
+"""The import table of docs/ARCHITECTURE.md, enforced with import-linter (contracts in
+pyproject.toml)."""
 
 import subprocess
 import sys

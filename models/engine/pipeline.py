@@ -1,7 +1,7 @@
 """Pipeline parallelism: the model split over N stage processes, several micro-batches
 in flight.
 
-Layout (DESIGN.md, "Pipeline parallelism"):
+Layout (docs/ARCHITECTURE.md, "Pipeline parallelism"):
 
 - **Rank 0 is the calling process.** It holds stage 0 (the embedding and the first
   blocks) *and* the scheduler; ranks 1..N-1 are processes this module spawns, one per
@@ -33,7 +33,7 @@ Layout (DESIGN.md, "Pipeline parallelism"):
   logits), hence its own NCCL communicator and stream: a logits receive never queues
   behind a forward send on the same stream, which could serialise (or, with crossing
   sends, deadlock) the pipeline.
-- **Not DeepSpeed's pipeline engine** (no autoregressive generation, DESIGN.md), nor
+- **Not DeepSpeed's pipeline engine** (no autoregressive generation, docs/ARCHITECTURE.md), nor
   its launcher: the launcher starts every rank itself, while neoxq starts from one
   command (``neoxq worker``/``generate``) and rank 0 must stay the caller's process;
   the communication set-up it would save is one ``init_process_group`` call.

@@ -73,8 +73,8 @@ def test_hf_baseline_shares_our_weights() -> None:
 
 
 def test_roofline_matches_design_figures() -> None:
-    """DESIGN.md: on an H200 (4.3 TB/s, 795 TFLOP/s, ~84 GB of KV) the 20B's roofline is
-    about 7,200 output tok/s for workload (a)."""
+    """docs/ARCHITECTURE.md, "The engine": on an H200 (4.3 TB/s, 795 TFLOP/s, ~84 GB of
+    KV) the 20B's roofline is about 7,200 output tok/s for workload (a)."""
     cfg = get_preset("gpt-neox-20b")
     n = 1024
     roof = roofline(cfg, [128] * n, [128] * n, capacity_tokens=int(84e9 / cfg.kv_bytes_per_token),
