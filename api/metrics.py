@@ -103,7 +103,7 @@ class StoreCollector(Collector):
                                        value=float(totals[2])))
         out.append(CounterMetricFamily("neoxq_prompt_tokens", "Prompt tokens processed",
                                        value=float(totals[3])))
-        live = [w for w in workers if w[1] != WorkerStatus.STOPPED]
+        live = [w for w in workers if w[1] not in (WorkerStatus.STOPPED, WorkerStatus.LOST)]
         out.append(GaugeMetricFamily("neoxq_tokens_per_second",
                                      "Generated tokens per second, summed over live workers",
                                      value=float(sum(w[2] or 0.0 for w in live))))

@@ -29,8 +29,25 @@ def _int(t: float | None) -> int | None:
     return int(t) if t is not None else None
 
 
+def _text(value: Any) -> Any:
+    """``value`` with every string made encodable: rows written before input was checked
+    for lone surrogates may hold some, and one such row must not turn every listing of
+    its owner into a 500 (the response encoder refuses them)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
+
+
 def _line_errors(batch: Batch) -> list[dict[str, Any]]:
-    return [e for e in (batch.errors or []) if isinstance(e, dict)]
+    return [_text(e) for e in (batch.errors or []) if isinstance(e, dict)]
 
 
 def _run_seconds(batch: Batch) -> float | None:
@@ -98,8 +115,8 @@ def native_batch(batch: Batch, **live: float) -> BatchStatus:
         failed_at=batch.failed_at, cancelling_at=batch.cancelling_at,
         cancelled_at=batch.cancelled_at, expires_at=batch.expires_at,
         input_file_id=batch.input_file_id, output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id, defaults=batch.defaults or {},
-        metadata=batch.metadata_ or {},
+        error_file_id=batch.error_file_id, defaults=_text(batch.defaults or {}),
+        metadata=_text(batch.metadata_ or {}),
         errors=[LineErrorOut(line=e.get("line"), param=e.get("param"),
                              code=str(e.get("code")), message=str(e.get("message")))
                 for e in errors] if batch.errors is not None else None,
@@ -125,7 +142,7 @@ def openai_batch(batch: Batch) -> OpenAIBatch:
         request_counts=RequestCounts(total=batch.request_total,
                                      completed=batch.request_completed,
                                      failed=batch.request_failed),
-        metadata={str(k): str(v) for k, v in (batch.metadata_ or {}).items()} or None,
+        metadata={str(k): str(v) for k, v in _text(batch.metadata_ or {}).items()} or None,
         usage=BatchUsage(input_tokens=batch.prompt_tokens, output_tokens=batch.completion_tokens,
                          total_tokens=batch.prompt_tokens + batch.completion_tokens),
     )

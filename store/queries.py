@@ -391,11 +391,30 @@ def batch_generation(*, session: Session, within: float) -> dict[str, dict[str, 
     return out
 
 
+def mark_lost_workers(*, session: Session, older_than: float) -> list[str]:
+    """Mark ``lost`` the workers whose heartbeat stopped ``older_than`` seconds ago
+    without a clean stop; returns the ids this call marked. A conditional UPDATE per
+    worker: of several workers noticing the same death, one wins and acts on it."""
+    cutoff = now() - older_than
+    gone = (WorkerStatus.STOPPED, WorkerStatus.LOST)
+    candidates = list(session.scalars(select(Worker.id).where(
+        Worker.last_seen < cutoff, Worker.status.not_in(gone))))
+    won = []
+    for wid in candidates:
+        res = session.execute(
+            update(Worker).where(Worker.id == wid, Worker.last_seen < cutoff,
+                                 Worker.status.not_in(gone))
+            .values(status=WorkerStatus.LOST).execution_options(synchronize_session=False))
+        if res.rowcount == 1:
+            won.append(wid)
+    return won
+
+
 def live_workers(*, session: Session, within: float) -> list[Worker]:
     """Workers alive now: heartbeat within ``within`` seconds (``dead_worker_after``,
     the same limit after which their chunks are taken back) and not shut down."""
     return [w for w in list_workers(session=session, seen_within=within)
-            if w.status != WorkerStatus.STOPPED]
+            if w.status not in (WorkerStatus.STOPPED, WorkerStatus.LOST)]
 
 
 def list_workers(*, session: Session, seen_within: float | None = None) -> list[Worker]:
@@ -410,6 +429,6 @@ __all__ = [
     "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches", "fail_stale_validating",
     "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
     "get_batch", "hand_back", "heartbeat", "insert_results", "iter_results",
-    "list_workers", "live_workers", "mark_running", "register_worker", "request_cancel",
-    "set_batch_status",
+    "list_workers", "live_workers", "mark_lost_workers", "mark_running", "register_worker",
+    "request_cancel", "set_batch_status",
 ]

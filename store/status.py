@@ -44,6 +44,9 @@ class WorkerStatus(StrEnum):
     BUSY = "busy"
     DRAINING = "draining"
     STOPPED = "stopped"
+    # Stopped heartbeating without a clean stop (killed, host lost): marked by another
+    # worker, which then takes back its chunks. A heartbeat puts it back to live.
+    LOST = "lost"
 
 
 B = BatchStatus

@@ -51,6 +51,7 @@ from store.queries import (
     hand_back,
     heartbeat,
     insert_results,
+    mark_lost_workers,
     mark_running,
     register_worker,
 )
@@ -671,16 +672,18 @@ class WorkerRuntime:
             self._redis = redis.Redis.from_url(self.settings.redis_url)
         return self._redis
 
-    def reconcile(self) -> int:
-        """Re-enqueue items that no message covers any more (worker/reconcile.py)."""
+    def reconcile(self, *, now: bool = False) -> int:
+        """Re-enqueue items that no message covers any more (worker/reconcile.py): at
+        most once per ``reconcile_interval`` across the fleet, or at once with ``now``."""
         from core.celery_app import enqueue_chunk, make_celery
-        from worker.reconcile import reconcile_locked
+        from worker.reconcile import reconcile, reconcile_locked
 
         if self._app is None:
             self._app = make_celery(self.settings)
         app, q = self._app, self.settings.queue
-        return reconcile_locked(self.db, self.redis, self.settings,
-                                lambda p: enqueue_chunk(p, app=app, queue=q))
+        sweep = reconcile if now else reconcile_locked
+        return sweep(self.db, self.redis, self.settings,
+                     lambda p: enqueue_chunk(p, app=app, queue=q))
 
     def touch_messages(self) -> None:
         """Refresh the broker's index time of the chunk messages this worker runs (its
@@ -691,8 +694,22 @@ class WorkerRuntime:
         broker.touch(self.redis, self.settings, held)
 
     def restore_dead_workers_chunks(self) -> int:
-        """Put back on the queue the chunk messages of workers that stopped heartbeating
-        ``dead_worker_after`` seconds ago (any live worker does it; kombu's mutex makes
-        it one at a time)."""
-        return broker.restore_orphans(self.redis, self.settings,
-                                      self.settings.dead_worker_after)
+        """Take back the work of workers that stopped heartbeating ``dead_worker_after``
+        seconds ago (any live worker does it):
+
+        - the chunk messages they held, whose broker time they stopped refreshing, go
+          back on the queue (kombu's mutex makes that one restorer at a time);
+        - a worker whose store heartbeat stopped is marked ``lost``, and the one worker
+          that marks it reconciles at once: a message it had popped from the queue but
+          not yet recorded as held (a SIGKILL in that millisecond) is found missing and
+          enqueued again now, not at the next periodic sweep minutes later.
+        """
+        restored = broker.restore_orphans(self.redis, self.settings,
+                                          self.settings.dead_worker_after)
+        with session_scope(self.db) as session:
+            lost = mark_lost_workers(session=session,
+                                     older_than=self.settings.dead_worker_after)
+        if lost:
+            log.warning("workers %s stopped heartbeating; taking back their work", lost)
+            self.reconcile(now=True)
+        return restored

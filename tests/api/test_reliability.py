@@ -272,3 +272,19 @@ def test_refusing_a_50000_line_file_stores_nothing(api_factory) -> None:
     assert took < 15  # validated before any insert: no rollback of 50,000 rows
     with session_scope(api.db) as s:
         assert set(s.scalars(select(Batch.status))) <= TERMINAL and not ACTIVE & {"failed"}
+
+
+def test_rows_written_before_the_checks_do_not_break_listings(api: Api) -> None:
+    """A batch stored by an older version with a lone surrogate in its metadata, defaults
+    and errors: every listing and view of its owner still answers."""
+    from store.queries import create_batch
+
+    with session_scope(api.db) as s:
+        bid = create_batch(session=s, owner="local", metadata={"a": "x\ud800"},
+                           defaults={"stop": ["\udfff"]}).id
+        s.execute(update(Batch).values(errors=[{"line": 1, "param": "p\ud800", "code": "c",
+                                                "message": "m\ud800"}]))
+    for url in (*LISTINGS, f"/batches/{bid}", f"/v1/batches/{bid}"):
+        r = api.client.get(url)
+        assert r.status_code == 200, (url, r.text[:300])
+    assert api.client.get(f"/batches/{bid}").json()["metadata"] == {"a": "x?"}

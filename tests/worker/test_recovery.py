@@ -9,11 +9,11 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.settings import Settings
 from store.db import session_scope
-from store.tables import Item
+from store.tables import Item, Worker
 from tests.worker.conftest import Cluster, greedy_lines
 from tests.worker.test_worker import assert_exactly_once, running
 
@@ -79,3 +79,27 @@ def test_rolling_restarts_do_not_use_up_attempts(pg_cluster) -> None:
     c.start_worker("w_final")
     results = assert_exactly_once(c, report, 60)
     assert all(r.error is None for r in results)
+
+
+@pytest.mark.slow
+def test_a_dead_workers_lost_message_is_found_at_once(sqlite_cluster) -> None:
+    """A worker SIGKILLed between popping a chunk message and recording it as held loses
+    that message for good (no broker time to go stale). Its stopped heartbeat in the
+    store is what gives it away: the worker that marks it lost reconciles at once,
+    instead of at the periodic sweep five minutes later."""
+    from store.queries import register_worker
+
+    c = sqlite_cluster(chunk_items=20, **DEFAULTS)
+    with session_scope(c.db) as s:  # the dead worker: registered, heartbeat long stopped
+        register_worker(session=s, worker_id="ghost", host="h", pid=1, model="m",
+                        devices=[], pipeline_parallel=1)
+        s.execute(update(Worker).values(last_seen=time.time() - 120, status="busy"))
+    report = c.submit(greedy_lines(60, max_tokens=8), drop=lambda chunk: chunk.start == 20)
+    t0 = time.monotonic()
+    w = c.start_worker("w")
+    assert_exactly_once(c, report, 60)
+    took = time.monotonic() - t0
+    assert "taking back their work" in c.log(w) and "enqueued again" in c.log(w)
+    with session_scope(c.db) as s:
+        assert s.get(Worker, "ghost").status == "lost"
+    assert took < 60, took  # worker start-up + one heartbeat + the 1 s double look
