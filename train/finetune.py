@@ -294,7 +294,11 @@ class Trainer:
         self.trainable = sum(p.numel() for p in params)
         self.flops_per_token = model_flops_per_token(
             self.config, cfg.method, self.trainable if cfg.method == "lora" else 0)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        # Weight decay on matrices only: biases and LayerNorm gains are not decayed.
+        groups = [{"params": [p for p in params if p.ndim >= 2],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                                       betas=(0.9, 0.95))
         sched = lr_lambda(self.total_steps, warmup)
         self.engine, _, _, _ = deepspeed.initialize(
