@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     # flight keep the engine full across chunk boundaries: while one chunk's last sequences
     # finish, the next chunk's are already running.
     worker_concurrency: int = Field(default=4, ge=1)
+    # Items one worker claims into its engine at once; 0 = a quarter more than the engine
+    # runs at once (max_num_seqs). The rest of its chunks stays queued in the store, where
+    # an idle worker can take it: a batch's tail is shared instead of drained by one worker.
+    worker_max_in_flight: int = Field(default=0, ge=0)
+    # Whether an idle worker (room in its engine, nothing in the queue) claims queued items
+    # of chunks that other workers hold. Off: each chunk runs wholly on its holder.
+    worker_share_tail: bool = True
     # Attempts per chunk before its remaining items are recorded as failed.
     max_attempts: int = Field(default=3, ge=1)
     # Seconds between worker heartbeats in the store, and how often the engine loop polls

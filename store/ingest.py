@@ -23,6 +23,7 @@ Modes (``on_invalid``):
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
@@ -40,6 +41,7 @@ from store.queries import (
     create_batch,
     finalize_if_done,
     insert_results,
+    live_workers,
     set_batch_status,
 )
 from store.records import ResultRow
@@ -86,43 +88,68 @@ def iter_lines(source: IO[bytes] | Iterable[bytes]) -> Iterator[bytes]:
         yield pending.rstrip(b"\r")
 
 
-class _ChunkPlanner:
+class ChunkPlanner:
     """Cuts the item sequence into chunks of at most ``max_items`` items and about
-    ``max_tokens`` tokens of generation (max_tokens x n per item)."""
+    ``max_tokens`` tokens of generation (max_tokens x n per item) - and, when the batch
+    is small for the fleet, into enough chunks that every worker slot gets one.
 
-    def __init__(self, max_items: int, max_tokens: int, defaults: dict[str, Any]) -> None:
-        self.max_items, self.max_tokens = max_items, max_tokens
+    Why the last rule: each worker holds ``worker_concurrency`` chunks at once. A batch
+    of 1,024 items in chunks of 256 is four chunks, and the first worker to ask takes all
+    four while the others idle; cut into ``workers x concurrency`` chunks, it spreads over
+    every worker from its first seconds. Chunks are never cut below ``min_items`` (per
+    message overhead), and what is uneven after that - workers of different speeds, a
+    long tail - is evened out by idle workers claiming queued items of chunks others
+    hold (store/claims.py).
+    """
+
+    def __init__(self, max_items: int, max_tokens: int, defaults: dict[str, Any],
+                 min_items: int = 8) -> None:
+        self.max_items, self.max_tokens, self.min_items = max_items, max_tokens, min_items
         self.default_tokens = int(defaults.get("max_tokens") or SAMPLING_DEFAULTS["max_tokens"])
         self.default_n = int(defaults.get("n") or 1)
-        self.chunks: list[tuple[int, int]] = []
-        self.start, self.cost = 0, 0
+        self.costs = array("q")  # tokens each item may generate, in item order
 
     def add(self, index: int, params: dict[str, Any]) -> None:
-        self.cost += int(params.get("max_tokens") or self.default_tokens) * int(
-            params.get("n") or self.default_n)
-        if index + 1 - self.start >= self.max_items or self.cost >= self.max_tokens:
-            self.chunks.append((self.start, index + 1))
-            self.start, self.cost = index + 1, 0
+        self.costs.append(int(params.get("max_tokens") or self.default_tokens) * int(
+            params.get("n") or self.default_n))
 
-    def finish(self, total: int) -> list[tuple[int, int]]:
-        if total > self.start:
-            self.chunks.append((self.start, total))
-        return self.chunks
+    def finish(self, total: int, slots: int = 1) -> list[tuple[int, int]]:
+        """The chunks of ``total`` items for ``slots`` worker slots (live workers x chunks
+        each holds)."""
+        most, share = self.max_items, self.max_tokens
+        if slots > 1:
+            most = min(most, max(self.min_items, -(-total // slots)))
+            # A slot's share of the tokens bounds a chunk the same way, so that a batch of
+            # long generations spreads as a batch of short ones does (never below
+            # min_items items; the configured token bound always applies).
+            share = max(1, -(-sum(self.costs[:total]) // slots))
+        least = min(self.min_items, most)
+        chunks: list[tuple[int, int]] = []
+        start, cost = 0, 0
+        for index in range(total):
+            cost += self.costs[index] if index < len(self.costs) else self.default_tokens
+            size = index + 1 - start
+            if size >= most or cost >= self.max_tokens or (cost >= share and size >= least):
+                chunks.append((start, index + 1))
+                start, cost = index + 1, 0
+        if total > start:
+            chunks.append((start, total))
+        return chunks
 
 
 def _ingest(
     session: Session | None, *, batch_id: str, source: IO[bytes] | Iterable[bytes],
     fmt: Literal["native", "openai", "auto"], defaults: dict[str, Any], on_invalid: OnInvalid,
-    settings: Settings, block: int, max_errors: int,
+    settings: Settings, block: int, max_errors: int, workers: int = 1,
 ) -> IngestReport:
     """Validate ``source`` line by line and insert the batch's items into ``session``'s
     transaction (the caller commits or rolls back). ``report.status`` says which:
     ``failed`` means refused (nothing of it may be kept). Without a session it only
-    validates."""
+    validates. ``workers``: the live workers the chunks are cut for (ChunkPlanner)."""
     t0 = time.perf_counter()
     report = IngestReport(batch_id=batch_id, status=BatchStatus.VALIDATING)
     validator = LineValidator(fmt, defaults=defaults, max_lines=settings.max_lines)
-    planner = _ChunkPlanner(settings.chunk_items, settings.chunk_max_tokens, defaults)
+    planner = ChunkPlanner(settings.chunk_items, settings.chunk_max_tokens, defaults)
     refused = False
     rows: list[dict[str, Any]] = []
     index = 0
@@ -186,7 +213,9 @@ def _ingest(
         return report
     flush()
     report.total = index
-    report.chunks = planner.finish(index)
+    # One worker mixes all its chunks in one engine anyway: the cut matters from two on.
+    report.chunks = planner.finish(
+        index, slots=workers * settings.worker_concurrency if workers > 1 else 1)
     return report
 
 
@@ -261,9 +290,11 @@ def submit_batch(
         defaults=defaults, metadata=metadata, batch_id=batch_id or new_id("batch_"),
         model=s.model_name)
     final: str | None = None
+    with session_scope(engine) as session:
+        workers = len(live_workers(session=session, within=s.dead_worker_after))
     ingest_args: dict[str, Any] = dict(
         batch_id=batch_values["batch_id"], fmt=fmt, defaults=defaults, on_invalid=on_invalid,
-        settings=s, block=block, max_errors=max_errors)
+        settings=s, block=block, max_errors=max_errors, workers=workers)
     if on_invalid == "refuse" and hasattr(source, "seekable") and source.seekable():
         # A stored upload can be read twice: validate it all first, so that refusing a
         # file with a bad last line costs a read, not 50,000 inserts rolled back (~10 s

@@ -136,6 +136,17 @@ def queued(r: Any, settings: Settings) -> Iterator[dict[str, Any]]:
                 yield message
 
 
+def queue_length(r: Any, settings: Settings) -> int:
+    """Messages waiting on the queue, not yet delivered: one LLEN per priority list (no
+    SCAN: idle workers ask this twice a second before sharing another worker's tail)."""
+    q = _key(settings, settings.queue)
+    keys = [q] + [f"{q}{kombu_redis.Channel.sep}{p}" for p in kombu_redis.PRIORITY_STEPS if p]
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
 def broker_chunks(r: Any, settings: Settings) -> dict[str, list[Range]]:
     """Chunk ranges per batch that the broker holds: queued or delivered-unacknowledged."""
     out: dict[str, list[Range]] = {}

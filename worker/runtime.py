@@ -11,15 +11,26 @@ Threads, each with one job:
   (insert-if-absent + counters, one transaction), retrying through database outages;
   an item's future resolves only after its row is committed.
 - :class:`Control` polls the store for cancelled batches (every ``cancel_poll_interval``),
-  heartbeats the worker row, and refreshes the broker's visibility timestamps of the
-  messages this worker holds.
+  heartbeats the worker row, refreshes the broker's visibility timestamps of the
+  messages this worker holds, and shares other workers' tails (below).
 
 :class:`WorkerRuntime` ties them together and runs one chunk (:meth:`run_chunk`), which
 is what the Celery task calls from a pool thread.
+
+Several workers, one batch. A chunk task claims its items in the store a few at a time,
+as the engine has room (:class:`Room`, a quarter more than the engine runs at once),
+not all at once: the rest of its range stays ``queued``. A worker with room and an empty
+queue claims such items of chunks other workers hold (:meth:`WorkerRuntime.share_tail`),
+from the back of the batch, so no worker idles while another drains a long tail. A
+chunk is acknowledged when every item of its range has a result, whoever ran it; items
+claimed by a worker whose heartbeat stopped are taken over by the chunk's holder
+(store/claims.py). Results stay insert-if-absent, so exactly-once does not depend on
+claims being perfect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -27,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,24 +51,29 @@ from core.payloads import ChunkPayload
 from core.settings import Settings
 from models.engine.pipeline import PipelineError
 from models.engine.protocol import InferenceEngine
+from store.claims import (
+    ClaimedItem,
+    claim_range,
+    claim_unstarted,
+    release_items,
+    release_worker,
+    unfinished_in_range,
+)
 from store.db import session_scope
 from store.queries import (
     PROMPT_TOKEN_IDS,
     cancelling_batch_ids,
-    chunk_items,
     finalize_if_done,
     finish_cancel,
     get_batch,
-    hand_back,
     heartbeat,
     insert_results,
     mark_lost_workers,
-    mark_running,
     register_worker,
 )
 from store.records import ResultRow
 from store.status import STOPPED, BatchStatus, WorkerStatus
-from store.tables import Batch, Item
+from store.tables import Batch
 from worker import broker
 from worker.meter import BUCKET, GenerationMeter
 
@@ -439,6 +455,11 @@ class Control(threading.Thread):
                 self.rt.poll_cancellations()
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try next time
                 log.warning("cancellation poll failed: %s", exc)
+            try:
+                self.rt.release_unfinished()
+                self.rt.share_tail()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("sharing a batch's tail failed: %s", exc)
             if now >= next_beat:
                 next_beat = now + s.heartbeat_interval
                 try:
@@ -461,6 +482,62 @@ class Control(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- runtime
+
+
+def _wait_any(mine: list[tuple[str, Future]], timeout: float) -> None:
+    """Wait until one of our unfinished items finishes, at most ``timeout`` s."""
+    running = [f for _, f in mine if not f.done()]
+    if running:
+        wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+    else:
+        time.sleep(timeout)
+
+
+def in_flight_limit(engine: InferenceEngine, settings: Settings) -> int:
+    """How many items one worker claims into its engine at once (``Room``'s size):
+    ``NEOXQ_WORKER_MAX_IN_FLIGHT``, or a quarter more than the engine runs at once -
+    enough that the engine never waits for a claim, few enough that the rest of a chunk
+    stays queued for idle workers. Engines that say how many sequences they run
+    (``max_num_seqs``, per micro-batch for a pipeline) are sized by it; 256 otherwise."""
+    if settings.worker_max_in_flight:
+        return settings.worker_max_in_flight
+    seqs = int(getattr(engine, "max_num_seqs", 0) or 256)
+    seqs *= int(getattr(engine, "micro_batches", 1) or 1)
+    return max(8, seqs + seqs // 4)
+
+
+class Room:
+    """How many more items this worker's engine may be given: a counting semaphore that
+    hands out several slots at once. Chunk threads (and the tail sharer) take slots before
+    claiming items and each finished item gives its slot back, so items are claimed as the
+    engine has room for them and the rest stay queued, where idle workers can take them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self.waiting = 0  # chunk threads waiting for slots
+        self._cv = threading.Condition()
+
+    def take(self, most: int, *, least: int = 1, timeout: float = 0.0) -> int:
+        """Up to ``most`` slots, waiting up to ``timeout`` s for at least ``least``
+        (fewer than ``least`` are never taken: one claim per item would be wasteful)."""
+        least = max(1, min(least, most, self.size))
+        with self._cv:
+            self.waiting += 1
+            try:
+                if not self._cv.wait_for(lambda: self.free >= least, timeout=timeout):
+                    return 0
+                n = min(most, self.free)
+                self.free -= n
+                return n
+            finally:
+                self.waiting -= 1
+
+    def give(self, n: int) -> None:
+        if n:
+            with self._cv:
+                self.free += n
+                self._cv.notify_all()
 
 
 class WorkerRuntime:
@@ -488,6 +565,13 @@ class WorkerRuntime:
         self._held_lock = threading.Lock()
         self._redis: Any = None
         self._app: Any = None
+        self.room = Room(in_flight_limit(engine, settings))
+        # Claims of items that ended without a result here (aborted, failed transiently),
+        # given back by the control thread: (item id, whether the attempt counts).
+        self._unclaim: list[tuple[int, bool]] = []
+        self._unclaim_lock = threading.Lock()
+        self.shared_items = 0  # items this worker took from chunks other workers hold
+        self._shared: dict[str, list[Future]] = {}  # batch -> outcomes of items we took
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -496,6 +580,9 @@ class WorkerRuntime:
             register_worker(session=session, worker_id=self.worker_id,
                             host=socket.gethostname(), pid=os.getpid(), model=self.model,
                             devices=self.devices, pipeline_parallel=self.pipeline_parallel)
+            # A previous life under this id (killed) may have left claims: they are ours
+            # to give back, since to others this id now looks alive again.
+            release_worker(session=session, worker_id=self.worker_id)
         self.writer.start()
         self.loop.start()
         self.control.start()
@@ -513,11 +600,19 @@ class WorkerRuntime:
         self.loop.stop()
         self.loop.join(timeout=10)
         life = time.monotonic() - self.loop.started
-        log.info("engine loop: %d steps, %.1fs stepping of %.1fs alive; %d items, %d tokens",
-                 self.loop.steps, self.loop.step_seconds, life, self.items_done,
+        log.info("engine loop: %d steps, %.1fs stepping of %.1fs alive; %d items (%d taken "
+                 "from other workers' chunks), %d tokens", self.loop.steps,
+                 self.loop.step_seconds, life, self.items_done, self.shared_items,
                  self.tokens_done)
         self.writer.stop()
         self.writer.join(timeout=30)
+        try:
+            # Whatever is still claimed here did not finish: hand it back (a stop is not
+            # a failed attempt).
+            with session_scope(self.db) as session:
+                release_worker(session=session, worker_id=self.worker_id, uncount=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("giving back claimed items failed: %s", exc)
         try:
             self.beat(WorkerStatus.STOPPED)
         except Exception as exc:  # noqa: BLE001
@@ -544,7 +639,6 @@ class WorkerRuntime:
     def _run_chunk(self, payload: ChunkPayload) -> str:
         if self.draining_since is not None:
             raise HandBack()
-        s = self.settings
         with session_scope(self.db) as session:
             batch = get_batch(session=session, batch_id=payload.batch_id)
             if batch is None:
@@ -554,63 +648,194 @@ class WorkerRuntime:
                 # Cancelled, failed, expired or done: nothing to run. (A cancelling batch
                 # is finished by the control thread.)
                 return f"batch {batch.status}"
-            items = chunk_items(session=session, batch_id=batch.id, start=payload.start,
-                                end=payload.end)
             defaults = dict(batch.defaults or {})
-            exhausted = [it for it in items if it.attempts >= s.max_attempts]
-            runnable = [it for it in items if it.attempts < s.max_attempts]
-            mark_running(session=session, item_ids=[it.id for it in runnable])
-        if exhausted:  # tried max_attempts times (crashes, transient errors): give up
-            self._fail_items(exhausted, "max_attempts",
-                             f"gave up after {s.max_attempts} attempts")
-        pending = [self._pending(it, defaults) for it in runnable]
-        try:
-            outcomes = self._wait(pending)
-        except HandBack:
-            # Shutting down is not the items' fault: take back the attempt counted above.
-            with session_scope(self.db) as session:
-                hand_back(session=session, item_ids=[it.id for it in runnable])
-            raise
-        if TRANSIENT in outcomes:
-            raise Retry()
+        ran = self._run_range(payload, defaults)
         with session_scope(self.db) as session:
             final = finalize_if_done(session=session, batch_id=payload.batch_id)
         if final:
             log.info("batch %s %s", payload.batch_id, final)
-        return f"{len(pending)} items"
+        return f"{ran} items"
 
-    def _pending(self, it: Item, defaults: dict[str, Any]) -> _Pending:
-        params = {**{k: v for k, v in defaults.items() if v is not None}, **it.params}
-        prompt: str | list[int] = params.pop(PROMPT_TOKEN_IDS, None) or it.prompt
-        return _Pending(item_id=it.id, batch_id=it.batch_id, index=it.index, prompt=prompt,
-                        params=params, queued_at=it.queued_at, attempt=it.attempts + 1)
-
-    def _wait(self, pending: list[_Pending]) -> set[str]:
-        if not pending:
-            return set()
-        futures = self.loop.submit(pending)
-        grace = self.settings.shutdown_grace
+    def _run_range(self, payload: ChunkPayload, defaults: dict[str, Any]) -> int:
+        """Claim the range's items as the engine has room, run them, then wait for the
+        items other workers claimed; take over those whose worker is gone."""
+        s = self.settings
+        group = max(1, self.room.size // 8)
+        mine: list[tuple[str, Future]] = []  # (request id, outcome) of items we run
         while True:
-            done, not_done = wait(futures, timeout=0.25)
-            if not not_done:
-                return {f.result() for f in done}
+            if self.draining_since is not None:
+                self._drain(mine)
+            want = payload.end - payload.start
+            slots = self.room.take(want, least=min(group, want), timeout=0.2)
+            claimed: list[ClaimedItem] = []
+            if slots:
+                try:
+                    with session_scope(self.db) as session:
+                        claimed = claim_range(
+                            session=session, batch_id=payload.batch_id, start=payload.start,
+                            end=payload.end, worker_id=self.worker_id, limit=slots,
+                            live_within=s.dead_worker_after)
+                finally:
+                    self.room.give(slots - len(claimed))
+            if claimed:
+                mine += self._run_claimed(claimed, {payload.batch_id: defaults})
+                continue
+            if any(f.done() and f.result() == TRANSIENT for _, f in mine):
+                self._settle_all(mine)
+                raise Retry()
+            if not slots:
+                # No room in the engine: wait for one of our items to finish.
+                _wait_any(mine, 0.2)
+                continue
+            # Nothing left to claim: the rest of the range is done, ours in flight, or
+            # claimed by live workers. Wait for it, taking over what a dead worker held.
+            with session_scope(self.db) as session:
+                status = session.scalar(select(Batch.status)
+                                        .where(Batch.id == payload.batch_id))
+                left = unfinished_in_range(session=session, batch_id=payload.batch_id,
+                                           start=payload.start, end=payload.end)
+            if status != BatchStatus.IN_PROGRESS or not left:
+                # Cancelled meanwhile: the control thread aborts our sequences; wait for
+                # them so the chunk ends with nothing of it left in the engine.
+                self._settle_all(mine)
+                return len(mine)
+            _wait_any(mine, s.cancel_poll_interval)
+
+    def _run_claimed(self, claimed: list[ClaimedItem],
+                     defaults: dict[str, dict[str, Any]]) -> list[tuple[str, Future]]:
+        """Submit claimed items to the engine (items out of attempts fail instead); one
+        future per submitted item. Every item's slot comes back when its future
+        resolves, and a claim that ends without a result is given back."""
+        s = self.settings
+        # Claiming counted this attempt: more than max_attempts means the item was tried
+        # max_attempts times already (crashes, transient errors) - give up on it.
+        exhausted = [c for c in claimed if c[6] > s.max_attempts]
+        runnable = [c for c in claimed if c[6] <= s.max_attempts]
+        if exhausted:
+            self.room.give(len(exhausted))
+            self._fail_items(exhausted, "max_attempts",
+                             f"gave up after {s.max_attempts} attempts")
+        pending = [self._pending(c, defaults[c[1]]) for c in runnable]
+        futures = self.loop.submit(pending) if pending else []
+        for p, f in zip(pending, futures, strict=True):
+            f.add_done_callback(lambda f, item_id=p.item_id: self._settled(item_id, f))
+        return [(p.request_id, f) for p, f in zip(pending, futures, strict=True)]
+
+    def _settled(self, item_id: int, fut: Future) -> None:
+        # Runs on the engine or writer thread: no database work here.
+        self.room.give(1)
+        outcome = fut.result()
+        if outcome != WRITTEN:
+            with self._unclaim_lock:
+                # Aborted on shutdown (handed back) does not count as an attempt; a
+                # transient failure does.
+                self._unclaim.append((item_id, outcome == ABORTED))
+
+    def release_unfinished(self) -> None:
+        """Give back claims of items that ended here without a result."""
+        with self._unclaim_lock:
+            todo, self._unclaim = self._unclaim, []
+        if not todo:
+            return
+        try:
+            with session_scope(self.db) as session:
+                for uncount in (True, False):
+                    release_items(session=session, worker_id=self.worker_id, uncount=uncount,
+                                  item_ids=[i for i, u in todo if u == uncount])
+        except Exception:
+            with self._unclaim_lock:
+                self._unclaim = todo + self._unclaim  # try again next time
+            raise
+
+    def _settle_all(self, mine: list[tuple[str, Future]], timeout: float = 30) -> None:
+        wait([f for _, f in mine], timeout=timeout)
+        with contextlib.suppress(Exception):
+            self.release_unfinished()
+
+    def _drain(self, mine: list[tuple[str, Future]]) -> None:
+        """Shutting down: let our in-flight items finish within the grace period, then
+        abort the rest and hand the chunk back (finished items are committed; the
+        redelivered chunk skips them)."""
+        grace = self.settings.shutdown_grace
+        assert self.draining_since is not None
+        while any(not f.done() for _, f in mine):
             if self.loop.error is not None or not self.loop.is_alive():
                 raise Retry()
-            if self.draining_since is not None and \
-                    time.monotonic() - self.draining_since >= grace:
-                # Out of grace: stop what is left and hand the chunk back. Finished items
-                # are committed; the redelivered chunk skips them.
-                left = [p.request_id for p, f in zip(pending, futures, strict=True)
-                        if not f.done()]
-                self.loop.abort(request_ids=left)
-                wait(futures, timeout=10)
-                raise HandBack()
+            if time.monotonic() - self.draining_since >= grace:
+                break
+            _wait_any(mine, 0.25)
+        left = [rid for rid, f in mine if not f.done()]
+        if left:
+            self.loop.abort(request_ids=left)
+        self._settle_all(mine, timeout=10)
+        if any(f.done() and f.result() == TRANSIENT for _, f in mine):
+            raise Retry()
+        raise HandBack()
 
-    def _fail_items(self, items: Sequence[Item], code: str, message: str) -> None:
+    def _pending(self, c: ClaimedItem, defaults: dict[str, Any]) -> _Pending:
+        item_id, batch_id, index, prompt, item_params, queued_at, attempts = c
+        params = {**{k: v for k, v in defaults.items() if v is not None}, **(item_params or {})}
+        ids: str | list[int] = params.pop(PROMPT_TOKEN_IDS, None) or prompt
+        return _Pending(item_id=item_id, batch_id=batch_id, index=index, prompt=ids,
+                        params=params, queued_at=queued_at, attempt=attempts)
+
+    # -- sharing the tail ------------------------------------------------------------------
+
+    def share_tail(self) -> int:
+        """When this worker has room and the queue is empty, claim queued items of chunks
+        other workers hold (from the back of their batches) and run them here; returns how
+        many. Without this, a worker that runs out of chunks idles while another drains
+        the rest of a batch it took in large chunks."""
+        self._finalize_shared()
+        if not self.settings.worker_share_tail or self.draining_since is not None \
+                or self.loop.error is not None:
+            return 0
+        group = max(1, self.room.size // 8)
+        if self.room.waiting or self.room.free < group:
+            return 0  # our own chunks want the room, or there is little of it
+        if broker.queue_length(self.redis, self.settings):
+            return 0  # work is waiting in the queue: take it the ordinary way
+        slots = self.room.take(self.room.free)
+        claimed: list[ClaimedItem] = []
+        try:
+            with session_scope(self.db) as session:
+                claimed = claim_unstarted(session=session, worker_id=self.worker_id,
+                                          limit=slots, live_within=self.settings.dead_worker_after)
+                batches = {c[1] for c in claimed}
+                defaults: dict[str, dict[str, Any]] = {}
+                if batches:
+                    defaults = {b: dict(d or {}) for b, d in session.execute(
+                        select(Batch.id, Batch.defaults).where(Batch.id.in_(batches)))}
+        finally:
+            self.room.give(slots - len(claimed))
+        if claimed:
+            log.info("sharing the tail: took %d queued items of batch(es) %s", len(claimed),
+                     ", ".join(sorted({c[1] for c in claimed})))
+            batch_of = {str(c[0]): c[1] for c in claimed}
+            for c in claimed:
+                self._shared.setdefault(c[1], [])
+            for rid, f in self._run_claimed(claimed, defaults):
+                self._shared[batch_of[rid]].append(f)
+            with self._stats_lock:
+                self.shared_items += len(claimed)
+        return len(claimed)
+
+    def _finalize_shared(self) -> None:
+        """Finalize batches whose last items may have been ones we took: the holders of
+        their chunks may all have finished before us."""
+        for batch_id, futures in list(self._shared.items()):
+            if all(f.done() for f in futures):
+                del self._shared[batch_id]
+                with session_scope(self.db) as session:
+                    final = finalize_if_done(session=session, batch_id=batch_id)
+                if final:
+                    log.info("batch %s %s", batch_id, final)
+
+    def _fail_items(self, items: Sequence[ClaimedItem], code: str, message: str) -> None:
         t = time.time()
-        rows = [_row(_Pending(it.id, it.batch_id, it.index, "", {}, it.queued_at, it.attempts),
-                     self.worker_id, error={"code": code, "message": message}, finished_at=t)
-                for it in items]
+        rows = [_row(_Pending(c[0], c[1], c[2], "", {}, c[5], c[6]), self.worker_id,
+                     error={"code": code, "message": message}, finished_at=t)
+                for c in items]
         with session_scope(self.db) as session:
             insert_results(session=session, rows=rows)
 

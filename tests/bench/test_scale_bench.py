@@ -1,0 +1,33 @@
+"""Smoke test of bench/scale.py on CPU: one worker, then two, through a real Redis and
+SQLite; the report has every figure, and a second run adds to the same file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.scale import main
+
+
+def test_scale_bench_small_run(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "scale.json"
+    common = ["--model", "preset:tiny", "--device", "cpu", "--num-prompts-a", "16",
+              "--num-prompts-b", "16", "--warmup", "4", "--max-num-seqs", "16",
+              "--redis-url", redis_url, "--out", str(out)]
+    main(["--configs", "1", *common])
+    main(["--configs", "2", *common])
+    report = json.loads(out.read_text())
+    for key in ("commit", "date", "device", "model", "workloads", "summary", "target"):
+        assert key in report, key
+    assert set(report["configs"]) == {"1", "2"}
+    one, two = report["configs"]["1"], report["configs"]["2"]
+    assert "error" not in one and "error" not in two, (one.get("error"), two.get("error"))
+    assert one["workers"] == 1 and two["workers"] == 2
+    for cfg in (one, two):
+        for wl in ("a", "b"):
+            r = cfg["runs"][wl]
+            assert r["requests"] == 16 and r["output_tokens"] > 0 and r["seconds"] > 0
+            assert sum(w["items"] for w in r["workers"].values()) == 16
+    assert two["runs"]["a"]["tail_seconds"] >= 0
+    assert len(two["runs"]["a"]["workers"]) == 2  # both workers ran part of the batch
+    assert report["summary"]["a"]["2"]["speedup_over_1"] > 0
