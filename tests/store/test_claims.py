@@ -23,6 +23,7 @@ from store.claims import (
 from store.db import create_all, make_engine, session_scope
 from store.ingest import ChunkPlanner, submit_batch
 from store.queries import insert_results, register_worker
+from store.records import ResultRow
 from store.tables import Item, Worker, now
 
 LIVE = 15.0
@@ -112,8 +113,8 @@ def test_release_puts_items_back_and_finished_items_stay(db: Engine) -> None:
     with session_scope(db) as s:
         got = claim_range(session=s, batch_id=b, start=0, end=4, worker_id="w", limit=4,
                           live_within=LIVE)
-        insert_results(session=s, rows=[{"item_id": got[0][0], "batch_id": b, "index": 0,
-                                         "choices": [], "completion_tokens": 1}])
+        insert_results(session=s, rows=[ResultRow(item_id=got[0][0], batch_id=b, index=0,
+                                                  completion_tokens=1)])
     with session_scope(db) as s:
         # item 1 handed back on shutdown (not an attempt), item 2 failed (an attempt)
         assert release_items(session=s, item_ids=[got[1][0]], worker_id="w", uncount=True) == 1
