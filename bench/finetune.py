@@ -211,7 +211,7 @@ def _scratch_config(args: argparse.Namespace, train: Path, val: Path, out: Path)
     smoke = args.smoke
     return FinetuneConfig(
         model="preset:tiny" if smoke else "preset:pythia-160m", train=str(train),
-        validation=str(val), out=str(out), method="full", zero_stage=0,
+        validation=str(val), out=str(out), method="full", zero_stage=1,
         max_length=256 if not smoke else 64, batch_size="16" if not smoke else "4",
         max_steps=args.scratch_steps, learning_rate=6e-4, warmup_steps=20 if not smoke else 1,
         weight_decay=0.1, log_every=args.scratch_log_every, activation_checkpointing=False,

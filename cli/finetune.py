@@ -65,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
-                   help="DeepSpeed ZeRO stage (default: 2 for full, 0 for lora)")
+                   help="DeepSpeed ZeRO stage (default: 2 for full, 1 for lora; 0 is for "
+                   "float32 only)")
     p.add_argument("--offload", action="store_true",
                    help="keep optimizer states on the CPU and step there (ZeRO >= 1)")
     p.add_argument("--gpus", type=int, default=1,

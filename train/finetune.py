@@ -82,7 +82,7 @@ class FinetuneConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
     resume: bool = False
-    zero_stage: int | None = None  # default 2 for full, 0 for LoRA (its state is tiny)
+    zero_stage: int | None = None  # default 2 for full, 1 for LoRA (its state is tiny)
     offload: bool = False  # optimizer states and step on the CPU (ZeRO >= 1)
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -119,7 +119,7 @@ class FinetuneConfig:
     @property
     def stage(self) -> int:
         return self.zero_stage if self.zero_stage is not None else (2 if self.method == "full"
-                                                                     else 0)
+                                                                     else 1)
 
     @property
     def lr(self) -> float:
@@ -243,6 +243,12 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.dtype = _dtype(cfg, self.device)
+        if cfg.stage == 0 and self.dtype != torch.float32:
+            # DeepSpeed then wraps the optimizer in its FP16_UnfusedOptimizer, which keeps
+            # 16-bit gradients: measured here, its steps drift from fp32's where ZeRO-1's
+            # (fp32 master weights and gradients, one rank or many) track them.
+            raise ValueError(f"ZeRO stage 0 trains {self.dtype} off course in DeepSpeed "
+                             "(16-bit gradients); use --zero-stage 1 or more, or float32")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.dist.rank == 0
 
