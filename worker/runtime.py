@@ -497,12 +497,11 @@ def in_flight_limit(engine: InferenceEngine, settings: Settings) -> int:
     """How many items one worker claims into its engine at once (``Room``'s size):
     ``NEOXQ_WORKER_MAX_IN_FLIGHT``, or a quarter more than the engine runs at once -
     enough that the engine never waits for a claim, few enough that the rest of a chunk
-    stays queued for idle workers. Engines that say how many sequences they run
-    (``max_num_seqs``, per micro-batch for a pipeline) are sized by it; 256 otherwise."""
+    stays queued for idle workers. Sized by the sequences the engine runs at once
+    (``max_num_seqs`` per micro-batch, times its micro-batches)."""
     if settings.worker_max_in_flight:
         return settings.worker_max_in_flight
-    seqs = int(getattr(engine, "max_num_seqs", 0) or 256)
-    seqs *= int(getattr(engine, "micro_batches", 1) or 1)
+    seqs = engine.max_num_seqs * engine.micro_batches
     return max(8, seqs + seqs // 4)
 
 

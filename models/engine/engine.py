@@ -239,6 +239,11 @@ class Engine:
         return s
 
     @property
+    def micro_batches(self) -> int:
+        """One forward at a time (as the protocol counts a pipeline's groups)."""
+        return 1
+
+    @property
     def kv_cache_bytes(self) -> int:
         return self.runner.cache.nbytes
 

@@ -28,7 +28,13 @@ class InferenceEngine(Protocol):
     eos_id: int
     max_position: int  # the model's context length
     max_batch_tokens: int  # most tokens in one forward
+    max_num_seqs: int  # most sequences in one forward (one micro-batch)
     block_size: int
+
+    @property
+    def micro_batches(self) -> int:
+        """Forwards in flight at once (1 on one GPU; a pipeline's micro-batch groups)."""
+        ...
 
     @property
     def cache_tokens(self) -> int:
