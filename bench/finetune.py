@@ -276,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="neoxq_ftbench_"))
     _write_data(work, 400_000 if not args.smoke else 20_000, args.tokenizer)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = [sys.executable, "-m", "bench.finetune", "--work", str(work)] + [
-        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--parts")]
+    given = list(argv if argv is not None else sys.argv[1:])
+    for i, a in enumerate(given):  # children get every option but --parts (either form)
+        if a == "--parts":
+            given[i:i + 2] = ["", ""]
+        elif a.startswith("--parts="):
+            given[i] = ""
+    child = [sys.executable, "-m", "bench.finetune", "--work", str(work)] + [a for a in given if a]
 
     def start(part: str, gpu: str | None, ranks: int = 1, name: str | None = None,
               extra: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                              extra=("--lora-checkpointing", ck)).wait()
 
     # lora20b and scratch need one GPU each: side by side; zero then takes both.
-    scratch = start("scratch", "1") if "scratch" in parts else None
+    scratch = start("scratch", "1" if "lora20b" in parts else "0") if "scratch" in parts else None
     if "lora20b" in parts:
         lora_both()
     if scratch is not None:
