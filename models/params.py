@@ -139,6 +139,16 @@ class StopChecker:
             self._final_text = text
         return text
 
+    def stable_text(self) -> str:
+        """The beginning of the text that later tokens cannot change (what a stream may
+        send already): without the characters a stop string could still claim, and
+        without a trailing incomplete UTF-8 sequence."""
+        if self.finished:
+            return self.text
+        if self._detok is not None:
+            return "".join(self._parts)
+        return self.tokenizer.decode(self.token_ids).rstrip("\ufffd")
+
     def _finish(self, reason: str, text_tokens: int, what: str | int | None = None) -> str:
         self.finish_reason = reason
         self.stop_reason = what

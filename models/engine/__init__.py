@@ -23,6 +23,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "BATCH": "models.engine.scheduler",
+    "INTERACTIVE": "models.engine.scheduler",
     "Engine": "models.engine.engine",
     "PipelineEngine": "models.engine.pipeline",
     "PipelineError": "models.engine.pipeline",

@@ -32,7 +32,7 @@ from models.engine.outputs import (
 )
 from models.engine.runner import ModelRunner
 from models.engine.sampler import Sampler
-from models.engine.scheduler import Scheduler
+from models.engine.scheduler import BATCH, Scheduler
 from models.model import NeoX
 from models.params import SamplingParams
 
@@ -276,9 +276,11 @@ class Engine:
         prompt: str | Sequence[int],
         params: SamplingParams | Mapping[str, Any] | None = None,
         arrival: float | None = None,
+        priority: int = BATCH,
     ) -> None:
         """Queue a request. Raises ``ValueError`` naming the field for a bad one; nothing
-        else in the engine is affected."""
+        else in the engine is affected. ``priority`` (``scheduler.BATCH`` or
+        ``INTERACTIVE``; larger first) orders admission and preemption."""
         params = as_params(params)
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
@@ -288,12 +290,17 @@ class Engine:
         params = fit_params(ids, params, self.max_position, self.clamp_max_tokens)
         self.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        self.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time())
+        self.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time(),
+                                    priority)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its memory; its output (finish_reason "abort")
         comes back from the next :meth:`step`. False if it is unknown or finished."""
         return self.scheduler.abort(request_id)
+
+    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+        """A running request's progress per sample (see ``Scheduler.partial``)."""
+        return self.scheduler.partial(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()

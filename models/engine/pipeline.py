@@ -81,7 +81,7 @@ from models.engine.kv_cache import KVCache, blocks_for_budget
 from models.engine.outputs import RequestOutput, ScoreResult, as_params, score_pair
 from models.engine.runner import ModelRunner, SamplerInputs, StepInputs
 from models.engine.sampler import Sampler
-from models.engine.scheduler import Scheduler, StepPlan
+from models.engine.scheduler import BATCH, Scheduler, StepPlan
 from models.model import NeoX
 from models.params import SamplingParams
 from models.partition import partition_layers
@@ -687,6 +687,7 @@ class PipelineEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | Mapping[str, Any] | None = None,
         arrival: float | None = None,
+        priority: int = BATCH,
     ) -> None:
         """Queue a request (on the least loaded micro-batch). Raises ``ValueError``
         naming the field for a bad one."""
@@ -702,7 +703,8 @@ class PipelineEngine:
         g.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
         # One seed stream for the whole engine, as a one-GPU engine draws them.
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        g.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time())
+        g.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time(),
+                                 priority)
         load = len(ids) + params.max_tokens * params.n
         g.load += load
         self._where[request_id] = (g, load)
@@ -722,6 +724,11 @@ class PipelineEngine:
             return False
         g.deferred_aborts.append(request_id)
         return True
+
+    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+        """A running request's progress per sample (see ``Scheduler.partial``)."""
+        where = self._where.get(request_id)
+        return None if where is None else where[0].scheduler.partial(request_id)
 
     def has_unfinished(self) -> bool:
         """Raises :class:`PipelineError` once a stage has failed: a caller that only

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from models.config import NeoXConfig
 from models.engine.outputs import RequestOutput, ScoreResult
+from models.engine.scheduler import BATCH
 from models.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -49,8 +50,10 @@ class InferenceEngine(Protocol):
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams | Mapping[str, Any] | None = None,
-                    arrival: float | None = None) -> None:
-        """Queue a request; ``ValueError`` naming the field for a bad one."""
+                    arrival: float | None = None, priority: int = BATCH) -> None:
+        """Queue a request; ``ValueError`` naming the field for a bad one. A larger
+        ``priority`` is admitted first and never preempted for a smaller one
+        (``models.engine.scheduler.BATCH`` / ``INTERACTIVE``)."""
         ...
 
     def abort(self, request_id: str) -> bool:
@@ -59,6 +62,11 @@ class InferenceEngine(Protocol):
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the requests that finished since the last call."""
+        ...
+
+    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+        """A running request's progress, per sample: (index, text no later token can
+        change, tokens generated); None if not running (what a stream sends)."""
         ...
 
     def has_unfinished(self) -> bool: ...

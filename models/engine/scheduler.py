@@ -40,6 +40,12 @@ from models.params import Decoder, SamplingParams, StopChecker
 # Requests and sequences
 # --------------------------------------------------------------------------------------
 
+# Request priorities (larger first). Bulk work runs at BATCH; a request someone is
+# waiting on (a synchronous API call) at INTERACTIVE: it is admitted at the next step,
+# preempting batch sequences if it must, and no batch sequence ever preempts it.
+BATCH = 0
+INTERACTIVE = 1
+
 
 @dataclass(eq=False)
 class Request:
@@ -51,6 +57,8 @@ class Request:
     seqs: list[Seq] = field(default_factory=list)
     done: bool = False
     order: int = 0  # arrival order (preempted sequences go back in this order)
+    # Larger runs first: admitted before, and never preempted for, lower priorities.
+    priority: int = BATCH
 
 
 @dataclass(eq=False)
@@ -253,19 +261,19 @@ class Scheduler:
                              f"({self.cache_tokens} tokens)")
 
     def add_generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                     seed: int, arrival: float) -> None:
+                     seed: int, arrival: float, priority: int = BATCH) -> None:
         """Queue a checked generation request (the engine validates it)."""
         req = GenerateRequest(request_id, prompt, Timings(arrival), params=params, seed=seed,
-                              pending_fork=params.n - 1)
+                              pending_fork=params.n - 1, priority=priority)
         seq = Seq(req, 0, list(prompt), len(prompt), self._checker(params))
         req.seqs.append(seq)
         self._enqueue(req, seq)
 
     def add_score(self, request_id: str, inputs: list[int], context: int,
-                  targets: list[int]) -> None:
+                  targets: list[int], priority: int = BATCH) -> None:
         """Queue a score request: ``inputs`` = context + continuation less its last token."""
         req = ScoreRequest(request_id, inputs, Timings(time.time()), context=context,
-                           targets=targets)
+                           targets=targets, priority=priority)
         req.seqs.append(Seq(req, 0, inputs, len(inputs), None))
         self._enqueue(req, req.seqs[0])
 
@@ -278,7 +286,20 @@ class Scheduler:
         req.order = self._order
         self._order += 1
         self.requests[req.request_id] = req
-        self.waiting.append(seq)
+        self._wait(seq)
+
+    def _wait(self, seq: Seq) -> None:
+        """Put ``seq`` in the waiting queue: by priority, then arrival (preempted
+        sequences are older than new ones, so they go first within their priority)."""
+        key = _wait_key(seq)
+        waiting = self.waiting
+        if not waiting or _wait_key(waiting[-1]) <= key:
+            waiting.append(seq)  # the common case: same priority, newest
+            return
+        pos = 0
+        while pos < len(waiting) and _wait_key(waiting[pos]) < key:
+            pos += 1
+        waiting.insert(pos, seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its memory; a generation's output (finish_reason
@@ -329,6 +350,19 @@ class Scheduler:
                 for rid, r in self.requests.items()
                 if not r.done and isinstance(r, GenerateRequest)}
 
+    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+        """A running generate request's progress, per sample: (index, the text no later
+        token can change, tokens generated); None when it is not running here. Samples
+        of ``n`` > 1 not yet forked are absent."""
+        req = self.requests.get(request_id)
+        if not isinstance(req, GenerateRequest) or req.done:
+            return None
+        out = []
+        for seq in req.seqs:
+            assert seq.checker is not None
+            out.append((seq.index, seq.checker.stable_text(), len(seq.checker.token_ids)))
+        return out
+
     def held_tables(self) -> list[list[int]]:
         """Block tables of every sequence holding blocks (tests check the counts)."""
         return [s.blocks for s in self.running if s.blocks]
@@ -343,8 +377,15 @@ class Scheduler:
         decodes: list[Seq] = []
         prefills: list[tuple[Seq, int]] = []
         now = time.time()
-        # 1) decodes, then continuing prefills, in admission order. A sequence short of
-        # blocks preempts the most recently admitted sequences not yet scheduled.
+        # 0) a waiting request that outranks running ones gets their room now, and the
+        # token budget its first chunk needs is kept from lower-priority prefills.
+        top = self._make_room()
+        reserve = 0
+        if top is not None:
+            reserve = min(len(self.waiting[0].tokens), budget // 2)
+        # 1) decodes, then continuing prefills, by priority then admission order
+        # (`running` is kept in that order). A sequence short of blocks preempts the
+        # last sequences of that order not yet scheduled: never one that outranks it.
         scheduled: set[int] = set()
         any_prefill = False
         running = self.running
@@ -363,6 +404,11 @@ class Scheduler:
                     i += 1
                     continue
                 n = min(need, budget)
+                if not want_decode and top is not None and seq.req.priority < top:
+                    n = min(n, budget - reserve)
+                    if n <= 0:
+                        i += 1
+                        continue
                 while True:
                     n_fit = self._grow(seq, n, copies)
                     victim = running[-1]
@@ -411,7 +457,7 @@ class Scheduler:
                 if n <= 0:
                     break
             self.waiting.popleft()
-            running.append(seq)
+            self._run(seq)
             blocks.acquire(hit)
             blocks.count_query(len(seq.tokens), start)
             seq.blocks, seq.hashes, seq.num_computed = list(hit), hashes, start
@@ -425,6 +471,45 @@ class Scheduler:
             if req.timings.first_scheduled is None:
                 req.timings.first_scheduled = now
         return self._plan(decodes, prefills, copies)
+
+    def _run(self, seq: Seq) -> None:
+        """Add ``seq`` to the running list after every sequence of its priority or
+        higher: the end of the list is always the first to give way."""
+        running, pri = self.running, seq.req.priority
+        pos = len(running)
+        while pos and running[pos - 1].req.priority < pri:
+            pos -= 1
+        running.insert(pos, seq)
+
+    def _admission_fits(self, seq: Seq) -> bool:
+        """Whether ``seq`` could be admitted now without a prefix-cache hit (the
+        conservative estimate :meth:`_make_room` frees room for)."""
+        req = seq.req
+        forks = req.pending_fork if isinstance(req, GenerateRequest) and seq.index == 0 \
+            else 0
+        if len(self.running) + 1 + forks > self.max_num_seqs:
+            return False
+        if self.demand + self._demand_of(seq) > self.kv_overcommit * self.blocks.capacity:
+            return False
+        chunk = min(len(seq.tokens), self.max_batch_tokens)
+        return self.blocks.num_free - math.ceil(chunk / self.block_size) \
+            >= self.watermark_blocks
+
+    def _make_room(self) -> int | None:
+        """When the first waiting sequence outranks running ones, preempt those (the
+        lowest priority, most recently admitted first) until it can be admitted; its
+        priority then, else None. A higher-priority request so starts at the next step
+        however full the engine is with lower-priority work."""
+        if not self.waiting or not self.running:
+            return None
+        seq = self.waiting[0]
+        pri = seq.req.priority
+        if self.running[-1].req.priority >= pri:
+            return None
+        while self.running and self.running[-1].req.priority < pri \
+                and not self._admission_fits(seq):
+            self._preempt(self.running[-1])
+        return pri
 
     def _plan(self, decodes: list[Seq], prefills: list[tuple[Seq, int]],
               copies: list[tuple[int, int]]) -> StepPlan:
@@ -535,14 +620,7 @@ class Scheduler:
         if isinstance(req, ScoreRequest):  # recomputes its rows from the start
             req.logprobs.clear()
             req.greedy.clear()
-        # Keep waiting sequences in arrival order (preempted ones are older than new ones).
-        pos = 0
-        key = (req.order, seq.index)
-        while pos < len(self.waiting) and (
-            (self.waiting[pos].req.order, self.waiting[pos].index) < key
-        ):
-            pos += 1
-        self.waiting.insert(pos, seq)
+        self._wait(seq)
 
     def _release(self, seq: Seq) -> None:
         """A sequence is done (finished or aborted): free its blocks, drop it."""
@@ -623,7 +701,7 @@ class Scheduler:
         src.demand -= share
         sib.demand = share
         req.seqs.append(sib)
-        self.running.append(sib)
+        self._run(sib)
         return sib
 
     def _append_token(self, seq: Seq, tok: int, now: float) -> None:
@@ -654,6 +732,10 @@ class Scheduler:
         self.outputs.append(RequestOutput(req.request_id, len(req.prompt), samples,
                                           req.timings, None, cached_tokens=req.cached_tokens))
         del self.requests[req.request_id]
+
+
+def _wait_key(seq: Seq) -> tuple[int, int, int]:
+    return (-seq.req.priority, seq.req.order, seq.index)
 
 
 def new_seed(rng: random.Random) -> int:

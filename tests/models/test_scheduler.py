@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from models.engine.block_manager import NULL_BLOCK, BlockManager
-from models.engine.scheduler import Scheduler, StepPlan, StepResult
+from models.engine.scheduler import INTERACTIVE, Scheduler, StepPlan, StepResult
 from models.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,3 +184,93 @@ def test_random_steps_never_leak_a_block(caching: bool) -> None:
         assert bm.hit_tokens > 1000
     else:
         assert bm.hit_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Priority: interactive requests beat batch work
+# ---------------------------------------------------------------------------------------
+
+
+def _batch_params(max_tokens: int = 40) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_interactive_is_admitted_next_step_in_a_full_engine() -> None:
+    """Every slot taken by batch sequences: the interactive request starts at the next
+    step (the most recently admitted batch sequence gives way), ahead of batch requests
+    that were waiting before it."""
+    rng = random.Random(0)
+    sched = Scheduler(BlockManager(200, 4), max_position=128, max_num_seqs=4,
+                      max_batch_tokens=64, watermark=0.0)
+    for i in range(6):
+        sched.add_generate(f"b{i}", [2 + i] * 8, _batch_params(), i, 0.0)
+    for _ in range(3):
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 4 and len(sched.waiting) == 2
+    sched.add_generate("i", [9] * 8, _batch_params(8), 99, 0.0, priority=INTERACTIVE)
+    plan = sched.schedule()
+    started = [c.tokens for c in plan.chunks]
+    assert [9] * 8 in started
+    assert sched.running[0].req.request_id == "i"
+    assert sched.stats["preemptions"] == 1
+    # The preempted batch sequence waits ahead of later batch arrivals.
+    assert [s.req.request_id for s in sched.waiting] == ["b3", "b4", "b5"]
+
+
+def test_interactive_waits_ahead_of_batch_and_is_never_preempted_for_it() -> None:
+    """A tiny, overcommitted cache full of batch work: interactive requests come and go;
+    none is ever preempted (its computed tokens never go back), each starts within one
+    step of arriving, and the batch still finishes."""
+    rng = random.Random(7)
+    bm = BlockManager(24, 4)
+    sched = Scheduler(bm, max_position=96, max_num_seqs=6, max_batch_tokens=32,
+                      kv_overcommit=3.0, watermark=0.0)
+    for i in range(30):
+        sched.add_generate(f"b{i}", [rng.randrange(2, 40) for _ in range(10)],
+                           _batch_params(rng.randint(5, 30)), i, 0.0)
+    seen: dict[str, int] = {}  # interactive id -> most tokens computed so far
+    arrived: dict[str, int] = {}
+    done_batch = done_inter = 0
+    for step in range(10_000):
+        if step < 2500 and step % 7 == 0 and sum(1 for r in seen if r in sched.requests) < 2:
+            rid = f"i{step}"
+            sched.add_generate(rid, [rng.randrange(2, 40) for _ in range(6)],
+                               _batch_params(8), step, 0.0, priority=INTERACTIVE)
+            seen[rid] = 0
+            arrived[rid] = step
+        plan = sched.schedule()
+        for rid in list(seen):
+            req = sched.requests.get(rid)
+            if req is None:
+                continue
+            if step - arrived[rid] >= 1:
+                assert req.timings.first_scheduled is not None, f"{rid} not started"
+            for seq in req.seqs:
+                assert seq.num_computed >= seen[rid] or seq.index > 0, f"{rid} preempted"
+                seen[rid] = max(seen[rid], seq.num_computed) if seq.index == 0 else seen[rid]
+        if plan.is_empty:
+            break
+        sched.update(plan, _result(plan, rng, 50))
+        bm.check(sched.held_tables())
+        for out in sched.take_outputs():
+            if out.request_id.startswith("i"):
+                done_inter += 1
+                assert all(s.finish_reason == "length" for s in out.samples)
+            else:
+                done_batch += 1
+    assert done_batch == 30 and done_inter == len(seen) > 50
+    assert sched.stats["preemptions"] > 0
+
+
+def test_batch_prefill_leaves_budget_for_a_waiting_interactive_prompt() -> None:
+    """A long batch prompt mid-prefill does not take the whole token budget while an
+    interactive prompt waits."""
+    sched = Scheduler(BlockManager(400, 4), max_position=1024, max_num_seqs=8,
+                      max_batch_tokens=64, watermark=0.0)
+    sched.add_generate("b", list(range(2, 302)), _batch_params(4), 0, 0.0)
+    sched.update(plan := sched.schedule(), _result(plan, random.Random(0), 50))
+    sched.add_generate("i", [5] * 20, _batch_params(4), 1, 0.0, priority=INTERACTIVE)
+    plan = sched.schedule()
+    # The interactive prompt whole, the batch prompt's next chunk in what is left.
+    assert [(c.start, c.tokens[:1], len(c.tokens)) for c in plan.chunks] == [
+        (64, [66], 44), (0, [5], 20)]
