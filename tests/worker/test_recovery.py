@@ -89,7 +89,9 @@ def test_a_dead_workers_lost_message_is_found_at_once(sqlite_cluster) -> None:
     instead of at the periodic sweep five minutes later."""
     from store.queries import register_worker
 
-    c = sqlite_cluster(chunk_items=20, **DEFAULTS)
+    # Tail sharing off: an idle worker would otherwise run the lost chunk's queued items
+    # itself (they are anyone's to claim), and the reconciler is what this test is about.
+    c = sqlite_cluster(chunk_items=20, worker_share_tail=False, **DEFAULTS)
     with session_scope(c.db) as s:  # the dead worker: registered, heartbeat long stopped
         register_worker(session=s, worker_id="ghost", host="h", pid=1, model="m",
                         devices=[], pipeline_parallel=1)
