@@ -275,7 +275,8 @@ def _summary(b: dict[str, Any]) -> str:
              f"  items     {c['completed'] + c['failed']}/{c['total']} done "
              f"({c['completed']} ok, {c['failed']} failed, {b['progress']:.1%})",
              f"  tokens    {b['tokens']['completion']} generated, "
-             f"{b['tokens']['prompt']} prompt; {b['tokens_per_s']:.1f} tok/s now",
+             f"{b['tokens']['prompt']} prompt; {b['tokens_per_s']:.1f} tok/s "
+             + ("over the run" if b["status"] in TERMINAL else "now"),
              f"  eta       {_eta(b['eta_s'])}"]
     for e in (b.get("errors") or [])[:10]:
         lines.append(f"  error     {e['message']}")

@@ -54,6 +54,7 @@ def test_submit_wait_writes_results_in_order(env: Live, tmp_path: Path, capsys) 
     assert main(["status", batch_id]) == 0
     text = capsys.readouterr().out
     assert batch_id in text and "completed" in text and "12/12 done" in text
+    assert "tok/s over the run" in text  # a finished batch shows its average, not 0.0
     assert main(["status", batch_id, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["metadata"] == {"who": "cli"} and status["defaults"]["max_tokens"] == 5
