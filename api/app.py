@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import dashboard, health, metrics, native, openai_routes
+from api import completions, dashboard, health, metrics, native, openai_routes
 from api.errors import install_handlers
 from api.sweeper import Sweeper
 from api.uploads import InFlight
@@ -47,13 +47,16 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
         yield
         sweeper.stop()
         sweeper.join(timeout=10)
+        if getattr(app.state, "redis", None) is not None:  # the interactive lane's client
+            await app.state.redis.aclose()
         if db is None:
             engine.dispose()
 
     app = FastAPI(
         title="neoxq",
         version="0.1.0",
-        summary="Batch text generation for GPT-NeoX-20B: native and OpenAI Batch APIs.",
+        summary="Batch text generation for GPT-NeoX-20B: native and OpenAI Batch APIs, "
+                "and synchronous OpenAI completions ahead of batch work.",
         lifespan=lifespan,
     )
     app.state.settings = s
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(openai_routes.router)
+    app.include_router(completions.router)  # synchronous completions (interactive lane)
     app.include_router(dashboard.router)  # issue 8: the web dashboard
     metrics.install(app)  # issue 8: GET /metrics + request latency histograms
     return app

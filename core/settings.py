@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     # most this long; what is left then is aborted and handed back to the queue.
     shutdown_grace: float = Field(default=30.0, ge=0)
 
+    # Synchronous requests (/v1/completions, /v1/chat/completions) travel on a Redis list
+    # of their own that every worker drains ahead of batch work. One no worker takes within
+    # this many seconds is answered 503 (every worker down or still loading a model).
+    interactive_timeout: float = Field(default=30.0, gt=0)
+    # Synchronous requests one worker runs at once, on top of its batch items.
+    interactive_per_worker: int = Field(default=64, ge=1)
+
     # File limits (OpenAI's Batch API: 200 MB, 50,000 requests per file).
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_lines: int = Field(default=50_000, ge=1)

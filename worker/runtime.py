@@ -51,6 +51,7 @@ from core.payloads import ChunkPayload
 from core.settings import Settings
 from models.engine.pipeline import PipelineError
 from models.engine.protocol import InferenceEngine
+from models.engine.scheduler import INTERACTIVE
 from store.claims import (
     ClaimedItem,
     claim_range,
@@ -75,6 +76,7 @@ from store.records import ResultRow
 from store.status import STOPPED, BatchStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
+from worker.interactive import InteractiveJob, InteractiveLane
 from worker.meter import BUCKET, GenerationMeter
 
 log = logging.getLogger("neoxq.worker")
@@ -238,6 +240,8 @@ class EngineLoop(threading.Thread):
         # Tokens counted as the engine generates them (every tokens/s neoxq shows).
         self.meter = GenerationMeter()
         self._observed = 0.0
+        # Synchronous requests in the engine (worker/interactive.py), by request id.
+        self.interactive: dict[str, InteractiveJob] = {}
 
     # -- called from other threads --------------------------------------------------------
 
@@ -257,6 +261,10 @@ class EngineLoop(threading.Thread):
                 self.pending[it.request_id] = it
                 self.inbox.put(("add", it))
         return futures
+
+    def submit_interactive(self, job: InteractiveJob) -> None:
+        """Queue a synchronous request for the engine, ahead of batch work."""
+        self.inbox.put(("interactive", job))
 
     def abort(self, *, batch_ids: Sequence[str] = (), request_ids: Sequence[str] = ()) -> None:
         """Abort every sequence of ``batch_ids`` and the given requests (asynchronously)."""
@@ -282,6 +290,7 @@ class EngineLoop(threading.Thread):
                 for p in self.pending.values():
                     _resolve(p.futures, TRANSIENT)
                 self.pending.clear()
+            self._fail_interactive("the worker's engine failed")
             if self.exit_on_fatal:
                 # The engine is gone (a pipeline stage died, the device failed): a worker
                 # without an engine must not keep taking chunks. Exit non-zero at once, as
@@ -326,6 +335,8 @@ class EngineLoop(threading.Thread):
             self.engine_stats = engine.stats
             for out in outputs:
                 self._finished(out)
+            if self.interactive:
+                self._progress()
             if time.monotonic() - self._observed >= BUCKET:
                 # Not every step: the engine's count walks its running requests.
                 self._observed = time.monotonic()
@@ -334,8 +345,15 @@ class EngineLoop(threading.Thread):
     def _command(self, kind: str, arg: Any) -> None:
         if kind == "add":
             self._add(arg)
+        elif kind == "interactive":
+            self._add_interactive(arg)
         elif kind == "abort":
             batch_ids, request_ids = arg
+            for rid in request_ids:
+                job = self.interactive.get(rid)
+                if job is not None and not self.engine.abort(rid):
+                    del self.interactive[rid]
+                    job.aborted()
             with self._lock:
                 targets = [rid for rid, p in self.pending.items()
                            if p.batch_id in batch_ids or rid in request_ids]
@@ -359,6 +377,32 @@ class EngineLoop(threading.Thread):
             log.exception("add_request failed for item %s", p.item_id)
             self._write_error(p, "invalid_request", f"{type(exc).__name__}: {exc}")
 
+    def _add_interactive(self, job: InteractiveJob) -> None:
+        try:
+            self.engine.add_request(job.request_id, job.prompt, job.params,
+                                    arrival=time.time(), priority=INTERACTIVE)
+        except ValueError as exc:
+            job.failed("invalid_request", str(exc), 400)
+            return
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the loop's
+            log.exception("add_request failed for interactive request %s", job.request_id)
+            job.failed("invalid_request", f"{type(exc).__name__}: {exc}", 400)
+            return
+        self.interactive[job.request_id] = job
+
+    def _progress(self) -> None:
+        """Hand each streaming request the text its samples have settled so far."""
+        for rid, job in self.interactive.items():
+            if job.stream:
+                part = self.engine.partial(rid)
+                if part:
+                    job.progress(part)
+
+    def _fail_interactive(self, message: str) -> None:
+        jobs, self.interactive = list(self.interactive.values()), {}
+        for job in jobs:
+            job.failed("engine_error", message, 503)
+
     def _write_error(self, p: _Pending, code: str, message: str) -> None:
         with self._lock:
             self.pending.pop(p.request_id, None)
@@ -367,6 +411,10 @@ class EngineLoop(threading.Thread):
                              finished_at=t), p.futures)
 
     def _finished(self, out: Any) -> None:
+        job = self.interactive.pop(out.request_id, None)
+        if job is not None:
+            job.finished(out, self.engine.tokenizer)
+            return
         self.meter.finish(out.request_id, out.completion_tokens)
         with self._lock:
             p = self.pending.pop(out.request_id, None)
@@ -383,6 +431,10 @@ class EngineLoop(threading.Thread):
         self.writer.put(_output_row(p, out, self.worker_id), p.futures)
 
     def _fail_all(self) -> None:
+        for rid in self.interactive:
+            with contextlib.suppress(Exception):
+                self.engine.abort(rid)
+        self._fail_interactive("the engine step failed")
         with self._lock:
             pending, self.pending = list(self.pending.values()), {}
         for p in pending:
@@ -559,6 +611,8 @@ class WorkerRuntime:
         self.loop = EngineLoop(engine, self.writer, worker_id=self.worker_id,
                                exit_on_fatal=exit_on_fatal)
         self.control = Control(self)
+        # Synchronous requests, popped from their own Redis list ahead of batch work.
+        self.lane = InteractiveLane(settings, self.loop, worker_id=self.worker_id)
         self.draining_since: float | None = None
         self._held_tasks: set[str] = set()  # Celery task ids of chunks running here
         self._held_lock = threading.Lock()
@@ -585,16 +639,19 @@ class WorkerRuntime:
         self.writer.start()
         self.loop.start()
         self.control.start()
+        self.lane.start()
         self.beat(WorkerStatus.RUNNING)
 
     def begin_drain(self) -> None:
         """SIGTERM: take no new chunks; in-flight ones get ``shutdown_grace`` seconds."""
         if self.draining_since is None:
             self.draining_since = time.monotonic()
+            self.lane.paused = True
             log.info("draining: finishing in-flight chunks for up to %.0fs",
                      self.settings.shutdown_grace)
 
     def stop(self) -> None:
+        self.lane.stop()
         self.control.stop()
         self.loop.stop()
         self.loop.join(timeout=10)

@@ -1,0 +1,306 @@
+"""Synchronous OpenAI endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions``.
+
+The API checks the body with the same rules as a batch line (``core.jsonl``), pushes the
+request on the interactive lane (``core/interactive.py``) and waits for a worker's
+events: the answer comes back whole, or as OpenAI's server-sent events with
+``"stream": true``. Workers run these requests ahead of batch work. No worker taking the
+request within ``interactive_timeout`` seconds is a 503; a client that goes away aborts
+its request in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import OwnerDep
+from api.errors import ApiError, SafeJSONResponse
+from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
+from core.jsonl import parse_openai, quoted
+from core.settings import Settings
+from store.db import session_scope
+from store.status import WorkerStatus
+from store.tables import Worker
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+COMPLETIONS = "/v1/completions"
+# Fields of a synchronous body that a batch line does not take: handled here.
+_STREAM_FIELDS = ("stream", "stream_options")
+
+
+def _redis(request: Request) -> Any:
+    """The app's asyncio Redis client (created on first use)."""
+    state = request.app.state
+    client = getattr(state, "redis", None)
+    if client is None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(state.settings.redis_url)
+        state.redis = client
+    return client
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body: invalid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"body: a JSON object expected, got {quoted(body)}",
+                       code="invalid_value")
+    return body
+
+
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from the body, which loses both fields."""
+    stream = body.pop("stream", None)
+    opts = body.pop("stream_options", None)
+    if stream not in (None, True, False):
+        raise ApiError(400, f"stream: true, false or null expected, got {quoted(stream)}",
+                       code="invalid_value", param="stream")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise ApiError(400, "stream_options: only allowed with stream: true",
+                           code="invalid_value", param="stream_options")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
+                opts.get("include_usage") not in (None, True, False):
+            raise ApiError(400, "stream_options: {\"include_usage\": bool} expected, got "
+                           f"{quoted(opts)}", code="invalid_value", param="stream_options")
+        include_usage = bool(opts.get("include_usage"))
+    return bool(stream), include_usage
+
+
+def _check(url: str, body: dict[str, Any]) -> Any:
+    """The body as a batch line would be checked (the rules are written once, in
+    core.jsonl); the first problem is a 400 naming its field."""
+    parsed = parse_openai({"custom_id": "sync", "method": "POST", "url": url, "body": body},
+                          line=1)
+    if parsed.errors:
+        e = parsed.errors[0]
+        param = e.field.removeprefix("body.") if e.field else None
+        raise ApiError(400, f"{param}: {e.message}" if param else e.message,
+                       code=e.code, param=param)
+    return parsed
+
+
+def _usage(ev: LaneEvent) -> dict[str, int]:
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None,
+                        prompt: str = "") -> dict[str, Any] | None:
+    """OpenAI's legacy ``logprobs`` object of a completion choice."""
+    if not entries:
+        return None
+    tokens = [str(e.get("token", e.get("token_id"))) for e in entries]
+    offsets, at = [], len(prompt)
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
+            "top_logprobs": [{str(t.get("token", t.get("token_id"))): t.get("logprob")
+                              for t in e.get("top") or []} for e in entries],
+            "text_offset": offsets}
+
+
+class Lane:
+    """One request's trip through the interactive lane, from the API's side."""
+
+    def __init__(self, request: Request, req: LaneRequest) -> None:
+        self.request, self.req = request, req
+        self.settings: Settings = request.app.state.settings
+        self.redis = _redis(request)
+        self.reply = reply_key(self.settings, req.id)
+        self.worker = ""
+        self.finished = False
+
+    async def submit(self) -> None:
+        """Push the request and wait until a worker takes it (503 if none does in time)."""
+        s = self.settings
+        payload = self.req.model_dump_json()
+        key = lane_key(s)
+        try:
+            await self.redis.lpush(key, payload)
+        except Exception as exc:  # noqa: BLE001 - Redis down
+            raise ApiError(503, f"the queue is unavailable ({type(exc).__name__}: {exc})",
+                           code="queue_unavailable") from None
+        # Short waits (a Redis client's read timeout may be shorter than the whole wait),
+        # checking in between whether the client is still there.
+        until = time.monotonic() + s.interactive_timeout
+        got = None
+        while got is None and time.monotonic() < until:
+            got = await self.redis.blpop(
+                [self.reply], timeout=max(0.01, min(1.0, until - time.monotonic())))
+            if got is None and await self.request.is_disconnected():
+                if await self.redis.lrem(key, 1, payload):
+                    self.finished = True
+                    raise ApiError(499, "client closed the request", code="client_closed")
+        if got is None:
+            if await self.redis.lrem(key, 1, payload):
+                self.finished = True
+                raise ApiError(
+                    503, f"No worker took this request within {s.interactive_timeout:g} s "
+                         "(no worker is running, or all are still loading their model). "
+                         "Retry later; the wait is NEOXQ_INTERACTIVE_TIMEOUT.",
+                    code="no_worker_available")
+            # A worker popped it just as we gave up: its answer is on the way.
+            for _ in range(10):
+                if (got := await self.redis.blpop([self.reply], timeout=1)) is not None:
+                    break
+            if got is None:
+                await self.abort()
+                raise ApiError(503, "the worker that took this request did not answer",
+                               code="worker_lost")
+        ev = LaneEvent.model_validate_json(got[1])
+        if ev.type == "error":
+            self.finished = True
+            raise _event_error(ev)
+        self.worker = ev.worker
+
+    async def events(self) -> AsyncIterator[LaneEvent]:
+        """The worker's events until ``done`` or ``error``; aborts when the client goes
+        away, and gives up (503) if the worker stops heartbeating meanwhile."""
+        s = self.settings
+        next_check = time.monotonic() + s.heartbeat_interval
+        while True:
+            got = await self.redis.blpop([self.reply], timeout=1)
+            if got is not None:
+                ev = LaneEvent.model_validate_json(got[1])
+                if ev.type in ("done", "error"):
+                    self.finished = True
+                yield ev
+                if self.finished:
+                    return
+                continue
+            if await self.request.is_disconnected():
+                await self.abort()
+                return
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + s.heartbeat_interval
+                if not await run_in_threadpool(self._worker_alive):
+                    self.finished = True
+                    raise ApiError(503, f"worker {self.worker} stopped while running this "
+                                   "request; retry", code="worker_lost")
+
+    def _worker_alive(self) -> bool:
+        with session_scope(self.request.app.state.db) as session:
+            row = session.execute(select(Worker.status, Worker.last_seen)
+                                  .where(Worker.id == self.worker)).first()
+        if row is None:
+            return True  # a worker with no store row (tests, embedded use): trust it
+        status, last_seen = row
+        return status not in (WorkerStatus.STOPPED, WorkerStatus.LOST) and \
+            time.time() - last_seen < self.settings.dead_worker_after
+
+    async def abort(self) -> None:
+        """Tell the worker to drop the request (the client is gone); never cancelled."""
+        if self.finished:
+            return
+        self.finished = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.redis.publish(abort_channel(self.settings), self.req.id)
+                await self.redis.delete(self.reply)
+            except Exception:  # noqa: BLE001 - best effort: the worker finishes it anyway
+                pass
+
+    async def result(self) -> LaneEvent:
+        """Wait for the whole result (non-streaming)."""
+        async for ev in self.events():
+            if ev.type == "done":
+                await self.redis.delete(self.reply)
+                return ev
+            if ev.type == "error":
+                raise _event_error(ev)
+        raise ApiError(499, "client closed the request", code="client_closed")
+
+
+def _event_error(ev: LaneEvent) -> ApiError:
+    status = ev.status if ev.status in (400, 500, 503) else 503
+    return ApiError(status, ev.message or ev.code, code=ev.code or None)
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False,
+                                                         separators=(",", ":"))
+    return f"data: {data}\n\n".encode("utf-8", "replace")
+
+
+def _deadline(settings: Settings) -> float:
+    return time.time() + settings.interactive_timeout
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+@router.post("/completions")
+async def create_completion(request: Request, owner: OwnerDep) -> Any:
+    """A completion, answered when it is done (or streamed with ``"stream": true``), as
+    OpenAI's ``/v1/completions``; runs ahead of batch work on the same workers."""
+    body = await _body(request)
+    stream, include_usage = _stream_options(body)
+    echo = body.pop("echo", None)
+    if echo not in (None, False):
+        raise ApiError(400, f"echo: only false is supported, got {quoted(echo)}",
+                       code="invalid_value", param="echo")
+    parsed = _check(COMPLETIONS, body)
+    settings: Settings = request.app.state.settings
+    cid = _new_id("cmpl-")
+    lane = Lane(request, LaneRequest(id=cid, kind="completion", prompt=parsed.prompt,
+                                     params=parsed.params, stream=stream,
+                                     deadline=_deadline(settings)))
+    await lane.submit()
+    created, model = int(time.time()), parsed.model or settings.model_name
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": None}
+    if not stream:
+        ev = await lane.result()
+        return SafeJSONResponse({
+            **head,
+            "choices": [{"index": c["index"], "text": c["text"],
+                         "logprobs": completion_logprobs(c.get("logprobs")),
+                         "finish_reason": c["finish_reason"]} for c in ev.choices],
+            "usage": _usage(ev)})
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            async for ev in lane.events():
+                if ev.type == "delta":
+                    for index, text in sorted(ev.deltas.items()):
+                        yield _sse({**head, "choices": [{"index": index, "text": text,
+                                                         "logprobs": None,
+                                                         "finish_reason": None}]})
+                elif ev.type == "done":
+                    for c in ev.choices:
+                        yield _sse({**head, "choices": [{
+                            "index": c["index"], "text": "",
+                            "logprobs": completion_logprobs(c.get("logprobs")),
+                            "finish_reason": c["finish_reason"]}]})
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
+                    yield _sse("[DONE]")
+                elif ev.type == "error":
+                    yield _sse(_event_error(ev).body())
+                    yield _sse("[DONE]")
+        except ApiError as exc:
+            yield _sse(exc.body())
+            yield _sse("[DONE]")
+        finally:
+            await lane.abort()  # a no-op once finished; else the client went away
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,156 @@
+"""Synchronous ``/v1/completions`` through the interactive lane: the official ``openai``
+package (plain and streaming) against ``neoxq api`` and a real ``neoxq worker`` on the
+tiny model; 503 when no worker takes a request; a client that goes away aborts its
+request in the engine; an interactive request overtakes a running batch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+from openai import OpenAI
+
+from core.interactive import lane_key
+from core.settings import Settings
+from tests.api.live import Live, start_stack
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    stack = start_stack(tmp_path_factory.mktemp("live_sync"), worker=True)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live: Live) -> OpenAI:
+    c = OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    # The worker loads its model after the API is up: the first request may wait for it.
+    c.completions.create(model="tiny", prompt="warm up", max_tokens=1)
+    return c
+
+
+def test_completion_plain_and_streamed_agree(client: OpenAI) -> None:
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw)
+    assert plain.object == "text_completion" and plain.model == "tiny"
+    assert plain.id.startswith("cmpl-")
+    (choice,) = plain.choices
+    assert choice.finish_reason == "length" and choice.text
+    assert plain.usage is not None and plain.usage.completion_tokens == 12
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + 12
+
+    chunks = list(client.completions.create(**kw, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    # Text arrives as it is generated, then a chunk with the finish reason, then usage.
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == "length" and set(finals[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_n_logprobs_and_stop(client: OpenAI) -> None:
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6,
+                                    n=3, seed=7, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    for c in out.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+        assert all(x <= 0 for x in lp.token_logprobs)
+        assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    assert out.usage.completion_tokens == 18
+    # A stop string cuts the text before it.
+    base = client.completions.create(model="tiny", prompt="abc", max_tokens=20,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    text = base.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        cut = client.completions.create(model="tiny", prompt="abc", max_tokens=20,
+                                        temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_bad_requests_name_the_field(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=10**6)
+    assert "max_tokens" in e.value.message  # the engine's check, from the worker
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", extra_body={"bogus": 1})
+    assert e.value.body["param"] == "bogus"
+
+
+def test_disconnect_aborts_in_the_engine(live: Live, client: OpenAI) -> None:
+    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, \
+            http.stream("POST", live.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                # Generation is under way (not finished): hang up.
+                assert json.loads(line[6:])["choices"][0]["finish_reason"] is None
+                break
+    deadline = time.monotonic() + 20
+    while "aborted by its client" not in live.log("worker"):
+        assert time.monotonic() < deadline, live.log("worker")
+        time.sleep(0.2)
+
+
+def test_interactive_overtakes_a_running_batch(live: Live, client: OpenAI,
+                                               tmp_path: Path) -> None:
+    lines = [json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": "tiny", "prompt": f"batch prompt {i}",
+                                  "max_tokens": 300, "ignore_eos": True}})
+             for i in range(48)]
+    src = tmp_path / "batch.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    f = client.files.create(file=src.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 60
+    while client.batches.retrieve(batch.id).request_counts.completed == 0 and \
+            httpx.get(live.url + f"/v1/batches/{batch.id}").json()["status"] != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)  # the engine is full of batch sequences now
+    t0 = time.monotonic()
+    out = client.completions.create(model="tiny", prompt="quick question", max_tokens=8,
+                                    extra_body={"ignore_eos": True})
+    took = time.monotonic() - t0
+    assert out.usage.completion_tokens == 8
+    b = client.batches.retrieve(batch.id)
+    assert b.status == "in_progress" and b.request_counts.completed < 48, (took, b)
+    client.batches.cancel(batch.id)
+
+
+def test_no_worker_is_a_503_and_leaves_nothing_queued(tmp_path: Path) -> None:
+    stack = start_stack(tmp_path, worker=False, interactive_timeout="1.5")
+    try:
+        c = OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="tiny", prompt="anyone?", max_tokens=4)
+        assert e.value.status_code == 503
+        assert "No worker took this request within 1.5 s" in e.value.message
+        assert 1.4 < time.monotonic() - t0 < 10
+        s = Settings(queue=stack.env["NEOXQ_QUEUE"],
+                     redis_key_prefix=stack.env["NEOXQ_REDIS_KEY_PREFIX"])
+        assert redis.Redis.from_url(stack.redis_url).llen(lane_key(s)) == 0
+    finally:
+        stack.stop()
