@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
-from core.jsonl import parse_openai, quoted
+from core.jsonl import ECHO, parse_openai, quoted
 from core.settings import Settings
 from store.db import session_scope
 from store.status import WorkerStatus
@@ -66,7 +66,7 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage) from the body, which loses both fields."""
     stream = body.pop("stream", None)
     opts = body.pop("stream_options", None)
-    if stream not in (None, True, False):
+    if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"stream: true, false or null expected, got {quoted(stream)}",
                        code="invalid_value", param="stream")
     include_usage = False
@@ -75,7 +75,7 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
             raise ApiError(400, "stream_options: only allowed with stream: true",
                            code="invalid_value", param="stream_options")
         if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
-                opts.get("include_usage") not in (None, True, False):
+                not isinstance(opts.get("include_usage", False), bool):
             raise ApiError(400, "stream_options: {\"include_usage\": bool} expected, got "
                            f"{quoted(opts)}", code="invalid_value", param="stream_options")
         include_usage = bool(opts.get("include_usage"))
@@ -111,7 +111,9 @@ def completion_logprobs(entries: list[dict[str, Any]] | None,
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
-            "top_logprobs": [{str(t.get("token", t.get("token_id"))): t.get("logprob")
+            # null where nothing was predicted (an echoed prompt's first token)
+            "top_logprobs": [None if e.get("logprob") is None and not e.get("top") else
+                             {str(t.get("token", t.get("token_id"))): t.get("logprob")
                               for t in e.get("top") or []} for e in entries],
             "text_offset": offsets}
 
@@ -253,11 +255,10 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
     OpenAI's ``/v1/completions``; runs ahead of batch work on the same workers."""
     body = await _body(request)
     stream, include_usage = _stream_options(body)
-    echo = body.pop("echo", None)
-    if echo not in (None, False):
-        raise ApiError(400, f"echo: only false is supported, got {quoted(echo)}",
-                       code="invalid_value", param="echo")
     parsed = _check(COMPLETIONS, body)
+    # Offsets count from the start of the returned text: the prompt's end, unless echoed.
+    offset_base = "" if ECHO in parsed.params or not isinstance(parsed.prompt, str) \
+        else parsed.prompt
     settings: Settings = request.app.state.settings
     cid = _new_id("cmpl-")
     lane = Lane(request, LaneRequest(id=cid, kind="completion", prompt=parsed.prompt,
@@ -272,7 +273,7 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
         return SafeJSONResponse({
             **head,
             "choices": [{"index": c["index"], "text": c["text"],
-                         "logprobs": completion_logprobs(c.get("logprobs")),
+                         "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
                          "finish_reason": c["finish_reason"]} for c in ev.choices],
             "usage": _usage(ev)})
 
@@ -288,7 +289,7 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
                     for c in ev.choices:
                         yield _sse({**head, "choices": [{
                             "index": c["index"], "text": "",
-                            "logprobs": completion_logprobs(c.get("logprobs")),
+                            "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
                             "finish_reason": c["finish_reason"]}]})
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(ev)})

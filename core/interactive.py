@@ -57,9 +57,8 @@ class LaneRequest(BaseModel):
     kind: Literal["completion", "chat"] = "completion"
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
+    # Checked sampling fields, plus core.jsonl.ECHO for OpenAI's echo.
     params: dict[str, Any] = Field(default_factory=dict)
-    # Prompt tokens with their logprobs before the completion's (OpenAI's ``echo``).
-    echo: bool = False
     stream: bool = False
     deadline: float  # time.time() after which no worker may start it
 

@@ -141,11 +141,14 @@ def check_defaults(defaults: Mapping[str, Any]) -> list[str]:
 
 Format = Literal["native", "openai"]
 OPENAI_URLS = ("/v1/completions",)
+# An item parameter (not a sampling field) for OpenAI's ``echo``: "prompt" = the prompt's
+# tokens with their logprobs come before the completion's; "score" = only those
+# (``max_tokens: 0``, how evaluation tools score text over HTTP). The worker pops it.
+ECHO = "echo"
 # OpenAI body fields we accept but do not act on, and the only values that make sense.
 _OPENAI_IGNORED = {"user"}
 _OPENAI_FIXED: dict[str, tuple[Any, ...]] = {
     "stream": (False,),
-    "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "logit_bias": ({},),
@@ -308,7 +311,7 @@ def parse_openai(obj: Mapping[str, Any], line: int,
         out.errors.append(LineError(line, "body", "invalid_value",
                                     f"an object expected, got {_type_name(body)}"))
         return out
-    known = SAMPLING_FIELDS | {"model", "prompt"} | _OPENAI_IGNORED | set(_OPENAI_FIXED)
+    known = SAMPLING_FIELDS | {"model", "prompt", ECHO} | _OPENAI_IGNORED | set(_OPENAI_FIXED)
     for key in sorted(k for k in body if k not in known):
         out.errors.append(LineError(line, f"body.{key}", "unknown_field",
                                     "unknown or unsupported field"))
@@ -323,9 +326,17 @@ def parse_openai(obj: Mapping[str, Any], line: int,
                                     f"a model name expected, got {quoted(model)}"))
     if err := _check_prompt(body.get("prompt"), "body.prompt", line):
         out.errors.append(err)
-    sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS}
+    echo = body.get(ECHO)
+    if echo is not None and not isinstance(echo, bool):
+        out.errors.append(LineError(line, f"body.{ECHO}", "invalid_value",
+                                    f"true, false or null expected, got {quoted(echo)}"))
+    score_only = echo is True and body.get("max_tokens") == 0
+    sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS
+                and not (score_only and k == "max_tokens")}
     out.params, problems = check_sampling(sampling, defaults)
     out.errors += [LineError(line, f"body.{f}", "invalid_value", m) for f, m in problems]
+    if echo is True:
+        out.params[ECHO] = "score" if score_only else "prompt"
     if not out.errors:
         out.prompt = body["prompt"]
         out.model = model

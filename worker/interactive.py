@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -54,6 +55,22 @@ def describe_entries(tokenizer: Any, entries: list[dict[str, Any]] | None
             for e in entries]
 
 
+@dataclass
+class Echo:
+    """OpenAI's ``echo``: the prompt's text and its tokens' logprobs (the first one's
+    null: nothing predicts it), which come before a choice's own."""
+
+    text: str
+    logprobs: list[dict[str, Any]] | None
+    prompt_tokens: int
+
+    def before(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """``choice`` (``{"text", "logprobs", ...}``) with the prompt in front."""
+        lps = choice.get("logprobs")
+        return {**choice, "text": self.text + choice["text"],
+                "logprobs": None if self.logprobs is None else self.logprobs + (lps or [])}
+
+
 class InteractiveJob:
     """One synchronous request inside this worker. Its methods run on the engine loop's
     thread and only queue events."""
@@ -67,6 +84,7 @@ class InteractiveJob:
         self.stream = req.stream
         self._emit, self._done, self.worker_id = emit, done, worker_id
         self._sent: dict[int, int] = {}  # sample index -> characters already streamed
+        self.echo: Echo | None = None
 
     @property
     def request_id(self) -> str:
@@ -92,12 +110,28 @@ class InteractiveJob:
         if self.stream:  # the rest of each sample's text, before the result
             self.progress([(s.index, s.text, len(s.token_ids)) for s in out.samples])
         choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
-                    "logprobs": describe_entries(tokenizer, s.logprobs)}
-                   for s in out.samples]
+                    "logprobs": s.logprobs} for s in out.samples]
+        if self.echo is not None:
+            choices = [self.echo.before(c) for c in choices]
+        for c in choices:
+            c["logprobs"] = describe_entries(tokenizer, c["logprobs"])
         self._emit(self.req.id, LaneEvent(
             type="done", worker=self.worker_id, choices=choices,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=sum(len(s.token_ids) for s in out.samples)))
+        self._done(self.req.id)
+
+    def scored(self, tokenizer: Any) -> None:
+        """An echo with ``max_tokens: 0``: the prompt alone is the result."""
+        assert self.echo is not None
+        choice = self.echo.before({"index": 0, "text": "", "finish_reason": "length",
+                                   "logprobs": []})
+        choice["logprobs"] = describe_entries(tokenizer, choice["logprobs"])
+        if self.stream:
+            self.progress([(0, choice["text"], 0)])
+        self._emit(self.req.id, LaneEvent(type="done", worker=self.worker_id,
+                                          choices=[choice],
+                                          prompt_tokens=self.echo.prompt_tokens))
         self._done(self.req.id)
 
     def failed(self, code: str, message: str, status: int) -> None:

@@ -46,7 +46,7 @@ from sqlalchemy import Engine as SQLEngine
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from core.jsonl import SAMPLING_DEFAULTS
+from core.jsonl import ECHO, SAMPLING_DEFAULTS
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from models.engine.pipeline import PipelineError
@@ -76,7 +76,7 @@ from store.records import ResultRow
 from store.status import STOPPED, BatchStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
-from worker.interactive import InteractiveJob, InteractiveLane
+from worker.interactive import Echo, InteractiveJob, InteractiveLane
 from worker.meter import BUCKET, GenerationMeter
 
 log = logging.getLogger("neoxq.worker")
@@ -108,6 +108,8 @@ class _Pending:
     queued_at: float | None
     attempt: int
     futures: list[Future] = field(default_factory=list)
+    # OpenAI's echo: the prompt's text and per-token logprobs, put before the completion.
+    echo: Echo | None = None
 
     @property
     def request_id(self) -> str:
@@ -242,6 +244,8 @@ class EngineLoop(threading.Thread):
         self._observed = 0.0
         # Synchronous requests in the engine (worker/interactive.py), by request id.
         self.interactive: dict[str, InteractiveJob] = {}
+        # Requests with OpenAI's echo, scored together once the inbox is drained.
+        self._echoes: list[tuple[_Pending | InteractiveJob, dict[str, Any], str]] = []
 
     # -- called from other threads --------------------------------------------------------
 
@@ -314,6 +318,8 @@ class EngineLoop(threading.Thread):
                     cmd = self.inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
+            if self._echoes:
+                self._run_echoes()
             if not engine.has_unfinished():
                 # Idle: still notice a dead pipeline stage within a second or so, not only
                 # when the next chunk arrives.
@@ -366,6 +372,10 @@ class EngineLoop(threading.Thread):
 
     def _add(self, p: _Pending) -> None:
         params = dict(p.params)
+        echo = params.pop(ECHO, None)
+        if echo:
+            self._echoes.append((p, params, echo))
+            return
         try:
             self.engine.add_request(p.request_id, p.prompt, params, arrival=time.time())
             self.meter.track(p.request_id, p.batch_id, _budget(params))
@@ -378,6 +388,13 @@ class EngineLoop(threading.Thread):
             self._write_error(p, "invalid_request", f"{type(exc).__name__}: {exc}")
 
     def _add_interactive(self, job: InteractiveJob) -> None:
+        echo = job.params.pop(ECHO, None)
+        if echo:
+            self._echoes.append((job, job.params, echo))
+            return
+        self._start_interactive(job)
+
+    def _start_interactive(self, job: InteractiveJob) -> None:
         try:
             self.engine.add_request(job.request_id, job.prompt, job.params,
                                     arrival=time.time(), priority=INTERACTIVE)
@@ -389,6 +406,64 @@ class EngineLoop(threading.Thread):
             job.failed("invalid_request", f"{type(exc).__name__}: {exc}", 400)
             return
         self.interactive[job.request_id] = job
+
+    def _run_echoes(self) -> None:
+        """Score the prompts of echo requests, all in one engine call (an evaluation
+        batch is thousands of them): ``score`` requests end here with the prompt's
+        logprobs; the others then generate, and their prompt comes first in the result."""
+        todo, self._echoes = self._echoes, []
+        engine = self.engine
+        ready = []
+        for x, params, mode in todo:
+            try:
+                ids = echo_ids(x.prompt, engine)
+            except ValueError as exc:
+                self._echo_failed(x, str(exc))
+                continue
+            ready.append((x, params, mode, ids))
+        scored = [r for r in ready if len(r[3]) > 1]
+        results = iter(engine.score([(ids[:1], ids[1:]) for *_, ids in scored]))
+        now = time.time()
+        for x, params, mode, ids in ready:
+            res = next(results) if len(ids) > 1 else None
+            text = x.prompt if isinstance(x.prompt, str) else (
+                engine.tokenizer.decode(ids) if engine.tokenizer is not None else "")
+            entries = None
+            if params.get("logprobs") is not None:
+                entries = [{"token_id": ids[0], "logprob": None, "top": []}]
+                if res is not None:
+                    k = params["logprobs"]
+                    entries += [{"token_id": t, "logprob": lp,
+                                 "top": [[top[0], top[1]]] if k else []}
+                                for t, lp, top in zip(ids[1:], res.token_logprobs, res.top,
+                                                      strict=True)]
+            echo = Echo(text=text, logprobs=entries, prompt_tokens=len(ids))
+            if isinstance(x, InteractiveJob):
+                x.echo = echo
+                if mode == "score":
+                    x.scored(engine.tokenizer)
+                else:
+                    self._start_interactive(x)
+                continue
+            x.echo = echo
+            if mode == "score":
+                with self._lock:
+                    self.pending.pop(x.request_id, None)
+                choice = {"index": 0, "text": text, "finish_reason": "length",
+                          "logprobs": entries}
+                self.writer.put(_row(x, self.worker_id, choices=[choice], text=text,
+                                     finish_reason="length", prompt_tokens=len(ids),
+                                     completion_tokens=0, logprobs=entries, started_at=now,
+                                     finished_at=time.time()), x.futures)
+            else:
+                x.params = params
+                self._add(x)
+
+    def _echo_failed(self, x: _Pending | InteractiveJob, message: str) -> None:
+        if isinstance(x, InteractiveJob):
+            x.failed("invalid_request", message, 400)
+        else:
+            self._write_error(x, "invalid_request", message)
 
     def _progress(self) -> None:
         """Hand each streaming request the text its samples have settled so far."""
@@ -462,17 +537,39 @@ def _row(p: _Pending, worker_id: str, **values: Any) -> ResultRow:
                      queued_at=p.queued_at, worker_id=worker_id, attempt=p.attempt, **values)
 
 
+def echo_ids(prompt: str | list[int], engine: InferenceEngine) -> list[int]:
+    """An echo request's prompt as token ids, checked as the engine's score() will."""
+    if isinstance(prompt, str):
+        if engine.tokenizer is None:
+            raise ValueError("prompt: this worker has no tokenizer; pass token ids")
+        ids = list(engine.tokenizer.encode(prompt))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt: must have at least one token")
+    bad = [t for t in ids if not 0 <= t < engine.config.vocab_size]
+    if bad:
+        raise ValueError(f"prompt: token id {bad[0]} outside the model's vocabulary")
+    if len(ids) - 1 > engine.max_position:
+        raise ValueError(f"prompt: {len(ids)} tokens exceed the model's context of "
+                         f"{engine.max_position} + 1")
+    return ids
+
+
 def _output_row(p: _Pending, out: Any, worker_id: str) -> ResultRow:
     t = out.timings
     choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
                 "logprobs": s.logprobs} for s in out.samples]
+    if p.echo is not None:
+        choices = [p.echo.before(c) for c in choices]
     completion = sum(len(s.token_ids) for s in out.samples)
     started, finished = t.first_scheduled, t.finished or time.time()
     span = finished - started if started else 0.0
     return _row(
         p, worker_id, choices=choices, text=choices[0]["text"] if choices else "",
         finish_reason=choices[0]["finish_reason"] if choices else None,
-        prompt_tokens=out.prompt_tokens, completion_tokens=completion,
+        prompt_tokens=out.prompt_tokens or (p.echo.prompt_tokens if p.echo else 0),
+        completion_tokens=completion,
         logprobs=choices[0]["logprobs"] if choices else None,
         started_at=started, first_token_at=t.first_token, finished_at=finished,
         tokens_per_s=completion / span if span > 0 else None,

@@ -6,7 +6,7 @@ Plain data, no torch: the scheduler builds these; worker/, evals/ and cli/ read 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from models.params import SamplingParams
@@ -56,6 +56,9 @@ class ScoreResult:
     logprob: float  # sum of token_logprobs
     is_greedy: bool  # every continuation token is the argmax of its logits
     token_logprobs: list[float]
+    # Per continuation token: the argmax token's id and logprob (equal to the token's own
+    # where it is the argmax) - what OpenAI's echo reports as the top alternative.
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 def as_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:

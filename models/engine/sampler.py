@@ -76,8 +76,10 @@ class Sampler:
             srow_logits = logits[rows.score_rows]  # (S, V)
             lp = torch.log_softmax(srow_logits.float(), dim=-1)
             targets = rows.score_targets
+            top_lp, top_id = lp.max(dim=-1)  # the most likely token (OpenAI's echo shows it)
             pieces.append(lp.gather(1, targets[:, None])[:, 0].double())
-            pieces.append((srow_logits.argmax(dim=-1) == targets).double())
+            pieces.append((top_id == targets).double())
+            pieces += [top_id.double(), top_lp.double()]
         flat = torch.cat(pieces).tolist() if pieces else []  # the step's one host sync
         out = StepResult()
         off = 0
@@ -98,4 +100,6 @@ class Sampler:
             s = len(plan.scores)
             out.score_logprobs = flat[off: off + s]
             out.score_greedy = [g > 0.5 for g in flat[off + s: off + 2 * s]]
+            out.score_top = [(int(i), lp) for i, lp in zip(
+                flat[off + 2 * s: off + 3 * s], flat[off + 3 * s: off + 4 * s], strict=True)]
         return out

@@ -80,6 +80,7 @@ class ScoreRequest(Request):
     targets: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     greedy: list[bool] = field(default_factory=list)
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -192,6 +193,7 @@ class StepResult:
     top_logprobs: list[list[float]] | None = None
     score_logprobs: list[float] = field(default_factory=list)  # one per plan.scores row
     score_greedy: list[bool] = field(default_factory=list)
+    score_top: list[tuple[int, float]] = field(default_factory=list)  # (argmax id, its logprob)
 
 
 class _NullDecoder:
@@ -620,6 +622,7 @@ class Scheduler:
         if isinstance(req, ScoreRequest):  # recomputes its rows from the start
             req.logprobs.clear()
             req.greedy.clear()
+            req.top.clear()
         self._wait(seq)
 
     def _release(self, seq: Seq) -> None:
@@ -672,17 +675,19 @@ class Scheduler:
                     })
                 self._append_token(seq, tok, now)
         if plan.scores:
-            for req, lp, g in zip(plan.scores, result.score_logprobs, result.score_greedy,
-                                  strict=True):
+            tops = result.score_top or [(-1, math.nan)] * len(plan.scores)
+            for req, lp, g, top in zip(plan.scores, result.score_logprobs,
+                                       result.score_greedy, tops, strict=True):
                 req.logprobs.append(lp)
                 req.greedy.append(g)
+                req.top.append(top)
             for req in {id(r): r for r in plan.scores}.values():
                 seq = req.seqs[0]
                 if seq.num_computed == len(seq.tokens):
                     self._release(seq)
                     self.scores[req.request_id] = ScoreResult(
                         logprob=math.fsum(req.logprobs), is_greedy=all(req.greedy),
-                        token_logprobs=list(req.logprobs))
+                        token_logprobs=list(req.logprobs), top=list(req.top))
                     req.done = True
                     req.timings.finished = now
                     del self.requests[req.request_id]

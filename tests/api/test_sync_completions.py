@@ -154,3 +154,34 @@ def test_no_worker_is_a_503_and_leaves_nothing_queued(tmp_path: Path) -> None:
         assert redis.Redis.from_url(stack.redis_url).llen(lane_key(s)) == 0
     finally:
         stack.stop()
+
+
+def test_echo_scores_equal_the_engine(client: OpenAI) -> None:
+    """``echo`` + ``logprobs`` with ``max_tokens: 0`` (how evaluation tools score over
+    HTTP): the prompt's tokens and logprobs, the first null, equal to the engine's
+    ``score()`` on the same model; the top alternative is the argmax."""
+    import torch
+
+    from models.runtime import build_engine
+
+    ids = [101 + 7 * i for i in range(30)]
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True,
+                                    logprobs=1)
+    (c,) = out.choices
+    lp = c.logprobs
+    assert out.usage.prompt_tokens == 30 and out.usage.completion_tokens == 0
+    assert len(lp.token_logprobs) == 30
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    engine = build_engine("preset:tiny", device="cpu", dtype=torch.float32)
+    (ref,) = engine.score([(ids[:1], ids[1:])])
+    assert lp.token_logprobs[1:] == pytest.approx(ref.token_logprobs, rel=1e-5, abs=1e-6)
+    greedy = [t >= max(top.values()) for t, top in zip(lp.token_logprobs[1:],
+                                                         lp.top_logprobs[1:], strict=True)]
+    assert all(greedy) == ref.is_greedy
+    # echo with a completion: the prompt comes first.
+    both = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4,
+                                     echo=True, temperature=0, logprobs=0,
+                                     extra_body={"ignore_eos": True})
+    assert both.choices[0].text.startswith("Hello there")
+    n_prompt = both.usage.prompt_tokens
+    assert len(both.choices[0].logprobs.token_logprobs) == n_prompt + 4

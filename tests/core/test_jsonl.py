@@ -121,8 +121,11 @@ def test_openai_valid_and_auto_detect() -> None:
         ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
           "body": {"model": "m"}}, "line 1: body.prompt: required"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
-          "body": {"model": "m", "prompt": "x", "temperature": 3.5e9, "echo": True}},
-         "line 1: body.echo: False or null expected"),
+          "body": {"model": "m", "prompt": "x", "temperature": 3.5e9, "echo": 1}},
+         "line 1: body.echo: true, false or null expected"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "m", "prompt": "x", "max_tokens": 0}},
+         "line 1: body.max_tokens: must be >= 1"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
           "body": {"model": "m", "prompt": "x", "messages": []}},
          "line 1: body.messages: unknown or unsupported field"),
@@ -149,3 +152,20 @@ def test_bom_and_crlf_tolerated() -> None:
 def test_check_sampling_returns_clean_copy() -> None:
     clean, problems = check_sampling({"stop": "x", "seed": None, "n": 2})
     assert clean == {"stop": ["x"], "n": 2} and problems == []
+
+
+def test_openai_echo_lines() -> None:
+    """``echo`` with ``max_tokens: 0`` scores the prompt only; with a completion it comes
+    first. It travels to the worker as the ``ECHO`` item parameter."""
+    from core.jsonl import ECHO, parse_openai
+
+    def body(**b: object) -> dict:
+        return {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "m", "prompt": [5, 6, 7], **b}}
+
+    score = parse_openai(body(echo=True, max_tokens=0, logprobs=1), 1)
+    assert score.ok and score.params == {ECHO: "score", "logprobs": 1}
+    both = parse_openai(body(echo=True, max_tokens=3), 1)
+    assert both.ok and both.params == {ECHO: "prompt", "max_tokens": 3}
+    plain = parse_openai(body(echo=False, max_tokens=3), 1)
+    assert plain.ok and ECHO not in plain.params
