@@ -102,6 +102,24 @@ def unfinished_in_range(*, session: Session, batch_id: str, start: int, end: int
         Item.status.in_(UNFINISHED_ITEMS))) or 0
 
 
+def fair_share(*, session: Session, batch_id: str | None, live_within: float,
+               status: ItemStatus | None = None) -> int:
+    """One live worker's share of a batch's unfinished items (all running batches' when
+    ``batch_id`` is None; only items in ``status`` if given): the most it should hold at
+    once, so that a batch smaller than one engine's capacity still spreads over every
+    worker instead of filling the first one to claim."""
+    live = session.scalar(select(func.count()).select_from(Worker).where(
+        Worker.id.in_(live_worker_ids(live_within)))) or 1
+    q = select(func.count()).select_from(Item).where(
+        Item.status.in_([status] if status else UNFINISHED_ITEMS))
+    if batch_id is None:
+        q = q.where(Item.batch_id.in_(select(Batch.id).where(
+            Batch.status == BatchStatus.IN_PROGRESS)))
+    else:
+        q = q.where(Item.batch_id == batch_id)
+    return -(-(session.scalar(q) or 0) // live)
+
+
 def release_items(*, session: Session, item_ids: Sequence[int], worker_id: str,
                   uncount: bool = False) -> int:
     """Give claims back (the items go back to ``queued``) for items this worker claimed
@@ -131,5 +149,5 @@ def release_worker(*, session: Session, worker_id: str, uncount: bool = False) -
     return res.rowcount or 0
 
 
-__all__ = ["ClaimedItem", "claim_range", "claim_unstarted", "live_worker_ids",
+__all__ = ["ClaimedItem", "claim_range", "claim_unstarted", "fair_share", "live_worker_ids",
            "release_items", "release_worker", "unfinished_in_range"]

@@ -56,6 +56,7 @@ from store.claims import (
     ClaimedItem,
     claim_range,
     claim_unstarted,
+    fair_share,
     release_items,
     release_worker,
     unfinished_in_range,
@@ -73,7 +74,7 @@ from store.queries import (
     register_worker,
 )
 from store.records import ResultRow
-from store.status import STOPPED, BatchStatus, WorkerStatus
+from store.status import STOPPED, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
 from worker.interactive import Echo, InteractiveJob, InteractiveLane
@@ -722,6 +723,11 @@ class WorkerRuntime:
         self._unclaim_lock = threading.Lock()
         self.shared_items = 0  # items this worker took from chunks other workers hold
         self._shared: dict[str, list[Future]] = {}  # batch -> outcomes of items we took
+        # Items of each batch claimed here and not finished, and each batch's fair share
+        # per live worker (cached for a second: two COUNTs per claim would be wasteful).
+        self._holding: dict[str, int] = {}
+        self._shares: dict[str, tuple[float, int]] = {}
+        self._holding_lock = threading.Lock()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -818,8 +824,11 @@ class WorkerRuntime:
         while True:
             if self.draining_since is not None:
                 self._drain(mine)
-            want = payload.end - payload.start
-            slots = self.room.take(want, least=min(group, want), timeout=0.2)
+            # No more than this worker's fair share of the batch at once: the rest stays
+            # queued for the other workers, even when one engine could hold it all.
+            want = min(payload.end - payload.start, self._allowed(payload.batch_id))
+            slots = self.room.take(want, least=min(group, want), timeout=0.2) \
+                if want > 0 else 0
             claimed: list[ClaimedItem] = []
             if slots:
                 try:
@@ -836,8 +845,8 @@ class WorkerRuntime:
             if any(f.done() and f.result() == TRANSIENT for _, f in mine):
                 self._settle_all(mine)
                 raise Retry()
-            if not slots:
-                # No room in the engine: wait for one of our items to finish.
+            if not slots and any(not f.done() for _, f in mine):
+                # No room in the engine (or our share is held): wait for one of ours.
                 _wait_any(mine, 0.2)
                 continue
             # Nothing left to claim: the rest of the range is done, ours in flight, or
@@ -870,13 +879,39 @@ class WorkerRuntime:
                              f"gave up after {s.max_attempts} attempts")
         pending = [self._pending(c, defaults[c[1]]) for c in runnable]
         futures = self.loop.submit(pending) if pending else []
+        with self._holding_lock:
+            for p in pending:
+                self._holding[p.batch_id] = self._holding.get(p.batch_id, 0) + 1
         for p, f in zip(pending, futures, strict=True):
-            f.add_done_callback(lambda f, item_id=p.item_id: self._settled(item_id, f))
+            f.add_done_callback(lambda f, item_id=p.item_id, batch_id=p.batch_id:
+                                self._settled(item_id, batch_id, f))
         return [(p.request_id, f) for p, f in zip(pending, futures, strict=True)]
 
-    def _settled(self, item_id: int, fut: Future) -> None:
+    def _allowed(self, batch_id: str) -> int:
+        """How many more items of ``batch_id`` this worker may claim now: its fair share
+        of the batch's unfinished items (per live worker) less what it holds."""
+        t = time.monotonic()
+        cached = self._shares.get(batch_id)
+        if cached is None or t - cached[0] > 1.0:
+            with session_scope(self.db) as session:
+                share = fair_share(session=session, batch_id=batch_id,
+                                   live_within=self.settings.dead_worker_after)
+            cached = self._shares[batch_id] = (t, share)
+        with self._holding_lock:
+            held = self._holding.get(batch_id, 0)
+        # Never below one group: a worker must always be able to make progress.
+        return max(max(1, self.room.size // 8), cached[1]) - held
+
+    def _settled(self, item_id: int, batch_id: str, fut: Future) -> None:
         # Runs on the engine or writer thread: no database work here.
         self.room.give(1)
+        with self._holding_lock:
+            left = self._holding.get(batch_id, 1) - 1
+            if left > 0:
+                self._holding[batch_id] = left
+            else:
+                self._holding.pop(batch_id, None)
+                self._shares.pop(batch_id, None)
         outcome = fut.result()
         if outcome != WRITTEN:
             with self._unclaim_lock:
@@ -948,7 +983,14 @@ class WorkerRuntime:
             return 0  # our own chunks want the room, or there is little of it
         if broker.queue_length(self.redis, self.settings):
             return 0  # work is waiting in the queue: take it the ordinary way
-        slots = self.room.take(self.room.free)
+        with session_scope(self.db) as session:
+            # Take a live worker's share of what is queued, not all of it: the holders
+            # keep their part, and several idle workers split the rest.
+            share = fair_share(session=session, batch_id=None, status=ItemStatus.QUEUED,
+                               live_within=self.settings.dead_worker_after)
+        if not share:
+            return 0
+        slots = self.room.take(min(self.room.free, max(group, share)))
         claimed: list[ClaimedItem] = []
         try:
             with session_scope(self.db) as session:

@@ -16,6 +16,7 @@ from core.settings import Settings
 from store.claims import (
     claim_range,
     claim_unstarted,
+    fair_share,
     release_items,
     release_worker,
     unfinished_in_range,
@@ -24,6 +25,7 @@ from store.db import create_all, make_engine, session_scope
 from store.ingest import ChunkPlanner, submit_batch
 from store.queries import insert_results, register_worker
 from store.records import ResultRow
+from store.status import ItemStatus
 from store.tables import Item, Worker, now
 
 LIVE = 15.0
@@ -196,3 +198,19 @@ def test_submit_cuts_chunks_for_the_workers_alive_now(db: Engine) -> None:
         ses.execute(update(Worker).where(Worker.id == "a").values(status="stopped"))
         ses.execute(update(Worker).where(Worker.id == "c").values(last_seen=now() - 60))
     assert len(chunks()) == 4
+
+
+def test_fair_share_is_a_live_workers_part_of_the_unfinished_items(db: Engine) -> None:
+    b = batch_of(db, 10)
+    live(db, "a", "b", "c")
+    with session_scope(db) as s:
+        assert fair_share(session=s, batch_id=b, live_within=LIVE) == 4  # ceil(10 / 3)
+        claim_range(session=s, batch_id=b, start=0, end=4, worker_id="a", limit=4,
+                    live_within=LIVE)
+        # claimed items still count as unfinished; only queued ones when asked
+        assert fair_share(session=s, batch_id=b, live_within=LIVE) == 4
+        assert fair_share(session=s, batch_id=None, live_within=LIVE,
+                          status=ItemStatus.QUEUED) == 2  # ceil(6 / 3)
+        s.execute(update(Worker).where(Worker.id.in_(("b", "c"))).values(status="stopped"))
+    with session_scope(db) as s:
+        assert fair_share(session=s, batch_id=b, live_within=LIVE) == 10  # one worker left
