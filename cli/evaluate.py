@@ -31,7 +31,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "tasks."
         ),
     )
-    p.add_argument("model", help="model spec: preset:NAME, HF dir, NeoX YAML, converted dir")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model spec: preset:NAME, HF dir, NeoX YAML, converted dir; with "
+                        "--api, the model name the batch lines give (optional)")
+    p.add_argument("--api", metavar="URL", default=None,
+                   help="score through a running neoxq API (its batch queue: every worker "
+                        "shares the work) instead of loading the model here")
+    p.add_argument("--api-key", default=None, help="bearer key for --api "
+                                                   "(default $NEOXQ_API_KEY)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="the model's context in tokens, for --api (default 2048, the "
+                        "20B's; a local model knows its own)")
     p.add_argument("--tasks", default="lambada,piqa",
                    help="comma-separated task names (default: lambada,piqa)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -131,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
+    if args.api:
+        return _run_api(args, local, remote)
+    if args.model is None:
+        print("error: MODEL is required (or --api URL)", file=sys.stderr)
+        return 2
+
     import torch
 
     from evals.backend import build_backend
@@ -174,6 +190,61 @@ def run(args: argparse.Namespace) -> int:
         "data_dir": str(args.data_dir or DEFAULT_DATA_DIR) if local else None,
         "bootstrap_iters": args.bootstrap_iters, "load_s": load_s,
         "torch": torch.__version__,
+    }
+    print(format_table(report["results"], report["versions"]))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _run_api(args: argparse.Namespace, local: list[str], remote: list[str]) -> int:
+    """``--api``: the local tasks' requests scored by the fleet behind a neoxq API."""
+    import os
+
+    from evals.data import DEFAULT_DATA_DIR, DataError
+    from evals.remote import ApiScorer, RemoteError
+    from evals.runner import evaluate_local
+    from models.tokenizer import load_tokenizer
+
+    if remote:
+        print(f"error: --api runs lambada and piqa only; {', '.join(remote)} need a local "
+              "model", file=sys.stderr)
+        return 2
+    if args.max_length is not None and args.max_length < 2:
+        print("error: --max-length: expected at least 2", file=sys.stderr)
+        return 2
+    import assets
+
+    # The tokenizer the workers' model uses (the 20B's unless --tokenizer says otherwise):
+    # requests travel as token ids, so the API's side never tokenizes differently.
+    tok = load_tokenizer(args.tokenizer or assets.TOKENIZER)
+    max_length = args.max_length or 2048
+    scorer = ApiScorer(args.api, api_key=args.api_key or os.environ.get("NEOXQ_API_KEY"),
+                       model=args.model or "neoxq")
+    try:
+        out = evaluate_local(
+            scorer, lambda t: list(tok.encode(t)), local, args.data_dir,
+            prefix_token_id=int(tok.eos_id if tok.eos_id is not None else 0),
+            max_length=max_length, limit=args.limit, batch_size=1 << 30,
+            bootstrap_iters=args.bootstrap_iters, progress=not args.no_progress,
+            encode_batch=lambda ts: [list(x) for x in tok.encode_batch(ts)])
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RemoteError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        scorer.close()
+    report: dict[str, Any] = {k: out[k] for k in ("results", "versions", "n_samples",
+                                                  "timing", "n_requests")}
+    report["config"] = {
+        "api": args.api, "model": args.model, "tokenizer": args.tokenizer, "tasks": local,
+        "limit": args.limit, "max_length": max_length, "batches": scorer.batch_ids,
+        "data_dir": str(args.data_dir or DEFAULT_DATA_DIR),
+        "bootstrap_iters": args.bootstrap_iters,
     }
     print(format_table(report["results"], report["versions"]))
     if args.output is not None:
