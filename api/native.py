@@ -49,9 +49,16 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+def _is_object_type(t: Any) -> bool:
+    return get_origin(t) is dict or any(get_origin(a) is dict for a in get_args(t))
+
+
 def _as_query_type(t: Any) -> Any:
     """A field's type as a query parameter or form field: a list stays a (repeatable)
-    list; a union with a list (``stop: str | list[str]``) becomes the list."""
+    list; a union with a list (``stop: str | list[str]``) becomes the list; an object
+    (``response_format``) is its JSON text."""
+    if _is_object_type(t):
+        return str
     args = [a for a in get_args(t) if get_origin(a) is list]
     return args[0] if args else t
 
@@ -73,6 +80,8 @@ BatchOptions: type[BaseModel] = create_model(
 )
 _LIST_OPTIONS = frozenset(name for name in SAMPLING_FIELDS
                           if get_origin(_as_query_type(SAMPLING_TYPES[name])) is list)
+_JSON_OPTIONS = frozenset(name for name in SAMPLING_FIELDS
+                          if _is_object_type(SAMPLING_TYPES[name]))
 
 
 def _json_object(raw: str | None, param: str) -> dict[str, Any]:
@@ -117,7 +126,7 @@ def _options(opts: BatchOptions) -> tuple[dict[str, Any], dict[str, str]]:
     for name in SAMPLING_FIELDS:
         value = getattr(opts, name)
         if value is not None:
-            defaults[name] = value
+            defaults[name] = _json_object(value, name) if name in _JSON_OPTIONS else value
     problems = check_defaults(defaults)
     if problems:
         raise ApiError(400, "; ".join(problems), code="invalid_value",

@@ -1,6 +1,7 @@
 """OpenAI-compatible Files and Batches (``/v1``): the official ``openai`` client, pointed
 here with ``base_url``, runs its Batch flow unchanged. Object shapes, status names and
-error shapes are OpenAI's; only ``/v1/completions`` is a valid endpoint."""
+error shapes are OpenAI's; ``/v1/completions`` and ``/v1/chat/completions`` are the
+valid endpoints."""
 
 from __future__ import annotations
 
@@ -127,12 +128,12 @@ def file_content(file_id: str, request: Request, session: SessionDep,
 @router.post("/batches", response_model=OpenAIBatch)
 async def create_batch(body: CreateBatchRequest, request: Request, owner: OwnerDep,
                        settings: SettingsDep) -> OpenAIBatch:
-    """Create a batch from an uploaded file (``endpoint=/v1/completions``,
-    ``completion_window=24h``). A file with bad lines gives a ``failed`` batch whose
+    """Create a batch from an uploaded file (``endpoint`` ``/v1/completions`` or
+    ``/v1/chat/completions``, every line's ``url`` the same; ``completion_window=24h``). A file with bad lines gives a ``failed`` batch whose
     ``errors`` name every line and field, as OpenAI's validation does."""
     if body.endpoint not in OPENAI_URLS:
-        raise ApiError(400, f"endpoint: {' or '.join(OPENAI_URLS)} expected (the only "
-                            f"endpoint served), got {body.endpoint!r}",
+        raise ApiError(400, f"endpoint: {' or '.join(OPENAI_URLS)} expected (the endpoints "
+                            f"served), got {body.endpoint!r}",
                        code="invalid_value", param="endpoint")
     if body.completion_window != "24h":
         raise ApiError(400, f"completion_window: '24h' expected, got {body.completion_window!r}",

@@ -7,9 +7,13 @@ a :class:`LineError` naming the line, the field and what was expected, so a bad 
 
 Two line shapes:
 
-- native: ``{"prompt": str | [int], "custom_id"?: str, <sampling fields>...}``
+- native: ``{"prompt": str | [int], "custom_id"?: str, <sampling fields>...}``, or
+  ``"messages"`` (a chat) instead of ``"prompt"``
 - OpenAI Batch: ``{"custom_id": str, "method": "POST", "url": "/v1/completions",
-  "body": {"model": str, "prompt": str | [int], <sampling fields>...}}``
+  "body": {"model": str, "prompt": str | [int], <sampling fields>...}}``, or
+  ``"url": "/v1/chat/completions"`` with ``"body": {"model", "messages", ...}`` (chat's
+  ``logprobs: bool`` + ``top_logprobs`` and ``max_completion_tokens`` are mapped to the
+  sampling fields). Every line's ``url`` is the batch's endpoint, as OpenAI requires.
 
 The sampling fields and their rules are ``specs.sampling``'s (the one place they are
 written, shared with the engine's ``SamplingParams``).
@@ -140,11 +144,17 @@ def check_defaults(defaults: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 Format = Literal["native", "openai"]
-OPENAI_URLS = ("/v1/completions",)
+COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
+OPENAI_URLS = (COMPLETIONS_URL, CHAT_URL)
 # An item parameter (not a sampling field) for OpenAI's ``echo``: "prompt" = the prompt's
 # tokens with their logprobs come before the completion's; "score" = only those
 # (``max_tokens: 0``, how evaluation tools score text over HTTP). The worker pops it.
 ECHO = "echo"
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_MESSAGES = 2048
+# Chat body fields that are not sampling fields of ours but map onto them.
+_CHAT_MAPPED = {"logprobs", "top_logprobs", "max_completion_tokens"}
 # OpenAI body fields we accept but do not act on, and the only values that make sense.
 _OPENAI_IGNORED = {"user"}
 _OPENAI_FIXED: dict[str, tuple[Any, ...]] = {
@@ -186,8 +196,10 @@ class ParsedLine:
     line: int
     custom_id: str | None = None
     prompt: str | list[int] = ""
+    messages: list[dict[str, str]] | None = None  # a chat, normalised (see check_messages)
     params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    url: str | None = None  # an OpenAI line's url
     errors: list[LineError] = field(default_factory=list)
 
     @property
@@ -250,6 +262,78 @@ def _check_prompt(value: object, field_name: str, line: int) -> LineError | None
                      f" got {_type_name(value)}")
 
 
+def check_messages(value: object, field_name: str, line: int
+                   ) -> tuple[list[dict[str, str]] | None, LineError | None]:
+    """A chat's ``messages`` as ``[{"role", "content": str, "name"?}]``, or the first
+    problem. Content may be a string or OpenAI's list of text parts (joined with newlines,
+    as vLLM does); other part types (images, audio) and tool calls are refused."""
+    def err(where: str, msg: str) -> tuple[None, LineError]:
+        return None, LineError(line, where, "invalid_value", msg)
+
+    if not isinstance(value, list) or not value:
+        return err(field_name, f"a non-empty list of messages expected, got {quoted(value)}")
+    if len(value) > MAX_MESSAGES:
+        return err(field_name, f"at most {MAX_MESSAGES} messages, got {len(value)}")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(value):
+        where = f"{field_name}[{i}]"
+        if not isinstance(m, dict):
+            return err(where, f"a message object expected, got {_type_name(m)}")
+        if unknown := sorted(str(k) for k in m if k not in ("role", "content", "name")):
+            return err(f"{where}.{unknown[0]}", "unknown or unsupported message field "
+                       "(expected role, content, name)")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            return err(f"{where}.role", f"one of {', '.join(CHAT_ROLES)} expected, "
+                       f"got {quoted(role)}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}):
+                    return err(f"{where}.content[{j}]", "a text part "
+                               f"{{'type': 'text', 'text': str}} expected, got {quoted(part)}")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        if not isinstance(content, str):
+            return err(f"{where}.content", "a string or a list of text parts expected, got "
+                       f"{quoted(content)}")
+        msg = {"role": role, "content": content}
+        if "name" in m:
+            if not isinstance(m["name"], str) or not m["name"]:
+                return err(f"{where}.name", f"a non-empty string expected, got "
+                           f"{quoted(m['name'])}")
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out, None
+
+
+def _chat_sampling(body: Mapping[str, Any], line: int
+                   ) -> tuple[dict[str, Any], list[LineError]]:
+    """A chat body's sampling fields, with OpenAI chat's own names mapped onto ours:
+    ``logprobs`` (bool) + ``top_logprobs`` -> ``logprobs`` (count of alternatives),
+    ``max_completion_tokens`` -> ``max_tokens``."""
+    errors: list[LineError] = []
+    fields_ = {k: v for k, v in body.items() if k in SAMPLING_FIELDS and k != "logprobs"}
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        errors.append(LineError(line, "body.logprobs", "invalid_value",
+                                f"true, false or null expected, got {quoted(want)}"))
+    elif top is not None and want is not True:
+        errors.append(LineError(line, "body.top_logprobs", "invalid_value",
+                                "requires logprobs: true"))
+    elif want:
+        fields_["logprobs"] = 0 if top is None else top
+    mct = body.get("max_completion_tokens")
+    if mct is not None:
+        if body.get("max_tokens") is not None and body["max_tokens"] != mct:
+            errors.append(LineError(line, "body.max_completion_tokens", "invalid_value",
+                                    "give max_completion_tokens or max_tokens, not both"))
+        fields_["max_tokens"] = mct
+    return fields_, errors
+
+
 def _check_custom_id(value: object, line: int, required: bool) -> LineError | None:
     if value is None:
         return LineError(line, "custom_id", "missing_custom_id", "required, a string expected") \
@@ -270,11 +354,20 @@ def parse_native(obj: Mapping[str, Any], line: int,
     """A native line: ``{"prompt", "custom_id"?, <sampling fields>}``."""
     out = ParsedLine(line=line)
     for key in sorted(k for k in obj if k not in SAMPLING_FIELDS and k not in
-                      ("prompt", "custom_id")):
+                      ("prompt", "messages", "custom_id")):
         out.errors.append(LineError(line, key, "unknown_field",
-                                    "unknown field (expected prompt, custom_id or a sampling "
-                                    "field: " + ", ".join(sorted(SAMPLING_FIELDS)) + ")"))
-    if err := _check_prompt(obj.get("prompt"), "prompt", line):
+                                    "unknown field (expected prompt or messages, custom_id or a "
+                                    "sampling field: " + ", ".join(sorted(SAMPLING_FIELDS))
+                                    + ")"))
+    messages = None
+    if obj.get("messages") is not None:
+        if obj.get("prompt") is not None:
+            out.errors.append(LineError(line, "messages", "invalid_value",
+                                        "give prompt or messages, not both"))
+        messages, err = check_messages(obj["messages"], "messages", line)
+        if err:
+            out.errors.append(err)
+    elif err := _check_prompt(obj.get("prompt"), "prompt", line):
         out.errors.append(err)
     if err := _check_custom_id(obj.get("custom_id"), line, required=False):
         out.errors.append(err)
@@ -284,7 +377,10 @@ def parse_native(obj: Mapping[str, Any], line: int,
     out.params, problems = check_sampling(sampling, defaults)
     out.errors += [LineError(line, f, "invalid_value", m) for f, m in problems]
     if not out.errors:
-        out.prompt = obj["prompt"]
+        if messages is not None:
+            out.messages = messages
+        else:
+            out.prompt = obj["prompt"]
     return out
 
 
@@ -302,16 +398,21 @@ def parse_openai(obj: Mapping[str, Any], line: int,
     if obj.get("method") != "POST":
         out.errors.append(LineError(line, "method", "invalid_method",
                                     f"'POST' expected, got {quoted(obj.get('method'))}"))
-    if obj.get("url") not in OPENAI_URLS:
+    url = obj.get("url")
+    if url not in OPENAI_URLS:
         out.errors.append(LineError(line, "url", "invalid_url",
                                     f"{' or '.join(map(repr, OPENAI_URLS))} expected, "
-                                    f"got {quoted(obj.get('url'))}"))
+                                    f"got {quoted(url)}"))
+    else:
+        out.url = url
+    chat = url == CHAT_URL
     body = obj.get("body")
     if not isinstance(body, dict):
         out.errors.append(LineError(line, "body", "invalid_value",
                                     f"an object expected, got {_type_name(body)}"))
         return out
-    known = SAMPLING_FIELDS | {"model", "prompt", ECHO} | _OPENAI_IGNORED | set(_OPENAI_FIXED)
+    known = SAMPLING_FIELDS | {"model"} | _OPENAI_IGNORED | set(_OPENAI_FIXED)
+    known |= {"messages"} | _CHAT_MAPPED if chat else {"prompt", ECHO}
     for key in sorted(k for k in body if k not in known):
         out.errors.append(LineError(line, f"body.{key}", "unknown_field",
                                     "unknown or unsupported field"))
@@ -324,21 +425,32 @@ def parse_openai(obj: Mapping[str, Any], line: int,
     if not isinstance(model, str) or not model:
         out.errors.append(LineError(line, "body.model", "invalid_value",
                                     f"a model name expected, got {quoted(model)}"))
-    if err := _check_prompt(body.get("prompt"), "body.prompt", line):
-        out.errors.append(err)
-    echo = body.get(ECHO)
-    if echo is not None and not isinstance(echo, bool):
-        out.errors.append(LineError(line, f"body.{ECHO}", "invalid_value",
-                                    f"true, false or null expected, got {quoted(echo)}"))
-    score_only = echo is True and body.get("max_tokens") == 0
-    sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS
-                and not (score_only and k == "max_tokens")}
+    messages = None
+    echo = None
+    if chat:
+        messages, err = check_messages(body.get("messages"), "body.messages", line)
+        sampling, mapped = _chat_sampling(body, line)
+        out.errors += [err] if err else []
+        out.errors += mapped
+    else:
+        if err := _check_prompt(body.get("prompt"), "body.prompt", line):
+            out.errors.append(err)
+        echo = body.get(ECHO)
+        if echo is not None and not isinstance(echo, bool):
+            out.errors.append(LineError(line, f"body.{ECHO}", "invalid_value",
+                                        f"true, false or null expected, got {quoted(echo)}"))
+        score_only = echo is True and body.get("max_tokens") == 0
+        sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS
+                    and not (score_only and k == "max_tokens")}
     out.params, problems = check_sampling(sampling, defaults)
     out.errors += [LineError(line, f"body.{f}", "invalid_value", m) for f, m in problems]
     if echo is True:
         out.params[ECHO] = "score" if score_only else "prompt"
     if not out.errors:
-        out.prompt = body["prompt"]
+        if chat:
+            out.messages = messages
+        else:
+            out.prompt = body["prompt"]
         out.model = model
     return out
 
@@ -349,11 +461,18 @@ class LineValidator:
 
     ``fmt="auto"`` decides from the first line that is a JSON object: OpenAI if it has a
     ``body`` or ``url``, native otherwise.
+
+    ``endpoint``: the batch's (OpenAI's ``/v1/completions`` or ``/v1/chat/completions``);
+    every OpenAI line's ``url`` must be it. Without one, the first line's url sets it for
+    the rest of the file (:attr:`endpoint` then says which).
     """
 
     def __init__(self, fmt: Format | Literal["auto"] = "native", *,
-                 defaults: Mapping[str, Any] | None = None, max_lines: int = 50_000) -> None:
+                 defaults: Mapping[str, Any] | None = None, max_lines: int = 50_000,
+                 endpoint: str | None = None) -> None:
         self.fmt = fmt
+        self.endpoint = endpoint if endpoint in OPENAI_URLS else None
+        self._endpoint_line = 0  # the line whose url set the endpoint (0: the batch's)
         self.defaults = dict(defaults or {})
         self.max_lines = max_lines
         self.line = 0  # physical lines seen
@@ -380,6 +499,16 @@ class LineValidator:
             self.fmt = "openai" if ("body" in obj or "url" in obj) else "native"
         parser = parse_openai if self.fmt == "openai" else parse_native
         parsed = parser(obj, line, self.defaults)
+        if parsed.url is not None:
+            if self.endpoint is None:
+                self.endpoint, self._endpoint_line = parsed.url, line
+            elif parsed.url != self.endpoint:
+                whose = (f"line {self._endpoint_line}'s url" if self._endpoint_line
+                         else "the batch's endpoint")
+                parsed.errors.insert(0, LineError(
+                    line, "url", "invalid_url",
+                    f"every line's url must be the batch's endpoint {self.endpoint!r} "
+                    f"({whose}), got {parsed.url!r}"))
         cid = parsed.custom_id
         if cid is not None:
             first = self._seen.get(cid)

@@ -13,9 +13,11 @@ line checks and pydantic field model from it; ``api.native`` its query parameter
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -76,6 +78,14 @@ class SamplingParams:
     """Independent samples per prompt (1..128), sharing one prefill."""
     logprobs: int | None = None
     """Return each chosen token's logprob and this many top alternatives (0..20)."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's structured output: ``{"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"?}}`` (output is JSON valid against the schema),
+    ``{"type": "json_object"}`` (any JSON object) or ``{"type": "text"}`` (no constraint)."""
+    regex: str | None = None
+    """The output matches this regular expression (whole output)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
 
     def __post_init__(self) -> None:
         # Accept the forms clients commonly send; validate() then sees only lists.
@@ -126,6 +136,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling is argmax (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        """The output constraint as ``{"type": "json_schema", "schema": {...}}``,
+        ``{"type": "regex", "pattern": str}`` or ``{"type": "choice", "choices": [...]}``
+        (``json_object`` is the schema ``{"type": "object"}``); None when unconstrained."""
+        return constraint_of(self.response_format, self.regex, self.choice)
 
     @property
     def has_penalties(self) -> bool:
@@ -209,6 +226,143 @@ def sampling_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     lp = v["logprobs"]
     if lp is not None and not (is_int(lp) and 0 <= lp <= MAX_LOGPROBS):
         bad("logprobs", f"must be an integer between 0 and {MAX_LOGPROBS} or null", lp)
+    problems += constraint_problems(v)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Structured output
+# ---------------------------------------------------------------------------------------
+
+MAX_CHOICES = 1024
+MAX_CHOICE_LENGTH = 4096  # characters per choice
+MAX_PATTERN_LENGTH = 16_384  # characters of a regex
+MAX_SCHEMA_BYTES = 256 * 1024  # a response_format's schema, as compact JSON
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+# Fields that could end or lengthen a constrained output where the grammar does not: a
+# stop string inside a JSON string, EOS banned after the grammar is complete. With a
+# constraint they are refused, so every output that ends with finish_reason "stop" is a
+# complete match (only a max_tokens cut, "length", can leave it unfinished).
+_CONFLICTS_WITH_CONSTRAINT = ("stop", "stop_token_ids", "min_tokens", "ignore_eos")
+
+
+def constraint_of(response_format: Mapping[str, Any] | None, regex: str | None,
+                  choice: Sequence[str] | None) -> dict[str, Any] | None:
+    """The one constraint the three fields give (see :attr:`SamplingParams.constraint`);
+    assumes they passed :func:`constraint_problems`."""
+    if regex is not None:
+        return {"type": "regex", "pattern": regex}
+    if choice is not None:
+        return {"type": "choice", "choices": list(choice)}
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"type": "json_schema", "schema": {"type": "object"}}
+    if kind == "json_schema":
+        return {"type": "json_schema", "schema": response_format["json_schema"]["schema"]}
+    return None
+
+
+def schema_problem(schema: object) -> str | None:
+    """Why ``schema`` is not a usable JSON Schema, or None. The metaschema check needs
+    ``jsonschema`` (the API's install has it); where it is missing (the GPU image) only
+    the shape is checked here and the grammar compiler reports the rest."""
+    if not isinstance(schema, dict):
+        return f"must be a JSON Schema object, got {_quote.repr(schema)}"
+    try:
+        size = len(json.dumps(schema, separators=(",", ":")))
+    except (TypeError, ValueError, RecursionError):
+        return "must be a JSON-serialisable object"
+    if size > MAX_SCHEMA_BYTES:
+        return f"at most {MAX_SCHEMA_BYTES} bytes of JSON, got {size}"
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        return f"not a valid JSON Schema ({exc.message}{' at ' + where if where else ''})"
+    except RecursionError:
+        return "not a valid JSON Schema (nested too deeply)"
+    return None
+
+
+def constraint_problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems with ``response_format``, ``regex`` and ``choice`` in a full set of field
+    values, and with fields that cannot be combined with a constraint."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(name: str, expected: str, got: object) -> None:
+        problems.append((name, f"{expected}, got {_quote.repr(got)}"))
+
+    rf, regex, choice = v.get("response_format"), v.get("regex"), v.get("choice")
+    given = []
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if not isinstance(rf, dict) or kind not in RESPONSE_FORMAT_TYPES:
+            bad("response_format", "must be an object whose type is one of "
+                + ", ".join(RESPONSE_FORMAT_TYPES), rf)
+        elif unknown := sorted(set(rf) - {"type", "json_schema"}):
+            bad("response_format", "unknown keys " + ", ".join(map(str, unknown)), rf)
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict):
+                bad("response_format.json_schema", "must be an object with name and schema",
+                    js)
+            else:
+                name, strict = js.get("name"), js.get("strict")
+                unknown = sorted(set(js) - {"name", "schema", "strict", "description"})
+                if unknown:
+                    bad("response_format.json_schema",
+                        "unknown keys " + ", ".join(map(str, unknown)), js)
+                if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)):
+                    bad("response_format.json_schema.name",
+                        "must be 1-64 characters of a-z, A-Z, 0-9, _ and -", name)
+                if strict is not None and not isinstance(strict, bool):
+                    bad("response_format.json_schema.strict", "must be true, false or null",
+                        strict)
+                if "schema" not in js:
+                    bad("response_format.json_schema.schema", "required", None)
+                elif (why := schema_problem(js["schema"])) is not None:
+                    problems.append(("response_format.json_schema.schema", why))
+                given.append("response_format")
+        elif kind == "json_object":
+            if "json_schema" in rf:
+                bad("response_format", "json_schema is only for type json_schema", rf)
+            given.append("response_format")
+    if regex is not None:
+        if not isinstance(regex, str) or not regex or len(regex) > MAX_PATTERN_LENGTH:
+            bad("regex", f"must be a non-empty string of at most {MAX_PATTERN_LENGTH} "
+                "characters", regex)
+        else:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                bad("regex", f"not a valid regular expression ({exc})", regex)
+            given.append("regex")
+    if choice is not None:
+        if not (isinstance(choice, list) and choice and all(
+                isinstance(c, str) and c for c in choice)):
+            bad("choice", "must be a non-empty list of non-empty strings", choice)
+        elif len(choice) > MAX_CHOICES:
+            bad("choice", f"at most {MAX_CHOICES} strings", len(choice))
+        elif any(len(c) > MAX_CHOICE_LENGTH for c in choice):
+            bad("choice", f"strings must be at most {MAX_CHOICE_LENGTH} characters",
+                max(map(len, choice)))
+        else:
+            given.append("choice")
+    if len(given) > 1:
+        problems.append((given[1], f"only one of response_format, regex and choice may be "
+                                   f"given, got {' and '.join(given)}"))
+    if given:
+        defaults = {"stop": [], "stop_token_ids": [], "min_tokens": 0, "ignore_eos": False}
+        for name in _CONFLICTS_WITH_CONSTRAINT:
+            if name in v and v[name] != defaults[name] and v[name] is not None:
+                bad(name, f"cannot be combined with {given[0]} (the output ends where its "
+                    "constraint is complete)", v[name])
     return problems
 
 

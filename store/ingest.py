@@ -37,6 +37,7 @@ from core.settings import Settings, get_settings
 from store.db import session_scope
 from store.keys import LOCAL_OWNER
 from store.queries import (
+    CHAT_MESSAGES,
     PROMPT_TOKEN_IDS,
     create_batch,
     finalize_if_done,
@@ -64,6 +65,7 @@ class IngestReport:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     format: str = "native"
     model: str | None = None
+    endpoint: str | None = None  # the OpenAI lines' url
     seconds: float = 0.0
 
 
@@ -141,6 +143,7 @@ def _ingest(
     session: Session | None, *, batch_id: str, source: IO[bytes] | Iterable[bytes],
     fmt: Literal["native", "openai", "auto"], defaults: dict[str, Any], on_invalid: OnInvalid,
     settings: Settings, block: int, max_errors: int, workers: int = 1,
+    endpoint: str | None = None,
 ) -> IngestReport:
     """Validate ``source`` line by line and insert the batch's items into ``session``'s
     transaction (the caller commits or rolls back). ``report.status`` says which:
@@ -148,7 +151,8 @@ def _ingest(
     validates. ``workers``: the live workers the chunks are cut for (ChunkPlanner)."""
     t0 = time.perf_counter()
     report = IngestReport(batch_id=batch_id, status=BatchStatus.VALIDATING)
-    validator = LineValidator(fmt, defaults=defaults, max_lines=settings.max_lines)
+    validator = LineValidator(fmt, defaults=defaults, max_lines=settings.max_lines,
+                              endpoint=endpoint)
     planner = ChunkPlanner(settings.chunk_items, settings.chunk_max_tokens, defaults)
     refused = False
     rows: list[dict[str, Any]] = []
@@ -185,6 +189,8 @@ def _ingest(
         if isinstance(prompt, list):
             params[PROMPT_TOKEN_IDS] = prompt
             prompt = ""
+        if parsed.messages is not None:
+            params[CHAT_MESSAGES] = parsed.messages
         error = None
         if not parsed.ok:
             first = parsed.errors[0]
@@ -206,6 +212,7 @@ def _ingest(
     report.errors = file_errors + report.errors
     report.format = validator.fmt if validator.fmt != "auto" else "native"
     report.model = validator.first_model
+    report.endpoint = validator.endpoint
     report.seconds = time.perf_counter() - t0
     if file_errors or refused:
         report.status = BatchStatus.FAILED
@@ -294,7 +301,7 @@ def submit_batch(
         workers = len(live_workers(session=session, within=s.dead_worker_after))
     ingest_args: dict[str, Any] = dict(
         batch_id=batch_values["batch_id"], fmt=fmt, defaults=defaults, on_invalid=on_invalid,
-        settings=s, block=block, max_errors=max_errors, workers=workers)
+        settings=s, block=block, max_errors=max_errors, workers=workers, endpoint=endpoint)
     if on_invalid == "refuse" and hasattr(source, "seekable") and source.seekable():
         # A stored upload can be read twice: validate it all first, so that refusing a
         # file with a bad last line costs a read, not 50,000 inserts rolled back (~10 s
@@ -322,6 +329,8 @@ def submit_batch(
         values: dict[str, Any] = {"request_total": report.total, "format": report.format}
         if report.model:
             values["model"] = report.model
+        if endpoint is None and report.endpoint is not None:
+            values["endpoint"] = report.endpoint  # the lines' url (a CLI file of chat lines)
         set_batch_status(session=session, batch_id=report.batch_id,
                          to=BatchStatus.IN_PROGRESS, from_=(BatchStatus.VALIDATING,),
                          **values)

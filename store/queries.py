@@ -38,6 +38,9 @@ from store.tables import (
 # Sampling parameters of an item travel in ``items.params``; a prompt given as token ids
 # is kept there under this key (``items.prompt`` is then empty).
 PROMPT_TOKEN_IDS = "prompt_token_ids"
+# A chat line's messages are kept there under this key too: the worker renders them with
+# its checkpoint's chat template (``items.prompt`` is then empty).
+CHAT_MESSAGES = "messages"
 
 # -------------------------------------------------------------------------------- batches
 
@@ -426,7 +429,7 @@ def list_workers(*, session: Session, seen_within: float | None = None) -> list[
 
 
 __all__ = [
-    "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches", "fail_stale_validating",
+    "CHAT_MESSAGES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches", "fail_stale_validating",
     "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
     "get_batch", "hand_back", "heartbeat", "insert_results", "iter_results",
     "list_workers", "live_workers", "mark_lost_workers", "mark_running", "register_worker",

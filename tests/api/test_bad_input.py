@@ -163,7 +163,12 @@ def test_openai_file_and_batch_validation(sqlite_api: Api) -> None:
                 "completion_window": "24h", **kw}
         return c.post("/v1/batches", json=body).json()
 
-    assert create(endpoint="/v1/chat/completions")["error"]["param"] == "endpoint"
+    assert create(endpoint="/v1/embeddings")["error"]["param"] == "endpoint"
+    # A batch's endpoint and its lines' urls must agree (line 1 names the mismatch).
+    mismatched = create(endpoint="/v1/chat/completions")
+    assert mismatched["status"] == "failed"
+    assert mismatched["errors"]["data"][0]["code"] == "invalid_url"
+    assert mismatched["errors"]["data"][0]["line"] == 1
     assert create(completion_window="1h")["error"]["param"] == "completion_window"
     assert create(input_file_id="file-nope")["error"]["code"] == "not_found"
     assert create(surprise=1)["error"]["param"] == "surprise"

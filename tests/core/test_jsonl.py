@@ -111,9 +111,12 @@ def test_openai_valid_and_auto_detect() -> None:
          "line 1: custom_id: required"),
         ({"custom_id": "a", "method": "GET", "url": "/v1/completions",
           "body": {"model": "m", "prompt": "x"}}, "line 1: method: 'POST' expected"),
-        ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        ({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
           "body": {"model": "m", "prompt": "x"}},
-         "line 1: url: '/v1/completions' expected, got '/v1/chat/completions'"),
+         "line 1: url: '/v1/completions' or '/v1/chat/completions' expected, got "
+         "'/v1/embeddings'"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+          "body": {"model": "m", "prompt": "x"}}, "line 1: body.prompt: unknown"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"},
          "line 1: body: an object expected, got string"),
         ({"custom_id": "a", "method": "POST", "url": "/v1/completions",
@@ -169,3 +172,98 @@ def test_openai_echo_lines() -> None:
     assert both.ok and both.params == {ECHO: "prompt", "max_tokens": 3}
     plain = parse_openai(body(echo=False, max_tokens=3), 1)
     assert plain.ok and ECHO not in plain.params
+
+
+# -- chat lines and structured output ----------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
+          "required": ["label"], "additionalProperties": False}
+
+
+def chat_line(custom_id: str = "a", url: str = "/v1/chat/completions", **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url,
+                       "body": {"model": "m", "messages": [
+                           {"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                        {"type": "text", "text": "there"}]}],
+                           **body}})
+
+
+def test_chat_line_normalised_and_chat_fields_mapped() -> None:
+    parsed, errs, v = run([chat_line(logprobs=True, top_logprobs=3, max_completion_tokens=9,
+                                     response_format={"type": "json_schema", "json_schema": {
+                                         "name": "label", "schema": SCHEMA, "strict": True}})],
+                          fmt="openai")
+    p = parsed[0]
+    assert errs == [] and p.ok, p.errors
+    assert p.messages == [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hi\nthere"}]
+    assert p.params["logprobs"] == 3 and p.params["max_tokens"] == 9
+    assert v.endpoint == "/v1/chat/completions"
+    parsed, _, _ = run([chat_line(logprobs=False)], fmt="openai")
+    assert parsed[0].ok and "logprobs" not in parsed[0].params
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"messages": []}, "line 1: body.messages: a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "line 1: body.messages[0].role: one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "line 1: body.messages[0].content[0]: a text part"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+     "line 1: body.messages[0].tool_calls: unknown"),
+    ({"top_logprobs": 2}, "line 1: body.top_logprobs: requires logprobs: true"),
+    ({"logprobs": 2}, "line 1: body.logprobs: true, false or null expected"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objekt"}}}},
+     "line 1: body.response_format.json_schema.schema: not a valid JSON Schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+     "line 1: body.response_format.json_schema.name: must be"),
+    ({"response_format": {"type": "xml"}}, "line 1: body.response_format: must be an object"),
+    ({"response_format": {"type": "json_object"}, "stop": ["}"]},
+     "line 1: body.stop: cannot be combined with response_format"),
+])
+def test_bad_chat_lines(body: dict, expected: str) -> None:
+    obj = json.loads(chat_line())
+    obj["body"].update(body)
+    errs = errors_of([json.dumps(obj)], fmt="openai")
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_endpoint_and_urls_must_agree() -> None:
+    # The batch's endpoint decides; without one the first line's url does.
+    errs = errors_of([openai_line("a"), chat_line("b")], fmt="openai",
+                     endpoint="/v1/completions")
+    assert errs == ["line 2: url: every line's url must be the batch's endpoint "
+                    "'/v1/completions' (the batch's endpoint), got '/v1/chat/completions'"]
+    errs = errors_of([chat_line("a"), openai_line("b")], fmt="auto")
+    assert errs[0].startswith("line 2: url: every line's url must be the batch's endpoint "
+                              "'/v1/chat/completions' (line 1's url)")
+
+
+def test_native_messages_regex_choice() -> None:
+    parsed, errs, _ = run([
+        '{"messages": [{"role": "user", "content": "Is it good?"}], "choice": ["yes", "no"]}',
+        '{"prompt": "Year: ", "regex": "[0-9]{4}"}',
+        '{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+        '{"prompt": "x", "regex": "(", "choice": ["a"]}',
+        '{"prompt": "x", "regex": "a+", "choice": ["a"]}',
+    ])
+    assert parsed[0].ok and parsed[0].messages == [{"role": "user", "content": "Is it good?"}]
+    assert parsed[0].params == {"choice": ["yes", "no"]}
+    assert parsed[1].ok and parsed[1].params == {"regex": "[0-9]{4}"}
+    assert [str(e) for e in parsed[2].errors] == [
+        "line 3: messages: give prompt or messages, not both"]
+    assert str(parsed[3].errors[0]).startswith("line 4: regex: not a valid regular expression")
+    assert [str(e) for e in parsed[4].errors] == [
+        "line 5: choice: only one of response_format, regex and choice may be given, got "
+        "regex and choice"]
+
+
+def test_structured_output_as_batch_default() -> None:
+    rf = {"type": "json_object"}
+    assert check_defaults({"response_format": rf}) == []
+    assert check_defaults({"response_format": rf, "stop": "\n"})[0].startswith(
+        "stop: cannot be combined")
+    # A line's own stop conflicts with the batch's constraint: a per-line error.
+    errs = errors_of(['{"prompt": "x", "stop": "\\n"}'], defaults={"response_format": rf})
+    assert errs and errs[0].startswith("line 1: stop: cannot be combined")
