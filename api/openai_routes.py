@@ -129,7 +129,8 @@ def file_content(file_id: str, request: Request, session: SessionDep,
 async def create_batch(body: CreateBatchRequest, request: Request, owner: OwnerDep,
                        settings: SettingsDep) -> OpenAIBatch:
     """Create a batch from an uploaded file (``endpoint`` ``/v1/completions`` or
-    ``/v1/chat/completions``, every line's ``url`` the same; ``completion_window=24h``). A file with bad lines gives a ``failed`` batch whose
+    ``/v1/chat/completions``, every line's ``url`` the same; ``completion_window=24h``).
+    A file with bad lines gives a ``failed`` batch whose
     ``errors`` name every line and field, as OpenAI's validation does."""
     if body.endpoint not in OPENAI_URLS:
         raise ApiError(400, f"endpoint: {' or '.join(OPENAI_URLS)} expected (the endpoints "

@@ -197,6 +197,10 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     """Per row: how many top alternatives it asked for (None = no logprobs)."""
     max_logprobs: int | None
+    mask_rows: Tensor | None = None
+    """(nc,) int64: the rows under a grammar constraint (None when there are none)."""
+    allowed: Tensor | None = None
+    """(nc, valid_vocab) bool: the tokens each of those rows may draw."""
 
     @classmethod
     def build(
@@ -207,8 +211,14 @@ class SamplingBatch:
         vocab_size: int,
         valid_vocab: int | None = None,
         eos_id: int | None = None,
+        masks: tuple[Sequence[int], np.ndarray] | None = None,
     ) -> SamplingBatch:
         """Pack the rows' parameters into one CPU buffer and copy it to ``device`` once.
+
+        ``masks``: grammar-constrained rows and their allowed tokens, as ``(rows,
+        bitmask)`` with one int32 row of ``ceil(vocab_size / 32)`` words per constrained
+        row (bit ``v % 32`` of word ``v // 32`` = token ``v`` allowed; models/grammar.py
+        fills them). They travel in the same copy, packed (1/32 of a bool mask).
 
         ``vocab_size`` is the logits' width (the padded embedding, 50432 for the 20B);
         ``valid_vocab`` the tokenizer's size (50277) — ids at or above it are never
@@ -273,6 +283,13 @@ class SamplingBatch:
             np.asarray(ban_i, dtype=np.int64),
             *cat(out_r, out_i), *cat(seen_r, seen_i),
         ]
+        words = 0
+        if masks is not None and len(masks[0]):
+            bits = np.ascontiguousarray(masks[1], dtype=np.int32)
+            if bits.shape[1] % 2:  # int32 words travel as int64 pairs
+                bits = np.pad(bits, ((0, 0), (0, 1)))
+            words = bits.shape[1]
+            pieces += [np.asarray(masks[0], dtype=np.int64), bits.reshape(-1).view(np.int64)]
         sizes = [len(x) for x in pieces]
         host = torch.from_numpy(np.concatenate(pieces))
         if device.type == "cuda":
@@ -281,6 +298,14 @@ class SamplingBatch:
         parts = list(torch.split(dev, sizes))
         ints_d = parts[0].view(5, b)
         floats = parts[1].view(torch.float64).view(_N_FLOAT, b).t().to(torch.float32)
+        mask_rows = allowed = None
+        if words:
+            mask_rows = parts[8]
+            packed = parts[9].view(torch.int32).view(-1, words)  # (nc, words)
+            shifts = torch.arange(32, device=device, dtype=torch.int32)
+            # (nc, words, 32) -> (nc, words * 32): bit j of word w is token 32 w + j.
+            allowed = ((packed[:, :, None] >> shifts) & 1).view(len(mask_rows), -1)
+            allowed = allowed[:, :valid].bool()
         temps = [r.params.temperature for r in rows]
         top_ks = [r.params.top_k for r in rows]
         lps = [x for x in num_logprobs if x is not None]
@@ -306,6 +331,7 @@ class SamplingBatch:
             any_min_p=any(r.params.min_p > 0 and r.params.temperature > 0 for r in rows),
             num_logprobs=num_logprobs,
             max_logprobs=max(lps) if lps else None,
+            mask_rows=mask_rows, allowed=allowed,
         )
 
 
@@ -402,6 +428,7 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
     """Draw one token per row of ``logits`` (B, V).
 
     Order: penalties → bans (min_tokens; ids >= valid_vocab are never considered) →
+    grammar masks →
     greedy rows take the argmax → temperature → top-k → top-p → min-p → counter-based
     exponential race. ``logprobs`` are always under the model's own distribution
     (log_softmax of the raw logits over the valid vocabulary), as OpenAI reports them.
@@ -436,6 +463,10 @@ def _penalized(x: Tensor, batch: SamplingBatch) -> Tensor:
         x = apply_penalties(x, batch)
     if batch.ban_ids.numel():
         x = x.index_put((batch.ban_rows, batch.ban_ids), x.new_tensor(float("-inf")))
+    if batch.mask_rows is not None and batch.allowed is not None:
+        # Out of place: ``x`` may still be the raw logits the logprobs are read from.
+        rows = x.index_select(0, batch.mask_rows).masked_fill_(~batch.allowed, float("-inf"))
+        x = x.index_copy(0, batch.mask_rows, rows)
     return x
 
 

@@ -429,7 +429,8 @@ def list_workers(*, session: Session, seen_within: float | None = None) -> list[
 
 
 __all__ = [
-    "CHAT_MESSAGES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches", "fail_stale_validating",
+    "CHAT_MESSAGES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches",
+    "fail_stale_validating",
     "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
     "get_batch", "hand_back", "heartbeat", "insert_results", "iter_results",
     "list_workers", "live_workers", "mark_lost_workers", "mark_running", "register_worker",

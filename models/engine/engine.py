@@ -33,6 +33,7 @@ from models.engine.outputs import (
 from models.engine.runner import ModelRunner
 from models.engine.sampler import Sampler
 from models.engine.scheduler import BATCH, Scheduler
+from models.grammar import Grammars
 from models.model import NeoX
 from models.params import SamplingParams
 
@@ -214,8 +215,9 @@ class Engine:
             raise ValueError("cuda_graphs: needs a CUDA model")
         self.runner = ModelRunner(model, cache, max_num_seqs=max_num_seqs,
                                   cuda_graphs=cuda_graphs)
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_id)
         self.sampler = Sampler(device=self.device, valid_vocab=self.valid_vocab,
-                               eos_id=self.eos_id)
+                               eos_id=self.eos_id, grammars=self.grammars)
         self._rng = random.Random(seed)
         self._pending: list[RequestOutput] = []  # finished, returned by the next step()
 
@@ -289,9 +291,10 @@ class Engine:
         ids = prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
         params = fit_params(ids, params, self.max_position, self.clamp_max_tokens)
         self.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
+        new_matcher = self.grammars.factory(params.constraint)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         self.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time(),
-                                    priority)
+                                    priority, new_matcher=new_matcher)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its memory; its output (finish_reason "abort")

@@ -82,6 +82,7 @@ from models.engine.outputs import RequestOutput, ScoreResult, as_params, score_p
 from models.engine.runner import ModelRunner, SamplerInputs, StepInputs
 from models.engine.sampler import Sampler
 from models.engine.scheduler import BATCH, Scheduler, StepPlan
+from models.grammar import Grammars
 from models.model import NeoX
 from models.params import SamplingParams
 from models.partition import partition_layers
@@ -419,10 +420,11 @@ class PipelineEngine:
             self.eos_id: int = (int(tok.eos_id) if tok is not None and tok.eos_id is not None
                                 else int(config.eos_token_id))
             vocab = tok.vocab_size if tok is not None else None
+            self.grammars = Grammars(tok, config.vocab_size, self.eos_id)
             self._sampler = Sampler(
                 device=self.device, eos_id=self.eos_id,
                 valid_vocab=min(int(vocab), config.vocab_size)
-                if mask_padded_vocab and vocab else None)
+                if mask_padded_vocab and vocab else None, grammars=self.grammars)
             salt = prefix_salt(config, dtype)
             self._groups: list[_MicroBatch] = []
             lo, usable = 1, total - 1
@@ -702,9 +704,10 @@ class PipelineEngine:
         g = self._pick()
         g.scheduler.check_fits(len(ids) + params.max_tokens, "prompt")
         # One seed stream for the whole engine, as a one-GPU engine draws them.
+        new_matcher = self.grammars.factory(params.constraint)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         g.scheduler.add_generate(request_id, ids, params, seed, arrival or time.time(),
-                                 priority)
+                                 priority, new_matcher=new_matcher)
         load = len(ids) + params.max_tokens * params.n
         g.load += load
         self._where[request_id] = (g, load)

@@ -8,11 +8,14 @@ host sync.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
 from models.engine.runner import SamplerInputs
 from models.engine.scheduler import Seq, StepPlan, StepResult
+from models.grammar import Grammars
 from models.sampling import SampleRow, SamplingBatch, sample
 
 
@@ -21,21 +24,25 @@ def _plain_greedy(seq: Seq) -> bool:
     and no banned ids (min_tokens reached)."""
     p = seq.params
     return (p is not None and p.temperature == 0 and p.logprobs is None
-            and not p.has_penalties and len(seq.tokens) - seq.num_prompt >= p.min_tokens)
+            and not p.has_penalties and len(seq.tokens) - seq.num_prompt >= p.min_tokens
+            and seq.matcher is None)
 
 
 class Sampler:
     """Turns logits into tokens and scores for the rows a plan asks for.
 
     ``valid_vocab``: ids at or above it are never sampled (rows of a padded embedding);
-    ``eos_id``: banned until a row's ``min_tokens``.
+    ``eos_id``: banned until a row's ``min_tokens``; ``grammars``: fills the token masks
+    of grammar-constrained rows (models/grammar.py).
     """
 
     def __init__(self, *, device: torch.device, valid_vocab: int | None,
-                 eos_id: int | None) -> None:
+                 eos_id: int | None, grammars: Grammars | None = None) -> None:
         self.device = device
         self.valid_vocab = valid_vocab
         self.eos_id = eos_id
+        self.grammars = grammars
+        self.mask_seconds = 0.0  # host time spent filling grammar masks (benchmarks)
 
     def __call__(self, logits: Tensor, plan: StepPlan, rows: SamplerInputs) -> StepResult:
         pieces: list[Tensor] = []
@@ -51,6 +58,20 @@ class Sampler:
                                                                        lg.shape[1])
             pieces.append(lg[:, :valid].argmax(dim=-1).double())
         elif samplers:
+            # Masks of constrained rows, filled on the host while the device still runs
+            # the forward that produces ``logits`` (nothing here waits for it). A fork's
+            # row (index != seq.index: a sibling sample not yet created) starts at the
+            # grammar's start, where its source may no longer be.
+            constrained = [(r, seq.matcher if index == seq.index else seq.new_matcher())
+                           for r, (seq, index) in enumerate(samplers)
+                           if seq.matcher is not None]
+            masks = None
+            if constrained:
+                assert self.grammars is not None
+                t0 = time.perf_counter()
+                masks = ([r for r, _ in constrained],
+                         self.grammars.fill_masks([m for _, m in constrained]))
+                self.mask_seconds += time.perf_counter() - t0
             sample_rows = []
             for seq, index in samplers:
                 params = seq.params
@@ -63,7 +84,8 @@ class Sampler:
                     if params.repetition_penalty != 1 else ()))
             batch = SamplingBatch.build(sample_rows, device=self.device,
                                         vocab_size=logits.shape[1],
-                                        valid_vocab=self.valid_vocab, eos_id=self.eos_id)
+                                        valid_vocab=self.valid_vocab, eos_id=self.eos_id,
+                                        masks=masks)
             res = sample(lg, batch)
             pieces.append(res.tokens.double())
             want_lp = batch.max_logprobs is not None

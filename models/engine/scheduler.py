@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,8 @@ class GenerateRequest(Request):
     seed: int = 0
     pending_fork: int = 0  # samples still to be forked from sample 0 after its prefill
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # A structured-output constraint: makes one matcher per sample (models/grammar.py).
+    new_matcher: Callable[[], Any] | None = None
 
 
 @dataclass(eq=False)
@@ -98,6 +100,9 @@ class Seq:
     demand: int = 0  # blocks counted against admission while running
     finished: bool = False
     logprobs: list[dict[str, Any]] | None = None
+    # The grammar state of a constrained sample (an llguidance matcher): the sampler asks
+    # it for the step's token mask, the scheduler feeds it the drawn token.
+    matcher: Any = None
 
     @property
     def outputs(self) -> list[int]:
@@ -107,6 +112,13 @@ class Seq:
     def params(self) -> SamplingParams | None:
         req = self.req
         return req.params if isinstance(req, GenerateRequest) else None
+
+    def new_matcher(self) -> Any:
+        """A fresh grammar matcher for a sample of this sequence's request (None when it
+        is unconstrained)."""
+        req = self.req
+        make = req.new_matcher if isinstance(req, GenerateRequest) else None
+        return make() if make is not None else None
 
     @property
     def seed(self) -> int:
@@ -263,11 +275,15 @@ class Scheduler:
                              f"({self.cache_tokens} tokens)")
 
     def add_generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                     seed: int, arrival: float, priority: int = BATCH) -> None:
-        """Queue a checked generation request (the engine validates it)."""
+                     seed: int, arrival: float, priority: int = BATCH,
+                     new_matcher: Callable[[], Any] | None = None) -> None:
+        """Queue a checked generation request (the engine validates it);
+        ``new_matcher`` makes each sample's grammar matcher when it is constrained."""
         req = GenerateRequest(request_id, prompt, Timings(arrival), params=params, seed=seed,
-                              pending_fork=params.n - 1, priority=priority)
-        seq = Seq(req, 0, list(prompt), len(prompt), self._checker(params))
+                              pending_fork=params.n - 1, priority=priority,
+                              new_matcher=new_matcher)
+        seq = Seq(req, 0, list(prompt), len(prompt), self._checker(params),
+                  matcher=new_matcher() if new_matcher is not None else None)
         req.seqs.append(seq)
         self._enqueue(req, seq)
 
@@ -697,7 +713,8 @@ class Scheduler:
         req = src.req
         assert isinstance(req, GenerateRequest)
         sib = Seq(req, index, list(src.tokens[: src.num_prompt]), src.num_prompt,
-                  self._checker(req.params))
+                  self._checker(req.params),
+                  matcher=req.new_matcher() if req.new_matcher is not None else None)
         sib.blocks = self.blocks.fork(src.blocks[: math.ceil(src.num_prompt / self.block_size)])
         sib.hashes = src.hashes[: src.num_prompt // self.block_size]
         sib.num_computed = src.num_prompt
@@ -715,6 +732,15 @@ class Scheduler:
             req.timings.first_token = now
         seq.tokens.append(tok)
         assert seq.checker is not None
+        if seq.matcher is not None and not seq.matcher.consume_token(tok):
+            # Cannot happen when the token came from the matcher's own mask; if it does,
+            # the output is not a match and must not be reported as a complete one.
+            self._release(seq)
+            seq.checker.finish_abort()
+            assert isinstance(req, GenerateRequest)
+            if req.pending_fork == 0 and all(s.finished for s in req.seqs):
+                self._finish_request(req, now=now)
+            return
         reason = seq.checker.append(tok)
         if reason is None and len(seq.tokens) >= self.max_position:
             reason = seq.checker.finish_length()
