@@ -20,7 +20,7 @@ from api.schemas import (
     RequestCounts,
     Tokens,
 )
-from core.jsonl import SAMPLING_DEFAULTS
+from core.jsonl import CHAT_URL, SAMPLING_DEFAULTS
 from store.status import ACTIVE
 from store.tables import Batch, File, Item, Result
 
@@ -202,29 +202,85 @@ def file_error_line(e: dict[str, Any]) -> bytes:
                   "param": e.get("param"), "code": e.get("code"), "message": e.get("message")})
 
 
-def _openai_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    # The engine reports token ids (the API has no tokenizer): ids stand in for tokens.
+def _token_of(e: dict[str, Any]) -> tuple[str, list[int]]:
+    # Results written before tokens carried their text hold only ids: the id stands in.
+    if "token" in e:
+        return str(e["token"]), list(e.get("bytes") or [])
+    return str(e.get("token_id")), []
+
+
+def _tops(e: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for t in e.get("top") or []:
+        if isinstance(t, dict):
+            out.append(t)
+        else:  # the older [id, logprob] pairs
+            out.append({"token_id": t[0], "logprob": t[1]})
+    return out
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None, prompt: str = ""
+                        ) -> dict[str, Any] | None:
+    """A completion choice's ``logprobs`` in OpenAI's legacy shape: ``tokens``,
+    ``token_logprobs``, ``top_logprobs`` (token text -> logprob) and ``text_offset``
+    (each token's character offset in prompt + completion, as OpenAI counts it)."""
     if not entries:
         return None
-    return {"tokens": [str(e.get("token_id")) for e in entries],
-            "token_logprobs": [e.get("logprob") for e in entries],
-            "top_logprobs": [{str(i): lp for i, lp in e.get("top") or []} for e in entries],
-            "text_offset": None}
+    tokens, offsets = [], []
+    data = b""
+    for e in entries:
+        tok, raw = _token_of(e)
+        tokens.append(tok)
+        # A character split over tokens starts at the first of them.
+        offsets.append(len(prompt) + len(data.decode("utf-8", "ignore")))
+        data += bytes(raw)
+    return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
+            "top_logprobs": [{_token_of(t)[0]: t.get("logprob") for t in _tops(e)}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs``: ``{"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal": null}``."""
+    if entries is None:
+        return None
+
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        tok, raw = _token_of(e)
+        return {"token": tok, "logprob": e.get("logprob"), "bytes": raw or None}
+
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in _tops(e)]}
+                        for e in entries], "refusal": None}
 
 
 def openai_output_line(batch: Batch, item: Item, r: Result) -> bytes:
-    """One line of a batch's output file, in OpenAI's shape."""
+    """One line of a batch's output file, in OpenAI's shape: a ``text_completion`` for
+    ``/v1/completions`` batches, a ``chat.completion`` for ``/v1/chat/completions``."""
     choices = r.choices or [{"index": 0, "text": r.text or "", "finish_reason": r.finish_reason,
                              "logprobs": r.logprobs}]
-    body = {
-        "id": f"cmpl-{batch.id.removeprefix('batch_')}-{item.index}",
-        "object": "text_completion", "created": int(r.finished_at or batch.created_at),
-        "model": batch.model or "", "system_fingerprint": None,
-        "choices": [{"index": c.get("index", 0), "text": c.get("text") or "",
-                     "finish_reason": c.get("finish_reason"),
-                     "logprobs": _openai_logprobs(c.get("logprobs"))} for c in choices],
-        "usage": _usage(r),
-    }
+    suffix = f"{batch.id.removeprefix('batch_')}-{item.index}"
+    common = {"created": int(r.finished_at or batch.created_at), "model": batch.model or "",
+              "system_fingerprint": None}
+    if batch.endpoint == CHAT_URL:
+        body = {
+            "id": f"chatcmpl-{suffix}", "object": "chat.completion", **common,
+            "choices": [{"index": c.get("index", 0),
+                         "message": {"role": "assistant", "content": c.get("text") or "",
+                                     "refusal": None},
+                         "logprobs": chat_logprobs(c.get("logprobs")),
+                         "finish_reason": c.get("finish_reason")} for c in choices],
+            "usage": _usage(r),
+        }
+    else:
+        body = {
+            "id": f"cmpl-{suffix}", "object": "text_completion", **common,
+            "choices": [{"index": c.get("index", 0), "text": c.get("text") or "",
+                         "finish_reason": c.get("finish_reason"),
+                         "logprobs": completion_logprobs(c.get("logprobs"), item.prompt or "")}
+                        for c in choices],
+            "usage": _usage(r),
+        }
     return _dump({"id": f"batch_req_{item.id}", "custom_id": item.custom_id,
                   "response": {"status_code": 200, "request_id": f"req_{item.id}",
                                "body": body},

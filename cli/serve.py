@@ -37,6 +37,9 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="split the model over N devices/processes")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja2 chat template for chat lines (default: the checkpoint's "
+                        "own, else a plain User:/Assistant: transcript)")
     p.add_argument("--queue", default=None, help="queue name (default NEOXQ_QUEUE)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="chunks held at once (default NEOXQ_WORKER_CONCURRENCY)")
@@ -65,6 +68,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             pipeline_parallel=args.pipeline_parallel,
             tokenizer=args.tokenizer,
+            chat_template=args.chat_template,
             queue=args.queue,
             concurrency=args.concurrency,
             worker_id=args.worker_id,

@@ -58,6 +58,9 @@ def add_parser(sub: Any) -> None:
                         help="worker processes: at most the number of GPU groups (default: "
                              "one per group); with --device cpu, N CPU workers (default 1)")
     common.add_argument("--tokenizer", default=None, help="tokenizer.json (default: model's)")
+    common.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja2 chat template for chat lines (default: the checkpoint's "
+                             "own, else a plain User:/Assistant: transcript)")
     common.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="the worker recomputes every prompt: no reuse of the KV of "
                              "prompt prefixes already computed")
@@ -110,13 +113,13 @@ class Stack:
                  pipeline_parallel: int = 1, tokenizer: str | None = None,
                  metrics_port: int | None = None, logs_to_terminal: bool = False,
                  gpus: list[str] | None = None, workers: int | None = None,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, chat_template: str | None = None) -> None:
         self.model = model
         self.host = host
         self.port = port or free_port()
         self.worker_argv = ["worker", "--model", model]
         for flag, value in (("--device", device), ("--dtype", dtype),
-                            ("--tokenizer", tokenizer)):
+                            ("--tokenizer", tokenizer), ("--chat-template", chat_template)):
             if value:
                 self.worker_argv += [flag, value]
         if pipeline_parallel != 1:
@@ -346,16 +349,21 @@ def check_redis(url: str, timeout: float = 5.0) -> None:
         client.close()
 
 
-def check_model(model: str, tokenizer: str | None) -> None:
+def check_model(model: str, tokenizer: str | None, chat_template: str | None = None) -> None:
     """Exit with a message, before anything starts, if ``model`` is not a loadable spec (a
-    typo'd path or preset name, a directory without config.json, a bad NeoX YAML). Reads
-    configs only, no weights."""
+    typo'd path or preset name, a directory without config.json, a bad NeoX YAML) or its
+    chat template does not compile. Reads configs only, no weights."""
+    from models.chat import load_chat_template
     from models.loaders import CheckpointError, load_config
 
     try:
         load_config(model, tokenizer=tokenizer)
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: --model {model}: {exc}") from None
+    try:
+        load_chat_template(model, template_file=chat_template, tokenizer=tokenizer)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: --chat-template: {exc}") from None
 
 
 def _is_worker(name: str) -> bool:
@@ -372,7 +380,8 @@ def stack_options(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"neoxq: {exc}") from None
     return {"device": args.device, "dtype": args.dtype,
             "pipeline_parallel": args.pipeline_parallel, "tokenizer": args.tokenizer,
-            "gpus": gpus, "workers": args.workers, "prefix_caching": args.prefix_caching}
+            "gpus": gpus, "workers": args.workers, "prefix_caching": args.prefix_caching,
+            "chat_template": args.chat_template}
 
 
 @contextlib.contextmanager
@@ -423,7 +432,7 @@ def _model_note(model: str | None) -> str:
 def _cmd_up(args: argparse.Namespace) -> int:
     """Run the API, a worker, Redis and the store until Ctrl-C."""
     model = args.model or DEFAULT_MODEL
-    check_model(model, args.tokenizer)
+    check_model(model, args.tokenizer, args.chat_template)
     stack = Stack(model=model, data_dir=args.data_dir, host=args.host, port=args.port,
                   metrics_port=args.metrics_port, logs_to_terminal=not args.quiet,
                   **stack_options(args))
@@ -480,7 +489,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 1
     model = args.model or DEFAULT_MODEL
-    check_model(model, args.tokenizer)
+    check_model(model, args.tokenizer, args.chat_template)
     print(f"neoxq: {_model_note(args.model)}", file=sys.stderr, flush=True)
     stack = Stack(model=model, data_dir=args.data_dir, **stack_options(args))
     died: list[str] = []

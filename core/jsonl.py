@@ -31,6 +31,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, create_model
 
 from specs import sampling
+from specs import sampling as sampling_spec  # (parse_* shadow the name with a local)
 
 # ---------------------------------------------------------------------------------------
 # Sampling fields: derived from specs/sampling.py, the one place they are written
@@ -178,6 +179,10 @@ class LineError:
     code: str
     message: str
     custom_id: str | None = None
+    # False for a problem with one request's content that OpenAI reports per request (a
+    # bad response_format schema): the line becomes a failed item and the file is not
+    # refused for it.
+    fatal: bool = True
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line else "file"
@@ -205,6 +210,11 @@ class ParsedLine:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    @property
+    def fatal(self) -> bool:
+        """A problem that refuses the whole file (in ``on_invalid="refuse"`` mode)."""
+        return any(e.fatal for e in self.errors)
 
 
 def _reject_constant(name: str) -> Any:
@@ -375,7 +385,9 @@ def parse_native(obj: Mapping[str, Any], line: int,
         out.custom_id = obj.get("custom_id")
     sampling = {k: v for k, v in obj.items() if k in SAMPLING_FIELDS}
     out.params, problems = check_sampling(sampling, defaults)
-    out.errors += [LineError(line, f, "invalid_value", m) for f, m in problems]
+    out.errors += [LineError(line, f, "invalid_value", m,
+                             fatal=not sampling_spec.is_constraint_field(f))
+                   for f, m in problems]
     if not out.errors:
         if messages is not None:
             out.messages = messages
@@ -443,7 +455,9 @@ def parse_openai(obj: Mapping[str, Any], line: int,
         sampling = {k: v for k, v in body.items() if k in SAMPLING_FIELDS
                     and not (score_only and k == "max_tokens")}
     out.params, problems = check_sampling(sampling, defaults)
-    out.errors += [LineError(line, f"body.{f}", "invalid_value", m) for f, m in problems]
+    out.errors += [LineError(line, f"body.{f}", "invalid_value", m,
+                             fatal=not sampling_spec.is_constraint_field(f))
+                   for f, m in problems]
     if echo is True:
         out.params[ECHO] = "score" if score_only else "prompt"
     if not out.errors:

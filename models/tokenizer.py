@@ -14,6 +14,33 @@ from pathlib import Path
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (``bytes_to_unicode``), inverted: the printable
+    character a vocabulary entry uses for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def token_text(data: bytes) -> str:
+    """A token's bytes as OpenAI shows a token: its text, or ``bytes:\\xNN...`` when
+    the bytes are not complete UTF-8 (a character split over several tokens)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
 class Tokenizer:
     """A Hugging Face ``tokenizers`` JSON tokenizer.
 
@@ -54,6 +81,21 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` stands for (b"" for an id outside the vocabulary): a
+        special token's text, or its byte-level BPE characters mapped back to bytes."""
+        if not hasattr(self, "_special"):
+            self._special = {k: v.content for k, v in self._tok.get_added_tokens_decoder()
+                             .items()}
+        if i in self._special:
+            return self._special[i].encode("utf-8")
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            return b""
+        if all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.decode([i]).encode("utf-8")  # not a byte-level vocabulary
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -97,6 +139,13 @@ class ByteTokenizer(Tokenizer):
         if self.offset <= i < self.offset + 256:
             return chr(i - self.offset)
         return None
+
+    def token_bytes(self, i: int) -> bytes:
+        if i == self.eos_id:
+            return b"<|endoftext|>"
+        if self.offset <= i < self.offset + 256:
+            return bytes([i - self.offset])
+        return b""
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(eos_id={self.eos_id})"

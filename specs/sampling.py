@@ -361,9 +361,20 @@ def constraint_problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:
         defaults = {"stop": [], "stop_token_ids": [], "min_tokens": 0, "ignore_eos": False}
         for name in _CONFLICTS_WITH_CONSTRAINT:
             if name in v and v[name] != defaults[name] and v[name] is not None:
-                bad(name, f"cannot be combined with {given[0]} (the output ends where its "
-                    "constraint is complete)", v[name])
+                bad(given[0], f"cannot be combined with {name} (the output ends where the "
+                    f"constraint is complete; {name} could end or extend it elsewhere)",
+                    v[name])
     return problems
+
+
+CONSTRAINT_FIELDS = ("response_format", "regex", "choice")
+
+
+def is_constraint_field(name: str) -> bool:
+    """Whether a problem's field (``"response_format.json_schema.schema"``) belongs to a
+    structured-output constraint: such problems concern one request's body, which OpenAI
+    reports per request, not as a malformed file."""
+    return name.split(".", 1)[0] in CONSTRAINT_FIELDS
 
 
 # The field names, and every field's value when neither the request nor the batch gives it.

@@ -15,6 +15,9 @@ Modes (``on_invalid``):
 
 - ``"refuse"`` (default): any bad line fails the batch; ``batches.errors`` lists every
   bad line (up to ``max_errors``) with its line number, field and what was expected.
+  A line whose only problems are in its request's content that OpenAI reports per
+  request (an invalid ``response_format`` schema, a bad ``regex``) does not refuse the
+  file: it becomes a failed item, as in ``"record"``.
 - ``"record"``: bad lines become items with an error (a failed result, counted in
   ``request_failed``) and the good lines run. File-level problems (empty file, too many
   lines) still refuse the file.
@@ -179,7 +182,7 @@ def _ingest(
             report.invalid += 1
             if len(report.errors) < max_errors:
                 report.errors.extend(parsed.errors[: max_errors - len(report.errors)])
-            if on_invalid == "refuse":
+            if on_invalid == "refuse" and parsed.fatal:
                 refused = True
         if refused:
             rows.clear()

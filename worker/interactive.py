@@ -34,24 +34,28 @@ from core.interactive import (
     reply_key,
 )
 from core.settings import Settings
+from models.tokenizer import token_text
 
 log = logging.getLogger("neoxq.worker")
 
 
 def describe_entries(tokenizer: Any, entries: list[dict[str, Any]] | None
                      ) -> list[dict[str, Any]] | None:
-    """The engine's per-token logprobs (ids) with each token's text, which the API (no
-    tokenizer) cannot add: ``[{"token_id", "token", "logprob", "top": [{"token_id",
-    "token", "logprob"}]}]``."""
+    """The engine's per-token logprobs (ids) with each token's text and bytes, which the
+    API (no tokenizer) cannot add: ``[{"token_id", "token", "bytes", "logprob", "top":
+    [{"token_id", "token", "bytes", "logprob"}]}]``. A token's text is its own bytes
+    decoded, or ``bytes:\\xNN...`` when they are part of a character (OpenAI's way)."""
     if entries is None:
         return None
 
-    def text(i: int) -> str:
-        return tokenizer.decode([i]) if tokenizer is not None else str(i)
+    def one(i: int) -> dict[str, Any]:
+        if tokenizer is None:
+            return {"token_id": i, "token": str(i), "bytes": []}
+        data = tokenizer.token_bytes(i)
+        return {"token_id": i, "token": token_text(data), "bytes": list(data)}
 
-    return [{"token_id": e["token_id"], "token": text(e["token_id"]), "logprob": e["logprob"],
-             "top": [{"token_id": int(i), "token": text(int(i)), "logprob": lp}
-                     for i, lp in e.get("top") or []]}
+    return [{**one(e["token_id"]), "logprob": e["logprob"],
+             "top": [{**one(int(i)), "logprob": lp} for i, lp in e.get("top") or []]}
             for e in entries]
 
 

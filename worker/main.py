@@ -27,6 +27,7 @@ class WorkerOptions:
     dtype: str | None = None
     pipeline_parallel: int = 1
     tokenizer: str | None = None
+    chat_template: str | None = None  # a Jinja2 file; None: the checkpoint's, else default
     queue: str | None = None
     concurrency: int | None = None
     worker_id: str | None = None
@@ -48,6 +49,7 @@ def run_worker(opts: WorkerOptions) -> int:
 
     from core.celery_app import make_celery
     from core.settings import get_settings
+    from models.chat import load_chat_template
     from models.dtypes import parse_dtype
     from models.runtime import build_engine
     from store.db import make_engine
@@ -68,6 +70,12 @@ def run_worker(opts: WorkerOptions) -> int:
     except ValueError as exc:
         raise SystemExit(f"--{exc}") from None
 
+    try:  # before the model: a bad template should not cost a 20B load
+        chat = load_chat_template(opts.model, template_file=opts.chat_template,
+                                  tokenizer=opts.tokenizer)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"--chat-template: {exc}") from None
+    log.info("chat template: %s", chat.source)
     # The model is loaded once, before anything is consumed: a chunk never waits for it.
     log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device,
              str(dtype).removeprefix("torch."), opts.pipeline_parallel)
@@ -80,7 +88,7 @@ def run_worker(opts: WorkerOptions) -> int:
     worker_id = opts.worker_id or f"{socket.gethostname()}:{os.getpid()}"
     runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=opts.model,
                             devices=devices, pipeline_parallel=opts.pipeline_parallel,
-                            exit_on_fatal=True)
+                            exit_on_fatal=True, chat_template=chat)
     runtime.start()
     from worker.metrics import start_metrics  # Prometheus (issue 8); off when port is 0
 

@@ -49,6 +49,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from core.jsonl import ECHO, SAMPLING_DEFAULTS
 from core.payloads import ChunkPayload
 from core.settings import Settings
+from models.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from models.engine.pipeline import PipelineError
 from models.engine.protocol import InferenceEngine
 from models.engine.scheduler import INTERACTIVE
@@ -63,6 +64,7 @@ from store.claims import (
 )
 from store.db import session_scope
 from store.queries import (
+    CHAT_MESSAGES,
     PROMPT_TOKEN_IDS,
     cancelling_batch_ids,
     finalize_if_done,
@@ -77,7 +79,7 @@ from store.records import ResultRow
 from store.status import STOPPED, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
-from worker.interactive import Echo, InteractiveJob, InteractiveLane
+from worker.interactive import Echo, InteractiveJob, InteractiveLane, describe_entries
 from worker.meter import BUCKET, GenerationMeter
 
 log = logging.getLogger("neoxq.worker")
@@ -111,6 +113,7 @@ class _Pending:
     futures: list[Future] = field(default_factory=list)
     # OpenAI's echo: the prompt's text and per-token logprobs, put before the completion.
     echo: Echo | None = None
+    error: tuple[str, str] | None = None  # (code, message): refused before the engine
 
     @property
     def request_id(self) -> str:
@@ -373,6 +376,9 @@ class EngineLoop(threading.Thread):
 
     def _add(self, p: _Pending) -> None:
         params = dict(p.params)
+        if p.error is not None:
+            self._write_error(p, *p.error)
+            return
         echo = params.pop(ECHO, None)
         if echo:
             self._echoes.append((p, params, echo))
@@ -451,10 +457,11 @@ class EngineLoop(threading.Thread):
                 with self._lock:
                     self.pending.pop(x.request_id, None)
                 choice = {"index": 0, "text": text, "finish_reason": "length",
-                          "logprobs": entries}
+                          "logprobs": describe_entries(engine.tokenizer, entries)}
                 self.writer.put(_row(x, self.worker_id, choices=[choice], text=text,
                                      finish_reason="length", prompt_tokens=len(ids),
-                                     completion_tokens=0, logprobs=entries, started_at=now,
+                                     completion_tokens=0, logprobs=choice["logprobs"],
+                                     started_at=now,
                                      finished_at=time.time()), x.futures)
             else:
                 x.params = params
@@ -504,7 +511,7 @@ class EngineLoop(threading.Thread):
                                                            "message": out.error},
                                  finished_at=out.timings.finished or time.time()), p.futures)
             return
-        self.writer.put(_output_row(p, out, self.worker_id), p.futures)
+        self.writer.put(_output_row(p, out, self.worker_id, self.engine.tokenizer), p.futures)
 
     def _fail_all(self) -> None:
         for rid in self.interactive:
@@ -557,12 +564,14 @@ def echo_ids(prompt: str | list[int], engine: InferenceEngine) -> list[int]:
     return ids
 
 
-def _output_row(p: _Pending, out: Any, worker_id: str) -> ResultRow:
+def _output_row(p: _Pending, out: Any, worker_id: str, tokenizer: Any = None) -> ResultRow:
     t = out.timings
     choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
                 "logprobs": s.logprobs} for s in out.samples]
     if p.echo is not None:
         choices = [p.echo.before(c) for c in choices]
+    for c in choices:  # token texts and bytes, which the API (no tokenizer) cannot add
+        c["logprobs"] = describe_entries(tokenizer, c["logprobs"])
     completion = sum(len(s.token_ids) for s in out.samples)
     started, finished = t.first_scheduled, t.finished or time.time()
     span = finished - started if started else 0.0
@@ -696,8 +705,11 @@ class WorkerRuntime:
     def __init__(self, engine: InferenceEngine, db: SQLEngine, settings: Settings, *,
                  worker_id: str | None = None, model: str = "",
                  devices: Sequence[str] = (), pipeline_parallel: int = 1,
-                 exit_on_fatal: bool = False) -> None:
+                 exit_on_fatal: bool = False, chat_template: ChatTemplate | None = None
+                 ) -> None:
         self.settings = settings
+        # Chat lines' messages become prompts here, with the checkpoint's template.
+        self.chat_template = chat_template or load_chat_template(None)
         self.db = db
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.model, self.devices, self.pipeline_parallel = model, list(devices), pipeline_parallel
@@ -964,8 +976,15 @@ class WorkerRuntime:
         item_id, batch_id, index, prompt, item_params, queued_at, attempts = c
         params = {**{k: v for k, v in defaults.items() if v is not None}, **(item_params or {})}
         ids: str | list[int] = params.pop(PROMPT_TOKEN_IDS, None) or prompt
+        messages = params.pop(CHAT_MESSAGES, None)
+        error = None
+        if messages is not None:
+            try:
+                ids = self.chat_template.render(messages)
+            except ChatTemplateError as exc:  # the template refuses this conversation
+                error = ("invalid_messages", str(exc))
         return _Pending(item_id=item_id, batch_id=batch_id, index=index, prompt=ids,
-                        params=params, queued_at=queued_at, attempt=attempts)
+                        params=params, queued_at=queued_at, attempt=attempts, error=error)
 
     # -- sharing the tail ------------------------------------------------------------------
 

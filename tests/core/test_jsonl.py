@@ -220,7 +220,7 @@ def test_chat_line_normalised_and_chat_fields_mapped() -> None:
      "line 1: body.response_format.json_schema.name: must be"),
     ({"response_format": {"type": "xml"}}, "line 1: body.response_format: must be an object"),
     ({"response_format": {"type": "json_object"}, "stop": ["}"]},
-     "line 1: body.stop: cannot be combined with response_format"),
+     "line 1: body.response_format: cannot be combined with stop"),
 ])
 def test_bad_chat_lines(body: dict, expected: str) -> None:
     obj = json.loads(chat_line())
@@ -263,7 +263,11 @@ def test_structured_output_as_batch_default() -> None:
     rf = {"type": "json_object"}
     assert check_defaults({"response_format": rf}) == []
     assert check_defaults({"response_format": rf, "stop": "\n"})[0].startswith(
-        "stop: cannot be combined")
-    # A line's own stop conflicts with the batch's constraint: a per-line error.
-    errs = errors_of(['{"prompt": "x", "stop": "\\n"}'], defaults={"response_format": rf})
-    assert errs and errs[0].startswith("line 1: stop: cannot be combined")
+        "response_format: cannot be combined with stop")
+    # A line's own stop conflicts with the batch's constraint: a per-line error, one
+    # that concerns the request (it does not refuse the file).
+    parsed, _, _ = run(['{"prompt": "x", "stop": "\\n"}', '{"prompt": "y"}'],
+                       defaults={"response_format": rf})
+    assert str(parsed[0].errors[0]).startswith(
+        "line 1: response_format: cannot be combined with stop")
+    assert not parsed[0].fatal and parsed[1].ok

@@ -209,3 +209,39 @@ def test_results_with_nul_characters_are_stored(db: Engine) -> None:
         expected = "a\ufffdb" if db.dialect.name == "postgresql" else text
         assert stored.text == expected and stored.choices[0]["text"] == expected
         assert s.get(Batch, r.batch_id).request_completed == 1
+
+
+def test_chat_lines_and_bad_schemas_as_item_errors(db: Engine) -> None:
+    """A chat file keeps its messages for the worker and takes the lines' url as its
+    endpoint; a bad response_format schema fails its own line only, with its line
+    number; a malformed line still refuses the file."""
+    def chat(cid: str, **body) -> dict:
+        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                         **body}}
+
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x",
+                                                         "schema": {"type": "nope"}}}
+    rows = [chat("a"), chat("b", response_format=bad_schema), chat("c")]
+    src = b"\n".join(json.dumps(r).encode() for r in rows) + b"\n"
+    sent: list[ChunkPayload] = []
+    r = submit_batch(engine=db, source=io.BytesIO(src), enqueue=sent.append,
+                     settings=settings())
+    assert r.status == "in_progress" and r.total == 3 and r.invalid == 1
+    with session_scope(db) as s:
+        batch = s.get(Batch, r.batch_id)
+        assert batch.endpoint == "/v1/chat/completions" and batch.request_failed == 1
+        items = s.scalars(select(Item).where(Item.batch_id == r.batch_id)
+                          .order_by(Item.index)).all()
+        assert items[0].params == {"messages": [{"role": "user", "content": "hi"}]}
+        assert items[0].prompt == ""
+        assert items[1].status == "failed" and items[1].error["line"] == 2
+        assert items[1].error["param"] == "body.response_format.json_schema.schema"
+    # A line the file format itself breaks still refuses the whole file.
+    rows.append({**chat("d"), "url": "/v1/completions"})
+    src = b"\n".join(json.dumps(r).encode() for r in rows) + b"\n"
+    r = submit_batch(engine=db, source=io.BytesIO(src), enqueue=sent.append,
+                     settings=settings())
+    assert r.status == "failed"
+    assert [(e.line, e.code) for e in r.errors][:2] == [(2, "invalid_value"),
+                                                        (4, "invalid_url")]
