@@ -82,14 +82,20 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of special tokens (``<|endoftext|>``, ``<|padding|>``): control tokens,
+        not text (the 20B's added runs of spaces are text)."""
+        return {k for k, v in self._tok.get_added_tokens_decoder().items() if v.special}
+
     def token_bytes(self, i: int) -> bytes:
-        """The bytes token ``i`` stands for (b"" for an id outside the vocabulary): a
-        special token's text, or its byte-level BPE characters mapped back to bytes."""
-        if not hasattr(self, "_special"):
-            self._special = {k: v.content for k, v in self._tok.get_added_tokens_decoder()
-                             .items()}
-        if i in self._special:
-            return self._special[i].encode("utf-8")
+        """The bytes token ``i`` stands for (b"" for an id outside the vocabulary): an
+        added token's text, or its byte-level BPE characters mapped back to bytes."""
+        if not hasattr(self, "_added"):
+            self._added = {k: v.content for k, v in self._tok.get_added_tokens_decoder()
+                           .items()}
+        if i in self._added:
+            return self._added[i].encode("utf-8")
         piece = self._tok.id_to_token(i)
         if piece is None:
             return b""
