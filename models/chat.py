@@ -10,20 +10,22 @@ the tokenizer's special tokens (``bos_token``, ``eos_token``, ...) as variables,
 ``add_generation_prompt=True`` (the prompt ends where the assistant's answer starts).
 
 GPT-NeoX-20B and Pythia are base models with no template; they get
-:data:`DEFAULT_TEMPLATE`, a plain transcript that ends with ``Assistant:`` for the model
-to continue::
+:data:`DEFAULT_TEMPLATE`, the plain transcript ``neoxq finetune`` trains chat data in
+(``train.data.render_chat``; a test holds the two equal), ending with ``Assistant:`` for
+the model to continue::
 
-    <system message>
+    System: <system message>
 
     User: <user message>
 
-    Assistant: <assistant message>
+    Assistant: <assistant message><|endoftext|>
 
     User: <user message>
 
     Assistant:
 
-A base model will then often go on to write the next ``User:`` turn itself: give
+A model fine-tuned on it ends its answer with end-of-text (``finish_reason: "stop"``); a
+base model will often go on to write the next ``User:`` turn itself: give
 ``"stop": ["\\nUser:"]`` to end the answer there. ``--chat-template FILE`` on
 ``neoxq worker``/``up``/``run`` replaces either template.
 """
@@ -36,14 +38,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# (Separators are written as expressions: trim_blocks eats a newline after a block tag.)
 DEFAULT_TEMPLATE = (
+    "{% set names = {'system': 'System', 'developer': 'System', 'user': 'User', "
+    "'assistant': 'Assistant'} %}"
     "{% for message in messages %}"
-    "{% if message['role'] in ('system', 'developer') %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n\n"
-    "{% else %}Assistant: {{ message['content'] }}\n\n"
-    "{% endif %}"
+    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ names[message['role']] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ '<|endoftext|>' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}"
+    "{{ 'Assistant:' }}{% endif %}"
 )
 
 # tokenizer_config.json keys whose values templates read as variables (HF passes the

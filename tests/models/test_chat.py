@@ -10,6 +10,7 @@ import pytest
 import transformers
 
 from models.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError, load_chat_template
+from train.data import chat_prompt
 
 # Templates in the styles checkpoints ship: ChatML with a loop-scoped namespace and
 # tojson, and Llama-2's, which reads bos/eos tokens and refuses roles out of order.
@@ -80,8 +81,12 @@ def test_template_errors_and_sandbox(tmp_path, tokenizer_path) -> None:
 def test_default_template_and_override_file(tmp_path) -> None:
     t = load_chat_template(None)
     assert t.source == "default" and t.text == DEFAULT_TEMPLATE
-    assert t.render(CHATS[1]) == ("Be terse.\n\nUser: 2+2?\n\nAssistant:  4 \n\n"
-                                  "User:   and 3+3?\n\n\nAssistant:")
+    assert t.render(CHATS[1]) == ("System: Be terse.\n\nUser: 2+2?\n\nAssistant:  4 "
+                                  "<|endoftext|>\n\nUser:   and 3+3?\n\n\nAssistant:")
+    # The transcript `neoxq finetune` trains chat data in: a fine-tuned model is
+    # prompted as it was trained.
+    for chat in CHATS:
+        assert t.render(chat) == chat_prompt(chat)
     f = tmp_path / "t.jinja"
     f.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}>")
     assert load_chat_template("tiny", template_file=f).render(CHATS[0]) == "[user] Hi\n>"
