@@ -15,10 +15,9 @@ and its padded vocabulary (50,432 logits rows):
   and validates with ``jsonschema``; the regex matches in full; the text is one of the
   choices), and no mask may allow a padded id (>= 50,277).
 
-The engine uses the winner, xgrammar (models/grammar.py says why); its row here runs
-through the engine's own ``Grammars``, including the copy of each mask the sampler
-receives. Run: ``python -m bench.grammar_cpu`` with ``pip install llguidance
-outlines-core`` besides ``neoxq[worker]``. Writes bench/results/grammar_cpu.json.
+The engine uses llguidance (models/grammar.py says why); its row runs through the
+engine's own ``Grammars``. Run: ``python -m bench.grammar_cpu`` (the contenders are in
+``neoxq[dev]``). Writes bench/results/grammar_cpu.json.
 """
 
 from __future__ import annotations
@@ -93,68 +92,68 @@ class LLGuidance:
     def __init__(self, tok: Any) -> None:
         import llguidance
 
-        self.ll = llguidance
+        from models.grammar import Grammars
+
         self.version = llguidance.__version__
-        text = Path(tok.path).read_text(encoding="utf-8")
-        self.tokenizer = llguidance.LLTokenizer(text, n_vocab=VOCAB, eos_token=tok.eos_id)
-        self.executor = llguidance.LLExecutor()
+        self.g = Grammars(tok, VOCAB, tok.eos_id)
+        _ = self.g.tokenizer  # the index is built here, timed as setup
 
     def compile(self, c: dict[str, Any]) -> Any:
-        ll = self.ll
-        if c["type"] == "json_schema":
-            g = ll.LLMatcher.grammar_from_json_schema(c["schema"],
-                                                      defaults={"whitespace_flexible": False})
-        elif c["type"] == "regex":
-            g = ll.grammar_from("regex", c["pattern"])
-        else:
-            g = ll.grammar_from("lark", "start: " + " | ".join(json.dumps(x)
-                                                               for x in c["choices"]))
-        is_error, messages = ll.LLMatcher.validate_grammar_with_warnings(g, self.tokenizer)
-        if is_error:
-            raise ValueError(" ".join(messages))
-        return g
+        return self.g.grammar(c)
 
     def matcher(self, compiled: Any) -> Any:
-        return self.ll.LLMatcher(self.tokenizer, compiled)
+        return self.g.matcher(compiled)
 
     def fill(self, m: Any, row: np.ndarray) -> None:
         m.unsafe_compute_mask_ptr(row.ctypes.data, row.size * 4)
 
     def fill_batch(self, ms: list[Any], out: np.ndarray) -> None:
-        # its thread pool, as an engine would use it
-        self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(ms)],
-                                              out.ctypes.data, out.shape[1] * 4, len(ms))
+        out[:] = self.g.fill_masks(ms)
 
     def consume(self, m: Any, t: int) -> bool:
         return bool(m.consume_token(t))
 
 
 class XGrammar:
-    """Through the engine's own code (models/grammar.py), which uses xgrammar."""
-
     name = "xgrammar"
 
     def __init__(self, tok: Any) -> None:
-        from models.grammar import Grammars
+        import torch
+        import xgrammar as xgr
 
-        self.version = _dist_version("xgrammar")
-        self.g = Grammars(tok, VOCAB, tok.eos_id)
-        _ = self.g.compiler  # import and tokenizer index, timed as setup
+        self.torch, self.xgr = torch, xgr
+        self.version = getattr(xgr, "__version__", None) or _dist_version("xgrammar")
+        vocab = [tok.token_bytes(i) for i in range(tok.vocab_size)]
+        vocab += [b""] * (VOCAB - len(vocab))
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=VOCAB,
+                                 stop_token_ids=[tok.eos_id])
+        self.compiler = xgr.GrammarCompiler(info)
 
     def compile(self, c: dict[str, Any]) -> Any:
-        return self.g.factory(c)
+        if c["type"] == "json_schema":
+            # (Its builtin JSON grammar accepts any JSON value, arrays included: an object
+            # is the schema {"type": "object"}, as for the others.)
+            return self.compiler.compile_json_schema(json.dumps(c["schema"]),
+                                                     any_whitespace=False)
+        if c["type"] == "regex":
+            return self.compiler.compile_regex(c["pattern"])
+        ebnf = "root ::= " + " | ".join(json.dumps(x) for x in c["choices"])
+        return self.compiler.compile_grammar(ebnf)
 
     def matcher(self, compiled: Any) -> Any:
-        return compiled()
+        return self.xgr.GrammarMatcher(compiled)
 
     def fill(self, m: Any, row: np.ndarray) -> None:
-        row[:] = self.g.fill_masks([m])[0]
+        t = self.torch.from_numpy(row).view(1, -1)
+        m.fill_next_token_bitmask(t, 0)
 
     def fill_batch(self, ms: list[Any], out: np.ndarray) -> None:
-        out[:] = self.g.fill_masks(ms)
+        t = self.torch.from_numpy(out)
+        for i, m in enumerate(ms):
+            m.fill_next_token_bitmask(t, i)
 
     def consume(self, m: Any, t: int) -> bool:
-        return m.consume(t)
+        return bool(m.accept_token(t))
 
 
 class OutlinesCore:

@@ -100,7 +100,7 @@ class Seq:
     demand: int = 0  # blocks counted against admission while running
     finished: bool = False
     logprobs: list[dict[str, Any]] | None = None
-    # The grammar state of a constrained sample (models.grammar.Matcher): the sampler asks
+    # The grammar state of a constrained sample (an llguidance matcher): the sampler asks
     # it for the step's token mask, the scheduler feeds it the drawn token.
     matcher: Any = None
 
@@ -732,7 +732,7 @@ class Scheduler:
             req.timings.first_token = now
         seq.tokens.append(tok)
         assert seq.checker is not None
-        if seq.matcher is not None and not seq.matcher.consume(tok):
+        if seq.matcher is not None and not seq.matcher.consume_token(tok):
             # Cannot happen when the token came from the matcher's own mask; if it does,
             # the output is not a match and must not be reported as a complete one.
             self._release(seq)
