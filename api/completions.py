@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
+from api.render import completion_logprobs
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
 from core.jsonl import ECHO, parse_openai, quoted
 from core.settings import Settings
@@ -98,24 +99,6 @@ def _check(url: str, body: dict[str, Any]) -> Any:
 def _usage(ev: LaneEvent) -> dict[str, int]:
     return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-
-
-def completion_logprobs(entries: list[dict[str, Any]] | None,
-                        prompt: str = "") -> dict[str, Any] | None:
-    """OpenAI's legacy ``logprobs`` object of a completion choice."""
-    if not entries:
-        return None
-    tokens = [str(e.get("token", e.get("token_id"))) for e in entries]
-    offsets, at = [], len(prompt)
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
-            # null where nothing was predicted (an echoed prompt's first token)
-            "top_logprobs": [None if e.get("logprob") is None and not e.get("top") else
-                             {str(t.get("token", t.get("token_id"))): t.get("logprob")
-                              for t in e.get("top") or []} for e in entries],
-            "text_offset": offsets}
 
 
 class Lane:

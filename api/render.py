@@ -20,7 +20,7 @@ from api.schemas import (
     RequestCounts,
     Tokens,
 )
-from core.jsonl import CHAT_URL, SAMPLING_DEFAULTS
+from core.jsonl import CHAT_URL, ECHO, SAMPLING_DEFAULTS
 from store.status import ACTIVE
 from store.tables import Batch, File, Item, Result
 
@@ -222,8 +222,10 @@ def _tops(e: dict[str, Any]) -> list[dict[str, Any]]:
 def completion_logprobs(entries: list[dict[str, Any]] | None, prompt: str = ""
                         ) -> dict[str, Any] | None:
     """A completion choice's ``logprobs`` in OpenAI's legacy shape: ``tokens``,
-    ``token_logprobs``, ``top_logprobs`` (token text -> logprob) and ``text_offset``
-    (each token's character offset in prompt + completion, as OpenAI counts it)."""
+    ``token_logprobs``, ``top_logprobs`` (token text -> logprob; null where nothing was
+    predicted, an echoed prompt's first token) and ``text_offset`` (each token's character
+    offset in ``prompt`` + the choice's text, ``prompt`` being "" when the text echoes it).
+    The one definition for batch output files and ``POST /v1/completions``."""
     if not entries:
         return None
     tokens, offsets = [], []
@@ -233,9 +235,10 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, prompt: str = ""
         tokens.append(tok)
         # A character split over tokens starts at the first of them.
         offsets.append(len(prompt) + len(data.decode("utf-8", "ignore")))
-        data += bytes(raw)
+        data += bytes(raw) if raw else tok.encode("utf-8")
     return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
-            "top_logprobs": [{_token_of(t)[0]: t.get("logprob") for t in _tops(e)}
+            "top_logprobs": [None if e.get("logprob") is None and not e.get("top") else
+                             {_token_of(t)[0]: t.get("logprob") for t in _tops(e)}
                              for e in entries],
             "text_offset": offsets}
 
@@ -273,11 +276,13 @@ def openai_output_line(batch: Batch, item: Item, r: Result) -> bytes:
             "usage": _usage(r),
         }
     else:
+        # Offsets count from the prompt's end, or from 0 when the text echoes it.
+        base = "" if (item.params or {}).get(ECHO) else (item.prompt or "")
         body = {
             "id": f"cmpl-{suffix}", "object": "text_completion", **common,
             "choices": [{"index": c.get("index", 0), "text": c.get("text") or "",
                          "finish_reason": c.get("finish_reason"),
-                         "logprobs": completion_logprobs(c.get("logprobs"), item.prompt or "")}
+                         "logprobs": completion_logprobs(c.get("logprobs"), base)}
                         for c in choices],
             "usage": _usage(r),
         }
