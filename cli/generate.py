@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json overriding the model's")
+    g.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="Jinja2 chat template for lines with messages (default: the "
+                        "checkpoint's own, else neoxq's plain User:/Assistant: transcript)")
     g.add_argument("--batch-size", type=int, default=256,
                    help="most sequences decoded together (continuous batching)")
     g.add_argument("--max-batch-tokens", type=int, default=2048,
@@ -101,18 +104,21 @@ def _where(path: Path, err: Any) -> str:
     return f"{path}:{line} {err.field + ': ' if err.field else ''}{err.message}"
 
 
-def count_prompts(path: Path) -> int:
-    return sum(1 for _ in read_prompts(path))
+def count_prompts(path: Path, chat: Any = None) -> int:
+    return sum(1 for _ in read_prompts(path, chat))
 
 
-def read_prompts(path: Path) -> Iterator[Item]:
+def read_prompts(path: Path, chat: Any = None) -> Iterator[Item]:
     """Yield ``(prompt, extra, params)`` from a .txt (non-empty lines) or .jsonl file.
 
     JSONL lines are validated exactly as the API validates them (:mod:`core.jsonl`: native
-    ``{"prompt", "custom_id"?, <sampling fields>}`` or OpenAI Batch lines), so a line's own
-    ``max_tokens``, ``temperature``, ``stop``, ``seed``, ``n``, ... apply to it over the
-    command-line options; the first bad lines are all reported, before any model loads."""
-    from core.jsonl import LineValidator
+    ``{"prompt" or "messages", "custom_id"?, <sampling fields>}`` or OpenAI Batch lines),
+    so a line's own ``max_tokens``, ``temperature``, ``stop``, ``seed``, ``n``, ... apply to
+    it over the command-line options; the first bad lines are all reported, before any
+    model loads. ``chat`` (a :class:`models.chat.ChatTemplate`) renders lines with
+    ``messages`` into prompts, as the worker does."""
+    from core.jsonl import LineError, LineValidator
+    from models.chat import ChatTemplate, ChatTemplateError
 
     jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
     if not jsonl:
@@ -134,9 +140,17 @@ def read_prompts(path: Path) -> Iterator[Item]:
                 if len(errors) >= 20:
                     break
                 continue
+            prompt = parsed.prompt
+            if parsed.messages is not None:
+                try:
+                    prompt = (chat or ChatTemplate.default()).render(parsed.messages)
+                except ChatTemplateError as exc:
+                    errors.append(_where(path, LineError(parsed.line, "messages",
+                                                         "invalid_messages", str(exc))))
+                    continue
             if not errors:
                 extra = {"custom_id": parsed.custom_id} if parsed.custom_id else {}
-                yield parsed.prompt, extra, parsed.params
+                yield prompt, extra, parsed.params
     errors += [_where(path, e) for e in validator.finish() if e.code == "empty_file"]
     if errors:
         raise InputError("\n".join(errors[:20]))
@@ -273,12 +287,16 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.input.is_file():
             print(f"-i: no such file: {args.input}", file=sys.stderr)
             return 2
+        from models.chat import load_chat_template
+
         try:
-            total = count_prompts(args.input)  # also validates every line before loading
-        except InputError as exc:
+            chat = load_chat_template(args.model, template_file=args.chat_template,
+                                      tokenizer=args.tokenizer)
+            total = count_prompts(args.input, chat)  # also validates every line first
+        except (InputError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        items = read_prompts(args.input)
+        items = read_prompts(args.input, chat)
     elif not args.interactive:
         total = args.num_samples
         items = iter([("", {}, {})] * args.num_samples)

@@ -27,7 +27,7 @@ the model to continue::
 A model fine-tuned on it ends its answer with end-of-text (``finish_reason: "stop"``); a
 base model will often go on to write the next ``User:`` turn itself: give
 ``"stop": ["\\nUser:"]`` to end the answer there. ``--chat-template FILE`` on
-``neoxq worker``/``up``/``run`` replaces either template.
+``neoxq worker``/``up``/``run``/``generate`` replaces either template.
 """
 
 from __future__ import annotations

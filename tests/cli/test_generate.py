@@ -211,3 +211,42 @@ def test_bad_inputs(tmp_path, capsys) -> None:
     a, b = read_jsonl(out)
     assert a["finish_reason"] == "error" and "prompt" in a["error"]
     assert b["length"] == 2
+
+
+def test_chat_lines_templates_and_structured_output(tmp_path) -> None:
+    """Lines with messages are rendered as the worker renders them (the default
+    transcript, or --chat-template); a choice or JSON schema constrains that line."""
+    src = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "Hi"}]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                      "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    src.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"messages": msgs, "choice": ["yes", "no"], "max_tokens": 5},
+        {"custom_id": "j", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": msgs, "max_tokens": 40, "temperature": 0,
+                  "response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "n", "schema": schema}}}},
+    ]))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu", "--seed", 3) != 0  # native and OpenAI lines mixed
+    lines = src.read_text().splitlines()
+    src.write_text(lines[0] + "\n")
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu", "--seed", 3) == 0
+    [row] = read_jsonl(out)
+    assert row["context"] == "User: Hi\n\nAssistant:"
+    assert row["finish_reason"] == "stop" and row["text"] in ("yes", "no")
+    src.write_text(lines[1] + "\n")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}>")
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu", "--chat-template", template) == 0
+    [row] = read_jsonl(out)
+    assert row["context"] == "[user] Hi>" and row["custom_id"] == "j"
+    if row["finish_reason"] == "stop":
+        assert 1 <= json.loads(row["text"])["n"] <= 9
+    template.write_text("{{ raise_exception('no chats here') }}")
+    assert run_cli("generate", "preset:tiny", "-i", src, "-o", out, "--quiet",
+                   "--device", "cpu", "--chat-template", template) == 2
