@@ -113,6 +113,12 @@ def test_prefix_caching_flag_reaches_the_engine(tmp_path) -> None:
         args = build_parser().parse_args([*cmd, "--device", "cpu"])
         assert "--no-prefix-caching" not in Stack(
             model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
+        # --chat-template travels the same way to the workers up and run start.
+        args = build_parser().parse_args([*cmd, "--device", "cpu", "--chat-template", "t.j"])
+        argv = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
+        assert argv[argv.index("--chat-template") + 1] == "t.j"
+    worker = build_parser().parse_args(["worker", "--model", "m", "--chat-template", "t.j"])
+    assert worker.chat_template == "t.j"
 
 
 def test_greedy_neox_tp2_checkpoint(tmp_path, tokenizer_path, prompts_file) -> None:
