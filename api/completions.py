@@ -24,9 +24,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
-from api.render import completion_logprobs
+from api.render import chat_logprobs, completion_logprobs
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
-from core.jsonl import ECHO, parse_openai, quoted
+from core.jsonl import CHAT_URL, ECHO, parse_openai, quoted
 from core.settings import Settings
 from store.db import session_scope
 from store.status import WorkerStatus
@@ -274,6 +274,74 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
                             "index": c["index"], "text": "",
                             "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
                             "finish_reason": c["finish_reason"]}]})
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
+                    yield _sse("[DONE]")
+                elif ev.type == "error":
+                    yield _sse(_event_error(ev).body())
+                    yield _sse("[DONE]")
+        except ApiError as exc:
+            yield _sse(exc.body())
+            yield _sse("[DONE]")
+        finally:
+            await lane.abort()  # a no-op once finished; else the client went away
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(request: Request, owner: OwnerDep) -> Any:
+    """A chat completion, whole or streamed (``"stream": true``), as OpenAI's
+    ``/v1/chat/completions``: the worker renders the messages with its checkpoint's chat
+    template (the one chat lines of a batch use); ``response_format`` constrains the
+    output as on batch lines. Runs ahead of batch work on the same workers."""
+    body = await _body(request)
+    stream, include_usage = _stream_options(body)
+    parsed = _check(CHAT_URL, body)
+    settings: Settings = request.app.state.settings
+    cid = _new_id("chatcmpl-")
+    lane = Lane(request, LaneRequest(id=cid, kind="chat", messages=parsed.messages,
+                                     params=parsed.params, stream=stream,
+                                     deadline=_deadline(settings)))
+    await lane.submit()
+    created, model = int(time.time()), parsed.model or settings.model_name
+    if not stream:
+        ev = await lane.result()
+        return SafeJSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": c["index"],
+                         "message": {"role": "assistant", "content": c["text"],
+                                     "refusal": None},
+                         "logprobs": chat_logprobs(c.get("logprobs")),
+                         "finish_reason": c["finish_reason"]} for c in ev.choices],
+            "usage": _usage(ev)})
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": None}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> bytes:
+        return _sse({**head, "choices": [{"index": index, "delta": delta,
+                                          "logprobs": logprobs, "finish_reason": finish}]})
+
+    async def sse() -> AsyncIterator[bytes]:
+        started: set[int] = set()  # choices whose first chunk (the role) went out
+        try:
+            async for ev in lane.events():
+                if ev.type == "delta":
+                    for index, text in sorted(ev.deltas.items()):
+                        if index not in started:
+                            started.add(index)
+                            yield chunk(index, {"role": "assistant", "content": ""})
+                        yield chunk(index, {"content": text})
+                elif ev.type == "done":
+                    for c in ev.choices:
+                        if c["index"] not in started:
+                            started.add(c["index"])
+                            yield chunk(c["index"], {"role": "assistant", "content": ""})
+                        yield chunk(c["index"], {}, c["finish_reason"],
+                                    chat_logprobs(c.get("logprobs")))
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(ev)})
                     yield _sse("[DONE]")

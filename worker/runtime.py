@@ -722,7 +722,9 @@ class WorkerRuntime:
                                exit_on_fatal=exit_on_fatal)
         self.control = Control(self)
         # Synchronous requests, popped from their own Redis list ahead of batch work.
-        self.lane = InteractiveLane(settings, self.loop, worker_id=self.worker_id)
+        # Chats are rendered with the same template as chat lines of a batch.
+        self.lane = InteractiveLane(settings, self.loop, worker_id=self.worker_id,
+                                    render_chat=self.chat_template.render)
         self.draining_since: float | None = None
         self._held_tasks: set[str] = set()  # Celery task ids of chunks running here
         self._held_lock = threading.Lock()

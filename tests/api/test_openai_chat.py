@@ -154,3 +154,51 @@ def test_completions_regex_choice_and_logprobs(live: Live, tmp_path: Path) -> No
     assert by_id["choice"]["text"] in ("yes", "no")
     assert by_id["regex"]["finish_reason"] == "stop"
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", by_id["regex"]["text"])
+
+
+def test_sync_chat_completions(live: Live) -> None:
+    """``client.chat.completions.create``, plain and streamed, on the interactive lane:
+    the worker renders the messages with the template chat lines use (the same prompt
+    as a completion of the rendered text gives the same greedy answer); logprobs in
+    chat's shape; ``response_format`` constrains the answer."""
+    client = OpenAI(base_url=live.url + "/v1", api_key=create_key(live, "sync-chat"),
+                    max_retries=0, timeout=120)
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kw)
+    assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-")
+    (c,) = plain.choices
+    assert c.message.role == "assistant" and c.finish_reason == "length"
+    rendered = ChatTemplate(TEMPLATE).render(
+        [MESSAGES[0], {"role": "user", "content": "Review:\na fine film"}])
+    same = client.completions.create(model="tiny", prompt=rendered, max_tokens=10,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert same.choices[0].text == c.message.content
+    assert same.usage.prompt_tokens == plain.usage.prompt_tokens
+
+    chunks = list(client.chat.completions.create(**kw, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == c.message.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finals[-1] == "length" and set(finals[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == 10
+
+    lp = client.chat.completions.create(**{**kw, "max_tokens": 4}, logprobs=True,
+                                        top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(e.top_logprobs) == 2 for e in content)
+
+    rf = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA,
+                                                 "strict": True}}
+    for seed in range(3):
+        out = client.chat.completions.create(model="tiny", messages=MESSAGES, seed=seed,
+                                             max_tokens=120, response_format=rf)
+        choice = out.choices[0]
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+            break
+    else:
+        raise AssertionError("no schema-constrained answer finished in 120 tokens")
