@@ -191,15 +191,15 @@ class Lane:
             time.time() - last_seen < self.settings.dead_worker_after
 
     async def abort(self) -> None:
-        """Tell the worker to drop the request (the client is gone); never cancelled."""
-        if self.finished:
-            return
-        self.finished = True
+        """The request is over for us: tell the worker to drop it if it is still running
+        (the client is gone) and remove its reply list. Never cancelled itself."""
+        running, self.finished = not self.finished, True
         with anyio.CancelScope(shield=True):
             try:
-                await self.redis.publish(abort_channel(self.settings), self.req.id)
+                if running:
+                    await self.redis.publish(abort_channel(self.settings), self.req.id)
                 await self.redis.delete(self.reply)
-            except Exception:  # noqa: BLE001 - best effort: the worker finishes it anyway
+            except Exception:  # noqa: BLE001 - best effort: the list expires on its own
                 pass
 
     async def result(self) -> LaneEvent:
@@ -284,7 +284,7 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
             yield _sse(exc.body())
             yield _sse("[DONE]")
         finally:
-            await lane.abort()  # a no-op once finished; else the client went away
+            await lane.abort()  # once finished, only the reply list goes
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -352,7 +352,7 @@ async def create_chat_completion(request: Request, owner: OwnerDep) -> Any:
             yield _sse(exc.body())
             yield _sse("[DONE]")
         finally:
-            await lane.abort()  # a no-op once finished; else the client went away
+            await lane.abort()  # once finished, only the reply list goes
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
