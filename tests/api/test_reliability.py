@@ -225,6 +225,9 @@ def test_expired_batches_are_swept_and_report_unrun_items(api: Api) -> None:
     assert ob["status"] == "expired" and ob["expired_at"] and ob["error_file_id"]
     lines = api.client.get(f"/v1/files/{ob['error_file_id']}/content").text.splitlines()
     assert [json.loads(x)["error"]["code"] for x in lines] == ["batch_expired"] * 2
+    # What finished before the window closed stays in the output file.
+    out = api.client.get(f"/v1/files/{ob['output_file_id']}/content").text.splitlines()
+    assert [json.loads(x)["response"]["status_code"] for x in out] == [200]
     assert api.client.post(f"/batches/{b['id']}/cancel").status_code == 409
     assert sweep(api.db, api.settings).expired == 0
 
