@@ -22,13 +22,13 @@ from store.db import make_engine
 
 
 def default_enqueue(settings: Settings) -> Callable[[ChunkPayload], None]:
-    """Publish chunk messages on the settings' Redis queue."""
+    """Publish chunk messages on the Redis queue of their batch's model."""
     from core.celery_app import enqueue_chunk, make_celery
 
     app = make_celery(settings)
 
     def enqueue(payload: ChunkPayload) -> None:
-        enqueue_chunk(payload, app=app, queue=settings.queue)
+        enqueue_chunk(payload, app=app, settings=settings)
 
     return enqueue
 

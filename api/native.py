@@ -69,6 +69,9 @@ def _as_query_type(t: Any) -> Any:
 BatchOptions: type[BaseModel] = create_model(
     "BatchOptions", __config__=ConfigDict(extra="forbid"),
     format=(Literal["auto", "native", "openai"], "auto"),
+    model=(str | None, Field(None, max_length=200, description=(
+        "the model to run on (native lines name none; default the deployment's "
+        "NEOXQ_MODEL_NAME); OpenAI lines name theirs. Unknown names are refused"))),
     on_invalid=(Literal["refuse", "record"], Field(
         "refuse", description="refuse: one bad line refuses the file (nothing runs); record: "
                               "bad lines become item errors and the rest runs")),
@@ -193,13 +196,13 @@ async def create_batch(
             service.run_submission, db=db, settings=settings,
             enqueue=request.app.state.enqueue, path=tmp, owner=owner, fmt=opts.format,
             defaults=batch_defaults, metadata=meta, input_file_id=file_id,
-            on_invalid=opts.on_invalid, with_batch=store_file,
+            on_invalid=opts.on_invalid, with_batch=store_file, model=opts.model,
             on_commit=lambda: tmp.rename(final))  # committed: the content's final name
-    batch = await run_in_threadpool(service.commit, db, lambda s: service.owned_batch(
-        s, report.batch_id, owner))
+    batch, live = await run_in_threadpool(service.commit, db, lambda s: (service.owned_batch(
+        s, report.batch_id, owner), service.live_generation(s, settings)))
     if batch.status == "failed" and batch.errors:
         raise service.refusal(report)
-    return render.native_batch(batch)
+    return render.native_batch(batch, **service.status_of(batch, live))
 
 
 @router.get("/batches", response_model=BatchList)
@@ -270,7 +273,8 @@ def workers_route(
     same list (no batch ids, prompts or results are in it)."""
     rows = list_workers(session=session, seen_within=seen_within)
     return WorkerList(data=[WorkerOut(
-        id=w.id, host=w.host, pid=w.pid, model=w.model, devices=list(w.devices or []),
+        id=w.id, host=w.host, pid=w.pid, model=w.model, checkpoint=w.checkpoint,
+        dtype=w.dtype, devices=list(w.devices or []),
         pipeline_parallel=w.pipeline_parallel, status=w.status, started_at=w.started_at,
         last_seen=w.last_seen, tokens_per_s=w.tokens_per_s, items_done=w.items_done,
         tokens_done=w.tokens_done, prefix_cache_hit_rate=w.prefix_cache_hit_rate)

@@ -20,11 +20,14 @@ from api.schemas import (
     FileDeleted,
     FileList,
     FileObject,
+    ModelList,
+    ModelObject,
     OpenAIBatch,
     OpenAIBatchList,
 )
 from api.uploads import save_multipart, upload_paths
 from core.jsonl import OPENAI_URLS, quoted
+from store.registry import ServedModel, served_models
 from store.status import CUT_SHORT, BatchStatus
 from store.tables import new_id
 from store.views import (
@@ -194,3 +197,35 @@ def cancel_batch_route(batch_id: str, session: SessionDep, owner: OwnerDep,
         batch = ensure_result_files(session=session, batch=batch)
         session.commit()
     return render.openai_batch(batch)
+
+
+def _model_object(m: ServedModel) -> ModelObject:
+    return ModelObject(id=m.name, created=int(m.created_at), owned_by=m.owner, kind=m.kind,
+                       parent=m.base, checkpoint=m.checkpoint, workers=len(m.workers),
+                       dtypes=sorted({w.dtype for w in m.workers if w.dtype}),
+                       pipeline_parallel=sorted({w.pipeline_parallel for w in m.workers}))
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(
+    session: SessionDep, _owner: OwnerDep, settings: SettingsDep,
+    all_: Annotated[bool, Query(alias="all", description=(
+        "every name a batch may ask for, served now or not (a batch for one that no "
+        "live worker serves waits for one)"))] = False,
+) -> ModelList:
+    """The models live workers serve now: each with how many workers, their dtypes and
+    pipeline sizes. Batches name one of these (or, with ``all``, any known name)."""
+    models = served_models(session=session, within=settings.dead_worker_after,
+                           default=settings.model_name, include_idle=all_)
+    return ModelList(data=[_model_object(m) for m in models])
+
+
+@router.get("/models/{model:path}", response_model=ModelObject)
+def retrieve_model(model: str, session: SessionDep, _owner: OwnerDep,
+                   settings: SettingsDep) -> ModelObject:
+    """One known model (served now or not); 404 for a name the store does not know."""
+    for m in served_models(session=session, within=settings.dead_worker_after,
+                           default=settings.model_name, include_idle=True):
+        if m.name == model:
+            return _model_object(m)
+    raise not_found("model", model)

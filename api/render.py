@@ -94,16 +94,17 @@ def batch_rates(batch: Batch, *, tokens_per_s: float = 0.0, inflight_tokens: flo
     return tokens_per_s, items_per_s, remaining / tokens_per_s
 
 
-def native_batch(batch: Batch, **live: float) -> BatchStatus:
+def native_batch(batch: Batch, waiting: str | None = None, **live: float) -> BatchStatus:
     """A batch as the native API shows it, with progress, rates and ETA (``live``: what
-    the workers report generating for it, :func:`batch_rates`)."""
+    the workers report generating for it, :func:`batch_rates`) and ``waiting``: why it
+    makes no progress (no live worker serves its model)."""
     done = batch.request_completed + batch.request_failed
     pending = max(batch.request_total - done, 0)
     tokens_per_s, items_per_s, eta = batch_rates(batch, **live)
     errors = _line_errors(batch)
     return BatchStatus(
         id=batch.id, status=batch.status, format=batch.format, endpoint=batch.endpoint,
-        model=batch.model,
+        model=batch.model, waiting=waiting,
         counts=Counts(total=batch.request_total, completed=batch.request_completed,
                       failed=batch.request_failed, pending=pending),
         progress=done / batch.request_total if batch.request_total else 0.0,

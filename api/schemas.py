@@ -45,6 +45,9 @@ class BatchStatus(BaseModel):
     format: str
     endpoint: str
     model: str | None
+    waiting: str | None = Field(None, description=(
+        "why an unfinished batch makes no progress: no live worker serves its model "
+        "(it runs once one does); null otherwise"))
     counts: Counts
     progress: float = Field(description="fraction of items with a result, 0..1")
     tokens: Tokens
@@ -85,7 +88,9 @@ class WorkerOut(BaseModel):
     id: str
     host: str
     pid: int
-    model: str
+    model: str = Field(description="the model name it serves (batches naming it run here)")
+    checkpoint: str | None = Field(None, description="what it loaded for that name")
+    dtype: str | None = None
     devices: list[Any]
     pipeline_parallel: int
     status: str
@@ -229,3 +234,24 @@ class CreateBatchRequest(BaseModel):
         if bad is not None:
             raise ValueError(f"{bad[0]}: {bad[1]}")
         return self
+
+
+class ModelObject(BaseModel):
+    """A model as OpenAI's ``/v1/models`` shows it, with what neoxq knows of it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: str = Field(description="base, or fine-tuned (a job's result)")
+    parent: str | None = Field(None, description="a fine-tuned model's base")
+    checkpoint: str | None = Field(None, description="what workers load for this name")
+    workers: int = Field(description="live workers serving it now")
+    dtypes: list[str] = Field(default_factory=list, description="their dtypes")
+    pipeline_parallel: list[int] = Field(default_factory=list,
+                                         description="their pipeline sizes")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

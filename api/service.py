@@ -5,6 +5,7 @@ the request's session)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from store.queries import (
     live_workers,
     request_cancel,
 )
+from store.registry import live_model_names, waiting_reason
 from store.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
 from store.tables import Batch, File
 from store.views import iter_batch_results, iter_unrun_items
@@ -36,7 +38,8 @@ def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Pa
                    metadata: dict[str, Any], input_file_id: str, on_invalid: str,
                    endpoint: str | None = None, completion_window: str = "24h",
                    with_batch: Callable[[Session], None] | None = None,
-                   on_commit: Callable[[], None] | None = None) -> IngestReport:
+                   on_commit: Callable[[], None] | None = None,
+                   model: str | None = None) -> IngestReport:
     """Ingest a stored upload into a new batch and enqueue it (blocking: run in a thread).
     ``with_batch``/``on_commit`` as :func:`store.ingest.submit_batch`'s."""
     try:
@@ -46,7 +49,7 @@ def run_submission(*, db: Engine, settings: Settings, enqueue: Enqueue, path: Pa
                                 input_file_id=input_file_id, on_invalid=on_invalid,  # type: ignore[arg-type]
                                 completion_window=completion_window, enqueue=enqueue,
                                 settings=settings, with_batch=with_batch,
-                                on_commit=on_commit)
+                                on_commit=on_commit, model=model)
     except ValueError as exc:  # bad batch-level defaults
         msg = str(exc)
         raise ApiError(400, msg, code="invalid_value", param=msg.split(":", 1)[0]) from None
@@ -75,17 +78,29 @@ def refusal(report: IngestReport) -> ApiError:
                     errors=errors)
 
 
-def live_generation(session: Session, settings: Settings) -> dict[str, dict[str, float]]:
-    """What the live workers generate per batch (:func:`store.queries.batch_generation`);
-    read once per request, then :func:`status_of` for each batch shown."""
-    return batch_generation(session=session, within=settings.dead_worker_after)
+@dataclass(frozen=True)
+class LiveView:
+    """What the live workers do now: generation per batch, and the models they serve."""
+
+    rates: dict[str, dict[str, float]]
+    served: set[str]
 
 
-def status_of(batch: Batch, live: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The live figures of a batch, as :func:`api.render.native_batch` takes them."""
+def live_generation(session: Session, settings: Settings) -> LiveView:
+    """What the live workers generate per batch (:func:`store.queries.batch_generation`)
+    and which models they serve; read once per request, then :func:`status_of` for each
+    batch shown."""
+    within = settings.dead_worker_after
+    return LiveView(rates=batch_generation(session=session, within=within),
+                    served=live_model_names(session=session, within=within))
+
+
+def status_of(batch: Batch, live: LiveView) -> dict[str, Any]:
+    """The live figures of a batch, and why it waits if no live worker serves its model,
+    as :func:`api.render.native_batch` takes them."""
     if is_terminal(batch.status):
         return {}
-    return dict(live.get(batch.id, {}))
+    return {**live.rates.get(batch.id, {}), "waiting": waiting_reason(batch.model, live.served)}
 
 
 def owned_batch(session: Session, batch_id: str, owner: str) -> Batch:

@@ -278,6 +278,10 @@ def _summary(b: dict[str, Any]) -> str:
              f"{b['tokens']['prompt']} prompt; {b['tokens_per_s']:.1f} tok/s "
              + ("over the run" if b["status"] in TERMINAL else "now"),
              f"  eta       {_eta(b['eta_s'])}"]
+    if b.get("model"):
+        lines.insert(1, f"  model     {b['model']}")
+    if b.get("waiting"):
+        lines.append(f"  waiting   {b['waiting']}")
     for e in (b.get("errors") or [])[:10]:
         lines.append(f"  error     {e['message']}")
     return "\n".join(lines)
@@ -367,8 +371,9 @@ def follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
         while True:
             c = batch["counts"]
             bar.n = c["completed"] + c["failed"]
+            state = batch.get("waiting") or batch["status"]
             bar.set_postfix_str(f"{batch['tokens_per_s']:.1f} tok/s, ETA {_eta(batch['eta_s'])}"
-                                f", {batch['status']}", refresh=False)
+                                f", {state}", refresh=False)
             bar.refresh()
             if batch["status"] in TERMINAL:
                 return batch
@@ -428,7 +433,8 @@ def _cmd_batches(args: argparse.Namespace) -> int:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b["created_at"]))
             print(f"{b['id']:<32} {b['status']:<12} "
                   f"{str(c['completed'] + c['failed']) + '/' + str(c['total']):>13} "
-                  f"{c['failed']:>7} {b['tokens_per_s']:>8.1f}  {created}")
+                  f"{c['failed']:>7} {b['tokens_per_s']:>8.1f}  {created}"
+                  + (f"  ({b['waiting']})" if b.get("waiting") else ""))
         if page["has_more"]:
             print(f"(more: --after {page['last_id']})")
         return 0

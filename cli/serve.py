@@ -31,7 +31,13 @@ def _add_worker(sub: Any) -> None:
             "and exits."
         ),
     )
-    p.add_argument("--model", required=True, help="preset:NAME, an HF dir, a NeoX YAML, ...")
+    p.add_argument("--model", required=True,
+                   help="preset:NAME, an HF dir, a NeoX YAML, ..., or a name in the store's "
+                        "model registry (a fine-tuned ft:BASE:SUFFIX:JOBID loads from where "
+                        "its job wrote it)")
+    p.add_argument("--name", default=None,
+                   help="the model name this worker serves: batches naming it run here "
+                        "(default NEOXQ_MODEL_NAME; a registry name serves itself)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default by device)")
     p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
@@ -64,6 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(
         WorkerOptions(
             model=args.model,
+            name=args.name,
             device=args.device,
             dtype=args.dtype,
             pipeline_parallel=args.pipeline_parallel,

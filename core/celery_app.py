@@ -101,9 +101,25 @@ def queue_depth(app: Celery, queue: str) -> int:
         return int(conn.default_channel.queue_declare(queue=queue).message_count)
 
 
+def model_queue(settings: Settings, model: str | None) -> str:
+    """The queue of ``model``'s chunks: each model has its own, consumed only by workers
+    serving it, so one fleet holds several models. The default model (``model_name``,
+    what batches naming none get) keeps the plain configured queue, so a single-model
+    deployment's queue is what it always was."""
+    if not model or model == settings.model_name:
+        return settings.queue
+    return f"{settings.queue}@{model}"
+
+
 def enqueue_chunk(payload: ChunkPayload, *, app: Celery | None = None,
-                  queue: str | None = None) -> None:
-    """Publish one chunk message on the configured queue."""
+                  queue: str | None = None, settings: Settings | None = None) -> None:
+    """Publish one chunk message: on ``queue``, or with ``settings`` on the queue of the
+    payload's model, or else on the app's default queue."""
     app = app or get_celery()
+    if queue is None and settings is not None:
+        queue = model_queue(settings, payload.model)
     q = queue or app.conf.task_default_queue
-    app.send_task(RUN_CHUNK, kwargs={"chunk": payload.model_dump()}, queue=q, routing_key=q)
+    # A declared Queue, not its name: the app refuses names it has not declared
+    # (task_create_missing_queues=False), and model queues come and go with the registry.
+    app.send_task(RUN_CHUNK, kwargs={"chunk": payload.model_dump(exclude_none=True)},
+                  queue=Queue(q, routing_key=q), routing_key=q)

@@ -22,6 +22,9 @@ class ChunkPayload(BaseModel):
     batch_id: str = Field(min_length=1, max_length=64)
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    # The batch's model: which queue the message goes to (core.celery_app.model_queue).
+    # Workers read everything else from the store.
+    model: str | None = Field(default=None, max_length=200)
 
     @model_validator(mode="after")
     def _range(self) -> ChunkPayload:

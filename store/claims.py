@@ -77,14 +77,17 @@ def claim_range(*, session: Session, batch_id: str, start: int, end: int, worker
 
 
 def claim_unstarted(*, session: Session, worker_id: str, limit: int,
-                    live_within: float) -> list[ClaimedItem]:
+                    live_within: float, batches: ColumnElement[bool] | None = None,
+                    ) -> list[ClaimedItem]:
     """For an idle worker: claim up to ``limit`` queued items of running batches, oldest
     batch first, from the end of the batch backwards - the items the holders of its
     chunks would reach last. Items of a dead worker are left to the holders of their
-    chunks, which notice them when their own part is done."""
-    batch_ids = list(session.scalars(select(Batch.id)
-                                     .where(Batch.status == BatchStatus.IN_PROGRESS)
-                                     .order_by(Batch.created_at)))
+    chunks, which notice them when their own part is done. ``batches``: a condition on
+    the batches it may take from (those of the model it serves, store/registry.py)."""
+    q = select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS)
+    if batches is not None:
+        q = q.where(batches)
+    batch_ids = list(session.scalars(q.order_by(Batch.created_at)))
     got: list[ClaimedItem] = []
     for batch_id in batch_ids:
         ids = (select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.QUEUED)

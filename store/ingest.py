@@ -34,7 +34,7 @@ from typing import IO, Any, Literal
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
-from core.jsonl import SAMPLING_DEFAULTS, LineError, LineValidator, check_defaults
+from core.jsonl import SAMPLING_DEFAULTS, LineError, LineValidator, ParsedLine, check_defaults
 from core.payloads import ChunkPayload
 from core.settings import Settings, get_settings
 from store.db import session_scope
@@ -49,6 +49,7 @@ from store.queries import (
     set_batch_status,
 )
 from store.records import ResultRow
+from store.registry import known_models
 from store.status import BatchStatus, ItemStatus
 from store.tables import Item, new_id, now
 
@@ -147,11 +148,15 @@ def _ingest(
     fmt: Literal["native", "openai", "auto"], defaults: dict[str, Any], on_invalid: OnInvalid,
     settings: Settings, block: int, max_errors: int, workers: int = 1,
     endpoint: str | None = None,
+    known: set[str] | None = None,
 ) -> IngestReport:
     """Validate ``source`` line by line and insert the batch's items into ``session``'s
     transaction (the caller commits or rolls back). ``report.status`` says which:
     ``failed`` means refused (nothing of it may be kept). Without a session it only
-    validates. ``workers``: the live workers the chunks are cut for (ChunkPlanner)."""
+    validates. ``workers``: the live workers the chunks are cut for (ChunkPlanner).
+    ``known``: the model names lines may ask for (store/registry.py); a line naming
+    another, or a model other than the file's first line's, is a bad line (a batch runs
+    on one model's workers)."""
     t0 = time.perf_counter()
     report = IngestReport(batch_id=batch_id, status=BatchStatus.VALIDATING)
     validator = LineValidator(fmt, defaults=defaults, max_lines=settings.max_lines,
@@ -178,6 +183,8 @@ def _ingest(
         if validator.too_many:
             refused = True
             continue
+        if parsed.model is not None and known is not None:
+            _check_model(parsed, validator.first_model, known)
         if not parsed.ok:
             report.invalid += 1
             if len(report.errors) < max_errors:
@@ -229,6 +236,18 @@ def _ingest(
     return report
 
 
+def _check_model(parsed: ParsedLine, first: str | None, known: set[str]) -> None:
+    if first is not None and parsed.model != first:
+        parsed.errors.append(LineError(
+            parsed.line, "body.model", "mismatched_model",
+            f"every line of a batch names the same model: {first!r} (the first line's) "
+            f"expected, got {parsed.model!r}"))
+    elif parsed.model not in known:
+        parsed.errors.append(LineError(
+            parsed.line, "body.model", "model_not_found",
+            f"unknown model {parsed.model!r}; known: {', '.join(sorted(known))}"))
+
+
 def _record_bad_lines(session: Session, batch_id: str) -> None:
     """Bad lines run as item errors (``on_invalid=record``): their results are written
     with the items, counted failed."""
@@ -263,6 +282,7 @@ def submit_batch(
     on_commit: Callable[[], None] | None = None,
     block: int = 2000,
     max_errors: int = 1000,
+    model: str | None = None,
 ) -> IngestReport:
     """Create a batch, ingest ``source`` into it and enqueue its chunks.
 
@@ -276,6 +296,10 @@ def submit_batch(
     bad line; neither callback runs then, and a ``with_batch`` caller's
     ``input_file_id`` is dropped from that row (the file row it would have written is
     not there).
+
+    ``model`` names the model for lines that name none (native lines; default the
+    deployment's ``model_name``); OpenAI lines name theirs. A model unknown to the
+    registry refuses the file; a known one no live worker serves is accepted and waits.
 
     Returns the report; the batch is ``in_progress`` (chunks enqueued),
     ``completed``/``failed`` (nothing to run), or ``failed`` with ``errors`` (refused).
@@ -292,19 +316,36 @@ def submit_batch(
         app = make_celery(s)
 
         def enqueue(p: ChunkPayload) -> None:
-            enqueue_chunk(p, app=app, queue=s.queue)
+            enqueue_chunk(p, app=app, settings=s)
 
     batch_values: dict[str, Any] = dict(
         owner=owner, endpoint=endpoint or ("/v1/completions" if fmt == "openai" else "native"),
         input_file_id=input_file_id, completion_window=completion_window,
         defaults=defaults, metadata=metadata, batch_id=batch_id or new_id("batch_"),
-        model=s.model_name)
+        model=model or s.model_name)
     final: str | None = None
     with session_scope(engine) as session:
-        workers = len(live_workers(session=session, within=s.dead_worker_after))
+        live = live_workers(session=session, within=s.dead_worker_after)
+        known = known_models(session=session, default=s.model_name)
+    # Chunks are cut for the workers that will run them: those serving this batch's model
+    # (an OpenAI file names it on its lines, which only ingestion reads: all live ones then).
+    serving = [w for w in live if w.model == batch_values["model"]] if fmt == "native" else live
     ingest_args: dict[str, Any] = dict(
         batch_id=batch_values["batch_id"], fmt=fmt, defaults=defaults, on_invalid=on_invalid,
-        settings=s, block=block, max_errors=max_errors, workers=workers, endpoint=endpoint)
+        settings=s, block=block, max_errors=max_errors, workers=len(serving), known=known,
+        endpoint=endpoint)
+    if model is not None and model not in known:
+        report = IngestReport(batch_id=batch_values["batch_id"], status=BatchStatus.FAILED,
+                              errors=[LineError(0, "model", "model_not_found",
+                                                f"unknown model {model!r}; known: "
+                                                f"{', '.join(sorted(known))}")])
+        if with_batch is not None:
+            batch_values["input_file_id"] = None
+        with session_scope(engine) as session:
+            create_batch(session=session, fmt=fmt if fmt != "auto" else "native",
+                         status=BatchStatus.FAILED,
+                         errors=[e.as_dict() for e in report.errors], **batch_values)
+        return report
     if on_invalid == "refuse" and hasattr(source, "seekable") and source.seekable():
         # A stored upload can be read twice: validate it all first, so that refusing a
         # file with a bad last line costs a read, not 50,000 inserts rolled back (~10 s
@@ -349,7 +390,8 @@ def submit_batch(
         return report
     try:
         for start, end in report.chunks:
-            enqueue(ChunkPayload(batch_id=report.batch_id, start=start, end=end))
+            enqueue(ChunkPayload(batch_id=report.batch_id, start=start, end=end,
+                                 model=report.model or batch_values["model"]))
     except Exception as exc:
         # The broker is down: fail the batch rather than leave it in_progress forever.
         # Chunks already sent find a failed batch and do nothing.
@@ -363,10 +405,12 @@ def submit_batch(
     return report
 
 
-def enqueue_chunks(*, batch_id: str, chunks: Iterable[tuple[int, int]], enqueue: Enqueue) -> int:
-    """Send chunk messages for ``chunks`` (re-enqueueing a batch by hand); returns the count."""
+def enqueue_chunks(*, batch_id: str, chunks: Iterable[tuple[int, int]], enqueue: Enqueue,
+                   model: str | None = None) -> int:
+    """Send chunk messages for ``chunks`` (re-enqueueing a batch by hand) to ``model``'s
+    queue; returns the count."""
     n = 0
     for start, end in chunks:
-        enqueue(ChunkPayload(batch_id=batch_id, start=start, end=end))
+        enqueue(ChunkPayload(batch_id=batch_id, start=start, end=end, model=model))
         n += 1
     return n

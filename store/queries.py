@@ -348,8 +348,10 @@ def count_items(*, session: Session, batch_id: str) -> dict[str, int]:
 
 
 def register_worker(*, session: Session, worker_id: str, host: str, pid: int, model: str,
-                    devices: Iterable[str], pipeline_parallel: int) -> None:
-    """Insert or refresh a worker's row at start-up."""
+                    devices: Iterable[str], pipeline_parallel: int,
+                    checkpoint: str | None = None, dtype: str | None = None) -> None:
+    """Insert or refresh a worker's row at start-up: ``model`` is the name it serves,
+    ``checkpoint`` and ``dtype`` what it loaded."""
     t = now()
     w = session.get(Worker, worker_id)
     if w is None:
@@ -357,6 +359,7 @@ def register_worker(*, session: Session, worker_id: str, host: str, pid: int, mo
         session.add(w)
     w.host, w.pid, w.model, w.devices = host, pid, model, list(devices)
     w.pipeline_parallel, w.status = pipeline_parallel, WorkerStatus.STARTING
+    w.checkpoint, w.dtype = checkpoint, dtype
     w.started_at, w.last_seen = t, t
     w.tokens_per_s, w.items_done, w.tokens_done, w.batch_rates = 0.0, 0, 0, {}
 

@@ -1,4 +1,4 @@
-"""The SQL tables: API keys, files, batches, items, results and workers.
+"""The SQL tables: API keys, files, batches, items, results, workers and models.
 
 The store is the source of truth; Redis only carries chunk descriptors that point here.
 Conventions:
@@ -213,6 +213,9 @@ class Worker(Base):
     model: Mapped[str] = mapped_column(String(512))
     devices: Mapped[list[Any]] = mapped_column(JSON, default=list)
     pipeline_parallel: Mapped[int] = mapped_column(Integer, default=1)
+    # ``model`` is the name the worker serves (batches name it); these say what it loaded.
+    checkpoint: Mapped[str | None] = mapped_column(String(1024))
+    dtype: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=WorkerStatus.STARTING.value)
     started_at: Mapped[float] = mapped_column(Float, default=now)
     last_seen: Mapped[float] = mapped_column(Float, default=now)
@@ -225,3 +228,23 @@ class Worker(Base):
     # {batch id: {"tokens_per_s", "inflight_tokens", ...}} as of the last heartbeat: this worker's
     # generation per batch, counted as tokens are generated (worker/meter.py).
     batch_rates: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
+
+
+class Model(Base):
+    """The model registry: every name a batch may ask for (store/registry.py).
+
+    A base model is recorded when a worker first announces it; a fine-tuned result
+    (``ft:BASE:SUFFIX:JOBID``) when its job succeeds, with where its files are, so that
+    ``neoxq worker --model ft:...`` can load it by name on any host that sees the path.
+    """
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="base")  # base | fine-tuned
+    # What a worker loads for this name: preset:NAME, an HF dir, a NeoX YAML, a neoxq dir.
+    checkpoint: Mapped[str | None] = mapped_column(String(1024))
+    base: Mapped[str | None] = mapped_column(String(200))  # fine-tuned: the base's name
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(64), default="system")
+    created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -23,6 +23,7 @@ class WorkerOptions:
     """What ``neoxq worker`` was asked for; None means "from the settings"."""
 
     model: str
+    name: str | None = None  # the model name served; None: the registry's or model_name
     device: str | None = None
     dtype: str | None = None
     pipeline_parallel: int = 1
@@ -43,11 +44,38 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_model(opts: WorkerOptions, settings: Any, db: Any) -> tuple[str, str]:
+    """``(served name, checkpoint)`` for ``opts``: a registry name (a fine-tuned result)
+    loads the checkpoint the registry records and serves under its own name; anything
+    else is a checkpoint, served as ``--name`` or the deployment's default model name."""
+    from store.db import session_scope
+    from store.registry import get_model, is_fine_tuned_name
+
+    with session_scope(db) as session:
+        entry = get_model(session=session, name=opts.model)
+        checkpoint = entry.checkpoint if entry is not None else None
+    if checkpoint and (is_fine_tuned_name(opts.model) or not _looks_like_checkpoint(opts.model)):
+        if opts.name and opts.name != opts.model:
+            raise SystemExit(f"--name {opts.name}: a registry model serves under its own "
+                             f"name ({opts.model})")
+        return opts.model, checkpoint
+    if is_fine_tuned_name(opts.model):
+        raise SystemExit(f"--model {opts.model}: no such model in the store's registry "
+                         "(a fine-tuned model is registered when its job succeeds)")
+    return opts.name or settings.model_name, opts.model
+
+
+def _looks_like_checkpoint(spec: str) -> bool:
+    from pathlib import Path
+
+    return spec.startswith("preset:") or Path(spec).exists()
+
+
 def run_worker(opts: WorkerOptions) -> int:
     """Build the engine, register the worker, consume until SIGTERM/SIGINT; exit code."""
     from celery import signals
 
-    from core.celery_app import make_celery
+    from core.celery_app import make_celery, model_queue
     from core.settings import get_settings
     from models.chat import load_chat_template
     from models.dtypes import parse_dtype
@@ -64,6 +92,11 @@ def run_worker(opts: WorkerOptions) -> int:
         "worker_concurrency": opts.concurrency,
     }.items() if v}
     settings = get_settings().model_copy(update=overrides)
+    db = make_engine(settings.db_url)
+    served, checkpoint = resolve_model(opts, settings, db)
+    # This worker consumes its model's queue only; the broker helpers, the tail sharing
+    # and the reconcile sweep read settings.queue, so they all stay within that model.
+    settings = settings.model_copy(update={"queue": model_queue(settings, served)})
     device = opts.device or _default_device()
     try:
         dtype = parse_dtype(opts.dtype, device)
@@ -71,24 +104,25 @@ def run_worker(opts: WorkerOptions) -> int:
         raise SystemExit(f"--{exc}") from None
 
     try:  # before the model: a bad template should not cost a 20B load
-        chat = load_chat_template(opts.model, template_file=opts.chat_template,
+        chat = load_chat_template(checkpoint, template_file=opts.chat_template,
                                   tokenizer=opts.tokenizer)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"--chat-template: {exc}") from None
     log.info("chat template: %s", chat.source)
     # The model is loaded once, before anything is consumed: a chunk never waits for it.
-    log.info("loading %s on %s (%s, pipeline_parallel=%d)", opts.model, device,
-             str(dtype).removeprefix("torch."), opts.pipeline_parallel)
-    engine = build_engine(opts.model, device=device, dtype=dtype,
+    dtype_name = str(dtype).removeprefix("torch.")
+    log.info("loading %s (serving %r) on %s (%s, pipeline_parallel=%d)", checkpoint, served,
+             device, dtype_name, opts.pipeline_parallel)
+    engine = build_engine(checkpoint, device=device, dtype=dtype,
                           pipeline_parallel=opts.pipeline_parallel, tokenizer=opts.tokenizer,
                           **opts.engine_kwargs)
-    db = make_engine(settings.db_url)
     devices = [device] if opts.pipeline_parallel == 1 else [
         f"{device}:{i}" for i in range(opts.pipeline_parallel)]
     worker_id = opts.worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=opts.model,
+    runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=served,
                             devices=devices, pipeline_parallel=opts.pipeline_parallel,
-                            exit_on_fatal=True, chat_template=chat)
+                            exit_on_fatal=True, chat_template=chat, checkpoint=checkpoint,
+                            dtype=dtype_name)
     runtime.start()
     from worker.metrics import start_metrics  # Prometheus (issue 8); off when port is 0
 

@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, select
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
 from store.db import session_scope
+from store.registry import batches_for
 from store.status import UNFINISHED_ITEMS, BatchStatus
 from store.tables import Batch, Item, Result
 from worker.broker import Range, broker_chunks
@@ -56,12 +57,16 @@ def _outside(indexes: Iterable[int], ranges: list[Range]) -> list[int]:
     return out
 
 
-def uncovered(db: Engine, covered: dict[str, list[Range]]) -> dict[str, list[Range]]:
-    """Per in-progress batch, the item ranges that need running and no message covers."""
+def uncovered(db: Engine, covered: dict[str, list[Range]],
+              batches: ColumnElement[bool] | None = None) -> dict[str, list[Range]]:
+    """Per in-progress batch (of those ``batches`` selects), the item ranges that need
+    running and no message covers."""
     out: dict[str, list[Range]] = {}
     with session_scope(db) as session:
-        batch_ids = list(session.scalars(
-            select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS)))
+        q = select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS)
+        if batches is not None:
+            q = q.where(batches)
+        batch_ids = list(session.scalars(q))
         for batch_id in batch_ids:
             done = select(Result.item_id).where(Result.batch_id == batch_id)
             indexes = session.scalars(
@@ -75,13 +80,18 @@ def uncovered(db: Engine, covered: dict[str, list[Range]]) -> dict[str, list[Ran
 
 
 def reconcile(db: Engine, r: Any, settings: Settings,
-              enqueue: Callable[[ChunkPayload], None], *, settle: float = 1.0) -> int:
-    """One sweep; returns how many chunk messages were sent again."""
-    first = uncovered(db, broker_chunks(r, settings))
+              enqueue: Callable[[ChunkPayload], None], *, settle: float = 1.0,
+              model: str | None = None) -> int:
+    """One sweep; returns how many chunk messages were sent again. With ``model``, only
+    that model's batches, whose messages live on ``settings.queue`` (a worker's settings
+    name its model's queue); their messages are sent again with the model, so to that
+    queue."""
+    batches = batches_for(model, settings.model_name) if model else None
+    first = uncovered(db, broker_chunks(r, settings), batches)
     if not first:
         return 0
     time.sleep(settle)
-    second = uncovered(db, broker_chunks(r, settings))
+    second = uncovered(db, broker_chunks(r, settings), batches)
     sent = 0
     for batch_id, ranges in second.items():
         before = set(first.get(batch_id, []))
@@ -90,7 +100,7 @@ def reconcile(db: Engine, r: Any, settings: Settings,
                 continue  # appeared since the first look: give it another sweep
             for s in range(start, end, settings.chunk_items):
                 enqueue(ChunkPayload(batch_id=batch_id, start=s,
-                                     end=min(end, s + settings.chunk_items)))
+                                     end=min(end, s + settings.chunk_items), model=model))
                 sent += 1
             log.warning("batch %s: items [%d, %d) had no message; enqueued again",
                         batch_id, start, end)
@@ -98,10 +108,12 @@ def reconcile(db: Engine, r: Any, settings: Settings,
 
 
 def reconcile_locked(db: Engine, r: Any, settings: Settings,
-                     enqueue: Callable[[ChunkPayload], None]) -> int:
+                     enqueue: Callable[[ChunkPayload], None], *,
+                     model: str | None = None) -> int:
     """:func:`reconcile` under a Redis lock, so workers take turns rather than all
-    sweeping (and re-enqueueing) at once."""
-    key = f"{settings.redis_key_prefix}neoxq:reconcile"
+    sweeping (and re-enqueueing) at once; one lock per queue, since each model's workers
+    sweep their own model's batches."""
+    key = f"{settings.redis_key_prefix}neoxq:reconcile:{settings.queue}"
     if not r.set(key, "1", nx=True, ex=max(5, int(settings.reconcile_interval))):
         return 0
-    return reconcile(db, r, settings, enqueue)
+    return reconcile(db, r, settings, enqueue, model=model)

@@ -76,6 +76,7 @@ from store.queries import (
     register_worker,
 )
 from store.records import ResultRow
+from store.registry import announce_model, batches_for
 from store.status import STOPPED, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
@@ -705,14 +706,17 @@ class WorkerRuntime:
     def __init__(self, engine: InferenceEngine, db: SQLEngine, settings: Settings, *,
                  worker_id: str | None = None, model: str = "",
                  devices: Sequence[str] = (), pipeline_parallel: int = 1,
-                 exit_on_fatal: bool = False, chat_template: ChatTemplate | None = None
-                 ) -> None:
+                 exit_on_fatal: bool = False, chat_template: ChatTemplate | None = None,
+                 checkpoint: str | None = None, dtype: str | None = None) -> None:
+        # ``model``: the name this worker serves (its batches name it; settings.queue is
+        # that model's queue); ``checkpoint`` and ``dtype``: what it loaded.
         self.settings = settings
         # Chat lines' messages become prompts here, with the checkpoint's template.
         self.chat_template = chat_template or load_chat_template(None)
         self.db = db
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.model, self.devices, self.pipeline_parallel = model, list(devices), pipeline_parallel
+        self.checkpoint, self.dtype = checkpoint, dtype
         self.items_done = 0
         self.tokens_done = 0
         self.tokens_per_s = 0.0  # the meter's, as of the last heartbeat
@@ -749,7 +753,10 @@ class WorkerRuntime:
         with session_scope(self.db) as session:
             register_worker(session=session, worker_id=self.worker_id,
                             host=socket.gethostname(), pid=os.getpid(), model=self.model,
-                            devices=self.devices, pipeline_parallel=self.pipeline_parallel)
+                            devices=self.devices, pipeline_parallel=self.pipeline_parallel,
+                            checkpoint=self.checkpoint, dtype=self.dtype)
+            if self.model:
+                announce_model(session=session, name=self.model, checkpoint=self.checkpoint)
             # A previous life under this id (killed) may have left claims: they are ours
             # to give back, since to others this id now looks alive again.
             release_worker(session=session, worker_id=self.worker_id)
@@ -1016,7 +1023,8 @@ class WorkerRuntime:
         try:
             with session_scope(self.db) as session:
                 claimed = claim_unstarted(session=session, worker_id=self.worker_id,
-                                          limit=slots, live_within=self.settings.dead_worker_after)
+                                          limit=slots, live_within=self.settings.dead_worker_after,
+                                          batches=self._my_batches())
                 batches = {c[1] for c in claimed}
                 defaults: dict[str, dict[str, Any]] = {}
                 if batches:
@@ -1121,10 +1129,15 @@ class WorkerRuntime:
 
         if self._app is None:
             self._app = make_celery(self.settings)
+        # Every batch swept is this worker's model's: its chunks go back to our own queue.
         app, q = self._app, self.settings.queue
         sweep = reconcile if now else reconcile_locked
         return sweep(self.db, self.redis, self.settings,
-                     lambda p: enqueue_chunk(p, app=app, queue=q))
+                     lambda p: enqueue_chunk(p, app=app, queue=q), model=self.model or None)
+
+    def _my_batches(self) -> Any:
+        """The batches this worker may run: its model's (all of them when it names none)."""
+        return batches_for(self.model, self.settings.model_name) if self.model else None
 
     def touch_messages(self) -> None:
         """Refresh the broker's index time of the chunk messages this worker runs (its

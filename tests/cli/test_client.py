@@ -117,7 +117,7 @@ def test_submit_plain_text_with_prompts_and_line_numbers(env: Live, tmp_path: Pa
     # OpenAI Batch lines get their body's prompt
     oa = write(tmp_path / "oa.jsonl", [{"custom_id": "a", "method": "POST",
                                         "url": "/v1/completions",
-                                        "body": {"model": "m", "prompt": "Hi there",
+                                        "body": {"model": "gpt-neox-20b", "prompt": "Hi there",
                                                  "max_tokens": 2}}])
     assert main(["submit", str(oa), "--wait", "-o", str(out), "--include-prompt",
                  "--poll", "0.2"]) == 0

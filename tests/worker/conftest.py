@@ -64,7 +64,7 @@ class Cluster:
 
         def enqueue(p: Any) -> None:
             if not (drop and drop(p)):
-                enqueue_chunk(p, app=app, queue=self.settings.queue)
+                enqueue_chunk(p, app=app, settings=self.settings)
 
         return submit_batch(engine=self.db, source=io.BytesIO(data), settings=self.settings,
                             enqueue=enqueue, **kw)
