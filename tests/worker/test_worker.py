@@ -82,7 +82,9 @@ def test_two_workers_share_one_batch(pg_cluster) -> None:
     with session_scope(c.db) as s:
         workers = {w.id: w for w in s.scalars(select(Worker))}
     assert set(workers) == {"w1", "w2"}
-    assert all(w.model == "preset:tiny" and w.devices == ["cpu"] for w in workers.values())
+    # model: the name served (the default here); checkpoint: what it loaded
+    assert all((w.model, w.checkpoint, w.devices) == (c.settings.model_name, "preset:tiny", ["cpu"])
+               for w in workers.values())
     assert all(time.time() - w.last_seen < 10 for w in workers.values())
     c.wait_for(lambda: items_done(c) >= 200, 10, "heartbeats with the final counts")
 
