@@ -22,9 +22,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from api import service
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
 from api.render import chat_logprobs, completion_logprobs
+from core.celery_app import model_queue
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
 from core.jsonl import CHAT_URL, ECHO, parse_openai, quoted
 from core.settings import Settings
@@ -104,9 +106,11 @@ def _usage(ev: LaneEvent) -> dict[str, int]:
 class Lane:
     """One request's trip through the interactive lane, from the API's side."""
 
-    def __init__(self, request: Request, req: LaneRequest) -> None:
+    def __init__(self, request: Request, req: LaneRequest, model: str | None = None) -> None:
         self.request, self.req = request, req
         self.settings: Settings = request.app.state.settings
+        # Requests go to the lane of their model's queue: only its workers take them.
+        self.queue = model_queue(self.settings, model)
         self.redis = _redis(request)
         self.reply = reply_key(self.settings, req.id)
         self.worker = ""
@@ -116,7 +120,7 @@ class Lane:
         """Push the request and wait until a worker takes it (503 if none does in time)."""
         s = self.settings
         payload = self.req.model_dump_json()
-        key = lane_key(s)
+        key = lane_key(s, self.queue)
         try:
             await self.redis.lpush(key, payload)
         except Exception as exc:  # noqa: BLE001 - Redis down
@@ -243,12 +247,15 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
     offset_base = "" if ECHO in parsed.params or not isinstance(parsed.prompt, str) \
         else parsed.prompt
     settings: Settings = request.app.state.settings
+    model = parsed.model or settings.model_name
+    await run_in_threadpool(service.commit, request.app.state.db,
+                            lambda s: service.check_model(s, settings, model))
     cid = _new_id("cmpl-")
     lane = Lane(request, LaneRequest(id=cid, kind="completion", prompt=parsed.prompt,
                                      params=parsed.params, stream=stream,
-                                     deadline=_deadline(settings)))
+                                     deadline=_deadline(settings)), model=model)
     await lane.submit()
-    created, model = int(time.time()), parsed.model or settings.model_name
+    created = int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": None}
     if not stream:
@@ -300,12 +307,15 @@ async def create_chat_completion(request: Request, owner: OwnerDep) -> Any:
     stream, include_usage = _stream_options(body)
     parsed = _check(CHAT_URL, body)
     settings: Settings = request.app.state.settings
+    model = parsed.model or settings.model_name
+    await run_in_threadpool(service.commit, request.app.state.db,
+                            lambda s: service.check_model(s, settings, model))
     cid = _new_id("chatcmpl-")
     lane = Lane(request, LaneRequest(id=cid, kind="chat", messages=parsed.messages,
                                      params=parsed.params, stream=stream,
-                                     deadline=_deadline(settings)))
+                                     deadline=_deadline(settings)), model=model)
     await lane.submit()
-    created, model = int(time.time()), parsed.model or settings.model_name
+    created = int(time.time())
     if not stream:
         ev = await lane.result()
         return SafeJSONResponse({

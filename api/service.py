@@ -25,7 +25,7 @@ from store.queries import (
     live_workers,
     request_cancel,
 )
-from store.registry import live_model_names, waiting_reason
+from store.registry import known_models, live_model_names, waiting_reason
 from store.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
 from store.tables import Batch, File
 from store.views import iter_batch_results, iter_unrun_items
@@ -177,3 +177,13 @@ def commit(db: Engine, fn: Callable[[Session], Any]) -> Any:
     """Run ``fn(session)`` in its own committed transaction."""
     with session_scope(db) as session:
         return fn(session)
+
+
+def check_model(session: Session, settings: Settings, model: str) -> None:
+    """404 ``model_not_found`` (OpenAI's answer) for a name no worker has announced and no
+    job registered: no worker would ever take the request."""
+    known = known_models(session=session, default=settings.model_name)
+    if model not in known:
+        raise ApiError(404, f"The model {model!r} does not exist; known: "
+                            f"{', '.join(sorted(known))}.", code="model_not_found",
+                       param="model")

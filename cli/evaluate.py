@@ -222,7 +222,7 @@ def _run_api(args: argparse.Namespace, local: list[str], remote: list[str]) -> i
     tok = load_tokenizer(args.tokenizer or assets.TOKENIZER)
     max_length = args.max_length or 2048
     scorer = ApiScorer(args.api, api_key=args.api_key or os.environ.get("NEOXQ_API_KEY"),
-                       model=args.model or "neoxq")
+                       model=args.model)
     try:
         out = evaluate_local(
             scorer, lambda t: list(tok.encode(t)), local, args.data_dir,

@@ -45,7 +45,7 @@ class ApiScorer:
     # call with everything (one batch file), so there is no limit here.
     max_batch_tokens = 1 << 62
 
-    def __init__(self, url: str, *, api_key: str | None = None, model: str = "neoxq",
+    def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None,
                  poll_s: float = 0.5, timeout_s: float = 24 * 3600,
                  progress: Any | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -67,10 +67,28 @@ class ApiScorer:
                               f"HTTP {r.status_code}: {msg}")
         return r.json()
 
+    def served_model(self) -> str:
+        """The model the batch lines name: ``model`` if given, else the one the fleet
+        serves (``GET /v1/models``; every known name when none is live yet). Batches run
+        only on workers of the model they name, so a fleet of several needs a choice."""
+        if self.model is None:
+            for query in ("", "?all=true"):
+                names = [m["id"] for m in self._check(self.http.get(f"/v1/models{query}"))["data"]]
+                if len(names) > 1:
+                    raise RemoteError(f"the API serves several models ({', '.join(names)}): "
+                                      "name one (MODEL)")
+                if names:
+                    self.model = names[0]
+                    break
+            else:
+                raise RemoteError("the API knows no model: start a worker")
+        return self.model
+
     def _submit(self, pairs: list[TokenPair], first: int) -> str:
+        model = self.served_model()
         lines = []
         for i, (ctx, cont) in enumerate(pairs):
-            body = {"model": self.model, "prompt": ctx + cont, "max_tokens": 0,
+            body = {"model": model, "prompt": ctx + cont, "max_tokens": 0,
                     "echo": True, "logprobs": 1}
             lines.append(json.dumps({"custom_id": str(first + i), "method": "POST",
                                      "url": "/v1/completions", "body": body}))

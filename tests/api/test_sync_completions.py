@@ -23,7 +23,8 @@ from tests.api.live import Live, start_stack
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    stack = start_stack(tmp_path_factory.mktemp("live_sync"), worker=True)
+    # The deployment's model is named "tiny": the worker serves it, requests name it.
+    stack = start_stack(tmp_path_factory.mktemp("live_sync"), worker=True, model_name="tiny")
     yield stack
     stack.stop()
 
@@ -140,9 +141,13 @@ def test_interactive_overtakes_a_running_batch(live: Live, client: OpenAI,
 
 
 def test_no_worker_is_a_503_and_leaves_nothing_queued(tmp_path: Path) -> None:
-    stack = start_stack(tmp_path, worker=False, interactive_timeout="1.5")
+    stack = start_stack(tmp_path, worker=False, interactive_timeout="1.5", model_name="tiny")
     try:
         c = OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
+        # A name the store does not know: no worker would ever take it, so no wait.
+        with pytest.raises(openai.NotFoundError) as nf:
+            c.completions.create(model="no-such-model", prompt="anyone?", max_tokens=4)
+        assert nf.value.code == "model_not_found" and "known: tiny" in nf.value.message
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model="tiny", prompt="anyone?", max_tokens=4)
