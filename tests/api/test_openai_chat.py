@@ -46,7 +46,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Iter
     tmp = tmp_path_factory.mktemp("live_chat")
     template = tmp / "chat.jinja"
     template.write_text(TEMPLATE)
-    stack = start_stack(tmp, worker=False)
+    stack = start_stack(tmp, worker=False, model_name="tiny")  # the name requests give
     stack.start("worker", "worker", "--model", "preset:tiny", "--device", "cpu",
                 "--tokenizer", str(tokenizer_path), "--chat-template", str(template),
                 "--worker-id", "w-chat", "--concurrency", "2")
