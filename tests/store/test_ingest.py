@@ -217,7 +217,7 @@ def test_chat_lines_and_bad_schemas_as_item_errors(db: Engine) -> None:
     number; a malformed line still refuses the file."""
     def chat(cid: str, **body) -> dict:
         return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                "body": {"model": "gpt-neox-20b", "messages": [{"role": "user", "content": "hi"}],
                          **body}}
 
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x",
