@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> None:
                    help="refuse: one bad line refuses the file; record: bad lines become "
                         "item errors and the rest runs")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[])
+    p.add_argument("--model", default=None,
+                   help="the model to run on (`neoxq models` lists them; default the "
+                        "deployment's); OpenAI lines name theirs")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--wait)")
     p.set_defaults(func=_cmd_submit)
 
@@ -95,6 +98,12 @@ def add_parser(sub: Any) -> None:
 
     w = sub.add_parser("workers", parents=[common], help="workers seen in the last hour")
     w.set_defaults(func=_cmd_workers)
+    m = sub.add_parser("models", parents=[common], help="models the live workers serve",
+                       description="Models live workers serve (batches name one), with "
+                                   "their workers, dtypes and pipeline sizes; --all adds "
+                                   "known names no live worker serves now.")
+    m.add_argument("--all", action="store_true", help="every known name, served or not")
+    m.set_defaults(func=_cmd_models)
 
 
 # ---------------------------------------------------------------------------- plumbing
@@ -300,6 +309,8 @@ def batch_params(args: argparse.Namespace) -> list[tuple[str, Any]]:
     if getattr(args, "ignore_eos", None):
         params.append(("ignore_eos", "true"))
     params += [("stop", s) for s in getattr(args, "stop", None) or []]
+    if getattr(args, "model", None):
+        params.append(("model", args.model))
     metadata = getattr(args, "metadata", None)
     if metadata:
         meta = dict(m.split("=", 1) if "=" in m else (m, "") for m in metadata)
@@ -437,6 +448,22 @@ def _cmd_batches(args: argparse.Namespace) -> int:
                   + (f"  ({b['waiting']})" if b.get("waiting") else ""))
         if page["has_more"]:
             print(f"(more: --after {page['last_id']})")
+        return 0
+
+    return _run(args, go)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    """List the models live workers serve (``GET /v1/models``)."""
+
+    def go(client: Any, args: argparse.Namespace) -> int:
+        rows = check(client.get("/v1/models", params={"all": "true"} if args.all else {}))
+        print(f"{'MODEL':<40} {'KIND':<10} {'WORKERS':>7}  DTYPES / PP  CHECKPOINT")
+        for m in rows.json()["data"]:
+            pp = ",".join(map(str, m["pipeline_parallel"]))
+            shape = f"{','.join(m['dtypes']) or '-'} / {pp or '-'}"
+            print(f"{m['id']:<40} {m['kind']:<10} {m['workers']:>7}  {shape:<11}  "
+                  f"{m.get('checkpoint') or '-'}")
         return 0
 
     return _run(args, go)

@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "cli.generate",  # generate, convert
     "cli.serve",  # worker, db
     "cli.serve_api",  # api, keys
-    "cli.client",  # submit, status, results, errors, cancel, batches, workers
+    "cli.client",  # submit, status, results, errors, cancel, batches, workers, models
     "cli.evaluate",  # evaluate
     "cli.finetune",  # finetune
     "cli.up",  # up, run
