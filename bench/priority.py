@@ -40,6 +40,7 @@ from typing import Any
 
 from bench.common import git_commit, stop
 from bench.scale import Fleet, device_name, model_shape, run_batch, workload_lines
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,8 @@ class Api:
         """One interactive completion; seconds from request to answer."""
         t0 = time.perf_counter()
         r = self.http.post("/v1/completions", json={
-            "model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+            # The deployment's default name: what the fleet's workers serve.
+            "model": Settings().model_name, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True})
         took = time.perf_counter() - t0
         if r.status_code != 200:
