@@ -185,6 +185,22 @@ def test_unreachable_server(tmp_path: Path, capsys, monkeypatch) -> None:
     assert "cannot reach the API at http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_models_and_submit_to_a_model(env: Live, tmp_path: Path, capsys) -> None:
+    # The live worker serves the default name once it has loaded.
+    deadline = time.monotonic() + 120
+    while not (main(["models"]) == 0 and "gpt-neox-20b" in capsys.readouterr().out):
+        assert time.monotonic() < deadline, "the worker's model never showed in neoxq models"
+        time.sleep(0.5)
+    assert main(["models", "--all"]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpt-neox-20b")]
+    assert row and row[0].split()[1:3] == ["base", "1"]
+    src = write(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    assert main(["submit", str(src), "--model", "no-such-model"]) == 1
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["submit", str(src), "--model", "gpt-neox-20b", "--wait", "--max-tokens",
+                 "2", "-o", str(tmp_path / "o.jsonl"), "--poll", "0.2"]) == 0
+
+
 def test_api_key_from_flag_and_environment(env: Live, tmp_path: Path, capsys,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # Last in this module: once a key exists, the server requires one.
@@ -208,19 +224,3 @@ def test_api_key_from_flag_and_environment(env: Live, tmp_path: Path, capsys,
                    env=env.env, check=True, capture_output=True)
     assert main(["status", batch_id]) == 1
     assert "revoked" in capsys.readouterr().err
-
-
-def test_models_and_submit_to_a_model(env: Live, tmp_path: Path, capsys) -> None:
-    # The live worker serves the default name once it has loaded.
-    deadline = time.monotonic() + 120
-    while not (main(["models"]) == 0 and "gpt-neox-20b" in capsys.readouterr().out):
-        assert time.monotonic() < deadline, "the worker's model never showed in neoxq models"
-        time.sleep(0.5)
-    assert main(["models", "--all"]) == 0
-    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpt-neox-20b")]
-    assert row and row[0].split()[1:3] == ["base", "1"]
-    src = write(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    assert main(["submit", str(src), "--model", "no-such-model"]) == 1
-    assert "unknown model 'no-such-model'" in capsys.readouterr().err
-    assert main(["submit", str(src), "--model", "gpt-neox-20b", "--wait", "--max-tokens",
-                 "2", "-o", str(tmp_path / "o.jsonl"), "--poll", "0.2"]) == 0
