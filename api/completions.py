@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -228,6 +228,39 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode("utf-8", "replace")
 
 
+def _event_stream(lane: Lane, head: dict[str, Any],
+                  deltas: Callable[[LaneEvent], Iterator[bytes]],
+                  finals: Callable[[LaneEvent], Iterator[bytes]],
+                  include_usage: bool) -> StreamingResponse:
+    """Server-sent events of a lane, as OpenAI streams: the endpoint's chunks for each
+    delta and for the finished choices, the usage chunk if asked for, then ``[DONE]``;
+    an error ends the stream the same way. The request is aborted however it ends."""
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            async for ev in lane.events():
+                if ev.type == "delta":
+                    for b in deltas(ev):
+                        yield b
+                elif ev.type == "done":
+                    for b in finals(ev):
+                        yield b
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
+                    yield _sse("[DONE]")
+                elif ev.type == "error":
+                    yield _sse(_event_error(ev).body())
+                    yield _sse("[DONE]")
+        except ApiError as exc:
+            yield _sse(exc.body())
+            yield _sse("[DONE]")
+        finally:
+            await lane.abort()  # once finished, only the reply list goes
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
 def _deadline(settings: Settings) -> float:
     return time.time() + settings.interactive_timeout
 
@@ -267,34 +300,19 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
                          "finish_reason": c["finish_reason"]} for c in ev.choices],
             "usage": _usage(ev)})
 
-    async def sse() -> AsyncIterator[bytes]:
-        try:
-            async for ev in lane.events():
-                if ev.type == "delta":
-                    for index, text in sorted(ev.deltas.items()):
-                        yield _sse({**head, "choices": [{"index": index, "text": text,
-                                                         "logprobs": None,
-                                                         "finish_reason": None}]})
-                elif ev.type == "done":
-                    for c in ev.choices:
-                        yield _sse({**head, "choices": [{
-                            "index": c["index"], "text": "",
-                            "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
-                            "finish_reason": c["finish_reason"]}]})
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
-                    yield _sse("[DONE]")
-                elif ev.type == "error":
-                    yield _sse(_event_error(ev).body())
-                    yield _sse("[DONE]")
-        except ApiError as exc:
-            yield _sse(exc.body())
-            yield _sse("[DONE]")
-        finally:
-            await lane.abort()  # once finished, only the reply list goes
+    def deltas(ev: LaneEvent) -> Iterator[bytes]:
+        for index, text in sorted(ev.deltas.items()):
+            yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": None,
+                                             "finish_reason": None}]})
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    def finals(ev: LaneEvent) -> Iterator[bytes]:
+        for c in ev.choices:
+            yield _sse({**head, "choices": [{
+                "index": c["index"], "text": "",
+                "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
+                "finish_reason": c["finish_reason"]}]})
+
+    return _event_stream(lane, head, deltas, finals, include_usage)
 
 
 @router.post("/chat/completions")
@@ -335,34 +353,21 @@ async def create_chat_completion(request: Request, owner: OwnerDep) -> Any:
         return _sse({**head, "choices": [{"index": index, "delta": delta,
                                           "logprobs": logprobs, "finish_reason": finish}]})
 
-    async def sse() -> AsyncIterator[bytes]:
-        started: set[int] = set()  # choices whose first chunk (the role) went out
-        try:
-            async for ev in lane.events():
-                if ev.type == "delta":
-                    for index, text in sorted(ev.deltas.items()):
-                        if index not in started:
-                            started.add(index)
-                            yield chunk(index, {"role": "assistant", "content": ""})
-                        yield chunk(index, {"content": text})
-                elif ev.type == "done":
-                    for c in ev.choices:
-                        if c["index"] not in started:
-                            started.add(c["index"])
-                            yield chunk(c["index"], {"role": "assistant", "content": ""})
-                        yield chunk(c["index"], {}, c["finish_reason"],
-                                    chat_logprobs(c.get("logprobs")))
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
-                    yield _sse("[DONE]")
-                elif ev.type == "error":
-                    yield _sse(_event_error(ev).body())
-                    yield _sse("[DONE]")
-        except ApiError as exc:
-            yield _sse(exc.body())
-            yield _sse("[DONE]")
-        finally:
-            await lane.abort()  # once finished, only the reply list goes
+    started: set[int] = set()  # choices whose first chunk (the role) went out
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    def role_first(index: int) -> Iterator[bytes]:
+        if index not in started:
+            started.add(index)
+            yield chunk(index, {"role": "assistant", "content": ""})
+
+    def deltas(ev: LaneEvent) -> Iterator[bytes]:
+        for index, text in sorted(ev.deltas.items()):
+            yield from role_first(index)
+            yield chunk(index, {"content": text})
+
+    def finals(ev: LaneEvent) -> Iterator[bytes]:
+        for c in ev.choices:
+            yield from role_first(c["index"])
+            yield chunk(c["index"], {}, c["finish_reason"], chat_logprobs(c.get("logprobs")))
+
+    return _event_stream(lane, head, deltas, finals, include_usage)
