@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import completions, dashboard, health, metrics, native, openai_routes
+from api import completions, dashboard, fine_tuning, health, metrics, native, openai_routes
 from api.errors import install_handlers
 from api.sweeper import Sweeper
 from api.uploads import InFlight
@@ -31,6 +31,21 @@ def default_enqueue(settings: Settings) -> Callable[[ChunkPayload], None]:
         enqueue_chunk(payload, app=app, settings=settings)
 
     return enqueue
+
+
+def default_push_job(settings: Settings) -> Callable[[str], None]:
+    """Announce a queued fine-tuning job on the training queue (a Redis list)."""
+    import redis
+
+    from core.training_queue import push_job
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                  socket_timeout=5)
+
+    def push(job_id: str) -> None:
+        push_job(client, settings, job_id)
+
+    return push
 
 
 def create_app(settings: Settings | None = None, *, db: Engine | None = None,
@@ -62,12 +77,14 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
     app.state.settings = s
     app.state.db = engine
     app.state.enqueue = enqueue or default_enqueue(s)
+    app.state.push_job = default_push_job(s)
     app.state.keys_required = False
     app.state.in_flight = InFlight()
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(openai_routes.router)
+    app.include_router(fine_tuning.router)  # fine-tuning jobs (run by `neoxq trainer`)
     app.include_router(completions.router)  # synchronous completions (interactive lane)
     app.include_router(dashboard.router)  # issue 8: the web dashboard
     metrics.install(app)  # issue 8: GET /metrics + request latency histograms

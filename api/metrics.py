@@ -23,7 +23,15 @@ from sqlalchemy import Engine, func, select
 from api.auth import OwnerDep
 from core.settings import Settings
 from store.db import make_sessionmaker
-from store.status import ACTIVE, UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
+from store.jobs import count_jobs_by_status
+from store.status import (
+    ACTIVE,
+    UNFINISHED_ITEMS,
+    BatchStatus,
+    ItemStatus,
+    JobStatus,
+    WorkerStatus,
+)
 from store.tables import Batch, Item, Worker
 
 router = APIRouter(tags=["monitoring"])
@@ -84,6 +92,7 @@ class StoreCollector(Collector):
             since = time.time() - live_window
             workers = list(s.execute(select(Worker.id, Worker.status, Worker.tokens_per_s)
                                      .where(Worker.last_seen >= since)).tuples().all())
+            by_job = count_jobs_by_status(session=s)
         out.append(GaugeMetricFamily("neoxq_items_in_flight",
                                      "Items a worker is generating right now",
                                      value=float(by_item.get(ItemStatus.RUNNING, 0))))
@@ -94,6 +103,11 @@ class StoreCollector(Collector):
         for status in BatchStatus:
             batches.add_metric([status], float(by_batch.get(status, 0)))
         out.append(batches)
+        jobs = GaugeMetricFamily("neoxq_fine_tuning_jobs", "Fine-tuning jobs by status",
+                                 labels=["status"])
+        for status in JobStatus:
+            jobs.add_metric([status], float(by_job.get(status, 0)))
+        out.append(jobs)
         items = CounterMetricFamily("neoxq_items", "Items finished, by outcome",
                                     labels=["outcome"])
         items.add_metric(["completed"], float(totals[0]))
@@ -149,7 +163,8 @@ def install(app: FastAPI) -> None:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def metrics(request: Request, _owner: OwnerDep) -> Response:
-    """Prometheus exposition: queue depth, items in flight and queued, batches by status,
+    """Prometheus exposition: queue depth, items in flight and queued, batches and
+    fine-tuning jobs by status,
     items and tokens so far, tokens/s over live workers, request latency histograms.
     Needs an API key once keys exist (Prometheus: ``authorization: {credentials: KEY}``).
 

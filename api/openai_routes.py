@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
+from api.fine_tuning import FINE_TUNE, check_training_file
 from api.native import check_metadata, removing
 from api.schemas import (
     CreateBatchRequest,
@@ -56,17 +57,23 @@ FILE_BODY: dict[str, Any] = {
              responses={413: {"description": "file over the size limit"}})
 async def upload_file(request: Request, owner: OwnerDep, settings: SettingsDep) -> FileObject:
     """Upload a JSONL file with ``purpose=batch`` (streamed to disk; validated when a
-    batch is created from it, as OpenAI does)."""
+    batch is created from it, as OpenAI does) or ``purpose=fine-tune`` (training data:
+    checked line by line now, as ``neoxq finetune`` checks it; a file with bad lines is
+    refused with every one listed)."""
     file_id = new_id("file-")
     tmp, final = upload_paths(settings.files_dir, file_id)
     with request.app.state.in_flight.hold(tmp), removing(tmp):
         size, name, fields = await save_multipart(request, tmp, limit=settings.max_file_bytes)
         purpose = dict(fields).get("purpose")
-        if purpose != "batch":
-            raise ApiError(400, f"purpose: 'batch' expected, got {quoted(purpose)}",
-                           code="invalid_value", param="purpose")
+        if purpose not in ("batch", FINE_TUNE):
+            raise ApiError(400, f"purpose: 'batch' or '{FINE_TUNE}' expected, got "
+                                f"{quoted(purpose)}", code="invalid_value", param="purpose")
+        if purpose == FINE_TUNE:
+            refused = await run_in_threadpool(check_training_file, tmp)
+            if refused is not None:
+                raise refused
         f = await run_in_threadpool(service.commit, request.app.state.db, lambda s: create_file(
-            session=s, owner=owner, filename=name, purpose="batch", size=size,
+            session=s, owner=owner, filename=name, purpose=purpose, size=size,
             path=str(final), file_id=file_id))
         tmp.rename(final)  # committed: the content takes its final name
     return render.file_object(f)

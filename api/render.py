@@ -15,14 +15,27 @@ from api.schemas import (
     BatchUsage,
     Counts,
     FileObject,
+    FineTuningCheckpointObject,
+    FineTuningEventObject,
+    FineTuningJobObject,
     LineErrorOut,
     OpenAIBatch,
     RequestCounts,
     Tokens,
 )
 from core.jsonl import CHAT_URL, ECHO, SAMPLING_DEFAULTS
+from store.jobs import event_id
+from store.registry import fine_tuned_name
 from store.status import ACTIVE
-from store.tables import Batch, File, Item, Result
+from store.tables import (
+    Batch,
+    File,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
+    Item,
+    Result,
+)
 
 
 def _int(t: float | None) -> int | None:
@@ -153,6 +166,38 @@ def file_object(f: File) -> FileObject:
     """A file row as OpenAI's File object."""
     return FileObject(id=f.id, bytes=f.bytes, created_at=int(f.created_at),
                       filename=f.filename, purpose=f.purpose, status=f.status)
+
+
+def fine_tuning_job(job: FineTuningJob) -> FineTuningJobObject:
+    """OpenAI's ``fine_tuning.job`` object; ``method.neoxq`` holds neoxq's options."""
+    hp = dict(job.hyperparameters or {})
+    return FineTuningJobObject(
+        id=job.id, created_at=int(job.created_at), error=job.error,
+        fine_tuned_model=job.fine_tuned_model, finished_at=_int(job.finished_at),
+        hyperparameters=hp, model=job.model, organization_id=job.owner, result_files=[],
+        seed=job.seed, status=job.status, trained_tokens=job.trained_tokens,
+        training_file=job.training_file, validation_file=job.validation_file,
+        metadata=_text(job.metadata_) or None,
+        method={"type": "supervised", "supervised": {"hyperparameters": hp},
+                "neoxq": dict(job.options or {})},
+        user_provided_suffix=job.suffix)
+
+
+def fine_tuning_event(ev: FineTuningEvent) -> FineTuningEventObject:
+    """OpenAI's ``fine_tuning.job.event``."""
+    return FineTuningEventObject(id=event_id(ev), created_at=int(ev.created_at),
+                                 level=ev.level, message=_text(ev.message), type=ev.type,
+                                 data=ev.data)
+
+
+def fine_tuning_checkpoint(ck: FineTuningCheckpoint, job: FineTuningJob
+                           ) -> FineTuningCheckpointObject:
+    """OpenAI's ``fine_tuning.job.checkpoint``: named after the model the job makes."""
+    name = fine_tuned_name(base=job.model, suffix=job.suffix, job_id=job.id)
+    return FineTuningCheckpointObject(
+        id=ck.id, created_at=int(ck.created_at), fine_tuning_job_id=job.id,
+        fine_tuned_model_checkpoint=f"{name}:ckpt-step-{ck.step}",
+        metrics={"step": ck.step, **(ck.metrics or {})}, step_number=ck.step)
 
 
 def _usage(r: Result) -> dict[str, int]:

@@ -7,7 +7,7 @@ long batch wants (progress, tokens/s, ETA).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -255,3 +255,177 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# ------------------------------------------------------------------------ fine-tuning
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's supervised hyperparameters; ``"auto"`` leaves the choice to the trainer
+    (``neoxq finetune``'s defaults), which records what it used once the job runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = "auto"
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=1000)] = "auto"
+
+
+class NeoxqTrainingOptions(BaseModel):
+    """neoxq's own options, under ``method.neoxq`` (``neoxq finetune``'s flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters on a frozen "
+                                            "base, or every weight (DeepSpeed ZeRO)")
+    lora_rank: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: str = Field("query_key_value", min_length=1, max_length=200,
+                              description="comma-separated linears, or all")
+    max_length: int | None = Field(None, ge=2, le=1_000_000,
+                                   description="tokens per packed row (default: "
+                                   "min(2048, the model's context))")
+    max_steps: int | None = Field(None, ge=1, description="train exactly this many steps "
+                                  "(overrides n_epochs)")
+    overlong: Literal["error", "truncate", "split"] = "error"
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    offload: bool = False
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps (a trainer "
+                            "that dies resumes from the last one)")
+    log_every: int = Field(1, ge=1, description="a metrics event every N steps")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class FineTuningMethod(BaseModel):
+    """OpenAI's ``method`` (``supervised`` only) with neoxq's options beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    neoxq: NeoxqTrainingOptions | None = None
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    """``POST /v1/fine_tuning/jobs``'s body, as the openai client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    # Part of the result's name ft:BASE:SUFFIX:JOBID, so no ':' (nor anything odd).
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    hyperparameters: Hyperparameters | None = Field(None, description="deprecated by "
+                                                    "OpenAI in favour of method")
+    method: FineTuningMethod | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _storable_text(self) -> CreateFineTuningJobRequest:
+        bad = find_bad_text(self.model_dump())
+        if bad is not None:
+            raise ValueError(f"{bad[0]}: {bad[1]}")
+        if self.integrations:
+            raise ValueError("integrations: none are supported (neoxq logs metrics as "
+                             "events; `neoxq finetune --wandb` for Weights & Biases)")
+        return self
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobMethod(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: dict[str, Any]
+    neoxq: dict[str, Any]
+
+
+class FineTuningJobObject(BaseModel):
+    """OpenAI's ``fine_tuning.job`` object."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    method: JobMethod
+    user_provided_suffix: str | None = None
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobObject]
+    has_more: bool
+
+
+class FineTuningEventObject(BaseModel):
+    """OpenAI's ``fine_tuning.job.event``: a message, or a training step's ``metrics``."""
+
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class FineTuningEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningEventObject]
+    has_more: bool
+
+
+class CheckpointMetrics(BaseModel):
+    step: int
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    full_valid_loss: float | None = None
+
+
+class FineTuningCheckpointObject(BaseModel):
+    """OpenAI's ``fine_tuning.job.checkpoint``."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class FineTuningCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningCheckpointObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

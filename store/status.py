@@ -49,6 +49,22 @@ class WorkerStatus(StrEnum):
     LOST = "lost"
 
 
+class JobStatus(StrEnum):
+    """A fine-tuning job's life, as OpenAI names it: ``validating_files -> queued ->
+    running -> succeeded | failed``, or ``cancelled`` from any of the first three. A job
+    whose trainer died stays ``running``: another trainer resumes it."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# Final job states: a trainer never runs these, and they cannot be cancelled.
+JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
 B = BatchStatus
 # Final: nothing about the batch changes any more (clients stop polling here).
 TERMINAL = frozenset({B.COMPLETED, B.FAILED, B.CANCELLED, B.EXPIRED})

@@ -1,4 +1,5 @@
-"""The SQL tables: API keys, files, batches, items, results, workers and models.
+"""The SQL tables: API keys, files, batches, items, results, workers, models, and
+fine-tuning jobs with their events and checkpoints.
 
 The store is the source of truth; Redis only carries chunk descriptors that point here.
 Conventions:
@@ -34,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from store.status import BatchStatus, ItemStatus, WorkerStatus
+from store.status import BatchStatus, ItemStatus, JobStatus, WorkerStatus
 
 # Deterministic constraint names, so that migrations name them the same on every backend.
 NAMING_CONVENTION = {
@@ -248,3 +249,78 @@ class Model(Base):
     job_id: Mapped[str | None] = mapped_column(String(64))
     owner: Mapped[str] = mapped_column(String(64), default="system")
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class FineTuningJob(Base):
+    """A fine-tuning job (OpenAI's ``fine_tuning.job``), run by a ``neoxq trainer``.
+
+    The trainer running it holds a lease: ``trainer_id`` and its ``heartbeat_at``. A
+    lease whose heartbeat is older than ``dead_worker_after`` belongs to a dead trainer,
+    and any other trainer may take the job over (store/jobs.py), resuming it from its
+    last checkpoint under ``out_dir``.
+    """
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (
+        Index("ix_fine_tuning_jobs_owner_created", "owner", "created_at"),
+        Index("ix_fine_tuning_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # ftjob-…
+    owner: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))  # the base model's registry name
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.VALIDATING_FILES.value)
+    # {n_epochs, batch_size, learning_rate_multiplier}, resolved (no "auto").
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # neoxq's own training options (method lora|full, lora_rank, max_length, ...).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)  # {code, message, param}
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    out_dir: Mapped[str | None] = mapped_column(String(1024))  # checkpoints and the result
+    trainer_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # trainer runs started
+
+
+class FineTuningEvent(Base):
+    """A line of a job's event log: a status message, or a ``metrics`` line (one per
+    logged training step, ``step`` set)."""
+
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (Index("ix_fine_tuning_events_job_seq", "job_id", "seq"),)
+
+    # The public id is ``ftevent-<seq>``: the sequence orders a job's events.
+    seq: Mapped[int] = mapped_column(ItemId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    level: Mapped[str] = mapped_column(String(8), default="info")  # info | warn | error
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    step: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+
+
+class FineTuningCheckpoint(Base):
+    """A checkpoint a job's training wrote: its step and losses there."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # ftckpt-…
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    # {step, train_loss, valid_loss}: OpenAI's checkpoint metrics that training measures.
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    path: Mapped[str | None] = mapped_column(String(1024))  # may be pruned later

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from store.queries import iter_results
 from store.status import CUT_SHORT
-from store.tables import Batch, File, Item, Result, new_id, now
+from store.tables import Batch, File, FineTuningJob, Item, Result, new_id, now
 
 
 def _page(session: Session, model: type, q, *, owner: str, after: str | None, limit: int,
@@ -141,3 +141,13 @@ def delete_file(*, session: Session, file_id: str, owner: str) -> bool:
     session.delete(f)
     session.flush()
     return True
+
+
+# ------------------------------------------------------------------------ fine-tuning
+
+
+def list_jobs(*, session: Session, owner: str, after: str | None = None,
+              limit: int = 20) -> tuple[list[FineTuningJob], bool]:
+    """An owner's fine-tuning jobs, newest first; returns ``(page, has_more)``."""
+    q = select(FineTuningJob).where(FineTuningJob.owner == owner)
+    return _page(session, FineTuningJob, q, owner=owner, after=after, limit=limit)

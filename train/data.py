@@ -28,7 +28,6 @@ stays within documents (:class:`models.model.PackedAttention`), and positions re
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,10 +37,10 @@ from typing import Any
 import numpy as np
 
 from models.tokenizer import Tokenizer
+from specs.training import CHAT_ROLES, check_lines
 
 IGNORE = -100  # target of a token that carries no loss (torch's cross_entropy default)
 OVERLONG = ("error", "truncate", "split")
-CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 MAX_REPORTED_ERRORS = 20
 
 
@@ -102,70 +101,7 @@ def _content_text(content: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ validation
-
-
-def _check_chat(obj: dict[str, Any]) -> str | None:
-    msgs = obj.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "field 'messages': expected a non-empty list of messages"
-    trained = 0
-    for i, m in enumerate(msgs):
-        where = f"field 'messages[{i}]'"
-        if not isinstance(m, dict):
-            return f"{where}: expected an object with 'role' and 'content'"
-        if m.get("role") not in CHAT_ROLES:
-            return f"{where}.role: expected one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}"
-        content = m.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    return f"{where}.content[{j}]: expected {{'type': 'text', 'text': str}}"
-        elif not isinstance(content, str):
-            return f"{where}.content: expected a string or a list of text parts"
-        if "weight" in m:
-            if m["role"] != "assistant":
-                return f"{where}.weight: only assistant messages carry a weight"
-            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
-                return f"{where}.weight: expected 0 or 1, got {m['weight']!r}"
-        if m["role"] == "assistant" and m.get("weight", 1) == 1:
-            trained += 1
-    if not trained:
-        return "field 'messages': no assistant message to train on (all absent or weight 0)"
-    return None
-
-
-def _check_prompt_completion(obj: dict[str, Any]) -> str | None:
-    for key in ("prompt", "completion"):
-        if key not in obj:
-            return f"field '{key}': missing (prompt/completion lines need both)"
-        if not isinstance(obj[key], str):
-            return f"field '{key}': expected a string, got {type(obj[key]).__name__}"
-    if not obj["completion"]:
-        return "field 'completion': empty (nothing to train on)"
-    return None
-
-
-def _check_text(obj: dict[str, Any]) -> str | None:
-    if not isinstance(obj.get("text"), str):
-        return f"field 'text': expected a string, got {type(obj.get('text')).__name__}"
-    if not obj["text"]:
-        return "field 'text': empty"
-    return None
-
-
-FORMATS = {"chat": _check_chat, "prompt_completion": _check_prompt_completion,
-           "text": _check_text}
-
-
-def _format_of(obj: dict[str, Any]) -> str | None:
-    if "messages" in obj:
-        return "chat"
-    if "prompt" in obj or "completion" in obj:
-        return "prompt_completion"
-    if "text" in obj:
-        return "text"
-    return None
+# The per-line rules live in specs.training (the API checks uploads with them too).
 
 
 def _pieces(fmt: str, obj: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -218,35 +154,10 @@ def read_examples(
         return "plain_text", _plain_text(path, raw, tokenizer, max_length)
 
     errors = _Errors(path)
-    fmt: str | None = None
-    parsed: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            errors.add(lineno, f"not valid JSON ({getattr(exc, 'msg', exc)})")
-            continue
-        if not isinstance(obj, dict):
-            errors.add(lineno, f"expected a JSON object, got {type(obj).__name__}")
-            continue
-        line_fmt = _format_of(obj)
-        if line_fmt is None:
-            errors.add(lineno, "expected 'messages' (chat), 'prompt' and 'completion', "
-                       "or 'text'; found fields " + (", ".join(sorted(obj)) or "none"))
-            continue
-        if fmt is None:
-            fmt = line_fmt
-        elif line_fmt != fmt:
-            errors.add(lineno, f"a {line_fmt} line in a {fmt} file (the first line sets "
-                       "the format; every line must have it)")
-            continue
-        problem = FORMATS[fmt](obj)
-        if problem:
-            errors.add(lineno, problem)
-            continue
-        parsed.append((lineno, obj))
+    checked = check_lines(raw.split(b"\n"))
+    for bad in checked.bad:
+        errors.add(bad.line, bad.message)
+    fmt, parsed = checked.format, checked.good
     errors.raise_if_any()
     assert fmt is not None
     if overlong == "split" and fmt != "text":
