@@ -123,6 +123,8 @@ class Fleet:
                 argv += ["--pipeline-parallel", str(len(gpus))]
             if args.dtype:
                 argv += ["--dtype", args.dtype]
+            # Engine options a benchmark varies (bench.priority's --yield-tokens).
+            argv += list(getattr(args, "worker_args", []))
             out = open(work / f"{wid}.log", "wb")  # noqa: SIM115 - the child holds it
             self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=wenv, stdout=out,
                                                stderr=subprocess.STDOUT))

@@ -51,6 +51,10 @@ def _add_worker(sub: Any) -> None:
                    help="chunks held at once (default NEOXQ_WORKER_CONCURRENCY)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences in the engine at once (engine default if unset)")
+    p.add_argument("--yield-tokens", type=int, default=None, metavar="N",
+                   help="while a synchronous (interactive) request runs, batch work gets at "
+                        "most N tokens of each engine step, so the request runs near idle "
+                        "speed (default: the engine's YIELD_TOKENS; -1: no cap)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
     p.add_argument("--worker-id", default=None, help="id shown in the store (default host:pid)")
@@ -67,6 +71,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     engine_kwargs: dict[str, Any] = {"enable_prefix_caching": args.prefix_caching}
     if args.max_num_seqs:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.yield_tokens is not None:
+        engine_kwargs["yield_tokens"] = None if args.yield_tokens < 0 else args.yield_tokens
     return run_worker(
         WorkerOptions(
             model=args.model,

@@ -3,6 +3,7 @@
 This is the one definition of "tokens/s" that every figure neoxq shows is built from (a
 batch's status and the CLI's progress bar, the dashboard, ``/metrics``): tokens that
 sequences generated, in-flight ones included, over the last :data:`RATE_WINDOW` seconds.
+Synchronous (interactive) requests count in the worker's figure; they belong to no batch.
 Counting results when they are stored instead makes the figure lag, spike when many
 items finish together, and read near zero while long items are still generating.
 
@@ -68,16 +69,17 @@ class GenerationMeter:
         self.window = window
         self._clock = clock
         self._lock = threading.Lock()
-        self._batch_of: dict[str, str] = {}  # request id -> batch id
+        self._batch_of: dict[str, str | None] = {}  # request id -> batch id (None: none)
         self._seen: dict[str, int] = {}  # request id -> tokens counted so far
         self._budget: dict[str, int] = {}  # request id -> the most tokens it may generate
         self._total = 0
         # (start time, tokens, {batch id: tokens}) per BUCKET seconds with tokens, oldest first
         self._buckets: deque[tuple[float, list[int], dict[str, int]]] = deque()
 
-    def track(self, request_id: str, batch_id: str, budget: int = 0) -> None:
+    def track(self, request_id: str, batch_id: str | None, budget: int = 0) -> None:
         """A request of ``batch_id`` entered the engine; it may generate ``budget`` tokens
-        at most (its max_tokens times its samples)."""
+        at most (its max_tokens times its samples). ``None``: a request of no batch (a
+        synchronous one), counted in the worker's figures only."""
         with self._lock:
             self._batch_of[request_id] = batch_id
             self._seen.setdefault(request_id, 0)
@@ -116,7 +118,10 @@ class GenerationMeter:
                     first.setdefault(b, start)
             inflight: dict[str, list[int]] = {}  # batch -> [tokens, items, budget]
             for rid, n in self._seen.items():
-                acc = inflight.setdefault(self._batch_of[rid], [0, 0, 0])
+                of = self._batch_of[rid]
+                if of is None:
+                    continue
+                acc = inflight.setdefault(of, [0, 0, 0])
                 acc[0] += n
                 acc[1] += 1
                 acc[2] += self._budget.get(rid, 0)
@@ -147,7 +152,8 @@ class GenerationMeter:
         _, tokens, by_batch = self._buckets[-1]
         tokens[0] += delta
         b = self._batch_of[rid]
-        by_batch[b] = by_batch.get(b, 0) + delta
+        if b is not None:
+            by_batch[b] = by_batch.get(b, 0) + delta
 
     def _drop(self, rid: str) -> None:
         self._seen.pop(rid, None)

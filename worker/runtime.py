@@ -364,6 +364,7 @@ class EngineLoop(threading.Thread):
                 job = self.interactive.get(rid)
                 if job is not None and not self.engine.abort(rid):
                     del self.interactive[rid]
+                    self.meter.forget(rid)
                     job.aborted()
             with self._lock:
                 targets = [rid for rid, p in self.pending.items()
@@ -414,6 +415,7 @@ class EngineLoop(threading.Thread):
             job.failed("invalid_request", f"{type(exc).__name__}: {exc}", 400)
             return
         self.interactive[job.request_id] = job
+        self.meter.track(job.request_id, None)
 
     def _run_echoes(self) -> None:
         """Score the prompts of echo requests, all in one engine call (an evaluation
@@ -485,6 +487,7 @@ class EngineLoop(threading.Thread):
     def _fail_interactive(self, message: str) -> None:
         jobs, self.interactive = list(self.interactive.values()), {}
         for job in jobs:
+            self.meter.forget(job.request_id)
             job.failed("engine_error", message, 503)
 
     def _write_error(self, p: _Pending, code: str, message: str) -> None:
@@ -495,11 +498,11 @@ class EngineLoop(threading.Thread):
                              finished_at=t), p.futures)
 
     def _finished(self, out: Any) -> None:
+        self.meter.finish(out.request_id, out.completion_tokens)
         job = self.interactive.pop(out.request_id, None)
         if job is not None:
             job.finished(out, self.engine.tokenizer)
             return
-        self.meter.finish(out.request_id, out.completion_tokens)
         with self._lock:
             p = self.pending.pop(out.request_id, None)
         if p is None:

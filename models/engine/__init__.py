@@ -25,6 +25,7 @@ from typing import Any
 _EXPORTS = {
     "BATCH": "models.engine.scheduler",
     "INTERACTIVE": "models.engine.scheduler",
+    "YIELD_TOKENS": "models.engine.scheduler",
     "Engine": "models.engine.engine",
     "PipelineEngine": "models.engine.pipeline",
     "PipelineError": "models.engine.pipeline",

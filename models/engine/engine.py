@@ -32,7 +32,7 @@ from models.engine.outputs import (
 )
 from models.engine.runner import ModelRunner
 from models.engine.sampler import Sampler
-from models.engine.scheduler import BATCH, Scheduler
+from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler
 from models.grammar import Grammars
 from models.model import NeoX
 from models.params import SamplingParams
@@ -128,6 +128,11 @@ class Engine:
         max_batch_tokens: most tokens in one forward (decode tokens + prefill chunks).
         kv_overcommit, watermark: admission control (see
             :class:`~models.engine.scheduler.Scheduler`).
+        yield_tokens: while an interactive (higher-priority) request is in the engine,
+            batch sequences get at most this many tokens of each step (decodes of the
+            oldest first, then prefill); the rest pause, keeping their KV, so the
+            interactive request's steps stay close to an idle engine's. ``None``: no cap.
+            Default :data:`~models.engine.scheduler.YIELD_TOKENS`.
         enable_prefix_caching: reuse the KV of full prompt blocks already computed (for
             another request, or before a preemption) instead of recomputing it.
         mask_padded_vocab: never sample ids >= the tokenizer's vocabulary (rows of a
@@ -154,6 +159,7 @@ class Engine:
         max_batch_tokens: int = 2048,
         kv_overcommit: float = 1.0,
         watermark: float = 0.01,
+        yield_tokens: int | None = YIELD_TOKENS,
         enable_prefix_caching: bool = True,
         mask_padded_vocab: bool = True,
         clamp_max_tokens: bool = False,
@@ -206,7 +212,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_position=self.max_position, max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens, kv_overcommit=kv_overcommit,
-            watermark=watermark, decoder=tokenizer, eos_id=self.eos_id)
+            watermark=watermark, decoder=tokenizer, eos_id=self.eos_id,
+            yield_tokens=yield_tokens)
         cache = KVCache.for_model(self.config, whole, num_blocks, block_size, self.dtype,
                                   self.device)
         if cuda_graphs is None:

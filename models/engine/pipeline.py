@@ -81,7 +81,7 @@ from models.engine.kv_cache import KVCache, blocks_for_budget
 from models.engine.outputs import RequestOutput, ScoreResult, as_params, score_pair
 from models.engine.runner import ModelRunner, SamplerInputs, StepInputs
 from models.engine.sampler import Sampler
-from models.engine.scheduler import BATCH, Scheduler, StepPlan
+from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
 from models.grammar import Grammars
 from models.model import NeoX
 from models.params import SamplingParams
@@ -331,6 +331,7 @@ class PipelineEngine:
         micro_batches: int | None = None,
         kv_overcommit: float = 1.0,
         watermark: float = 0.01,
+        yield_tokens: int | None = YIELD_TOKENS,
         enable_prefix_caching: bool = True,
         mask_padded_vocab: bool = True,
         clamp_max_tokens: bool = False,
@@ -435,7 +436,8 @@ class PipelineEngine:
                 self._groups.append(_MicroBatch(Scheduler(
                     blocks, max_position=self.max_position, max_num_seqs=max_num_seqs,
                     max_batch_tokens=max_batch_tokens, kv_overcommit=kv_overcommit,
-                    watermark=watermark, decoder=tok, eos_id=self.eos_id)))
+                    watermark=watermark, decoder=tok, eos_id=self.eos_id,
+                    yield_tokens=yield_tokens)))
                 lo = hi
         except BaseException:
             self.close()
@@ -539,7 +541,10 @@ class PipelineEngine:
     def _launch(self, g: _MicroBatch) -> None:
         """Schedule the micro-batch's next step; send it to every stage, run stage 0 on
         it, post the logits receive. Nothing happens if it has nothing to run."""
-        plan = g.scheduler.schedule()
+        # Every micro-batch's step is on the path of every other's (they share the
+        # stages), so all of them yield to a higher-priority request in any of them.
+        tops = [t for t in (h.scheduler.top_priority() for h in self._groups) if t is not None]
+        plan = g.scheduler.schedule(max(tops) if tops else None)
         if plan.is_empty:
             return
         inputs = self._runner.prepare(plan)

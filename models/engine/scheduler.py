@@ -10,7 +10,11 @@ Plain Python, no torch: it runs (and is tested) on plain data. Every step:
    its last token, whose logits it needs). KV blocks are allocated as tokens arrive;
    when none is left the most recently admitted sequence is *preempted* (its blocks
    freed, recomputed later — mostly from the prefix cache), so the engine never runs
-   out of memory whatever the workload. The result is a :class:`StepPlan`.
+   out of memory whatever the workload. While a request of higher priority is in the
+   engine (an interactive request during a batch), lower-priority sequences share each
+   step with it only up to ``yield_tokens`` tokens: the rest of them pause (keeping
+   their blocks) so that its steps run at nearly the speed of an idle engine. The
+   result is a :class:`StepPlan`.
 2. The engine's runner turns the plan into tensors and runs the network; its sampler
    turns the logits into a :class:`StepResult`.
 3. :meth:`Scheduler.update` appends the tokens, checks stop conditions, forks the
@@ -42,9 +46,17 @@ from models.params import Decoder, SamplingParams, StopChecker
 
 # Request priorities (larger first). Bulk work runs at BATCH; a request someone is
 # waiting on (a synchronous API call) at INTERACTIVE: it is admitted at the next step,
-# preempting batch sequences if it must, and no batch sequence ever preempts it.
+# preempting batch sequences if it must, and no batch sequence ever preempts it. While it
+# runs, batch work in a step is capped (``yield_tokens``).
 BATCH = 0
 INTERACTIVE = 1
+
+# Default of ``yield_tokens``. A decode step of the 20B on one H200 is bound by reading
+# the weights (~10 ms) up to ~150 tokens; each batch sequence decoding alongside adds its
+# KV reads (~0.1 ms at a few hundred tokens of context). 64 batch tokens keep an
+# interactive request's steps within ~1.5x of an idle engine's while the batch still
+# advances (a full step of ~300 sequences takes ~4x the idle step).
+YIELD_TOKENS = 64
 
 
 @dataclass(eq=False)
@@ -236,14 +248,22 @@ class Scheduler:
         decoder: the tokenizer's ``decode`` for stop strings and output text (None: no
             text).
         eos_id: the end-of-text token.
+        yield_tokens: while a request of higher priority is in the engine (running or
+            waiting), lower-priority sequences get at most this many tokens of each step:
+            decodes first (oldest admission first), then prefill chunks; the others
+            pause for the step, keeping their blocks. ``None``: no cap (the step's
+            budget is shared by priority order only). See :data:`YIELD_TOKENS`.
     """
 
     def __init__(self, blocks: BlockManager, *, max_position: int, max_num_seqs: int = 256,
                  max_batch_tokens: int = 2048, kv_overcommit: float = 1.0,
                  watermark: float = 0.01, decoder: Decoder | None = None,
-                 eos_id: int | None = None) -> None:
+                 eos_id: int | None = None, yield_tokens: int | None = YIELD_TOKENS) -> None:
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        if yield_tokens is not None and yield_tokens < 0:
+            raise ValueError(f"yield_tokens: must be >= 0 or None, got {yield_tokens}")
+        self.yield_tokens = yield_tokens
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.max_position = max_position
@@ -260,7 +280,9 @@ class Scheduler:
         self.scores: dict[str, ScoreResult] = {}  # finished score requests
         self.demand = 0  # blocks the running sequences will need at their final size
         self._order = 0
-        self.stats: dict[str, int] = {"steps": 0, "preemptions": 0, "decode_steps": 0}
+        # yield_steps: steps whose lower-priority work was capped by ``yield_tokens``.
+        self.stats: dict[str, int] = {"steps": 0, "preemptions": 0, "decode_steps": 0,
+                                      "yield_steps": 0}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -387,8 +409,16 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        """Decide the next step (it may be empty: nothing to run)."""
+    def top_priority(self) -> int | None:
+        """The highest priority of any running or waiting sequence (None: empty)."""
+        pris = [q[0].req.priority for q in (self.running, self.waiting) if q]
+        return max(pris) if pris else None
+
+    def schedule(self, top_priority: int | None = None) -> StepPlan:
+        """Decide the next step (it may be empty: nothing to run). ``top_priority``:
+        the highest priority in the whole engine when it has several schedulers (a
+        pipeline's micro-batches step one after another, so they yield together);
+        default this scheduler's own."""
         bs = self.block_size
         budget = self.max_batch_tokens
         copies: list[tuple[int, int]] = []
@@ -401,6 +431,18 @@ class Scheduler:
         reserve = 0
         if top is not None:
             reserve = min(len(self.waiting[0].tokens), budget // 2)
+        # Lower-priority sequences share the step with higher-priority ones up to
+        # `low_budget` tokens (a step's time grows with its tokens and their contexts).
+        own_top = self.top_priority()
+        present = max(p for p in (top_priority, own_top) if p is not None) \
+            if own_top is not None else top_priority
+        low_budget = budget
+        yielding = False
+        if self.yield_tokens is not None and present is not None:
+            lowest = [q[-1].req.priority for q in (self.running, self.waiting) if q]
+            if lowest and min(lowest) < present:
+                low_budget = self.yield_tokens
+                yielding = True
         # 1) decodes, then continuing prefills, by priority then admission order
         # (`running` is kept in that order). A sequence short of blocks preempts the
         # last sequences of that order not yet scheduled: never one that outranks it.
@@ -421,12 +463,13 @@ class Scheduler:
                     any_prefill = True
                     i += 1
                     continue
-                n = min(need, budget)
+                low = present is not None and seq.req.priority < present
+                n = min(need, budget, low_budget) if low else min(need, budget)
                 if not want_decode and top is not None and seq.req.priority < top:
                     n = min(n, budget - reserve)
-                    if n <= 0:
-                        i += 1
-                        continue
+                if n <= 0:  # it yields this step (keeping its blocks)
+                    i += 1
+                    continue
                 while True:
                     n_fit = self._grow(seq, n, copies)
                     victim = running[-1]
@@ -447,6 +490,8 @@ class Scheduler:
                 else:
                     prefills.append((seq, n_fit))
                 budget -= n_fit
+                if low:
+                    low_budget -= n_fit
                 i += 1
         # 2) admit waiting sequences, first come first served.
         limit = self.kv_overcommit * self.blocks.capacity
@@ -454,6 +499,9 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             req = seq.req
+            low = present is not None and req.priority < present
+            if low and low_budget <= 0:
+                break
             forks = req.pending_fork if isinstance(req, GenerateRequest) and seq.index == 0 \
                 else 0
             if len(running) + 1 + forks > self.max_num_seqs and running:
@@ -462,10 +510,16 @@ class Scheduler:
             reused = blocks.reusable(hit)
             # Blocks shared with running sequences are already in their demand.
             demand = self._demand_of(seq) - (len(hit) - reused)
-            if running and self.demand + demand > limit:
+            # A request that outranks running ones may overcommit the projection: it
+            # takes blocks only as it grows, and a real shortage preempts the lowest
+            # priority then (usually never: it is short, and the projection counts
+            # every running sequence at its final size).
+            if running and self.demand + demand > limit \
+                    and req.priority <= running[-1].req.priority:
                 break
             start = len(hit) * bs
-            n = min(len(seq.tokens) - start, budget)
+            n = min(len(seq.tokens) - start, budget, low_budget) if low \
+                else min(len(seq.tokens) - start, budget)
             need_blocks = math.ceil(n / bs) + reused
             free = blocks.num_free
             if running and free - need_blocks < self.watermark_blocks:
@@ -486,8 +540,12 @@ class Scheduler:
             n = self._grow(seq, n, copies)
             prefills.append((seq, n))
             budget -= n
+            if low:
+                low_budget -= n
             if req.timings.first_scheduled is None:
                 req.timings.first_scheduled = now
+        if yielding and (decodes or prefills):
+            self.stats["yield_steps"] += 1
         return self._plan(decodes, prefills, copies)
 
     def _run(self, seq: Seq) -> None:
@@ -500,14 +558,15 @@ class Scheduler:
         running.insert(pos, seq)
 
     def _admission_fits(self, seq: Seq) -> bool:
-        """Whether ``seq`` could be admitted now without a prefix-cache hit (the
-        conservative estimate :meth:`_make_room` frees room for)."""
+        """Whether ``seq``, which outranks running sequences, could be admitted now
+        without a prefix-cache hit (the conservative estimate :meth:`_make_room` frees
+        room for): a slot and the blocks of its first chunk. Its projected final size
+        may overcommit the cache (see :meth:`schedule`): preempting batch work for a
+        projection would recompute it for nothing."""
         req = seq.req
         forks = req.pending_fork if isinstance(req, GenerateRequest) and seq.index == 0 \
             else 0
         if len(self.running) + 1 + forks > self.max_num_seqs:
-            return False
-        if self.demand + self._demand_of(seq) > self.kv_overcommit * self.blocks.capacity:
             return False
         chunk = min(len(seq.tokens), self.max_batch_tokens)
         return self.blocks.num_free - math.ceil(chunk / self.block_size) \

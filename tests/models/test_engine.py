@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from models.config import NeoXConfig, get_preset
-from models.engine import Engine, InferenceEngine, RequestOutput
+from models.engine import INTERACTIVE, Engine, InferenceEngine, RequestOutput
 from models.model import NeoX, init_random_
 from models.runtime import build_engine
 from models.sampling import SampleRow, SamplingBatch, SamplingParams, sample
@@ -226,6 +226,46 @@ def test_seed_gives_same_tokens_whatever_the_batch(model: NeoX) -> None:
     other_seed = Engine(model, None, num_blocks=100, block_size=4).generate(
         [prompt], SamplingParams(**{**params.to_dict(), "seed": 100}))[0]
     assert other_seed.samples[0].token_ids != alone.samples[0].token_ids
+
+
+def test_interactive_during_a_batch_yields_without_changing_tokens(model: NeoX) -> None:
+    """Interactive requests arrive while a batch decodes: with the batch capped to 2
+    tokens a step while they run, and without a cap, every request's greedy tokens equal
+    its tokens alone; with the cap the interactive requests finish in fewer steps."""
+    batch = _prompts(10, 4, 40, seed=31)
+    inter = _prompts(3, 30, 60, seed=32)
+    alone = Engine(model, None, num_blocks=200, block_size=4)
+    ref = {f"b{i}": o.samples[0].token_ids
+           for i, o in enumerate(alone.generate(batch, _greedy(24)))}
+    ref.update({f"i{i}": o.samples[0].token_ids
+                for i, o in enumerate(alone.generate(inter, _greedy(8)))})
+    took: dict[int | None, int] = {}
+    for cap in (2, None):
+        engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=24,
+                        yield_tokens=cap)
+        for i, p in enumerate(batch):
+            engine.add_request(f"b{i}", p, _greedy(24))
+        got: dict[str, list[int]] = {}
+        started: dict[str, int] = {}
+        steps = 0
+        for step in range(10_000):
+            if step in (6, 14, 22):
+                rid = f"i{len(started)}"
+                engine.add_request(rid, inter[len(started)], _greedy(8),
+                                   priority=INTERACTIVE)
+                started[rid] = step
+            for o in engine.step():
+                got[o.request_id] = o.samples[0].token_ids
+                if o.request_id in started:
+                    steps += step + 1 - started[o.request_id]
+            if not engine.has_unfinished() and len(started) == 3:
+                break
+        assert got == ref, cap
+        _no_leaks(engine)
+        assert engine.stats["preemptions"] == 0
+        assert (engine.stats["yield_steps"] > 0) == (cap is not None)
+        took[cap] = steps
+    assert took[2] < took[None]
 
 
 def _penalized_greedy(model: NeoX, prompt: list[int], steps: int, rep: float, pres: float,

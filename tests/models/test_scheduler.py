@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from models.engine.block_manager import NULL_BLOCK, BlockManager
-from models.engine.scheduler import INTERACTIVE, Scheduler, StepPlan, StepResult
+from models.engine.scheduler import BATCH, INTERACTIVE, Scheduler, StepPlan, StepResult
 from models.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,3 +274,92 @@ def test_batch_prefill_leaves_budget_for_a_waiting_interactive_prompt() -> None:
     # The interactive prompt whole, the batch prompt's next chunk in what is left.
     assert [(c.start, c.tokens[:1], len(c.tokens)) for c in plan.chunks] == [
         (64, [66], 44), (0, [5], 20)]
+
+
+def _batch_tokens(plan: StepPlan) -> int:
+    """Tokens of batch-priority sequences in a plan (decodes, then chunks in order)."""
+    d = plan.num_decode
+    dec = sum(1 for s in plan.seqs[:d] if s.req.priority == BATCH)
+    pre = sum(len(c.tokens) for s, c in zip(plan.seqs[d:], plan.chunks, strict=True)
+              if s.req.priority == BATCH)
+    return dec + pre
+
+
+def _interactive_during_batch(
+    yield_tokens: int | None,
+) -> tuple[int, list[int], Scheduler, list[int]]:
+    """40 batch sequences decoding, then a 100-token interactive prompt: the steps it
+    took to finish, the batch tokens of each of those steps, the scheduler, and the
+    batch sequences' lengths when it arrived."""
+    rng = random.Random(3)
+    sched = Scheduler(BlockManager(2000, 4), max_position=512, max_num_seqs=64,
+                      max_batch_tokens=64, watermark=0.0, yield_tokens=yield_tokens)
+    for i in range(40):
+        sched.add_generate(f"b{i}", [2 + i % 30] * 8, _batch_params(120), i, 0.0)
+    while sched.waiting or any(s.num_computed < len(s.tokens) - 1 for s in sched.running):
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    before = [len(s.tokens) for s in sched.running]
+    sched.add_generate("i", [45] * 100, _batch_params(10), 99, 0.0, priority=INTERACTIVE)
+    batch_tokens: list[int] = []
+    steps = 0
+    while "i" in sched.requests:
+        plan = sched.schedule()
+        batch_tokens.append(_batch_tokens(plan))
+        sched.update(plan, _result(plan, rng, 50))
+        steps += 1
+    assert [o.request_id for o in sched.take_outputs()] == ["i"]
+    return steps, batch_tokens, sched, before
+
+
+def test_batch_work_is_capped_while_an_interactive_request_runs() -> None:
+    """While an interactive request is in the engine, batch sequences get at most
+    ``yield_tokens`` tokens of each step (the oldest decode, the others pause without
+    losing their blocks); the interactive prompt so gets the rest of the budget and
+    finishes in fewer steps than with the budget shared by priority order alone. Once
+    it is done, the whole batch decodes again and finishes."""
+    capped_steps, capped, sched, before = _interactive_during_batch(yield_tokens=8)
+    free_steps, shared, _, _ = _interactive_during_batch(yield_tokens=None)
+    assert max(capped) <= 8 and min(capped) == 8
+    assert min(shared) >= 24  # without the cap every batch sequence decodes each step
+    # 100 prompt tokens in chunks of 64 - 8 instead of 64 - 40, then 9 decode steps.
+    assert capped_steps == 2 + 9 < free_steps == 5 + 9
+    assert sched.stats["preemptions"] == 0 and sched.stats["yield_steps"] == capped_steps
+    # The oldest batch sequences decoded through the interactive request's steps; the
+    # newest paused, keeping their blocks and their place.
+    progress = [len(s.tokens) - b for s, b in zip(sched.running, before, strict=True)]
+    assert progress == [capped_steps] * 8 + [0] * 32
+    plan = sched.schedule()
+    assert plan.num_decode == 40 and _batch_tokens(plan) == 40
+    rng = random.Random(5)
+    sched.update(plan, _result(plan, rng, 50))
+    finished = []
+    while sched.has_unfinished():
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+        finished += sched.take_outputs()
+    assert len(finished) == 40 and all(len(o.samples[0].token_ids) == 120 for o in finished)
+
+
+def test_interactive_overcommits_the_projection_instead_of_preempting() -> None:
+    """Batch admission has projected the cache full (every sequence at its final size),
+    yet most blocks are free: an interactive request starts at the next step without
+    preempting anything, and every request finishes."""
+    rng = random.Random(11)
+    bm = BlockManager(101, 4)
+    sched = Scheduler(bm, max_position=128, max_num_seqs=32, max_batch_tokens=128,
+                      watermark=0.0)
+    for i in range(12):
+        sched.add_generate(f"b{i}", [3 + i] * 8, _batch_params(32), i, 0.0)
+    sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 10 and sched.demand == bm.capacity  # 10 x 40 tokens
+    sched.add_generate("i", [45] * 8, _batch_params(8), 99, 0.0, priority=INTERACTIVE)
+    plan = sched.schedule()
+    assert [45] * 8 in [c.tokens for c in plan.chunks]
+    assert sched.stats["preemptions"] == 0
+    sched.update(plan, _result(plan, rng, 50))
+    done = []
+    while sched.has_unfinished():
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+        bm.check(sched.held_tables())
+        done += [o.request_id for o in sched.take_outputs()]
+    assert sorted(done) == sorted([f"b{i}" for i in range(12)] + ["i"])
+    assert sched.stats["preemptions"] == 0

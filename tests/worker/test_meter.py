@@ -89,3 +89,22 @@ def test_untracked_forgotten_and_shrinking_counts_are_ignored() -> None:
     m.observe({"r": 9})
     snap = m.snapshot()
     assert snap.tokens_generated == 4 and snap.batches["A"].inflight_tokens == 0
+
+
+def test_requests_of_no_batch_count_in_the_worker_figures_only() -> None:
+    """A synchronous request (no batch) adds to the worker's tokens/s and total, and
+    appears in no batch's figures."""
+    clock = Clock()
+    m = GenerationMeter(clock=clock)
+    m.track("b1", "A", budget=40)
+    m.track("i1", None)
+    for step in range(1, 9):
+        clock.t += 0.5
+        m.observe({"b1": step, "i1": 2 * step})
+    m.finish("i1", 20)
+    snap = m.snapshot()
+    assert snap.tokens_generated == 8 + 20
+    assert snap.tokens_per_s == pytest.approx(28 / 3.5)
+    assert set(snap.batches) == {"A"}
+    assert snap.batches["A"].inflight_tokens == 8 and snap.batches["A"].inflight_items == 1
+    assert snap.batches["A"].tokens_per_s == pytest.approx(8 / 3.5)
