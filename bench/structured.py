@@ -1,13 +1,16 @@
 """Cost of structured output on the engine: the same prompts with and without a JSON schema.
 
 One engine, the real 20B tokenizer, ``--num-prompts`` prompts (LAMBADA passages, the
-project's copy, asking for a JSON review). Run A samples them unconstrained
-(``ignore_eos``, ``--max-tokens`` each); run B samples them under bench/grammar_cpu.py's
+project's copy, asking for a JSON review). Run B samples them under bench/grammar_cpu.py's
 review schema (enum, integer ranges, a nested object, an array, a bounded string), where
-the grammar ends each output at EOS once the JSON is complete. Output tokens per second of
-B over A is the figure (target >= 90% on the 20B on one H200); B also reports the host
-time spent filling masks (``Sampler.mask_seconds``, overlapped with the forward) and how
-many ``stop`` outputs validate (all must).
+the grammar ends each output at EOS once the JSON is complete (at most ``--max-tokens``).
+Run A then samples the same prompts unconstrained, each line generating exactly as many
+tokens as its run-B output (``ignore_eos``, ``max_tokens`` = that length): both runs do
+the same prefill and decode work, so the ratio of their output tokens per second is the
+grammar's cost alone (target >= 90% on the 20B on one H200) rather than a difference in
+output lengths. B also reports the host time spent filling masks
+(``Sampler.mask_seconds``, overlapped with the forward) and how many ``stop`` outputs
+validate (all must).
 
 Run: ``python -m bench.structured`` (CUDA, the 20B shape on random weights) or
 ``--model preset:tiny --device cpu --num-prompts 16`` to try it. Writes
@@ -44,7 +47,9 @@ def prompts(tok: Any, n: int, max_len: int) -> list[list[int]]:
     return out
 
 
-def run(engine: Engine, ps: list[list[int]], params: list[SamplingParams]) -> dict[str, Any]:
+def run(engine: Engine, ps: list[list[int]],
+        params: list[SamplingParams]) -> tuple[dict[str, Any], list[int]]:
+    """Run the prompts; the figures and each prompt's output length (in prompt order)."""
     mask0 = engine.sampler.mask_seconds
     t0 = time.time()
     for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
@@ -66,10 +71,11 @@ def run(engine: Engine, ps: list[list[int]], params: list[SamplingParams]) -> di
                 jsonschema.validate(json.loads(s.text), SCHEMA)
             except (ValueError, jsonschema.ValidationError):
                 invalid += 1
+    lengths = [o.completion_tokens for o in sorted(outs, key=lambda o: int(o.request_id))]
     return {"seconds": round(secs, 3), "output_tokens": tokens,
             "output_tok_per_s": round(tokens / secs, 1), "finish_reasons": reasons,
             "stop_invalid": invalid,
-            "mask_host_seconds": round(engine.sampler.mask_seconds - mask0, 3)}
+            "mask_host_seconds": round(engine.sampler.mask_seconds - mask0, 3)}, lengths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -94,12 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A constrained warm-up: the grammar library's tokenizer index is built once per
     # engine, at its first constrained request.
     engine.generate([ps[0]], SamplingParams(response_format=rf, max_tokens=8))
-    free = run(engine, ps, [SamplingParams(temperature=0.8, seed=i, max_tokens=args.max_tokens,
-                                           ignore_eos=True) for i in range(len(ps))])
-    constrained = run(engine, ps, [SamplingParams(temperature=0.8, seed=i,
-                                                  max_tokens=args.max_tokens,
-                                                  response_format=rf)
-                                   for i in range(len(ps))])
+    constrained, lengths = run(engine, ps, [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=args.max_tokens, response_format=rf)
+        for i in range(len(ps))])
+    free, _ = run(engine, ps, [SamplingParams(temperature=0.8, seed=i, max_tokens=max(1, n),
+                                              ignore_eos=True)
+                               for i, n in enumerate(lengths)])
     ratio = constrained["output_tok_per_s"] / free["output_tok_per_s"]
     result = {
         "bench": "structured", "commit": git_commit(),

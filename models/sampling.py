@@ -119,14 +119,18 @@ def _vocab_steps(device: torch.device, vocab: int) -> Tensor:
 def uniform_noise(keys: Tensor, vocab: int) -> Tensor:
     """(B, V) float32 uniforms in (0, 1), a pure function of (key, vocab id).
 
-    24 bits per draw (float32's mantissa): u = (k + 0.5) / 2**24 is never 0 or 1, so the
-    exponential race below never sees log(0). The chance that a token 17 nats below the
-    best one wins is thereby cut off, which no practical sampling notices.
+    23 bits per draw: u = (k + 0.5) / 2**23 is never 0 or 1 in float32 (its largest,
+    1 - 2**-24, is the float just below 1; with 24 bits the largest would round up to
+    exactly 1, whose Gumbel noise is +inf, and +inf plus a filtered token's -inf is NaN,
+    which argmax picks: about one draw in 16 million, so a few steps in every thousand
+    at this vocabulary would sample a masked or filtered token). The smallest u cuts
+    off the chance that a token 16.6 nats below the best one wins, which no practical
+    sampling notices.
     """
     h = _mix64_(keys[:, None] + _vocab_steps(keys.device, vocab)[None, :])  # (B, V)
-    h.bitwise_right_shift_(40)  # the top 24 bits...
-    h.bitwise_and_((1 << 24) - 1)  # ...without the sign extension of an arithmetic shift
-    return h.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+    h.bitwise_right_shift_(41)  # the top 23 bits...
+    h.bitwise_and_((1 << 23) - 1)  # ...without the sign extension of an arithmetic shift
+    return h.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 23))
 
 
 def exponential_race_scores(keys: Tensor, vocab: int) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -136,7 +137,7 @@ def py_uniform(seed: int, sample_index: int, position: int, v: int) -> float:
     k = py_mix(k + sample_index * GOLDEN)
     k = py_mix(k + position * GOLDEN)
     h = py_mix(k + (v + 1) * GOLDEN)
-    return ((h >> 40) + 0.5) / 2**24
+    return ((h >> 41) + 0.5) / 2**23
 
 
 def test_noise_matches_unsigned_reference_including_negative_and_huge_seeds():
@@ -149,6 +150,30 @@ def test_noise_matches_unsigned_reference_including_negative_and_huge_seeds():
     want = torch.tensor([[py_uniform(s, i, p, v) for v in range(40)] for s, i, p in cases])
     assert torch.equal(u, want.float())
     assert 0 < u.min() and u.max() < 1
+
+
+def test_noise_extremes_stay_inside_the_open_interval():
+    # The largest and smallest 23-bit draws, as float32: a draw of exactly 1 would make
+    # the Gumbel noise +inf, and +inf + (-inf) of a masked token is NaN, which argmax picks.
+    top = torch.tensor([(1 << 23) - 1, 0], dtype=torch.float32).add_(0.5).mul_(1.0 / (1 << 23))
+    assert top[0] < 1 and top[1] > 0
+    gumbel = top.log().neg().log().neg()
+    assert torch.isfinite(gumbel).all()
+
+
+def test_masked_tokens_are_never_drawn_over_many_draws():
+    # A row allowing one token, sampled at many positions: with noise that can reach
+    # +inf, about 1 in 330 draws over a 50k vocabulary picked a masked token.
+    vocab, allowed_id, n = 50_432, 1234, 2_000
+    params = [SamplingParams(temperature=0.8, seed=7)] * n
+    logits = torch.randn(n, vocab)
+    bits = np.zeros((n, (vocab + 31) // 32), dtype=np.int32)
+    bits[:, allowed_id // 32] = 1 << (allowed_id % 32)
+    batch = SamplingBatch.build(
+        [SampleRow(params=p, seed=7, position=i) for i, p in enumerate(params)],
+        device=torch.device("cpu"), vocab_size=vocab, valid_vocab=vocab, eos_id=None,
+        masks=(list(range(n)), bits))
+    assert sample(logits, batch).tokens.eq(allowed_id).all()
 
 
 # ---------------------------------------------------------------------------------------
