@@ -22,7 +22,10 @@ All step metadata arrives as device tensors built by the engine from one host bu
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -158,21 +161,48 @@ def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out[0].transpose(0, 1)  # (L, nh, hd)
 
 
+def _dequantized(x: Tensor, scale: Tensor | None) -> Tensor:
+    """fp32 values of gathered cache entries (..., hd); ``scale`` (...,) per token and head."""
+    return x.float() if scale is None else x.float() * scale[..., None]
+
+
+def _check_scales(k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> None:
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("paged decode: give both k_scale and v_scale, or neither")
+    if k_scale is None:
+        if k_cache.dtype == torch.float8_e4m3fn:
+            raise ValueError("paged decode: an fp8 cache needs k_scale and v_scale")
+        return
+    assert v_scale is not None
+    if k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_cache.shape[:3]:
+        raise ValueError(f"paged decode: scales must be (blocks, heads, block_size) = "
+                         f"{tuple(k_cache.shape[:3])}, got {tuple(k_scale.shape)} and "
+                         f"{tuple(v_scale.shape)}")
+    if k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32:
+        raise ValueError("paged decode: scales must be float32")
+
+
 def paged_decode_torch(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+    *, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence against its paged context, in plain torch (fp32 math).
 
     q: (D, nh, hd); caches: (blocks, nh, block_size, hd); block_tables: (D, W);
     context_lens: (D,). Columns of ``block_tables`` past a sequence's length are ignored.
+    An fp8 (``float8_e4m3fn``) cache comes with float32 ``k_scale``/``v_scale`` of shape
+    (blocks, nh, block_size): a cached value is its fp8 number times its token's scale.
     """
+    _check_scales(k_cache, k_scale, v_scale)
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
     w = block_tables.shape[1]
-    k = k_cache[block_tables]  # (D, W, nh, bs, hd)
-    v = v_cache[block_tables]
-    k = k.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd).float()  # (D, nh, T, hd)
-    v = v.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd).float()
+    ks = None if k_scale is None else k_scale[block_tables]  # (D, W, nh, bs)
+    vs = None if v_scale is None else v_scale[block_tables]
+    k = _dequantized(k_cache[block_tables], ks)  # (D, W, nh, bs, hd)
+    v = _dequantized(v_cache[block_tables], vs)
+    k = k.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd)  # (D, nh, T, hd)
+    v = v.permute(0, 2, 1, 3, 4).reshape(d, nh, w * bs, hd)
     scores = torch.einsum("dhe,dhte->dht", q.float(), k) / math.sqrt(hd)  # (D, nh, T)
     valid = torch.arange(w * bs, device=q.device)[None, :] < context_lens[:, None]  # (D, T)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
@@ -183,40 +213,83 @@ def paged_decode_torch(
 # --------------------------------------------------------------------------------------
 # Triton decode kernel (CUDA only; triton is imported on first use)
 # --------------------------------------------------------------------------------------
+#
+# Decode is bound by reading the cache: each query reads its sequence's K and V once.
+# Reaching the card's bandwidth needs enough loads in flight on every SM, all the time:
+#
+# * Split-KV (flash-decoding): each sequence's context is cut into ``num_splits`` equal
+#   parts, one program each, writing a partial (output, log-sum-exp) that a small merge
+#   kernel combines. A batch of 90 sequences x 64 heads is ~5,800 programs of very
+#   different lengths; split, the work comes in even pieces and the last wave is short.
+#   The part size is computed in the kernel from the sequence's length, so the grid
+#   depends only on the batch and the split count: a CUDA graph captured once replays
+#   correctly whatever the context lengths (a part past the end writes a neutral
+#   partial). Large batches of short contexts fill the card unsplit.
+# * Per-lane softmax state (``lanes``): each of a tile's token lanes keeps its own
+#   running max, sum and output row, merged once at the end. The loop then has no
+#   reduction across the tile's tokens (those cross warps, through shared memory and a
+#   barrier per iteration); only the q.k dot reduces, along the head dim, inside a warp.
+#   The other form (reductions every iteration, the first kernel's loop) stays a
+#   candidate: the tuner times both.
+# * Config per shape class: the tuner times every candidate at a few batch sizes with
+#   short and long contexts and keeps the best per class (see tune_decode_kernel).
 
-_KERNEL = None
+
+class DecodeConfig(NamedTuple):
+    """A compiled variant of the decode kernel."""
+
+    tile: int  # tokens per loop iteration (a power of two)
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the loop
+    heads_per_program: int  # adjacent heads sharing one program's address math
+    lanes: bool  # per-lane softmax state (else tile-wide reductions every iteration)
 
 
-def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
+class DecodeChoice(NamedTuple):
+    """A kernel variant and how many parts each sequence's context is split into."""
+
+    config: DecodeConfig
+    splits: int
+
+
+_KERNELS = None
+
+
+def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # num_splits is a runtime value inside the kernel (one compile serves every split
+    # count; the branch on it is uniform across the program).
+    @triton.jit(do_not_specialize=["num_splits"])
     def paged_decode_kernel(
-        out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-        scale_log2,
+        out_ptr, part_o_ptr, part_lse_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
+        scale_log2, num_splits,
         stride_qn, stride_qh, stride_on, stride_oh,
-        stride_kb, stride_kh, stride_kt,
+        stride_kb, stride_kh, stride_kt, stride_sb, stride_sh,
         stride_bt,
-        HEAD_DIM: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
-        HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HD_A: tl.constexpr,
+        HD_B: tl.constexpr, HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILE: tl.constexpr, NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
+        LANES: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
-        # One program per (HPP heads, sequence): an online softmax over the sequence's
-        # context, TILE tokens (TILE // BLOCK_SIZE blocks) per iteration. With HPP > 1
-        # the block-table loads and address math are shared by the heads and each
-        # iteration moves HPP times the bytes (a block's heads are adjacent in the
-        # cache). Tiles are (TILE, HPP, dims); the softmax state is per head. The head
-        # group is the fastest-varying grid index, so programs start sequence by
-        # sequence: with sequences sorted longest first (the engine does) the last wave
-        # holds the shortest ones and the tail is short.
+        # One program per (HPP heads, sequence, part of its context). With HPP > 1 the
+        # block-table loads and address math are shared by the heads. The head group is
+        # the fastest-varying grid index, so programs start sequence by sequence.
         #
-        # The head dim is covered by two power-of-two parts, HD_A + HD_B (96 = 64 + 32):
-        # padding 96 to 128 would leave a quarter of every load's lanes masked off. When
-        # no such split exists HD_A is the padded width (> HEAD_DIM, masked) and HD_B 0.
+        # The head dim is covered by two power-of-two parts, HD_A + HD_B (96 = 64 + 32),
+        # or (always in the per-lane form, whose loop must not move values between two
+        # register layouts) by one padded, masked part: masked lanes issue no memory
+        # requests, so the padding costs issue slots, not bandwidth.
         heads = tl.program_id(0) * HPP + tl.arange(0, HPP)
-        seq = tl.program_id(1)
+        seq = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
         ctx = tl.load(ctx_ptr + seq)
+        # This part: the context cut into num_splits pieces of whole tiles.
+        part = tl.cdiv(tl.cdiv(ctx, num_splits), TILE) * TILE
+        start = split * part
+        end = tl.minimum(ctx, start + part)
         da = tl.arange(0, HD_A)
         amask = da < HEAD_DIM
         db = HD_A + tl.arange(0, HD_B_ALLOC)
@@ -224,52 +297,140 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
         # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
         qa = tl.load(q_rows + da[None, :], mask=amask[None, :], other=0.0)
         qa = qa.to(tl.float32) * scale_log2  # (HPP, HD_A)
-        acc_a = tl.zeros([HPP, HD_A], tl.float32)
         acc_b = tl.zeros([HPP, HD_B_ALLOC], tl.float32)  # unused when HD_B == 0
         qb = acc_b
         if HD_B > 0:
             qb = tl.load(q_rows + db[None, :]).to(tl.float32) * scale_log2
-        m_i = tl.full([HPP], -float("inf"), tl.float32)  # running max (log2 domain)
-        l_i = tl.zeros([HPP], tl.float32)  # softmax denominator
         t = tl.arange(0, TILE)
-        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        bt_row = bt_ptr + seq * stride_bt
         head_off = heads.to(tl.int64) * stride_kh  # (HPP,)
-        # num_stages > 1 lets the compiler issue the next tiles' loads while this one's
-        # math runs (each iteration is otherwise a chain of dependent loads).
-        for start in tl.range(0, ctx, TILE, num_stages=NUM_STAGES):
-            pos = start + t
-            valid = pos < ctx
-            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = blk * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
-            base = row[:, None, None] + head_off[None, :, None]  # (TILE, HPP, 1)
-            vmask = valid[:, None, None]
-            a_mask = vmask & amask[None, None, :]
-            # K and V are both issued before any math: V does not depend on the scores.
-            ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-            va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-            s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+        scale_head = heads.to(tl.int64) * stride_sh  # (HPP,)
+        if LANES:
+            # Lanes that never see a valid token keep a finite max so that
+            # exp2(max - new max) never computes -inf - -inf.
+            m_l = tl.full([TILE, HPP], -1e30, tl.float32)
+            l_l = tl.zeros([TILE, HPP], tl.float32)
+            acc3 = tl.zeros([TILE, HPP, HD_A], tl.float32)
+            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
+                pos = s0 + t
+                valid = pos < end
+                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+                off = (pos % BLOCK_SIZE).to(tl.int64)
+                base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                    + head_off[None, :, None]  # (TILE, HPP, 1)
+                a_mask = valid[:, None, None] & amask[None, None, :]
+                # K and V are both issued before any math: V does not depend on the scores.
+                ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+                if HAS_SCALE:
+                    srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                    s = s * tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
+                s = tl.where(valid[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_l, s)
+                alpha = tl.exp2(m_l - m_new)
+                p = tl.exp2(s - m_new)  # (TILE, HPP)
+                l_l = l_l * alpha + p
+                if HAS_SCALE:
+                    p = p * tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+                acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * va.to(tl.float32)
+                m_l = m_new
+            m_i = tl.max(m_l, axis=0)  # (HPP,)
+            w = tl.exp2(m_l - m_i[None, :])  # (TILE, HPP)
+            l_i = tl.sum(l_l * w, axis=0)
+            acc_a = tl.sum(acc3 * w[:, :, None], axis=0)  # (HPP, HD_A)
+        else:
+            m_i = tl.full([HPP], -float("inf"), tl.float32)  # running max (log2 domain)
+            l_i = tl.zeros([HPP], tl.float32)  # softmax denominator
+            acc_a = tl.zeros([HPP, HD_A], tl.float32)
+            # num_stages > 1 lets the compiler issue the next tiles' loads while this
+            # one's math runs (each iteration is otherwise a chain of dependent loads).
+            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
+                pos = s0 + t
+                valid = pos < end
+                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+                off = (pos % BLOCK_SIZE).to(tl.int64)
+                base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                    + head_off[None, :, None]  # (TILE, HPP, 1)
+                vmask = valid[:, None, None]
+                a_mask = vmask & amask[None, None, :]
+                ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+                if HD_B > 0:
+                    kb = tl.load(k_ptr + base + db[None, None, :], mask=vmask, other=0.0)
+                    vb = tl.load(v_ptr + base + db[None, None, :], mask=vmask, other=0.0)
+                    s += tl.sum(kb.to(tl.float32) * qb[None, :, :], axis=2)
+                if HAS_SCALE:
+                    srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                    s = s * tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
+                s = tl.where(valid[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (HPP,)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[None, :])  # (TILE, HPP)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                if HAS_SCALE:
+                    p = p * tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+                acc_a = acc_a * alpha[:, None] + tl.sum(
+                    p[:, :, None] * va.to(tl.float32), axis=0)
+                if HD_B > 0:
+                    acc_b = acc_b * alpha[:, None] + tl.sum(
+                        p[:, :, None] * vb.to(tl.float32), axis=0)
+                m_i = m_new
+        # An empty part (it starts past the end: short sequences, or the padding rows of
+        # a CUDA-graph batch) has l_i == 0: output 0 with log-sum-exp -inf, which the
+        # merge weighs 0.
+        nonempty = l_i > 0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        o_a = acc_a / l_safe[:, None]
+        o_b = acc_b / l_safe[:, None]
+        if num_splits == 1:
+            o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
+            tl.store(o_rows + da[None, :], o_a.to(out_ptr.dtype.element_ty),
+                     mask=amask[None, :])
             if HD_B > 0:
-                kb = tl.load(k_ptr + base + db[None, None, :], mask=vmask, other=0.0)
-                vb = tl.load(v_ptr + base + db[None, None, :], mask=vmask, other=0.0)
-                s += tl.sum(kb.to(tl.float32) * qb[None, :, :], axis=2)
-            s = tl.where(valid[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (HPP,)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])  # (TILE, HPP)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc_a = acc_a * alpha[:, None] + tl.sum(p[:, :, None] * va.to(tl.float32), axis=0)
+                tl.store(o_rows + db[None, :], o_b.to(out_ptr.dtype.element_ty))
+        else:
+            lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))  # (HPP,)
+            prow = (seq * NUM_HEADS + heads) * num_splits + split  # (HPP,)
+            tl.store(part_lse_ptr + prow, lse)
+            p_rows = part_o_ptr + prow[:, None] * HEAD_DIM
+            tl.store(p_rows + da[None, :], o_a, mask=amask[None, :])
             if HD_B > 0:
-                acc_b = acc_b * alpha[:, None] + tl.sum(
-                    p[:, :, None] * vb.to(tl.float32), axis=0)
-            m_i = m_new
-        o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
-        tl.store(o_rows + da[None, :], (acc_a / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=amask[None, :])
-        if HD_B > 0:
-            tl.store(o_rows + db[None, :],
-                     (acc_b / l_i[:, None]).to(out_ptr.dtype.element_ty))
+                tl.store(p_rows + db[None, :], o_b)
 
-    return paged_decode_kernel
+    @triton.jit
+    def merge_kernel(
+        out_ptr, part_o_ptr, part_lse_ptr, num_splits, stride_on, stride_oh,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HD_P: tl.constexpr,
+        S_P: tl.constexpr, RH: tl.constexpr,
+    ):
+        # One program per (sequence, RH heads): the parts' outputs weighted by
+        # exp2(lse - max lse), normalised by the weights' sum.
+        seq = tl.program_id(0).to(tl.int64)
+        heads = tl.program_id(1) * RH + tl.arange(0, RH)
+        sp = tl.arange(0, S_P)
+        smask = sp < num_splits
+        prow = (seq * NUM_HEADS + heads[:, None]) * num_splits + sp[None, :]  # (RH, S_P)
+        lse = tl.load(part_lse_ptr + prow, mask=smask[None, :], other=float("-inf"))
+        mx = tl.max(lse, axis=1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)  # all parts empty: output 0
+        w = tl.exp2(lse - mx[:, None])  # (RH, S_P)
+        den = tl.sum(w, axis=1)
+        den = tl.where(den > 0, den, 1.0)
+        d = tl.arange(0, HD_P)
+        dmask = d < HEAD_DIM
+        o = tl.load(part_o_ptr + prow[:, :, None] * HEAD_DIM + d[None, None, :],
+                    mask=smask[None, :, None] & dmask[None, None, :], other=0.0)
+        res = tl.sum(o * w[:, :, None], axis=1) / den[:, None]  # (RH, HD_P)
+        o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
+        tl.store(o_rows + d[None, :], res.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
+
+    return paged_decode_kernel, merge_kernel
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _split_head_dim(hd: int) -> tuple[int, int]:
@@ -279,115 +440,279 @@ def _split_head_dim(hd: int) -> tuple[int, int]:
     b = hd - a
     if a >= 16 and (b == 0 or (b >= 16 and b & (b - 1) == 0)):
         return a, b
-    return max(16, 1 << (hd - 1).bit_length()), 0
+    return max(16, _pow2_at_least(hd)), 0
 
 
-# (heads, head_dim, block_size, dtype) -> (tile, num_warps, num_stages, heads per
-# program), filled by tune_decode_kernel.
-_TUNED: dict[tuple[int, int, int, torch.dtype], tuple[int, int, int, int]] = {}
-_DEFAULT_CONFIG = (64, 4, 1, 1)
+# The candidates the tuner times. Per-lane forms keep tile * heads * padded head dim /
+# threads (fp32 accumulators per thread) at <= 32 so they do not spill.
+DECODE_CONFIGS: tuple[DecodeConfig, ...] = (
+    DecodeConfig(16, 4, 1, 1, True),
+    DecodeConfig(32, 4, 1, 1, True),
+    DecodeConfig(32, 4, 2, 1, True),
+    DecodeConfig(64, 8, 1, 1, True),
+    DecodeConfig(16, 4, 1, 2, True),
+    DecodeConfig(16, 4, 2, 2, True),
+    DecodeConfig(32, 8, 1, 2, True),
+    DecodeConfig(16, 8, 1, 4, True),
+    DecodeConfig(32, 4, 1, 1, False),
+    DecodeConfig(64, 4, 1, 1, False),
+    DecodeConfig(64, 4, 2, 1, False),
+    DecodeConfig(32, 4, 2, 2, False),
+    DecodeConfig(16, 4, 1, 4, False),
+    DecodeConfig(32, 8, 1, 4, False),
+)
+DECODE_SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16)
+# What an untuned shape runs: the first kernel's default (tile-wide reductions, unsplit).
+DEFAULT_CHOICE = DecodeChoice(DecodeConfig(64, 4, 1, 1, False), 1)
+
+# Shape classes. A step's batch maps to the nearest tuned batch size (log scale); its
+# context class comes from the block-table width, the one static bound on its lengths:
+# a CUDA-graph step's tables span the whole model context, so graph steps are "any".
+TUNE_BATCHES: tuple[int, ...] = (8, 32, 96, 256)
+SHORT_CONTEXT = 512  # tables of at most this many tokens are the "short" class
+# Ragged contexts the tuner times each batch size at: (longest, shortest) per class.
+TUNE_CONTEXTS = {"short": (256, 128), "long": (1536, 96)}
+
+# (heads, head_dim, block_size, cache dtype) -> {(tuned batch, "short" | "any"): choice}
+_TUNED: dict[tuple[int, int, int, torch.dtype], dict[tuple[int, str], DecodeChoice]] = {}
+
+
+def decode_choice(num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                  batch: int, max_context: int) -> DecodeChoice:
+    """The kernel config and split count a step of ``batch`` sequences whose block
+    tables cover ``max_context`` tokens runs with (the tuner's pick for its class, else
+    :data:`DEFAULT_CHOICE`). ``dtype`` is the cache's."""
+    table = _TUNED.get((num_heads, head_dim, block_size, dtype))
+    if not table:
+        return DEFAULT_CHOICE
+    b = min({x for x, _ in table}, key=lambda x: abs(math.log(x / max(1, batch))))
+    return table[(b, "short" if max_context <= SHORT_CONTEXT else "any")]
 
 
 def paged_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-    tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    heads_per_program: int | None = None,
+    *, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+    config: DecodeConfig | None = None, num_splits: int | None = None,
 ) -> Tensor:
-    """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors).
+    """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors, or
+    CPU ones under ``TRITON_INTERPRET=1``).
 
-    Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype.
-    ``tile`` (tokens per loop iteration), ``num_warps`` and ``num_stages`` (software
-    pipelining depth of the loop) and ``heads_per_program`` (a power of two dividing the
-    head count; else 1 is used) default to what :func:`tune_decode_kernel` picked for
-    this shape, else (64, 4, 1, 1).
+    Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype;
+    an fp8 cache is read as fp8 and scaled in registers. ``config`` (a compiled kernel
+    variant) and ``num_splits`` (parts per sequence, merged by a second kernel) default
+    to :func:`decode_choice` for this step's shape. The launch depends only on shapes,
+    so the call can be captured in a CUDA graph and replayed with other lengths/tables.
     """
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build_kernel()
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build_kernels()
+    kernel, merge = _KERNELS
+    _check_scales(k_cache, k_scale, v_scale)
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
-    best = _TUNED.get((nh, hd, bs, k_cache.dtype), _DEFAULT_CONFIG)
-    tile = best[0] if tile is None else tile
-    num_warps = best[1] if num_warps is None else num_warps
-    num_stages = best[2] if num_stages is None else num_stages
-    hpp = best[3] if heads_per_program is None else heads_per_program
+    if config is None or num_splits is None:
+        pick = decode_choice(nh, hd, bs, k_cache.dtype, d, block_tables.shape[1] * bs)
+        config = pick.config if config is None else config
+        num_splits = pick.splits if num_splits is None else num_splits
+    tile, num_warps, num_stages, hpp, lanes = config
     if hpp < 1 or hpp & (hpp - 1) or nh % hpp:
         hpp = 1
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
-    tile = max(tile, bs)
     out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
     if d == 0:
         return out
-    hd_a, hd_b = _split_head_dim(hd)
-    _KERNEL[(nh // hpp, d)](
-        out, q, k_cache, v_cache, block_tables, context_lens,
-        (1.0 / math.sqrt(hd)) * 1.4426950408889634,
+    if lanes:
+        hd_a, hd_b = max(16, _pow2_at_least(hd)), 0
+    else:
+        hd_a, hd_b = _split_head_dim(hd)
+    splits = max(1, int(num_splits))
+    if k_scale is not None:
+        assert v_scale is not None
+        if k_scale.stride() != v_scale.stride() or k_scale.stride(2) != 1:
+            raise ValueError("paged_decode_triton: k_scale and v_scale need one layout "
+                             "with tokens contiguous")
+        ks, vs, s_strides = k_scale, v_scale, (k_scale.stride(0), k_scale.stride(1))
+    else:
+        ks, vs, s_strides = out, out, (0, 0)  # never read
+    part_o = part_lse = out  # only written when split
+    if splits > 1:
+        part_o = torch.empty(d, nh, splits, hd, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(d, nh, splits, dtype=torch.float32, device=q.device)
+    kernel[(nh // hpp, d, splits)](
+        out, part_o, part_lse,
+        q, k_cache, v_cache, ks, vs, block_tables, context_lens,
+        (1.0 / math.sqrt(hd)) * 1.4426950408889634, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *s_strides,
         block_tables.stride(0),
-        HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
-        BLOCK_SIZE=bs, TILE=tile, NUM_STAGES=num_stages, HPP=hpp,
-        num_warps=num_warps,
+        NUM_HEADS=nh, HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
+        BLOCK_SIZE=bs, TILE=max(tile, 1), NUM_STAGES=num_stages, HPP=hpp, LANES=bool(lanes),
+        HAS_SCALE=k_scale is not None, num_warps=num_warps,
     )
+    if splits > 1:
+        s_p = _pow2_at_least(splits)
+        rh = 1  # heads per merge program: a power of two dividing nh, <= 16 partials
+        while rh * 2 * s_p <= 16 and nh % (rh * 2) == 0:
+            rh *= 2
+        merge[(d, nh // rh)](
+            out, part_o, part_lse, splits, out.stride(0), out.stride(1),
+            NUM_HEADS=nh, HEAD_DIM=hd, HD_P=max(16, _pow2_at_least(hd)), S_P=s_p, RH=rh,
+            num_warps=4,
+        )
     return out
 
 
-DECODE_CONFIGS: tuple[tuple[int, int, int, int], ...] = tuple(
-    (tile, warps, stages, 1)
-    for tile, warps in ((32, 2), (32, 4), (64, 4), (128, 4))
-    for stages in (1, 2, 3)
-) + tuple(
-    (tile, warps, stages, hpp)
-    for tile, warps, hpp in ((16, 4, 4), (32, 4, 2), (32, 4, 4), (16, 8, 8), (32, 8, 4))
-    for stages in (1, 2)
-)
+def _gpu_time(fn: Callable[[], object], reps: int) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA device, replayed from a CUDA
+    graph as the engine runs decode (so small shapes are timed without launch
+    overhead); a plain loop if capture fails."""
+    fn()
+    torch.cuda.synchronize()
+    run: Callable[[], object]
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        run, per_run = graph.replay, reps
+    except RuntimeError:
+        torch.cuda.synchronize()
+        run, per_run = fn, 1
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    n = reps // per_run
+    start.record()
+    for _ in range(max(1, n)):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / max(1, n) / per_run
+
+
+def _random_cache(blocks: int, num_heads: int, block_size: int, head_dim: int,
+                  dtype: torch.dtype, g: torch.Generator,
+                  device: torch.device | str) -> tuple[Tensor, ...]:
+    """(K, V, K scales, V scales) with random contents; the scales are None unless
+    ``dtype`` is fp8."""
+    shape = (blocks, num_heads, block_size, head_dim)
+    kc = torch.randn(shape, generator=g, device=device)
+    vc = torch.randn(shape, generator=g, device=device)
+    if dtype != torch.float8_e4m3fn:
+        return kc.to(dtype), vc.to(dtype), None, None
+    ks = torch.rand(shape[:3], generator=g, device=device) / 100 + 1e-3
+    vs = torch.rand(shape[:3], generator=g, device=device) / 100 + 1e-3
+    return kc.mul(50).to(dtype), vc.mul(50).to(dtype), ks, vs
 
 
 def tune_decode_kernel(
     num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-    device: torch.device | str, batch: int = 192, context: int = 384,
-    configs: tuple[tuple[int, int, int, int], ...] = DECODE_CONFIGS,
-) -> tuple[int, int, int, int]:
-    """Time the decode kernel at this shape for a few (tile, num_warps, num_stages,
-    heads per program) and remember the fastest; later calls at the shape use it.
-    Returns the pick. Takes several seconds (compiles), and a temporary cache of
-    ``batch * context`` tokens; a shape already tuned in this process returns at once.
-    A config that fails to compile or run is skipped."""
+    device: torch.device | str, *, query_dtype: torch.dtype | None = None,
+    configs: tuple[DecodeConfig, ...] = DECODE_CONFIGS,
+    splits: tuple[int, ...] = DECODE_SPLITS, batches: tuple[int, ...] = TUNE_BATCHES,
+    pool_bytes: int = 1 << 30, budget_s: float = 25.0,
+) -> dict[str, DecodeChoice]:
+    """Time the decode kernel's candidate configs and split counts at this shape and
+    remember the best per shape class; later calls at the shape use them.
+
+    ``dtype`` is the cache's (fp8 caches get scales); ``query_dtype`` the model's
+    (default: ``dtype``, bf16 for fp8). Each candidate first runs a small case against
+    :func:`paged_decode_torch`, split and unsplit: one that fails to compile or disagrees
+    (a miscompiled pipelined loop) is never picked. Then every batch size in ``batches``
+    is timed with short and long ragged contexts (:data:`TUNE_CONTEXTS`, block tables
+    shuffled over a pool of ``pool_bytes``, far larger than L2). Per batch size the
+    "short" class takes the fastest at short contexts; the "any" class (CUDA-graph steps,
+    whose tables span the whole model context) the candidate whose worse ratio to the
+    best, over short and long, is smallest. Timing stops early after ``budget_s``
+    seconds. Returns the picks by class name; a shape already tuned returns at once.
+    """
     key = (num_heads, head_dim, block_size, dtype)
     if key in _TUNED:
-        return _TUNED[key]
-    blocks = batch * math.ceil(context / block_size)
+        return _describe(_TUNED[key])
+    t_start = time.monotonic()
+    if query_dtype is None:
+        query_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
     g = torch.Generator(device=device).manual_seed(0)
-    kc = torch.randn(blocks + 1, num_heads, block_size, head_dim, generator=g, device=device,
-                     dtype=torch.float32).to(dtype)
-    vc = torch.randn_like(kc)
-    q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype)
-    perm = torch.randperm(blocks, generator=g, device=device) + 1
-    tables = perm.view(batch, -1)  # (batch, blocks per sequence), shuffled like a real cache
-    # Mixed lengths (as in a real batch), longest first like the engine sorts them.
-    ctx = torch.linspace(context, max(1, context // 4), batch, device=device).long()
-    # A few rows of the reference: a config whose output disagrees is never picked (a
-    # miscompiled pipelined loop must not slip in silently).
-    n_ref = min(batch, 8)
-    ref = paged_decode_torch(q[:n_ref], kc, vc, tables[:n_ref], ctx[:n_ref]).float()
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
-    timings = {}
+    # Correctness case: ragged lengths from 1 to several blocks, split parts past the end.
+    n_chk, w_chk = 6, 9
+    kc, vc, ks, vs = _random_cache(n_chk * w_chk + 1, num_heads, block_size, head_dim, dtype,
+                                   g, device)
+    q = torch.randn(n_chk, num_heads, head_dim, generator=g, device=device).to(query_dtype)
+    # 16 columns (padding past 9): the engine's tables are a multiple of 16 wide, and
+    # triton compiles a variant per divisibility of the row stride.
+    tables = torch.zeros(n_chk, 16, dtype=torch.int64, device=device)
+    tables[:, :w_chk] = (torch.randperm(n_chk * w_chk, generator=g, device=device) + 1
+                         ).view(n_chk, w_chk)
+    full = w_chk * block_size
+    ctx = torch.tensor([full, 1, block_size, block_size + 1, full - 3, 2 * block_size + 5],
+                       device=device)
+    ref = paged_decode_torch(q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs).float()
+    tol = 1e-3 if query_dtype == torch.float32 else 3e-2
+    good = []
     for cfg in configs:
         try:
-            got = paged_decode_triton(q, kc, vc, tables, ctx, *cfg)  # compile
-            torch.cuda.synchronize(device)
-        except Exception:  # noqa: BLE001 - e.g. out of shared memory for deep pipelines
-            continue
-        if not (got[:n_ref].float() - ref).abs().max().item() <= tol:
-            continue
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
-        for _ in range(10):
-            paged_decode_triton(q, kc, vc, tables, ctx, *cfg)
-        end.record()
-        torch.cuda.synchronize(device)
-        timings[cfg] = start.elapsed_time(end)
-    best = min(timings, key=timings.__getitem__) if timings else _DEFAULT_CONFIG
-    _TUNED[key] = best
-    return best
+            ok = all(
+                (paged_decode_triton(q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs,
+                                     config=cfg, num_splits=s).float() - ref).abs().max().item()
+                <= tol
+                for s in (1, 4))
+        except Exception:  # noqa: BLE001 - e.g. out of registers/shared memory
+            ok = False
+        if ok:
+            good.append(cfg)
+    del kc, vc, ks, vs
+    times = _time_candidates(good, splits, batches, num_heads, head_dim, block_size, dtype,
+                             query_dtype, device, g, pool_bytes, t_start + budget_s)
+    picks: dict[tuple[int, str], DecodeChoice] = {}
+    for b in batches:
+        short, long = times.get((b, "short"), {}), times.get((b, "long"), {})
+        if short:
+            picks[(b, "short")] = min(short, key=short.__getitem__)
+        both = [c for c in short if c in long]
+        if both:
+            bs_, bl = min(short.values()), min(long.values())
+            picks[(b, "any")] = min(both, key=lambda c: max(short[c] / bs_, long[c] / bl))
+        else:
+            picks.setdefault((b, "any"), picks.get((b, "short"), DEFAULT_CHOICE))
+        picks.setdefault((b, "short"), DEFAULT_CHOICE)
+    _TUNED[key] = picks
+    return _describe(picks)
+
+
+def _describe(picks: dict[tuple[int, str], DecodeChoice]) -> dict[str, DecodeChoice]:
+    return {f"batch~{b}/{c}": choice for (b, c), choice in sorted(picks.items())}
+
+
+def _time_candidates(
+    configs: list[DecodeConfig], splits: tuple[int, ...], batches: tuple[int, ...],
+    num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    query_dtype: torch.dtype, device: torch.device | str, g: torch.Generator,
+    pool_bytes: int, deadline: float,
+) -> dict[tuple[int, str], dict[DecodeChoice, float]]:
+    """Milliseconds per call of every (config, split count) at every (batch, context
+    profile); stops measuring at ``deadline`` (``time.monotonic``)."""
+    # A pool of blocks shared by every shape (tables drawn with replacement).
+    elem = torch.empty((), dtype=dtype).element_size()
+    pool = max(64, pool_bytes // (2 * num_heads * block_size * head_dim * elem))
+    kc, vc, ks, vs = _random_cache(pool, num_heads, block_size, head_dim, dtype, g, device)
+    times: dict[tuple[int, str], dict[DecodeChoice, float]] = {}
+    # Largest first: if the deadline cuts timing short, the big batches (where the
+    # choice matters most) have been measured.
+    for b in sorted(batches, reverse=True):
+        for name, (longest, shortest) in TUNE_CONTEXTS.items():
+            w = math.ceil(longest / block_size)
+            tables = torch.randint(1, pool, (b, w), generator=g, device=device)
+            # Mixed lengths (as in a real batch), longest first like the engine sorts them.
+            ctx = torch.linspace(longest, shortest, b, device=device).long()
+            q = torch.randn(b, num_heads, head_dim, generator=g, device=device).to(query_dtype)
+            row = times.setdefault((b, name), {})
+            for cfg in configs:
+                for s in splits:
+                    if time.monotonic() > deadline:
+                        return times
+                    row[DecodeChoice(cfg, s)] = _gpu_time(
+                        lambda cfg=cfg, s=s, tables=tables, ctx=ctx, q=q: paged_decode_triton(
+                            q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs, config=cfg,
+                            num_splits=s),
+                        reps=5)
+    return times

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from models.attention import tune_decode_kernel
+from models.attention import DecodeChoice, tune_decode_kernel
 from models.config import NeoXConfig
 from models.engine.block_manager import BlockManager
 from models.engine.kv_cache import KVCache, blocks_for_budget
@@ -189,7 +189,8 @@ class Engine:
         self.valid_vocab: int | None = (
             min(int(vocab), self.config.vocab_size) if mask_padded_vocab and vocab else None
         )
-        self.attn_config: tuple[int, int, int, int] | None = None
+        # The decode kernel's picks per shape class (None: not tuned).
+        self.attn_config: dict[str, DecodeChoice] | None = None
         if tune_kernels is None:
             tune_kernels = self.device.type == "cuda"
         if tune_kernels:

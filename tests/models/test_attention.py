@@ -1,46 +1,200 @@
-"""The paged decode kernel's configurations: one list the tuner chooses from, every entry
-checked against the torch reference on the GPU (skipped on CPU)."""
+"""The paged decode kernel: the torch reference (CPU), the Triton kernel under Triton's
+interpreter against it (CPU, in a subprocess), and every config the tuner chooses from on
+the GPU (skipped on CPU)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from models.attention import DECODE_CONFIGS, tune_decode_kernel
+from models.attention import (
+    DECODE_CONFIGS,
+    DECODE_SPLITS,
+    DEFAULT_CHOICE,
+    paged_decode_torch,
+    tune_decode_kernel,
+)
+from tests.models.decode_interp import random_case
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_tuner_chooses_from_the_one_config_list() -> None:
     # The GPU test below is parametrized by the same tuple: a config added to the list is
     # tested by construction.
-    default = inspect.signature(tune_decode_kernel).parameters["configs"].default
-    assert default is DECODE_CONFIGS
+    params = inspect.signature(tune_decode_kernel).parameters
+    assert params["configs"].default is DECODE_CONFIGS
+    assert params["splits"].default is DECODE_SPLITS
     assert len(set(DECODE_CONFIGS)) == len(DECODE_CONFIGS)
-    for tile, warps, stages, hpp in DECODE_CONFIGS:
-        assert tile >= 16 and tile & (tile - 1) == 0
+    for tile, warps, stages, hpp, lanes in DECODE_CONFIGS:
+        assert tile >= 8 and tile & (tile - 1) == 0
         assert warps in (1, 2, 4, 8) and stages >= 1
         assert hpp >= 1 and hpp & (hpp - 1) == 0
-    assert {c[3] for c in DECODE_CONFIGS} >= {1, 2, 4, 8}
+        if lanes:  # fp32 accumulators per thread at head dim 96 (padded to 128)
+            assert tile * hpp * 128 // (32 * warps) <= 32
+    assert {c.heads_per_program for c in DECODE_CONFIGS} >= {1, 2, 4}
+    assert {c.lanes for c in DECODE_CONFIGS} == {True, False}
+    assert DECODE_SPLITS[0] == 1 and max(DECODE_SPLITS) > 1
+    # The untuned default is the first kernel's unsplit loop (the benchmark's baseline).
+    assert DEFAULT_CHOICE.splits == 1 and DEFAULT_CHOICE.config in DECODE_CONFIGS
+
+
+def _dense_reference(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]
+                     ) -> torch.Tensor:
+    """Attention of each q row over its own (T, nh, hd) keys/values, fp64, no paging."""
+    outs = []
+    for i, (ki, vi) in enumerate(zip(k, v, strict=True)):
+        s = torch.einsum("he,the->ht", q[i].double(), ki.double()) / math.sqrt(q.shape[-1])
+        outs.append(torch.einsum("ht,the->he", s.softmax(-1), vi.double()))
+    return torch.stack(outs)
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, table: torch.Tensor, n: int
+            ) -> torch.Tensor:
+    """A sequence's first n cached tokens as (n, nh, hd) fp32 values."""
+    bs = cache.shape[2]
+    rows = [cache[table[t // bs], :, t % bs].float() for t in range(n)]  # each (nh, hd)
+    if scale is not None:
+        rows = [r * scale[table[t // bs], :, t % bs][:, None] for t, r in enumerate(rows)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_torch_reference_matches_dense_attention(dtype: torch.dtype) -> None:
+    # Ragged lengths, one of them 1 and none a multiple of the block size but one; fp8
+    # caches carry per-token scales.
+    lens = [1, 7, 16, 23]
+    q, kc, vc, ks, vs, tables, ctx = random_case(head_dim=24, block_size=8, dtype=dtype,
+                                                 num_heads=3, context_lens=lens, seed=3)
+    got = paged_decode_torch(q.float(), kc, vc, tables, ctx, k_scale=ks, v_scale=vs)
+    k = [_gather(kc, ks, tables[i], n) for i, n in enumerate(lens)]
+    v = [_gather(vc, vs, tables[i], n) for i, n in enumerate(lens)]
+    want = _dense_reference(q.float(), k, v)
+    assert (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_fp8_reference_is_close_to_the_unquantized_values() -> None:
+    # The quantization the fp8 cache stores (scale = max |x| / 448 per token and head)
+    # keeps attention outputs within e4m3's precision of the bf16 cache's.
+    lens = [5, 40, 33]
+    q, k8, v8, ks, vs, tables, ctx = random_case(head_dim=32, block_size=16,
+                                                 dtype=torch.float8_e4m3fn, num_heads=2,
+                                                 context_lens=lens, seed=4)
+    _, kf, vf, *_ = random_case(head_dim=32, block_size=16, dtype=torch.float32,
+                                num_heads=2, context_lens=lens, seed=4)
+    exact = paged_decode_torch(q.float(), kf, vf, tables, ctx)
+    fp8 = paged_decode_torch(q.float(), k8, v8, tables, ctx, k_scale=ks, v_scale=vs)
+    err = (fp8 - exact).abs().max().item()
+    assert 0 < err < 0.1
+
+
+def test_scales_are_checked() -> None:
+    q, k8, v8, ks, vs, tables, ctx = random_case(head_dim=16, block_size=4,
+                                                 dtype=torch.float8_e4m3fn, num_heads=2,
+                                                 context_lens=[3], seed=5)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        paged_decode_torch(q, k8, v8, tables, ctx)
+    with pytest.raises(ValueError, match="both"):
+        paged_decode_torch(q, k8, v8, tables, ctx, k_scale=ks)
+    with pytest.raises(ValueError, match="block_size"):
+        paged_decode_torch(q, k8, v8, tables, ctx, k_scale=ks[:, :1], v_scale=vs[:, :1])
+
+
+# --------------------------------------------------------------------------------------
+# The Triton kernel under Triton's interpreter (CPU)
+# --------------------------------------------------------------------------------------
+
+# Configs: (tile, warps, stages, heads per program, lanes). Lengths: 1, not multiples of
+# the block size, and (split) shorter than one part, so that parts past a sequence's
+# end are empty.
+_LANES, _REDUCE = (16, 4, 1, 2, True), (16, 4, 1, 2, False)
+_CASES = [
+    # name, head_dim, block_size, dtype, context lengths, config, splits
+    ("hd96_lanes_unsplit", 96, 16, "bfloat16", [1, 15, 17, 50], _LANES, 1),
+    ("hd96_reduce_unsplit", 96, 16, "bfloat16", [1, 15, 17, 50], _REDUCE, 1),
+    ("hd96_lanes_split", 96, 16, "bfloat16", [70, 1, 5, 33], _LANES, 4),
+    ("hd96_reduce_split", 96, 16, "bfloat16", [70, 1, 5, 33], _REDUCE, 3),
+    ("hd64_lanes_split", 64, 8, "float32", [41, 1, 9, 20], (8, 4, 1, 1, True), 2),
+    ("hd64_reduce_unsplit", 64, 8, "float16", [41, 1, 9, 20], (32, 4, 2, 4, False), 1),
+    ("hd96_default", 96, 16, "bfloat16", [1, 18, 40], None, None),
+    ("fp8_lanes_split", 96, 16, "float8_e4m3fn", [70, 1, 5, 33], _LANES, 4),
+    ("fp8_reduce_unsplit", 96, 16, "float8_e4m3fn", [1, 15, 17, 50], _REDUCE, 1),
+    ("fp8_hd64_reduce_split", 64, 8, "float8_e4m3fn", [41, 1, 9, 20], (16, 4, 1, 1, False), 2),
+]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, float]:
+    """Every case's max |kernel - torch|, from one interpreter subprocess."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    cases = [{"name": n, "head_dim": hd, "block_size": bs, "dtype": dt, "num_heads": 4,
+              "context_lens": lens, "config": cfg, "splits": s, "seed": i}
+             for i, (n, hd, bs, dt, lens, cfg, s) in enumerate(_CASES)]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.models.decode_interp"],
+                          input=json.dumps(cases), capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _CASES])
+def test_interpreted_kernel_matches_torch(interpreted: dict[str, float], name: str) -> None:
+    dtype = next(c[3] for c in _CASES if c[0] == name)
+    # Outputs are in the query's dtype: one rounding of a value of magnitude < 4.
+    tol = {"float32": 1e-5, "float16": 4e-3}.get(dtype, 2e-2)
+    assert interpreted[name] <= tol, (name, interpreted[name])
+
+
+# --------------------------------------------------------------------------------------
+# CUDA (skipped here; figures from the GPU live in bench/results)
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=lambda c: "t{}w{}s{}h{}".format(*c))
-def test_every_decode_config_matches_torch(config: tuple[int, int, int, int]) -> None:
-    from models.attention import paged_decode_torch, paged_decode_triton
+@pytest.mark.parametrize("config", DECODE_CONFIGS,
+                         ids=lambda c: "t{}w{}s{}h{}{}".format(*c[:4], "L" if c[4] else "R"))
+def test_every_decode_config_matches_torch(config: tuple) -> None:
+    from models.attention import paged_decode_triton
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    # 8 heads: every heads-per-program the list holds divides it.
-    # The 20B's shape (head dim 96 = 64 + 32: two parts) and a one-part head dim with
-    # another block size and dtype.
-    for hd, bs, dtype in ((96, 16, torch.bfloat16), (64, 8, torch.float16)):
-        d, nh, w = 5, 8, 9
-        kc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
-        vc = torch.randn(d * w + 1, nh, bs, hd, generator=g, device="cuda").to(dtype)
-        q = torch.randn(d, nh, hd, generator=g, device="cuda").to(dtype)
-        tables = (torch.randperm(d * w, generator=g, device="cuda") + 1).view(d, w)
-        ctx = torch.tensor([1, bs, bs + 1, w * bs - 3, w * bs], device="cuda")
-        ref = paged_decode_torch(q.float(), kc.float(), vc.float(), tables, ctx)
-        got = paged_decode_triton(q, kc, vc, tables, ctx, *config).float()
-        assert (got - ref).abs().max().item() < 2e-2, (hd, bs, dtype)
+    # 8 heads: every heads-per-program the list holds divides it. The 20B's shape (head
+    # dim 96 = 64 + 32: two parts), a one-part head dim with another block size and
+    # dtype, and an fp8 cache; unsplit and split (parts past short sequences' ends).
+    for i, (hd, bs, dtype) in enumerate(((96, 16, torch.bfloat16), (64, 8, torch.float16),
+                                         (96, 16, torch.float8_e4m3fn))):
+        lens = [1, bs, bs + 1, 9 * bs - 3, 9 * bs]
+        q, kc, vc, ks, vs, tables, ctx = (
+            t if t is None else t.cuda()
+            for t in random_case(head_dim=hd, block_size=bs, dtype=dtype, num_heads=8,
+                                 context_lens=lens, seed=i))
+        ref = paged_decode_torch(q.float(), kc, vc, tables, ctx, k_scale=ks, v_scale=vs)
+        for splits in (1, 3, 8):
+            got = paged_decode_triton(q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs,
+                                      config=config, num_splits=splits).float()
+            assert (got - ref).abs().max().item() < 2e-2, (hd, bs, dtype, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tuner_picks_per_shape_class() -> None:
+    from models.attention import decode_choice
+
+    picks = tune_decode_kernel(8, 64, 16, torch.float16, "cuda", batches=(4, 64),
+                               budget_s=20)
+    assert set(picks) == {"batch~4/short", "batch~4/any", "batch~64/short", "batch~64/any"}
+    for choice in picks.values():
+        assert choice.config in DECODE_CONFIGS and choice.splits in DECODE_SPLITS
+    assert decode_choice(8, 64, 16, torch.float16, 60, 2048) == picks["batch~64/any"]
+    assert decode_choice(8, 64, 16, torch.float16, 3, 256) == picks["batch~4/short"]
