@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from api import service
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
-from api.render import chat_logprobs, completion_logprobs
+from api.render import CompletionLogprobs, chat_logprobs, completion_logprobs
 from core.celery_app import model_queue
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
 from core.jsonl import CHAT_URL, ECHO, parse_openai, quoted
@@ -300,16 +300,28 @@ async def create_completion(request: Request, owner: OwnerDep) -> Any:
                          "finish_reason": c["finish_reason"]} for c in ev.choices],
             "usage": _usage(ev)})
 
+    # Per choice: its logprobs rendered so far (text offsets continue across chunks)
+    # and how many tokens' went out with the text; the result brings the rest.
+    rendered: dict[int, CompletionLogprobs] = {}
+    streamed: dict[int, int] = {}
+
+    def logprobs_of(index: int, entries: list[dict[str, Any]] | None) -> Any:
+        r = rendered.setdefault(index, CompletionLogprobs(offset_base))
+        streamed[index] = streamed.get(index, 0) + len(entries or [])
+        return r.next(entries)
+
     def deltas(ev: LaneEvent) -> Iterator[bytes]:
-        for index, text in sorted(ev.deltas.items()):
-            yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": None,
-                                             "finish_reason": None}]})
+        for index in sorted(set(ev.deltas) | set(ev.logprobs)):
+            yield _sse({**head, "choices": [{
+                "index": index, "text": ev.deltas.get(index, ""),
+                "logprobs": logprobs_of(index, ev.logprobs.get(index)),
+                "finish_reason": None}]})
 
     def finals(ev: LaneEvent) -> Iterator[bytes]:
         for c in ev.choices:
+            rest = (c.get("logprobs") or [])[streamed.get(c["index"], 0):]
             yield _sse({**head, "choices": [{
-                "index": c["index"], "text": "",
-                "logprobs": completion_logprobs(c.get("logprobs"), offset_base),
+                "index": c["index"], "text": "", "logprobs": logprobs_of(c["index"], rest),
                 "finish_reason": c["finish_reason"]}]})
 
     return _event_stream(lane, head, deltas, finals, include_usage)
@@ -360,14 +372,22 @@ async def create_chat_completion(request: Request, owner: OwnerDep) -> Any:
             started.add(index)
             yield chunk(index, {"role": "assistant", "content": ""})
 
+    streamed: dict[int, int] = {}  # per choice: tokens whose logprobs went out
+
     def deltas(ev: LaneEvent) -> Iterator[bytes]:
-        for index, text in sorted(ev.deltas.items()):
+        for index in sorted(set(ev.deltas) | set(ev.logprobs)):
             yield from role_first(index)
-            yield chunk(index, {"content": text})
+            new = ev.logprobs.get(index)
+            streamed[index] = streamed.get(index, 0) + len(new or [])
+            yield chunk(index, {"content": ev.deltas.get(index, "")}, None,
+                        chat_logprobs(new) if new else None)
 
     def finals(ev: LaneEvent) -> Iterator[bytes]:
         for c in ev.choices:
             yield from role_first(c["index"])
-            yield chunk(c["index"], {}, c["finish_reason"], chat_logprobs(c.get("logprobs")))
+            lps = c.get("logprobs")
+            rest = None if lps is None else lps[streamed.get(c["index"], 0):]
+            yield chunk(c["index"], {}, c["finish_reason"],
+                        chat_logprobs(rest) if rest else None)
 
     return _event_stream(lane, head, deltas, finals, include_usage)

@@ -5,6 +5,7 @@ Pure functions over rows already read; the routes stream the lines out page by p
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -272,21 +273,33 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, prompt: str = ""
     predicted, an echoed prompt's first token) and ``text_offset`` (each token's character
     offset in ``prompt`` + the choice's text, ``prompt`` being "" when the text echoes it).
     The one definition for batch output files and ``POST /v1/completions``."""
-    if not entries:
-        return None
-    tokens, offsets = [], []
-    data = b""
-    for e in entries:
-        tok, raw = _token_of(e)
-        tokens.append(tok)
-        # A character split over tokens starts at the first of them.
-        offsets.append(len(prompt) + len(data.decode("utf-8", "ignore")))
-        data += bytes(raw) if raw else tok.encode("utf-8")
-    return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
-            "top_logprobs": [None if e.get("logprob") is None and not e.get("top") else
-                             {_token_of(t)[0]: t.get("logprob") for t in _tops(e)}
-                             for e in entries],
-            "text_offset": offsets}
+    return CompletionLogprobs(prompt).next(entries)
+
+
+class CompletionLogprobs:
+    """:func:`completion_logprobs` of one choice in pieces (a stream's chunks): each
+    :meth:`next` renders the next tokens, their text offsets continuing from the earlier
+    ones'."""
+
+    def __init__(self, prompt: str = "") -> None:
+        self.chars = len(prompt)  # characters before the next token
+        # Counts only whole characters: one split over tokens starts at the first of them.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+
+    def next(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        if not entries:
+            return None
+        tokens, offsets = [], []
+        for e in entries:
+            tok, raw = _token_of(e)
+            tokens.append(tok)
+            offsets.append(self.chars)
+            self.chars += len(self._decoder.decode(bytes(raw) if raw else tok.encode("utf-8")))
+        return {"tokens": tokens, "token_logprobs": [e.get("logprob") for e in entries],
+                "top_logprobs": [None if e.get("logprob") is None and not e.get("top") else
+                                 {_token_of(t)[0]: t.get("logprob") for t in _tops(e)}
+                                 for e in entries],
+                "text_offset": offsets}
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:

@@ -70,8 +70,10 @@ class LaneEvent(BaseModel):
 
     type: Literal["accepted", "delta", "done", "error"]
     worker: str = ""
-    # delta: new text per sample index
+    # delta: new text per sample index, and the logprobs of the tokens that text
+    # completes (when asked; described as in a done event's choices)
     deltas: dict[int, str] = Field(default_factory=dict)
+    logprobs: dict[int, list[dict[str, Any]]] = Field(default_factory=dict)
     # done: the engine's result
     choices: list[dict[str, Any]] = Field(default_factory=list)
     prompt_tokens: int = 0

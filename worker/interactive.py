@@ -34,6 +34,7 @@ from core.interactive import (
     reply_key,
 )
 from core.settings import Settings
+from models.engine.outputs import PartialSample
 from models.tokenizer import token_text
 
 log = logging.getLogger("neoxq.worker")
@@ -88,21 +89,44 @@ class InteractiveJob:
         self.stream = req.stream
         self._emit, self._done, self.worker_id = emit, done, worker_id
         self._sent: dict[int, int] = {}  # sample index -> characters already streamed
+        # sample index -> (logprob entries streamed, their tokens' bytes)
+        self._lp_sent: dict[int, tuple[int, int]] = {}
         self.echo: Echo | None = None
 
     @property
     def request_id(self) -> str:
         return self.req.id
 
-    def progress(self, samples: list[tuple[int, str, int]]) -> None:
-        deltas = {}
-        for index, text, _ in samples:
-            sent = self._sent.get(index, 0)
-            if len(text) > sent:
-                deltas[index] = text[sent:]
-                self._sent[index] = len(text)
-        if deltas:
-            self._emit(self.req.id, LaneEvent(type="delta", deltas=deltas))
+    def progress(self, samples: list[PartialSample], tokenizer: Any = None) -> None:
+        """Stream each sample's new settled text, with the logprobs of the tokens whose
+        bytes that text now covers (the rest come with the result)."""
+        deltas, lps = {}, {}
+        for s in samples:
+            sent = self._sent.get(s.index, 0)
+            if len(s.text) > sent:
+                deltas[s.index] = s.text[sent:]
+                self._sent[s.index] = len(s.text)
+            # An echo's logprobs start with the prompt's: they all come with the result.
+            if s.logprobs and self.echo is None:
+                new = self._covered(s.index, s.logprobs, s.text, tokenizer)
+                if new:
+                    lps[s.index] = describe_entries(tokenizer, new) or []
+        if deltas or lps:
+            self._emit(self.req.id, LaneEvent(type="delta", deltas=deltas, logprobs=lps))
+
+    def _covered(self, index: int, entries: list[dict[str, Any]], text: str,
+                 tokenizer: Any) -> list[dict[str, Any]]:
+        """The entries not yet streamed whose tokens' bytes fit in ``text``'s."""
+        k, used = self._lp_sent.get(index, (0, 0))
+        start, room = k, len(text.encode("utf-8"))
+        while k < len(entries):
+            n = len(tokenizer.token_bytes(entries[k]["token_id"])) if tokenizer else 0
+            if used + n > room:
+                break
+            used += n
+            k += 1
+        self._lp_sent[index] = (k, used)
+        return entries[start:k]
 
     def finished(self, out: Any, tokenizer: Any) -> None:
         if any(s.finish_reason == "abort" for s in out.samples):
@@ -112,7 +136,8 @@ class InteractiveJob:
             self.failed("engine_error", out.error, 500)
             return
         if self.stream:  # the rest of each sample's text, before the result
-            self.progress([(s.index, s.text, len(s.token_ids)) for s in out.samples])
+            self.progress([PartialSample(s.index, s.text, len(s.token_ids))
+                           for s in out.samples])
         choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
                     "logprobs": s.logprobs} for s in out.samples]
         if self.echo is not None:
@@ -132,7 +157,7 @@ class InteractiveJob:
                                    "logprobs": []})
         choice["logprobs"] = describe_entries(tokenizer, choice["logprobs"])
         if self.stream:
-            self.progress([(0, choice["text"], 0)])
+            self.progress([PartialSample(0, choice["text"], 0)])
         self._emit(self.req.id, LaneEvent(type="done", worker=self.worker_id,
                                           choices=[choice],
                                           prompt_tokens=self.echo.prompt_tokens))

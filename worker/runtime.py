@@ -482,7 +482,7 @@ class EngineLoop(threading.Thread):
             if job.stream:
                 part = self.engine.partial(rid)
                 if part:
-                    job.progress(part)
+                    job.progress(part, self.engine.tokenizer)
 
     def _fail_interactive(self, message: str) -> None:
         jobs, self.interactive = list(self.interactive.values()), {}

@@ -30,6 +30,7 @@ _EXPORTS = {
     "PipelineEngine": "models.engine.pipeline",
     "PipelineError": "models.engine.pipeline",
     "InferenceEngine": "models.engine.protocol",
+    "PartialSample": "models.engine.outputs",
     "RequestOutput": "models.engine.outputs",
     "Sample": "models.engine.outputs",
     "ScoreResult": "models.engine.outputs",

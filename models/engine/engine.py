@@ -23,6 +23,7 @@ from models.config import NeoXConfig
 from models.engine.block_manager import BlockManager
 from models.engine.kv_cache import KVCache, blocks_for_budget
 from models.engine.outputs import (
+    PartialSample,
     RequestOutput,
     ScoreResult,
     Timings,
@@ -309,7 +310,7 @@ class Engine:
         comes back from the next :meth:`step`. False if it is unknown or finished."""
         return self.scheduler.abort(request_id)
 
-    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+    def partial(self, request_id: str) -> list[PartialSample] | None:
         """A running request's progress per sample (see ``Scheduler.partial``)."""
         return self.scheduler.partial(request_id)
 

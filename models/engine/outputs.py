@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from models.params import SamplingParams
 
@@ -33,6 +33,17 @@ class Sample:
     # Per generated token: {"token_id", "logprob", "top": [[id, logprob], ...]}.
     logprobs: list[dict[str, Any]] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+class PartialSample(NamedTuple):
+    """A running sample's progress: what a stream may send."""
+
+    index: int
+    text: str  # the beginning of its text that no later token can change
+    tokens: int  # tokens generated so far
+    # Per generated token so far, as Sample.logprobs (when asked); the engine's own
+    # list: read it before the next step.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass

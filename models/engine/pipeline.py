@@ -78,7 +78,13 @@ from models.engine.engine import (
     run_to_completion,
 )
 from models.engine.kv_cache import KVCache, blocks_for_budget
-from models.engine.outputs import RequestOutput, ScoreResult, as_params, score_pair
+from models.engine.outputs import (
+    PartialSample,
+    RequestOutput,
+    ScoreResult,
+    as_params,
+    score_pair,
+)
 from models.engine.runner import ModelRunner, SamplerInputs, StepInputs
 from models.engine.sampler import Sampler
 from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
@@ -733,7 +739,7 @@ class PipelineEngine:
         g.deferred_aborts.append(request_id)
         return True
 
-    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
+    def partial(self, request_id: str) -> list[PartialSample] | None:
         """A running request's progress per sample (see ``Scheduler.partial``)."""
         where = self._where.get(request_id)
         return None if where is None else where[0].scheduler.partial(request_id)

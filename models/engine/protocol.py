@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from models.config import NeoXConfig
-from models.engine.outputs import RequestOutput, ScoreResult
+from models.engine.outputs import PartialSample, RequestOutput, ScoreResult
 from models.engine.scheduler import BATCH
 from models.params import SamplingParams
 
@@ -64,9 +64,10 @@ class InferenceEngine(Protocol):
         """Run one step; return the requests that finished since the last call."""
         ...
 
-    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
-        """A running request's progress, per sample: (index, text no later token can
-        change, tokens generated); None if not running (what a stream sends)."""
+    def partial(self, request_id: str) -> list[PartialSample] | None:
+        """A running request's progress, per sample: index, text no later token can
+        change, tokens generated, logprobs so far; None if not running (what a stream
+        sends)."""
         ...
 
     def has_unfinished(self) -> bool: ...

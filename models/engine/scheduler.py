@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.engine.block_manager import BlockManager
-from models.engine.outputs import RequestOutput, Sample, ScoreResult, Timings
+from models.engine.outputs import PartialSample, RequestOutput, Sample, ScoreResult, Timings
 from models.params import Decoder, SamplingParams, StopChecker
 
 # --------------------------------------------------------------------------------------
@@ -390,17 +390,17 @@ class Scheduler:
                 for rid, r in self.requests.items()
                 if not r.done and isinstance(r, GenerateRequest)}
 
-    def partial(self, request_id: str) -> list[tuple[int, str, int]] | None:
-        """A running generate request's progress, per sample: (index, the text no later
-        token can change, tokens generated); None when it is not running here. Samples
-        of ``n`` > 1 not yet forked are absent."""
+    def partial(self, request_id: str) -> list[PartialSample] | None:
+        """A running generate request's progress, per sample; None when it is not
+        running here. Samples of ``n`` > 1 not yet forked are absent."""
         req = self.requests.get(request_id)
         if not isinstance(req, GenerateRequest) or req.done:
             return None
         out = []
         for seq in req.seqs:
             assert seq.checker is not None
-            out.append((seq.index, seq.checker.stable_text(), len(seq.checker.token_ids)))
+            out.append(PartialSample(seq.index, seq.checker.stable_text(),
+                                     len(seq.checker.token_ids), seq.logprobs))
         return out
 
     def held_tables(self) -> list[list[int]]:

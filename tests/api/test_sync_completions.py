@@ -84,6 +84,36 @@ def test_n_logprobs_and_stop(client: OpenAI) -> None:
         assert cut.choices[0].text == text[:text.index(stop)]
 
 
+def test_streams_send_logprobs_with_each_chunk(client: OpenAI) -> None:
+    """A streamed completion (and chat completion) with logprobs: the chunks that carry
+    text carry the logprobs of its tokens as they come, not all at the end; put
+    together they equal the plain answer's."""
+    kw = dict(model="tiny", prompt="Logprobs as they come", max_tokens=16, temperature=0,
+              logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices]
+    with_lp = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert len(with_lp) > 1
+    assert [t for lp in with_lp for t in lp.tokens] == whole.tokens
+    assert [x for lp in with_lp for x in lp.text_offset] == whole.text_offset
+    assert [x for lp in with_lp for x in lp.token_logprobs] == pytest.approx(
+        whole.token_logprobs, abs=1e-5)
+    assert [x for lp in with_lp for x in lp.top_logprobs] == [
+        pytest.approx(t, abs=1e-5) for t in whole.top_logprobs]
+
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=16,
+                temperature=0, logprobs=True, top_logprobs=1,
+                extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**chat).choices[0].logprobs.content
+    parts = [c.choices[0].logprobs.content
+             for c in client.chat.completions.create(**chat, stream=True)
+             if c.choices and c.choices[0].logprobs]
+    assert len(parts) > 1
+    assert [e.token for p in parts for e in p] == [e.token for e in plain]
+    assert [e.logprob for p in parts for e in p] == pytest.approx(
+        [e.logprob for e in plain], abs=1e-5)
+
+
 def test_bad_requests_name_the_field(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=-1)
