@@ -243,6 +243,7 @@ class DecodeConfig(NamedTuple):
     num_stages: int  # software-pipelining depth of the loop
     heads_per_program: int  # adjacent heads sharing one program's address math
     lanes: bool  # per-lane softmax state (else tile-wide reductions every iteration)
+    prefetch: bool = False  # per-lane only: loads one tile ahead of the math
 
 
 class DecodeChoice(NamedTuple):
@@ -272,7 +273,7 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HD_A: tl.constexpr,
         HD_B: tl.constexpr, HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
-        LANES: tl.constexpr, HAS_SCALE: tl.constexpr,
+        LANES: tl.constexpr, PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
         # One program per (HPP heads, sequence, part of its context). With HPP > 1 the
         # block-table loads and address math are shared by the heads. The head group is
@@ -311,29 +312,74 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
             m_l = tl.full([TILE, HPP], -1e30, tl.float32)
             l_l = tl.zeros([TILE, HPP], tl.float32)
             acc3 = tl.zeros([TILE, HPP, HD_A], tl.float32)
-            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
-                pos = s0 + t
+            if PREFETCH:
+                # Loads run one tile ahead of the math (and block ids two): each
+                # iteration issues tile i+1's K/V from ids already in registers, then
+                # computes tile i, so a warp always has a tile's loads in flight.
+                pos = start + t
                 valid = pos < end
                 blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
                 off = (pos % BLOCK_SIZE).to(tl.int64)
                 base = (blk * stride_kb + off * stride_kt)[:, None, None] \
                     + head_off[None, :, None]  # (TILE, HPP, 1)
                 a_mask = valid[:, None, None] & amask[None, None, :]
-                # K and V are both issued before any math: V does not depend on the scores.
                 ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
                 va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+                ksc = 1.0
+                vsc = 1.0
                 if HAS_SCALE:
                     srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
-                    s = s * tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
-                s = tl.where(valid[:, None], s, float("-inf"))
+                    ksc = tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
+                    vsc = tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+                blk = tl.load(bt_row + (pos + TILE) // BLOCK_SIZE, mask=pos + TILE < end,
+                              other=0).to(tl.int64)
+            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
+                if PREFETCH:
+                    c_valid, c_k, c_v, c_ks, c_vs = valid, ka, va, ksc, vsc
+                    pos = s0 + TILE + t
+                    valid = pos < end
+                    off = (pos % BLOCK_SIZE).to(tl.int64)
+                    base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                        + head_off[None, :, None]
+                    a_mask = valid[:, None, None] & amask[None, None, :]
+                    ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                    va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                    if HAS_SCALE:
+                        srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                        ksc = tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
+                        vsc = tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+                    blk = tl.load(bt_row + (pos + TILE) // BLOCK_SIZE, mask=pos + TILE < end,
+                                  other=0).to(tl.int64)
+                else:
+                    pos = s0 + t
+                    c_valid = pos < end
+                    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=c_valid, other=0)
+                    blk = blk.to(tl.int64)
+                    off = (pos % BLOCK_SIZE).to(tl.int64)
+                    base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                        + head_off[None, :, None]  # (TILE, HPP, 1)
+                    a_mask = c_valid[:, None, None] & amask[None, None, :]
+                    # K and V are both issued before any math: V does not depend on the
+                    # scores.
+                    c_k = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                    c_v = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
+                    c_ks = 1.0
+                    c_vs = 1.0
+                    if HAS_SCALE:
+                        srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                        c_ks = tl.load(ks_ptr + srow, mask=c_valid[:, None], other=0.0)
+                        c_vs = tl.load(vs_ptr + srow, mask=c_valid[:, None], other=0.0)
+                s = tl.sum(c_k.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+                if HAS_SCALE:
+                    s = s * c_ks
+                s = tl.where(c_valid[:, None], s, float("-inf"))
                 m_new = tl.maximum(m_l, s)
                 alpha = tl.exp2(m_l - m_new)
                 p = tl.exp2(s - m_new)  # (TILE, HPP)
                 l_l = l_l * alpha + p
                 if HAS_SCALE:
-                    p = p * tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
-                acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * va.to(tl.float32)
+                    p = p * c_vs
+                acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * c_v.to(tl.float32)
                 m_l = m_new
             m_i = tl.max(m_l, axis=0)  # (HPP,)
             w = tl.exp2(m_l - m_i[None, :])  # (TILE, HPP)
@@ -445,20 +491,25 @@ def _split_head_dim(hd: int) -> tuple[int, int]:
 
 # The candidates the tuner times. Per-lane forms keep tile * heads * padded head dim /
 # threads (fp32 accumulators per thread) at <= 32 so they do not spill.
+# In the order they are compiled and checked: if compiling takes half the tuner's time
+# budget, the rest are left out.
 DECODE_CONFIGS: tuple[DecodeConfig, ...] = (
-    DecodeConfig(16, 4, 1, 1, True),
-    DecodeConfig(32, 4, 1, 1, True),
-    DecodeConfig(32, 4, 2, 1, True),
-    DecodeConfig(64, 8, 1, 1, True),
+    DecodeConfig(32, 4, 1, 1, True, True),
     DecodeConfig(16, 4, 1, 2, True),
-    DecodeConfig(16, 4, 2, 2, True),
+    DecodeConfig(64, 4, 1, 1, False),
+    DecodeConfig(32, 4, 1, 1, True),
+    DecodeConfig(16, 4, 1, 2, True, True),
+    DecodeConfig(32, 8, 1, 2, True, True),
+    DecodeConfig(16, 4, 1, 4, False),
     DecodeConfig(32, 8, 1, 2, True),
     DecodeConfig(16, 8, 1, 4, True),
-    DecodeConfig(32, 4, 1, 1, False),
-    DecodeConfig(64, 4, 1, 1, False),
-    DecodeConfig(64, 4, 2, 1, False),
+    DecodeConfig(64, 8, 1, 1, True),
+    DecodeConfig(16, 4, 1, 1, True, True),
+    DecodeConfig(32, 4, 2, 1, True),
     DecodeConfig(32, 4, 2, 2, False),
-    DecodeConfig(16, 4, 1, 4, False),
+    DecodeConfig(16, 4, 1, 1, True),
+    DecodeConfig(32, 4, 1, 1, False),
+    DecodeConfig(64, 4, 2, 1, False),
     DecodeConfig(32, 8, 1, 4, False),
 )
 DECODE_SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -514,7 +565,7 @@ def paged_decode_triton(
         pick = decode_choice(nh, hd, bs, k_cache.dtype, d, block_tables.shape[1] * bs)
         config = pick.config if config is None else config
         num_splits = pick.splits if num_splits is None else num_splits
-    tile, num_warps, num_stages, hpp, lanes = config
+    tile, num_warps, num_stages, hpp, lanes, prefetch = config
     if hpp < 1 or hpp & (hpp - 1) or nh % hpp:
         hpp = 1
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
@@ -548,7 +599,7 @@ def paged_decode_triton(
         block_tables.stride(0),
         NUM_HEADS=nh, HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
         BLOCK_SIZE=bs, TILE=max(tile, 1), NUM_STAGES=num_stages, HPP=hpp, LANES=bool(lanes),
-        HAS_SCALE=k_scale is not None, num_warps=num_warps,
+        PREFETCH=bool(lanes and prefetch), HAS_SCALE=k_scale is not None, num_warps=num_warps,
     )
     if splits > 1:
         s_p = _pow2_at_least(splits)
@@ -577,7 +628,7 @@ def _gpu_time(fn: Callable[[], object], reps: int) -> float:
                 fn()
         graph.replay()
         run, per_run = graph.replay, reps
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - capture refused: time launches instead
         torch.cuda.synchronize()
         run, per_run = fn, 1
     start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -623,8 +674,9 @@ def tune_decode_kernel(
     shuffled over a pool of ``pool_bytes``, far larger than L2). Per batch size the
     "short" class takes the fastest at short contexts; the "any" class (CUDA-graph steps,
     whose tables span the whole model context) the candidate whose worse ratio to the
-    best, over short and long, is smallest. Timing stops early after ``budget_s``
-    seconds. Returns the picks by class name; a shape already tuned returns at once.
+    best, over short and long, is smallest. Compiling stops adding candidates after half
+    of ``budget_s`` seconds, timing at all of it (largest batches first). Returns the
+    picks by class name; a shape already tuned returns at once.
     """
     key = (num_heads, head_dim, block_size, dtype)
     if key in _TUNED:
@@ -648,8 +700,10 @@ def tune_decode_kernel(
                        device=device)
     ref = paged_decode_torch(q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs).float()
     tol = 1e-3 if query_dtype == torch.float32 else 3e-2
-    good = []
+    good: list[DecodeConfig] = []
     for cfg in configs:
+        if good and time.monotonic() - t_start > budget_s / 2:
+            break  # leave the other half of the budget to timing
         try:
             ok = all(
                 (paged_decode_triton(q, kc, vc, tables, ctx, k_scale=ks, v_scale=vs,
