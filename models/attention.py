@@ -717,6 +717,17 @@ def tune_decode_kernel(
     del kc, vc, ks, vs
     times = _time_candidates(good, splits, batches, num_heads, head_dim, block_size, dtype,
                              query_dtype, device, g, pool_bytes, t_start + budget_s)
+    picks = choose_per_class(times, batches)
+    register_decode_choices(num_heads, head_dim, block_size, dtype, picks)
+    return _describe(picks)
+
+
+def choose_per_class(times: dict[tuple[int, str], dict[DecodeChoice, float]],
+                     batches: tuple[int, ...]) -> dict[tuple[int, str], DecodeChoice]:
+    """The pick per class from timings ``{(batch, "short" | "long"): {choice: ms}}``:
+    ``(batch, "short")`` the fastest at short contexts; ``(batch, "any")`` the choice
+    whose larger ratio to the best (short and long) is smallest. A class without
+    timings gets the other's pick, else :data:`DEFAULT_CHOICE`."""
     picks: dict[tuple[int, str], DecodeChoice] = {}
     for b in batches:
         short, long = times.get((b, "short"), {}), times.get((b, "long"), {})
@@ -724,13 +735,22 @@ def tune_decode_kernel(
             picks[(b, "short")] = min(short, key=short.__getitem__)
         both = [c for c in short if c in long]
         if both:
-            bs_, bl = min(short.values()), min(long.values())
-            picks[(b, "any")] = min(both, key=lambda c: max(short[c] / bs_, long[c] / bl))
-        else:
-            picks.setdefault((b, "any"), picks.get((b, "short"), DEFAULT_CHOICE))
-        picks.setdefault((b, "short"), DEFAULT_CHOICE)
-    _TUNED[key] = picks
-    return _describe(picks)
+            best_s, best_l = min(short.values()), min(long.values())
+            picks[(b, "any")] = min(both, key=lambda c: max(short[c] / best_s,
+                                                            long[c] / best_l))
+        elif long:
+            picks[(b, "any")] = min(long, key=long.__getitem__)
+        picks.setdefault((b, "any"), picks.get((b, "short"), DEFAULT_CHOICE))
+        picks.setdefault((b, "short"), picks[(b, "any")])
+    return picks
+
+
+def register_decode_choices(num_heads: int, head_dim: int, block_size: int,
+                            dtype: torch.dtype,
+                            picks: dict[tuple[int, str], DecodeChoice]) -> None:
+    """Make ``picks`` (``{(batch, "short" | "any"): choice}``) what
+    :func:`decode_choice` answers for this shape and cache dtype."""
+    _TUNED[(num_heads, head_dim, block_size, dtype)] = dict(picks)
 
 
 def _describe(picks: dict[tuple[int, str], DecodeChoice]) -> dict[str, DecodeChoice]:

@@ -205,3 +205,38 @@ def test_tuner_picks_per_shape_class() -> None:
         assert choice.config in DECODE_CONFIGS and choice.splits in DECODE_SPLITS
     assert decode_choice(8, 64, 16, torch.float16, 60, 2048) == picks["batch~64/any"]
     assert decode_choice(8, 64, 16, torch.float16, 3, 256) == picks["batch~4/short"]
+
+
+def test_each_shape_class_gets_its_own_pick() -> None:
+    from models.attention import (
+        DecodeChoice,
+        DecodeConfig,
+        choose_per_class,
+        decode_choice,
+        register_decode_choices,
+    )
+
+    fast_short = DecodeChoice(DecodeConfig(32, 4, 1, 1, True), 1)
+    fast_long = DecodeChoice(DecodeConfig(16, 4, 1, 2, True), 8)
+    balanced = DecodeChoice(DecodeConfig(64, 4, 1, 1, False), 2)
+    times = {
+        (256, "short"): {fast_short: 1.0, fast_long: 2.0, balanced: 1.1},
+        (256, "long"): {fast_short: 9.0, fast_long: 4.0, balanced: 4.6},
+        (96, "short"): {fast_short: 0.5, fast_long: 0.45},
+        (96, "long"): {fast_short: 3.0, fast_long: 2.0},
+        (8, "short"): {fast_short: 0.1},  # its long run never happened (time budget)
+    }
+    picks = choose_per_class(times, (8, 96, 256))
+    assert picks[(256, "short")] == fast_short
+    assert picks[(256, "any")] == balanced  # within 15% of the best at both lengths
+    assert picks[(96, "short")] == picks[(96, "any")] == fast_long
+    assert picks[(8, "short")] == picks[(8, "any")] == fast_short
+    # A shape nobody tuned runs the default; a tuned one by batch (nearest in log
+    # scale) and by the context its block tables can hold.
+    shape = (3, 40, 8, torch.float16)
+    assert decode_choice(*shape, 250, 2048) == DEFAULT_CHOICE
+    register_decode_choices(*shape, picks)
+    assert decode_choice(*shape, 250, 2048) == balanced  # a CUDA-graph step's tables
+    assert decode_choice(*shape, 250, 256) == fast_short
+    assert decode_choice(*shape, 90, 4096) == fast_long
+    assert decode_choice(*shape, 1, 4096) == fast_short
