@@ -25,6 +25,16 @@ with sequences admitted while their final contexts fit in the engine's KV cache.
 
 Results merge into ``--out`` by workload, so ``--workload a`` and ``--workload b`` can run
 as two commands and fill one file.
+
+FP8: ``--kv-cache-dtype fp8`` and ``--quantization fp8`` run the engine that way;
+``--modes bf16,fp8-kv,fp8-all`` runs several configurations one after another in one
+process (the same random weights rebuilt for each, the GPU freed between) and writes
+each mode's rows under ``modes`` with its output tok/s over the first mode's
+(``ratios_over_first``); the first mode's rows are also the top-level ``workloads``
+(HF runs next to it). A mode's roofline counts its own bytes (FP8 weights and KV) at
+the bf16 GEMM rate measured in the run.
+
+    python -m bench.throughput --workload a --modes bf16,fp8-kv,fp8-all --skip-hf --out x.json
 """
 
 from __future__ import annotations
@@ -46,11 +56,20 @@ import torch
 
 from bench.common import git_commit
 from models.config import NeoXConfig
+from models.dtypes import KV_CACHE_DTYPES, QUANTIZATIONS
 from models.engine import Engine, InferenceEngine
+from models.engine.kv_cache import block_bytes
+from models.fp8 import apply_quantization
 from models.model import NeoX, init_random_
 from models.sampling import SamplingParams
 
 T0 = time.time()
+
+# --modes names: (KV-cache dtype, quantization). "bf16" means the run's --dtype as is.
+MODES: dict[str, tuple[str, str]] = {
+    "bf16": ("auto", "none"), "fp8-kv": ("fp8", "none"), "fp8-weights": ("auto", "fp8"),
+    "fp8-all": ("fp8", "fp8"),
+}
 
 
 def log(msg: str) -> None:
@@ -365,10 +384,32 @@ def _write(path: Path | None, result: dict[str, Any]) -> None:
             old = {}
     merged = {**old, **{k: v for k, v in result.items() if k != "workloads"}}
     merged["workloads"] = {**old.get("workloads", {}), **result.get("workloads", {})}
+    if "modes" in result:  # each mode's workloads merge the same way
+        modes = dict(old.get("modes", {}))
+        for mode, m in result["modes"].items():
+            before = modes.get(mode, {})
+            modes[mode] = {**before, **m, "workloads": {**before.get("workloads", {}),
+                                                        **m.get("workloads", {})}}
+        merged["modes"] = modes
+        merged["ratios_over_first"] = mode_ratios(modes, merged.get("mode_order", []))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def mode_ratios(modes: dict[str, Any], order: list[str]) -> dict[str, dict[str, float]]:
+    """Each mode's output tok/s over the first mode's, per workload both ran."""
+    if not order or order[0] not in modes:
+        return {}
+    base = modes[order[0]].get("workloads", {})
+    out: dict[str, dict[str, float]] = {}
+    for mode in order[1:]:
+        for name, w in modes.get(mode, {}).get("workloads", {}).items():
+            if name in base:
+                out.setdefault(mode, {})[name] = (w["ours"]["output_tok_per_s"]
+                                                  / base[name]["ours"]["output_tok_per_s"])
+    return out
 
 
 def table(data: dict[str, Any]) -> str:
@@ -402,6 +443,21 @@ def table(data: dict[str, Any]) -> str:
                 f"{r['output_tok_per_s']:.0f} | "
                 f"{off['output_tok_per_s'] / r['output_tok_per_s']:.0%} | - | "
                 f"on / off = {w['ratios']['prefix_caching_speedup']:.2f}x |")
+    if data.get("modes"):
+        first = (data.get("mode_order") or [""])[0]
+        lines += ["", f"| mode | workload | out tok/s | over {first} | KV tokens | weights GB "
+                      "| roofline out tok/s |", "|---|---|---|---|---|---|---|"]
+        ratios = data.get("ratios_over_first", {})
+        for mode in data.get("mode_order") or sorted(data["modes"]):
+            m = data["modes"].get(mode, {})
+            for name, w in sorted(m.get("workloads", {}).items()):
+                ratio = ratios.get(mode, {}).get(name, 1.0 if mode == first else None)
+                lines.append(
+                    f"| {mode} | ({name}) | {w['ours']['output_tok_per_s']:.0f} | "
+                    + (f"{ratio:.2f}x" if ratio is not None else "-")
+                    + f" | {m['engine'].get('cache_tokens', 0)} | "
+                    f"{m['engine'].get('weight_bytes', 0) / 1e9:.1f} | "
+                    f"{w['roofline']['output_tok_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -431,6 +487,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-memory", type=float, default=None,
                     help="fraction of free GPU memory (CUDA) or bytes (CPU) for the KV cache")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
+    ap.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    ap.add_argument("--modes", default=None,
+                    help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
+                         "overrides --kv-cache-dtype/--quantization")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (merged by workload)")
     ap.add_argument("--table", type=Path, default=None,
@@ -440,6 +501,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.modes is not None:
+        args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in args.mode_list if m not in MODES]
+        if bad or not args.mode_list:
+            raise SystemExit(f"--modes: each one of {', '.join(MODES)}, got {args.modes!r}")
     if args.table is not None:
         print(table(json.loads(args.table.read_text())))
         return {}
@@ -455,26 +521,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
-                names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]]) -> None:
-    """Ceilings, the engine on each workload and its roofline, into ``result``."""
+                names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]],
+                kv_cache_dtype: str = "auto", save: Any = None,
+                ceil: dict[str, float] | None = None) -> None:
+    """Ceilings (unless given), the engine on each workload and its roofline, into
+    ``result``; ``save()`` after each workload (default: merge ``result`` into --out)."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     cfg = model.config
     weight_bytes = model.parameter_bytes()
-    ceil = measure_ceilings(device)
+    if save is None:
+        def save() -> None:
+            _write(args.out, result)
+    if ceil is None:
+        ceil = measure_ceilings(device)
+        log(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM "
+            f"{ceil['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s")
     result["ceilings"] = ceil
-    log(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, GEMM "
-        f"{ceil['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s")
 
     kv_memory: float | int | None = args.kv_memory
     if kv_memory is not None and device.type != "cuda":
         kv_memory = int(kv_memory)
     engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens,
-                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
-    elem = torch.empty((), dtype=dtype).element_size()
-    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size * elem
-    result["engine"].update(num_blocks=engine.num_blocks, block_size=engine.block_size,
+                    cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
+                    kv_cache_dtype=kv_cache_dtype)
+    # Bytes a token's K and V take in this cache (FP8: values plus their scales).
+    kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
+    result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
+                            quantization=engine.quantization or "none",
+                            num_blocks=engine.num_blocks, block_size=engine.block_size,
                             kv_cache_bytes=engine.kv_cache_bytes,
                             cache_tokens=engine.cache_tokens,
                             decode_kernel_config=engine.attn_config)
@@ -515,7 +590,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             log(f"workload c: prefix caching on / off = "
                 f"{entry['ratios']['prefix_caching_speedup']:.2f}x")
         result["workloads"][name] = entry
-        _write(args.out, result)
+        save()
 
     # Free the engine's KV cache (and its graphs) before HF allocates its own.
     del engine
@@ -529,6 +604,63 @@ def _say(name: str, what: str, ours: dict[str, Any], roof: dict[str, Any]) -> No
         f"tok/s, {ours['total_tok_per_s']:.0f} total tok/s, {ours['requests_per_s']:.2f} "
         f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline; "
         f"stats {ours['engine_stats']}")
+
+
+def _loads(args: argparse.Namespace, model: NeoX,
+           ) -> tuple[list[str], dict[str, tuple[list[list[int]], list[int]]]]:
+    cfg = model.config
+    names = {"both": ["a", "b"], "all": ["a", "b", "c"]}.get(args.workload, [args.workload])
+    counts = {"a": args.num_prompts, "b": args.num_prompts_b or args.num_prompts,
+              "c": args.num_prompts_c or args.num_prompts}
+    loads = {n: workload(n, counts[n], cfg.max_position, min(cfg.vocab_size, 50277),
+                         args.seed) for n in names}
+    return names, loads
+
+
+def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               result: dict[str, Any]) -> NeoX | None:
+    """Each --modes entry in turn on freshly built (same) weights: rows under
+    ``result["modes"]``; the first mode's also as ``result["workloads"]``. Returns the
+    first mode's model when it has float weights (HF runs on it), else None."""
+    order: list[str] = args.mode_list
+    result["mode_order"] = order
+    result["modes"] = {}
+    ceil: dict[str, float] | None = None
+    kept: NeoX | None = None
+    for i, mode in enumerate(order):
+        kv, quant = MODES[mode]
+        model = build_model(args.model, device, dtype)
+        apply_quantization(model, quant)
+        _sync(device)
+        log(f"mode {mode}: kv-cache-dtype {kv}, quantization {quant}, weights "
+            f"{model.parameter_bytes() / 1e9:.1f} GB")
+        names, loads = _loads(args, model)
+        entry: dict[str, Any] = {"kv_cache_dtype": kv, "quantization": quant,
+                                 "engine": dict(result["engine"]), "workloads": {}}
+        result["modes"][mode] = entry
+
+        def save() -> None:
+            if order[0] in result["modes"]:
+                result["workloads"] = result["modes"][order[0]]["workloads"]
+            result["ratios_over_first"] = mode_ratios(result["modes"], order)
+            _write(args.out, result)
+
+        _run_engine(args, model, entry, names, loads, kv_cache_dtype=kv, save=save, ceil=ceil)
+        ceil = entry["ceilings"]
+        result["ceilings"] = ceil
+        for name, ratio in result["ratios_over_first"].get(mode, {}).items():
+            log(f"mode {mode} ({name}): {ratio:.2f}x the output tok/s of {order[0]}")
+        if i == 0 and quant == "none":
+            kept = model  # HF runs next to the first mode, on its weights
+        else:
+            del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["engine"] = result["modes"][order[0]]["engine"]
+    if kept is None:
+        args.skip_hf = True  # HF runs float weights only: a first mode with FP8 has none
+    return kept
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -553,32 +685,33 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "workloads": {},
     }
 
-    model = build_model(args.model, device, dtype)
-    _sync(device)
-    cfg = model.config
-    weight_bytes = model.parameter_bytes()
-    log(f"model built: {cfg.num_params() / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB")
-
-    names = {"both": ["a", "b"], "all": ["a", "b", "c"]}.get(args.workload, [args.workload])
-    counts = {"a": args.num_prompts, "b": args.num_prompts_b or args.num_prompts,
-              "c": args.num_prompts_c or args.num_prompts}
-    loads = {n: workload(n, counts[n], cfg.max_position, min(cfg.vocab_size, 50277),
-                         args.seed) for n in names}
-    if args.skip_ours:
-        # HF only, next to engine results an earlier run left in --out.
-        old = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
-        for name in names:
-            if "ours" not in old.get("workloads", {}).get(name, {}):
-                raise SystemExit(f"--skip-ours: {args.out} has no engine results for ({name})")
-            result["workloads"][name] = old["workloads"][name]
-        for key in ("engine", "commit", "date"):
-            result.pop(key)
+    if args.modes is not None:
+        if args.skip_ours:
+            raise SystemExit("--modes runs the engine: drop --skip-ours")
+        model: NeoX | None = _run_modes(args, device, dtype, result)
     else:
-        _run_engine(args, model, result, names, loads)
-
-    if args.skip_hf:
+        model = build_model(args.model, device, dtype)
+        apply_quantization(model, args.quantization)
+        _sync(device)
+        names, loads = _loads(args, model)
+        if args.skip_ours:
+            # HF only, next to engine results an earlier run left in --out.
+            old = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+            for name in names:
+                if "ours" not in old.get("workloads", {}).get(name, {}):
+                    raise SystemExit(f"--skip-ours: {args.out} has no engine results for "
+                                     f"({name})")
+                result["workloads"][name] = old["workloads"][name]
+            for key in ("engine", "commit", "date"):
+                result.pop(key)
+        else:
+            _run_engine(args, model, result, names, loads, kv_cache_dtype=args.kv_cache_dtype)
+    if args.quantization != "none" and args.modes is None:
+        args.skip_hf = True  # HF runs float weights only
+    if args.skip_hf or model is None:
         log("HF baseline skipped")
         return result
+    names, loads = _loads(args, model)
     try:
         hf = hf_model(model)
     except ImportError as exc:

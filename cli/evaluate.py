@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.options import add_fp8_arguments
+
 # display names of the seed's table
 METRIC_LABELS = {"perplexity": "ppl"}
 
@@ -56,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json overriding the model's")
     p.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages (GPUs)")
+    add_fp8_arguments(p)
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
                    help="bootstrap resamples for perplexity's stderr, as lm-eval (0: none)")
     p.add_argument("-o", "--output", type=Path, default=None, help="write results JSON here")
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     backend = build_backend(
         args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
-        pipeline_parallel=args.pipeline_parallel,
+        pipeline_parallel=args.pipeline_parallel, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     load_s = time.perf_counter() - t0
 
@@ -185,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     report["config"] = {
         "model": args.model, "device": args.device, "dtype": str(dtype),
+        "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
         "tokenizer": args.tokenizer, "tasks": names, "limit": args.limit,
         "batch_size": args.batch_size,
         "data_dir": str(args.data_dir or DEFAULT_DATA_DIR) if local else None,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from cli.options import add_fp8_arguments
 from models.dtypes import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="seed of the random weights of preset:NAME models")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
+    add_fp8_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run_generate)
 
@@ -162,7 +164,9 @@ def read_prompts(path: Path, chat: Any = None) -> Iterator[Item]:
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"max_num_seqs": args.batch_size,
                           "max_batch_tokens": args.max_batch_tokens,
-                          "enable_prefix_caching": args.prefix_caching}
+                          "enable_prefix_caching": args.prefix_caching,
+                          "kv_cache_dtype": args.kv_cache_dtype,
+                          "quantization": args.quantization}
     if args.kv_memory is not None:
         kw["kv_memory"] = args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory * 2**30)
     return kw

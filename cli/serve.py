@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.options import add_fp8_arguments
+
 
 def add_parser(sub: Any) -> None:
     """Register the server-side commands on the root parser's subparsers."""
@@ -57,6 +59,7 @@ def _add_worker(sub: Any) -> None:
                         "speed (default: the engine's YIELD_TOKENS; -1: no cap)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
+    add_fp8_arguments(p)
     p.add_argument("--worker-id", default=None, help="id shown in the store (default host:pid)")
     p.add_argument("--database-url", default=None, help="overrides NEOXQ_DATABASE_URL")
     p.add_argument("--redis-url", default=None, help="overrides NEOXQ_REDIS_URL")
@@ -68,7 +71,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     """Run one worker process until SIGTERM/SIGINT."""
     from worker.main import WorkerOptions, run_worker
 
-    engine_kwargs: dict[str, Any] = {"enable_prefix_caching": args.prefix_caching}
+    engine_kwargs: dict[str, Any] = {"enable_prefix_caching": args.prefix_caching,
+                                     "kv_cache_dtype": args.kv_cache_dtype}
     if args.max_num_seqs:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.yield_tokens is not None:
@@ -79,6 +83,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             name=args.name,
             device=args.device,
             dtype=args.dtype,
+            quantization=args.quantization,
             pipeline_parallel=args.pipeline_parallel,
             tokenizer=args.tokenizer,
             chat_template=args.chat_template,

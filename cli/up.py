@@ -29,6 +29,7 @@ from typing import Any
 
 from cli.embedded import Child, EmbeddedRedis, free_port
 from cli.gpus import WorkerSpec, parse_gpus, plan_workers
+from cli.options import add_fp8_arguments, fp8_argv
 from models.dtypes import DTYPE_NAMES
 
 # Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
@@ -64,6 +65,7 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="the worker recomputes every prompt: no reuse of the KV of "
                              "prompt prefixes already computed")
+    add_fp8_arguments(common)
     common.add_argument("--data-dir", type=Path, default=None,
                         help="SQLite database and uploads (default $NEOXQ_DATA_DIR or ./.neoxq)")
 
@@ -113,7 +115,8 @@ class Stack:
                  pipeline_parallel: int = 1, tokenizer: str | None = None,
                  metrics_port: int | None = None, logs_to_terminal: bool = False,
                  gpus: list[str] | None = None, workers: int | None = None,
-                 prefix_caching: bool = True, chat_template: str | None = None) -> None:
+                 prefix_caching: bool = True, chat_template: str | None = None,
+                 kv_cache_dtype: str | None = None, quantization: str | None = None) -> None:
         self.model = model
         self.host = host
         self.port = port or free_port()
@@ -126,6 +129,7 @@ class Stack:
             self.worker_argv += ["--pipeline-parallel", str(pipeline_parallel)]
         if not prefix_caching:
             self.worker_argv.append("--no-prefix-caching")
+        self.worker_argv += fp8_argv(kv_cache_dtype, quantization)
         self.workers = plan_workers(gpus=gpus, pipeline_parallel=pipeline_parallel,
                                     device=device, workers=workers)
         self.metrics_port = metrics_port
@@ -381,7 +385,8 @@ def stack_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "dtype": args.dtype,
             "pipeline_parallel": args.pipeline_parallel, "tokenizer": args.tokenizer,
             "gpus": gpus, "workers": args.workers, "prefix_caching": args.prefix_caching,
-            "chat_template": args.chat_template}
+            "chat_template": args.chat_template, "kv_cache_dtype": args.kv_cache_dtype,
+            "quantization": args.quantization}
 
 
 @contextlib.contextmanager

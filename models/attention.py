@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.engine.kv_cache import KVCache
+from models.fp8 import dequantize_rows, quantize_rows
 
 
 @dataclass
@@ -91,19 +92,27 @@ class PagedAttention:
         m = self.meta
         assert m is not None, "PagedAttention.set_step() was not called"
         kc, vc = self.cache.layer(layer)  # each (blocks, heads, block_size, hd)
-        # Advanced indices around a slice put the indexed dim first: kc[b, :, o] is (N, nh, hd).
-        kc[m.slot_blocks, :, m.slot_offsets] = k
-        vc[m.slot_blocks, :, m.slot_offsets] = v
+        scales = self.cache.layer_scales(layer)  # FP8 cache: each (blocks, heads, block_size)
+        if scales is None:
+            # Advanced indices around a slice put the indexed dim first: kc[b, :, o] is
+            # (N, nh, hd).
+            kc[m.slot_blocks, :, m.slot_offsets] = k
+            vc[m.slot_blocks, :, m.slot_offsets] = v
+        else:
+            write_fp8(kc, scales[0], m.slot_blocks, m.slot_offsets, k)
+            write_fp8(vc, scales[1], m.slot_blocks, m.slot_offsets, v)
         d = m.num_decode
         if d == q.shape[0]:
-            return self._decode(q, kc, vc)
+            return self._decode(q, kc, vc, scales)
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(q[:d], kc, vc)
+            out[:d] = self._decode(q[:d], kc, vc, scales)
         r = d + m.num_continuing
         with sdpa_kernel(_SDPA_BACKENDS):
+            # Chunks that start a sequence attend to the step's own (unrounded) k and v;
+            # only keys read back from the cache carry the FP8 rounding.
             if m.num_continuing:
-                out[d:r] = self._continuing(q[d:r], kc, vc)
+                out[d:r] = self._continuing(q[d:r], kc, vc, scales)
             if m.fresh_groups:
                 out[d + m.fresh[0][0]: d + m.fresh[-1][1]] = self._fresh(q[d:], k[d:], v[d:])
             else:
@@ -130,18 +139,26 @@ class PagedAttention:
         packed = outs[0] if len(outs) == 1 else torch.cat(outs)
         return packed[m.fresh_scatter]
 
-    def _decode(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+    def _decode(self, q: Tensor, kc: Tensor, vc: Tensor,
+                scales: tuple[Tensor, Tensor] | None) -> Tensor:
         m = self.meta
         assert m is not None and m.block_tables is not None and m.context_lens is not None
-        if self.use_triton:
-            return paged_decode_triton(q, kc, vc, m.block_tables, m.context_lens)
-        return paged_decode_torch(q, kc, vc, m.block_tables, m.context_lens)
+        decode = paged_decode_triton if self.use_triton else paged_decode_torch
+        if scales is None:
+            return decode(q, kc, vc, m.block_tables, m.context_lens)
+        return decode(q, kc, vc, m.block_tables, m.context_lens,
+                      k_scale=scales[0], v_scale=scales[1])
 
-    def _continuing(self, q: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
+    def _continuing(self, q: Tensor, kc: Tensor, vc: Tensor,
+                    scales: tuple[Tensor, Tensor] | None) -> Tensor:
         m = self.meta
         assert m is not None and m.key_blocks is not None and m.prefill_mask is not None
-        keys = kc[m.key_blocks, :, m.key_offsets]  # (Nk, nh, hd)
-        values = vc[m.key_blocks, :, m.key_offsets]
+        if scales is None:
+            keys = kc[m.key_blocks, :, m.key_offsets]  # (Nk, nh, hd)
+            values = vc[m.key_blocks, :, m.key_offsets]
+        else:
+            keys = read_fp8(kc, scales[0], m.key_blocks, m.key_offsets, q.dtype)
+            values = read_fp8(vc, scales[1], m.key_blocks, m.key_offsets, q.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # (1, nh, Nq, hd)
             keys.transpose(0, 1)[None],  # (1, nh, Nk, hd)
@@ -149,6 +166,25 @@ class PagedAttention:
             attn_mask=m.prefill_mask,
         )
         return out[0].transpose(0, 1)  # (Nq, nh, hd)
+
+
+def write_fp8(cache: Tensor, scales: Tensor, blocks: Tensor, offsets: Tensor,
+              x: Tensor) -> None:
+    """Quantize ``x`` (N, nh, hd) per token and head into an FP8 cache's slots
+    ``(blocks[i], offsets[i])``: e4m3 values into ``cache`` (blocks, nh, block_size, hd),
+    their float32 scales into ``scales`` (blocks, nh, block_size)."""
+    xq, scale = quantize_rows(x)  # (N, nh, hd) e4m3, (N, nh, 1)
+    # Through a byte view: indexed writes of float8 tensors are not on every device.
+    cache.view(torch.uint8)[blocks, :, offsets] = xq.view(torch.uint8)
+    scales[blocks, :, offsets] = scale[..., 0]
+
+
+def read_fp8(cache: Tensor, scales: Tensor, blocks: Tensor, offsets: Tensor,
+             dtype: torch.dtype) -> Tensor:
+    """The slots ``(blocks[i], offsets[i])`` of an FP8 cache, dequantized to ``dtype``:
+    (N, nh, hd)."""
+    xq = cache.view(torch.uint8)[blocks, :, offsets].view(cache.dtype)  # (N, nh, hd)
+    return dequantize_rows(xq, scales[blocks, :, offsets][..., None], dtype)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

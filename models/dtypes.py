@@ -49,3 +49,57 @@ def parse_dtype(name: str | torch.dtype | None, device: object = "cpu") -> torch
     if isinstance(name, torch.dtype):
         name = str(name)
     return getattr(torch, canonical_dtype_name(name, device))
+
+
+# --------------------------------------------------------------------------------------
+# FP8 options: the KV cache's storage dtype and the linear layers' quantization.
+# --------------------------------------------------------------------------------------
+
+# ``--kv-cache-dtype``: "auto" stores keys and values in the model's dtype; "fp8" in
+# float8 e4m3 with one float32 scale per token and head.
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8")
+# ``--quantization``: "none" keeps the checkpoint's linear weights in the model dtype;
+# "fp8" stores them in float8 e4m3 per output channel and runs FP8 GEMMs.
+QUANTIZATIONS: tuple[str, ...] = ("none", "fp8")
+_KV_ALIASES: dict[str, str] = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8"}
+
+
+def canonical_kv_cache_dtype(name: str | None) -> str:
+    """``--kv-cache-dtype`` as one of :data:`KV_CACHE_DTYPES` (None -> "auto");
+    ``ValueError`` naming the accepted ones otherwise."""
+    key = "auto" if name is None else str(name).strip().lower()
+    key = _KV_ALIASES.get(key, key)
+    if key not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv-cache-dtype: one of {', '.join(KV_CACHE_DTYPES)} expected, "
+                         f"got {name!r}")
+    return key
+
+
+def parse_kv_cache_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype the KV cache stores: the model's for "auto", float8 e4m3 for
+    "fp8"."""
+    import torch
+
+    if canonical_kv_cache_dtype(name) == "fp8":
+        return torch.float8_e4m3fn
+    return model_dtype
+
+
+def canonical_quantization(name: str | None) -> str | None:
+    """``--quantization`` as None (no quantization: None, "none") or "fp8";
+    ``ValueError`` naming the accepted ones otherwise."""
+    key = "none" if name is None else str(name).strip().lower()
+    if key not in QUANTIZATIONS:
+        raise ValueError(f"quantization: one of {', '.join(QUANTIZATIONS)} expected, "
+                         f"got {name!r}")
+    return None if key == "none" else key
+
+
+def precision_label(dtype_name: str, kv_cache_dtype: str | None = None,
+                    quantization: str | None = None) -> str:
+    """How a worker announces its numerics (at most 16 characters, the store's column):
+    the weights' dtype, then ``:`` and ``w8`` for FP8 linear weights and ``kv8`` for an
+    FP8 KV cache — ``bfloat16``, ``bfloat16:kv8``, ``bfloat16:w8kv8``."""
+    tags = ("w8" if canonical_quantization(quantization) == "fp8" else "") + (
+        "kv8" if canonical_kv_cache_dtype(kv_cache_dtype) == "fp8" else "")
+    return f"{dtype_name}:{tags}" if tags else dtype_name

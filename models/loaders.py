@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from models.config import NeoXConfig, get_preset, pad_vocab
-from models.dtypes import parse_dtype
+from models.dtypes import canonical_quantization, parse_dtype
+from models.fp8 import apply_quantization
 from models.model import NeoX, init_random_
 from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -1006,10 +1007,13 @@ def load_model(
     tokenizer: Tokenizer | str | Path | None = None,
     layer_range: tuple[int, int] | None = None,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a model spec (``preset:NAME``, HF dir, NeoX YAML, neoxq dir) onto ``device``.
 
     ``layer_range=(start, stop)`` builds and reads only that pipeline stage's tensors.
+    ``quantization="fp8"`` quantizes the blocks' linear layers once loaded, one at a time
+    (see :func:`models.fp8.quantize_fp8_`).
     ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's own. Any problem
     with the checkpoint raises :class:`CheckpointError` naming the file and tensor;
     nothing is returned half-loaded.
@@ -1018,6 +1022,7 @@ def load_model(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = parse_dtype(dtype)
+    quantization = canonical_quantization(quantization)  # a bad name fails before loading
     tok = _as_tokenizer(tokenizer)
     kind, where = _spec_kind(spec)
     if kind == "preset":
@@ -1025,6 +1030,7 @@ def load_model(
         tok = tok or ByteTokenizer(cfg.eos_token_id)
         _check_vocab(tok, cfg, str(spec))
         model = random_model(cfg, device=device, dtype=dtype, layer_range=layer_range, seed=seed)
+        apply_quantization(model, quantization)
         return LoadedModel(model, cfg, tok, f"{spec} (seed {seed})")
 
     plan = _plan(spec, tok, layer_range)
@@ -1053,6 +1059,7 @@ def load_model(
         raise CheckpointError(f"{plan.source}: parameters not loaded: {left[:5]}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    apply_quantization(model, quantization)
     return LoadedModel(model.eval(), plan.config, tok, plan.source)
 
 

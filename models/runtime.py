@@ -20,13 +20,16 @@ def build_engine(
     pipeline_parallel: int = 1,
     tokenizer: Tokenizer | str | Path | None = None,
     seed: int = 0,
+    quantization: str | None = None,
     **engine_kwargs: Any,
 ) -> InferenceEngine:
     """Load ``spec`` (``preset:NAME``, an HF dir, a NeoX YAML, a neoxq dir) and wrap it in
     an :class:`~models.engine.engine.Engine`.
 
     ``tokenizer`` overrides the checkpoint's own; ``seed`` fills random presets;
-    ``engine_kwargs`` go to :class:`Engine` (``kv_memory``, ``max_num_seqs``, ...).
+    ``quantization`` ("fp8" or None) quantizes the linear layers at load time;
+    ``engine_kwargs`` go to :class:`Engine` (``kv_memory``, ``max_num_seqs``,
+    ``kv_cache_dtype``, ...).
 
     ``pipeline_parallel=N`` > 1 splits the model over N stages (N GPUs from ``device``
     on CUDA, N processes on CPU) and returns a
@@ -41,8 +44,9 @@ def build_engine(
 
         return PipelineEngine(
             spec, num_stages=pipeline_parallel, device=device, dtype=dtype,
-            tokenizer=tokenizer, seed=seed, **engine_kwargs)
+            tokenizer=tokenizer, seed=seed, quantization=quantization, **engine_kwargs)
     from models.loaders import load_model
 
-    loaded = load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    loaded = load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, seed=seed,
+                        quantization=quantization)
     return Engine(loaded.model, loaded.tokenizer, **engine_kwargs)

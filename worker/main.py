@@ -26,6 +26,7 @@ class WorkerOptions:
     name: str | None = None  # the model name served; None: the registry's or model_name
     device: str | None = None
     dtype: str | None = None
+    quantization: str | None = None  # "fp8": FP8 linear weights (models.dtypes)
     pipeline_parallel: int = 1
     tokenizer: str | None = None
     chat_template: str | None = None  # a Jinja2 file; None: the checkpoint's, else default
@@ -78,7 +79,12 @@ def run_worker(opts: WorkerOptions) -> int:
     from core.celery_app import make_celery, model_queue
     from core.settings import get_settings
     from models.chat import load_chat_template
-    from models.dtypes import parse_dtype
+    from models.dtypes import (
+        canonical_kv_cache_dtype,
+        canonical_quantization,
+        parse_dtype,
+        precision_label,
+    )
     from models.runtime import build_engine
     from store.db import make_engine
     from worker.broker import TRANSPORT
@@ -100,6 +106,8 @@ def run_worker(opts: WorkerOptions) -> int:
     device = opts.device or _default_device()
     try:
         dtype = parse_dtype(opts.dtype, device)
+        quantization = canonical_quantization(opts.quantization)
+        kv_cache_dtype = canonical_kv_cache_dtype(opts.engine_kwargs.get("kv_cache_dtype"))
     except ValueError as exc:
         raise SystemExit(f"--{exc}") from None
 
@@ -110,12 +118,14 @@ def run_worker(opts: WorkerOptions) -> int:
         raise SystemExit(f"--chat-template: {exc}") from None
     log.info("chat template: %s", chat.source)
     # The model is loaded once, before anything is consumed: a chunk never waits for it.
-    dtype_name = str(dtype).removeprefix("torch.")
+    # What the store shows for this worker: the dtype plus any FP8 (e.g. bfloat16:w8kv8).
+    dtype_name = precision_label(str(dtype).removeprefix("torch."), kv_cache_dtype,
+                                 quantization)
     log.info("loading %s (serving %r) on %s (%s, pipeline_parallel=%d)", checkpoint, served,
              device, dtype_name, opts.pipeline_parallel)
     engine = build_engine(checkpoint, device=device, dtype=dtype,
                           pipeline_parallel=opts.pipeline_parallel, tokenizer=opts.tokenizer,
-                          **opts.engine_kwargs)
+                          quantization=quantization, **opts.engine_kwargs)
     devices = [device] if opts.pipeline_parallel == 1 else [
         f"{device}:{i}" for i in range(opts.pipeline_parallel)]
     worker_id = opts.worker_id or f"{socket.gethostname()}:{os.getpid()}"

@@ -20,6 +20,7 @@ import torch
 
 from models.attention import DecodeChoice, tune_decode_kernel
 from models.config import NeoXConfig
+from models.dtypes import canonical_kv_cache_dtype, parse_kv_cache_dtype
 from models.engine.block_manager import BlockManager
 from models.engine.kv_cache import KVCache, blocks_for_budget
 from models.engine.outputs import (
@@ -34,15 +35,18 @@ from models.engine.outputs import (
 from models.engine.runner import ModelRunner
 from models.engine.sampler import Sampler
 from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler
+from models.fp8 import quantization_of
 from models.grammar import Grammars
 from models.model import NeoX
 from models.params import SamplingParams
 
 
-def prefix_salt(config: NeoXConfig, dtype: torch.dtype) -> int:
+def prefix_salt(config: NeoXConfig, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
+                quantization: str | None = None) -> int:
     """The start of every prefix-cache hash chain: what besides the tokens decides a
-    block's keys and values (the model's shape and weights' identity, the KV dtype)."""
-    return hash((repr(config), str(dtype)))
+    block's keys and values (the model's shape and weights' identity, the weights' and
+    the KV cache's dtypes, the weights' quantization)."""
+    return hash((repr(config), str(dtype), str(kv_dtype or dtype), quantization))
 
 
 def prompt_ids(prompt: str | Sequence[int], tokenizer: Any | None, vocab_size: int) -> list[int]:
@@ -145,6 +149,8 @@ class Engine:
             (default: on for CUDA).
         tune_kernels: time a few configurations of the Triton decode kernel at this
             model's shape at start-up and keep the fastest (default: on for CUDA).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3 values with a
+            float32 scale per token and head: half the bytes, about twice the blocks).
         seed: seeds the per-request seeds drawn for requests that give none.
     """
 
@@ -166,6 +172,7 @@ class Engine:
         clamp_max_tokens: bool = False,
         cuda_graphs: bool | None = None,
         tune_kernels: bool | None = None,
+        kv_cache_dtype: str | None = None,
         seed: int = 0,
     ) -> None:
         if not (model.has_embedding and model.has_head):
@@ -177,6 +184,9 @@ class Engine:
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.kv_cache_dtype = canonical_kv_cache_dtype(kv_cache_dtype)
+        self.kv_dtype = parse_kv_cache_dtype(self.kv_cache_dtype, self.dtype)
+        self.quantization = quantization_of(model)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -197,26 +207,27 @@ class Engine:
         if tune_kernels:
             # Before sizing the cache: tuning borrows some memory for a while.
             self.attn_config = tune_decode_kernel(
-                self.config.num_heads, self.config.head_dim, block_size, self.dtype,
-                self.device)
+                self.config.num_heads, self.config.head_dim, block_size, self.kv_dtype,
+                self.device, query_dtype=self.dtype)
             torch.cuda.empty_cache()
         whole = (0, self.config.num_layers)
         if num_blocks is None:
             num_blocks = blocks_for_budget(
-                self.config, layer_range=whole, block_size=block_size, dtype=self.dtype,
+                self.config, layer_range=whole, block_size=block_size, dtype=self.kv_dtype,
                 device=self.device, kv_memory=kv_memory, max_batch_tokens=max_batch_tokens,
                 max_num_seqs=max_num_seqs, logits=True)
             if num_blocks < 2:
                 raise ValueError(f"kv_memory: {kv_memory!r} holds less than two KV blocks")
         self.blocks = BlockManager(num_blocks, block_size,
                                    enable_prefix_caching=enable_prefix_caching,
-                                   salt=prefix_salt(self.config, self.dtype))
+                                   salt=prefix_salt(self.config, self.dtype, self.kv_dtype,
+                                                    self.quantization))
         self.scheduler = Scheduler(
             self.blocks, max_position=self.max_position, max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens, kv_overcommit=kv_overcommit,
             watermark=watermark, decoder=tokenizer, eos_id=self.eos_id,
             yield_tokens=yield_tokens)
-        cache = KVCache.for_model(self.config, whole, num_blocks, block_size, self.dtype,
+        cache = KVCache.for_model(self.config, whole, num_blocks, block_size, self.kv_dtype,
                                   self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"

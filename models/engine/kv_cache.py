@@ -7,6 +7,10 @@ Layout: one tensor ``(layers, 2, num_blocks, heads, block_size, head_dim)``. Kee
 head's ``block_size`` tokens contiguous (rather than ``(blocks, block_size, heads,
 head_dim)``) means the decode kernel, which runs one program per (sequence, head),
 reads each block as a single contiguous run of ``block_size * head_dim`` elements.
+
+An FP8 cache (``dtype=torch.float8_e4m3fn``) stores e4m3 values plus one float32 scale per
+(layer, K/V, block, head, slot), i.e. per token and head (``value ≈ q * scale``, see
+:mod:`models.fp8`), in a second tensor ``(layers, 2, num_blocks, heads, block_size)``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ class KVCache:
         self.data = torch.zeros(
             num_layers, 2, num_blocks, num_heads, block_size, head_dim, dtype=dtype, device=device
         )
+        # (L, 2, blocks, heads, block_size) float32 for an FP8 cache; ones so that a
+        # never-written slot dequantizes to its (zero) value.
+        self.scales: Tensor | None = None
+        if is_fp8(dtype):
+            self.scales = torch.ones(num_layers, 2, num_blocks, num_heads, block_size,
+                                     dtype=torch.float32, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored values' dtype (the model's, or float8 e4m3)."""
+        return self.data.dtype
 
     @classmethod
     def for_model(cls, config: NeoXConfig, layer_range: tuple[int, int], num_blocks: int,
@@ -55,21 +70,41 @@ class KVCache:
         kv = self.data[layer - self.layer_start]
         return kv[0], kv[1]
 
+    def layer_scales(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """(K scales, V scales) of a global layer index, each ``(blocks, heads,
+        block_size)`` float32, for an FP8 cache; None for a cache in the model dtype."""
+        if self.scales is None:
+            return None
+        s = self.scales[layer - self.layer_start]
+        return s[0], s[1]
+
     def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
-        """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write)."""
-        self.data[:, :, dst] = self.data[:, :, src]
+        """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write), with
+        their scales."""
+        data = self.data.view(torch.uint8) if self.scales is not None else self.data
+        data[:, :, dst] = data[:, :, src]
+        if self.scales is not None:
+            self.scales[:, :, dst] = self.scales[:, :, src]
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.data.numel() * self.data.element_size() + scales
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether a KV dtype is stored as float8 with per-token scales."""
+    return dtype == torch.float8_e4m3fn
 
 
 def block_bytes(config: NeoXConfig, block_size: int, dtype: torch.dtype,
                 num_layers: int | None = None) -> int:
-    """Bytes one block takes across all (or ``num_layers``) layers, K and V."""
+    """Bytes one block takes across all (or ``num_layers``) layers, K and V (an FP8
+    block: one byte per value plus a float32 scale per token and head)."""
     layers = config.num_layers if num_layers is None else num_layers
     elem = torch.empty((), dtype=dtype).element_size()
-    return layers * 2 * block_size * config.hidden_size * elem
+    per_token = config.hidden_size * elem + (config.num_heads * 4 if is_fp8(dtype) else 0)
+    return layers * 2 * block_size * per_token
 
 
 def blocks_for_budget(

@@ -118,6 +118,8 @@ class _StageArgs:
     layer_range: tuple[int, int]
     device: str
     dtype: torch.dtype
+    kv_dtype: torch.dtype
+    quantization: str | None
     tokenizer: Any
     seed: int
     kv_memory: float | int | None
@@ -211,15 +213,17 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
     fwd, ret = _init_dist(backend, args.init_file, rank, args.world)
     t0 = time.time()
     loaded = load_model(args.spec, device=device, dtype=args.dtype, tokenizer=args.tokenizer,
-                        layer_range=args.layer_range, seed=args.seed)
+                        layer_range=args.layer_range, seed=args.seed,
+                        quantization=args.quantization)
     model = loaded.model
     if device.type == "cuda" and args.tune_kernels:
         cfg = model.config
-        tune_decode_kernel(cfg.num_heads, cfg.head_dim, args.block_size, args.dtype, device)
+        tune_decode_kernel(cfg.num_heads, cfg.head_dim, args.block_size, args.kv_dtype, device,
+                           query_dtype=args.dtype)
         torch.cuda.empty_cache()
     max_blocks = blocks_for_budget(
         model.config, layer_range=args.layer_range, block_size=args.block_size,
-        dtype=args.dtype, device=device, kv_memory=args.kv_memory,
+        dtype=args.kv_dtype, device=device, kv_memory=args.kv_memory,
         max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
         logits=model.has_head)
     status.send(("ready", {"rank": rank, "layer_range": args.layer_range, "device": str(device),
@@ -253,7 +257,7 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
                 return
             if kind == "init":
                 runner = _stage_runner(model, msg[1], args.block_size, args.max_num_seqs,
-                                       args.cuda_graphs)
+                                       args.cuda_graphs, args.kv_dtype)
                 status.send(("init_done", {"rank": rank, "kv_bytes": runner.cache.nbytes}))
                 continue
             if kind == "capture":
@@ -280,12 +284,12 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
 
 
 def _stage_runner(model: NeoX, num_blocks: int, block_size: int, max_num_seqs: int,
-                  cuda_graphs: bool) -> ModelRunner:
+                  cuda_graphs: bool, kv_dtype: torch.dtype) -> ModelRunner:
     """A stage's runner: its layers over a KV cache of those layers (every stage the
-    same block ids)."""
+    same block ids) stored in ``kv_dtype``."""
     param = next(model.parameters())
     cache = KVCache.for_model(model.config, model.layer_range, num_blocks, block_size,
-                              param.dtype, param.device)
+                              kv_dtype, param.device)
     return ModelRunner(model, cache, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs,
                        pipelined=True)
 
@@ -315,6 +319,8 @@ class PipelineEngine:
     ``num_blocks`` is the blocks of every stage's cache (shared out among the groups).
     ``micro_batches`` (default ``num_stages + 1``) is the number of groups in flight.
     ``cuda_graphs`` (default on CUDA) replays decode-only steps from per-stage graphs.
+    ``kv_cache_dtype`` ("auto"/"fp8") is every stage's cache dtype; ``quantization``
+    (None/"fp8") quantizes every stage's linear layers as it loads them.
     ``abort`` of a request whose micro-batch is in flight takes effect when that step
     returns (if the step finished the request, it finishes normally). The other
     arguments mean what they mean for :class:`~models.engine.engine.Engine`.
@@ -343,9 +349,16 @@ class PipelineEngine:
         clamp_max_tokens: bool = False,
         tune_kernels: bool | None = None,
         cuda_graphs: bool | None = None,
+        kv_cache_dtype: str | None = None,
+        quantization: str | None = None,
         startup_timeout: float = 1800.0,
     ) -> None:
-        from models.dtypes import parse_dtype
+        from models.dtypes import (
+            canonical_kv_cache_dtype,
+            canonical_quantization,
+            parse_dtype,
+            parse_kv_cache_dtype,
+        )
         from models.loaders import load_config, load_model
 
         if num_stages < 2:
@@ -367,6 +380,9 @@ class PipelineEngine:
                              f"{torch.cuda.device_count()} visible")
         dtype = parse_dtype(dtype)
         self.dtype = dtype
+        self.kv_cache_dtype = canonical_kv_cache_dtype(kv_cache_dtype)
+        self.kv_dtype = kv_dtype = parse_kv_cache_dtype(self.kv_cache_dtype, dtype)
+        self.quantization = quantization = canonical_quantization(quantization)
         self.device = _device_for(base, 0)
         config = load_config(spec, tokenizer=tokenizer)
         self.config = config
@@ -382,22 +398,24 @@ class PipelineEngine:
         self.clamp_max_tokens = clamp_max_tokens
         self._rng = random.Random(seed)
         try:
-            self._start(spec, base, dtype, tokenizer, seed, kv_memory, block_size,
-                        max_num_seqs, max_batch_tokens, bool(tune_kernels), startup_timeout)
+            self._start(spec, base, dtype, kv_dtype, quantization, tokenizer, seed, kv_memory,
+                        block_size, max_num_seqs, max_batch_tokens, bool(tune_kernels),
+                        startup_timeout)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             t0 = time.time()
             loaded = load_model(spec, device=self.device, dtype=dtype, tokenizer=tokenizer,
-                                layer_range=self.ranges[0], seed=seed)
+                                layer_range=self.ranges[0], seed=seed,
+                                quantization=quantization)
             self.tokenizer = loaded.tokenizer
             stage0 = loaded.model
             if self.device.type == "cuda" and tune_kernels:
-                tune_decode_kernel(config.num_heads, config.head_dim, block_size, dtype,
-                                   self.device)
+                tune_decode_kernel(config.num_heads, config.head_dim, block_size, kv_dtype,
+                                   self.device, query_dtype=dtype)
                 torch.cuda.empty_cache()
             # Rank 0 receives the logits and samples.
             mine = blocks_for_budget(
-                config, layer_range=self.ranges[0], block_size=block_size, dtype=dtype,
+                config, layer_range=self.ranges[0], block_size=block_size, dtype=kv_dtype,
                 device=self.device, kv_memory=kv_memory, max_batch_tokens=max_batch_tokens,
                 max_num_seqs=max_num_seqs, logits=True)
             self.stage_info: list[dict[str, Any]] = [{
@@ -418,7 +436,7 @@ class PipelineEngine:
             for q in self._cmd_qs:
                 q.put(("init", total))
             self._runner = _stage_runner(stage0, total, block_size, max_num_seqs,
-                                         self.cuda_graphs)
+                                         self.cuda_graphs, kv_dtype)
             self.stage_info[0]["kv_bytes"] = self._runner.cache.nbytes
             for r in range(1, n):
                 self.stage_info[r].update(self._expect(r, "init_done", startup_timeout))
@@ -432,7 +450,7 @@ class PipelineEngine:
                 device=self.device, eos_id=self.eos_id,
                 valid_vocab=min(int(vocab), config.vocab_size)
                 if mask_padded_vocab and vocab else None, grammars=self.grammars)
-            salt = prefix_salt(config, dtype)
+            salt = prefix_salt(config, dtype, kv_dtype, quantization)
             self._groups: list[_MicroBatch] = []
             lo, usable = 1, total - 1
             for g in range(groups):
@@ -457,7 +475,8 @@ class PipelineEngine:
 
     # -- start-up ------------------------------------------------------------------------
 
-    def _start(self, spec: str | Path, base: torch.device, dtype: torch.dtype, tokenizer: Any,
+    def _start(self, spec: str | Path, base: torch.device, dtype: torch.dtype,
+               kv_dtype: torch.dtype, quantization: str | None, tokenizer: Any,
                seed: int, kv_memory: float | int | None, block_size: int, max_num_seqs: int,
                max_batch_tokens: int, tune_kernels: bool, timeout: float) -> None:
         graphs = self.cuda_graphs
@@ -469,7 +488,8 @@ class PipelineEngine:
         for r in range(1, n):
             args = _StageArgs(
                 world=n, init_file=init_file, spec=str(spec), layer_range=self.ranges[r],
-                device=str(_device_for(base, r)), dtype=dtype, tokenizer=tokenizer, seed=seed,
+                device=str(_device_for(base, r)), dtype=dtype, kv_dtype=kv_dtype,
+                quantization=quantization, tokenizer=tokenizer, seed=seed,
                 kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
                 max_batch_tokens=max_batch_tokens, tune_kernels=tune_kernels,
                 cuda_graphs=graphs, parent_pid=os.getpid(), num_threads=torch.get_num_threads())
