@@ -621,13 +621,12 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                result: dict[str, Any]) -> NeoX | None:
     """Each --modes entry in turn on freshly built (same) weights: rows under
     ``result["modes"]``; the first mode's also as ``result["workloads"]``. Returns the
-    first mode's model when it has float weights (HF runs on it), else None."""
+    first mode's float weights, rebuilt, when HF is to run next to it; else None."""
     order: list[str] = args.mode_list
     result["mode_order"] = order
     result["modes"] = {}
     ceil: dict[str, float] | None = None
-    kept: NeoX | None = None
-    for i, mode in enumerate(order):
+    for mode in order:
         kv, quant = MODES[mode]
         model = build_model(args.model, device, dtype)
         apply_quantization(model, quant)
@@ -650,17 +649,17 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         result["ceilings"] = ceil
         for name, ratio in result["ratios_over_first"].get(mode, {}).items():
             log(f"mode {mode} ({name}): {ratio:.2f}x the output tok/s of {order[0]}")
-        if i == 0 and quant == "none":
-            kept = model  # HF runs next to the first mode, on its weights
-        else:
-            del model
+        # Every mode gets the whole GPU: nothing of the previous one stays.
+        del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["engine"] = result["modes"][order[0]]["engine"]
-    if kept is None:
+    if MODES[order[0]][1] != "none":
         args.skip_hf = True  # HF runs float weights only: a first mode with FP8 has none
-    return kept
+    if args.skip_hf:
+        return None
+    return build_model(args.model, device, dtype)  # the same weights again, for HF
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:

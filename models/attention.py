@@ -4,7 +4,8 @@ One engine step packs ``N`` tokens: first ``D`` *decode* tokens (one per sequenc
 is generating), then the tokens of any *prefill* chunks (prompts, possibly split over
 several steps, and recomputation after preemption). Per layer the backend
 
-1. writes the step's new keys/values into the paged cache at their slots;
+1. writes the step's new keys/values into the paged cache at their slots (an FP8 cache:
+   quantized per token and head, with their scales);
 2. decode tokens: attends each query to its sequence's whole context through the block
    table — a Triton kernel on CUDA (:func:`paged_decode_triton`), a gather in pure
    torch elsewhere (:func:`paged_decode_torch`, also the reference the kernel is

@@ -405,3 +405,19 @@ def test_cuda_engine_fp8_matches_cpu_emulation(graphs: bool) -> None:
     same = sum(a.samples[0].token_ids[:4] == b.samples[0].token_ids[:4]
                for a, b in zip(outs, cpu, strict=True))
     assert same >= 5
+
+
+def test_up_and_run_pass_the_flags_to_their_workers(tmp_path) -> None:
+    from cli.main import build_parser
+    from cli.up import Stack, stack_options
+
+    for command in (["up"], ["run", "prompts.txt", "-o", "out.jsonl"]):
+        args = build_parser().parse_args([*command, "--device", "cpu", "--kv-cache-dtype",
+                                          "fp8", "--quantization", "fp8"])
+        stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
+        argv = stack.worker_argv
+        assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
+        assert argv[argv.index("--quantization") + 1] == "fp8"
+    plain = build_parser().parse_args(["up", "--device", "cpu"])
+    argv = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(plain)).worker_argv
+    assert "--kv-cache-dtype" not in argv and "--quantization" not in argv
