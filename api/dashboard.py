@@ -1,6 +1,6 @@
 """The web dashboard: ``GET /dashboard`` (a static page, plain JS, no CDN) and the read-only
 JSON it polls — batches with progress, tokens/s over time, workers with their devices and
-health, and one batch's timing distribution.
+health, one batch's timing distribution, and fine-tuning jobs with their loss curves.
 
 The page itself needs no key; its JSON routes are scoped to the caller like every other
 route (without API keys: loopback clients only; with keys, the page asks for one and
@@ -19,10 +19,11 @@ from fastapi.responses import FileResponse, RedirectResponse
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
+from store.jobs import metrics_series
 from store.queries import list_workers
 from store.stats import batch_timings, throughput_series
 from store.status import WorkerStatus
-from store.views import list_batches
+from store.views import list_batches, list_jobs
 
 router = APIRouter(tags=["dashboard"])
 STATIC = Path(__file__).resolve().parent / "static"
@@ -107,3 +108,41 @@ def batch_detail(
     live = service.live_generation(session, settings)
     return {"batch": render.native_batch(batch, **service.status_of(batch, live)).model_dump(),
             "timings": batch_timings(session=session, batch_id=batch.id, bins=bins)}
+
+
+# Points per loss curve: a long job logs a step at a time; the page draws a small plot.
+CURVE_POINTS = 200
+
+
+def _curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(step, train_loss, valid_loss) points, thinned evenly to :data:`CURVE_POINTS`
+    (validation points and the last point always kept)."""
+    rows = [{"step": p.get("step"), "train_loss": p.get("train_loss"),
+             "valid_loss": p.get("valid_loss")} for p in points]
+    if len(rows) <= CURVE_POINTS:
+        return rows
+    every = len(rows) / CURVE_POINTS
+    keep = {int(i * every) for i in range(CURVE_POINTS)} | {len(rows) - 1}
+    return [r for i, r in enumerate(rows) if i in keep or r["valid_loss"] is not None]
+
+
+@router.get("/dashboard/api/jobs")
+def jobs(
+    session: SessionDep, owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=50)] = 10,
+) -> dict[str, Any]:
+    """Your newest fine-tuning jobs, each with its loss curve (train and validation loss
+    by step, from its ``metrics`` events)."""
+    rows, more = list_jobs(session=session, owner=owner, limit=limit)
+    series = metrics_series(session=session, job_ids=[j.id for j in rows])
+    out = []
+    for j in rows:
+        curve = _curve(series[j.id])
+        last = curve[-1] if curve else None
+        valid = [p for p in curve if p["valid_loss"] is not None]
+        out.append({**render.fine_tuning_job(j).model_dump(),
+                    "step": last["step"] if last else None,
+                    "train_loss": last["train_loss"] if last else None,
+                    "valid_loss": valid[-1]["valid_loss"] if valid else None,
+                    "curve": curve})
+    return {"jobs": out, "has_more": more}

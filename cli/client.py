@@ -146,7 +146,9 @@ def check(resp: Any) -> Any:
     raise ClientError("\n".join(lines))
 
 
-def _run(args: argparse.Namespace, fn: Any) -> int:
+def run_command(args: argparse.Namespace, fn: Any) -> int:
+    """Run ``fn(client, args)`` with a client for ``args`` (``--url``, ``--api-key``),
+    printing API and connection errors instead of raising; the exit code."""
     import httpx
 
     try:
@@ -369,7 +371,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(finish_line(batch, n, args.output), file=sys.stderr)
         return 0 if batch["status"] == BatchStatus.COMPLETED else 1
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def follow(client: Any, batch: dict[str, Any], poll: float) -> dict[str, Any]:
@@ -403,18 +405,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(b, indent=2) if args.json else _summary(b))
         return 0
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
     """Write a batch's results (JSONL, input order; partial while it runs)."""
-    return _run(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/results",
+    return run_command(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/results",
                                                     a.output), 0)[1])
 
 
 def _cmd_errors(args: argparse.Namespace) -> int:
     """Write a batch's failed items (JSONL: line, field, reason)."""
-    return _run(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/errors",
+    return run_command(args, lambda client, a: (download(client, f"/batches/{a.batch_id}/errors",
                                                     a.output), 0)[1])
 
 
@@ -426,7 +428,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
         print(f"{b['id']}  {b['status']}")
         return 0
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def _cmd_batches(args: argparse.Namespace) -> int:
@@ -450,7 +452,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
             print(f"(more: --after {page['last_id']})")
         return 0
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -466,7 +468,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
                   f"{m.get('checkpoint') or '-'}")
         return 0
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
@@ -484,7 +486,7 @@ def _cmd_workers(args: argparse.Namespace) -> int:
                   f"({', '.join(map(str, w['devices']))})")
         return 0
 
-    return _run(args, go)
+    return run_command(args, go)
 
 
 def _overall_rate(batch: dict[str, Any]) -> str:

@@ -23,8 +23,10 @@ COMMAND_MODULES = (
     "cli.serve",  # worker, db
     "cli.serve_api",  # api, keys
     "cli.client",  # submit, status, results, errors, cancel, batches, workers, models
+    "cli.jobs",  # jobs create|list|status|events|cancel
     "cli.evaluate",  # evaluate
     "cli.finetune",  # finetune
+    "cli.trainer",  # trainer
     "cli.up",  # up, run
 )
 

@@ -255,3 +255,11 @@ def fail_job(*, session: Session, job_id: str, error: dict[str, Any]) -> bool:
                 trainer_id=None, heartbeat_at=None)
         .execution_options(synchronize_session=False))
     return res.rowcount == 1
+
+
+def set_hyperparameters(*, session: Session, job_id: str,
+                        hyperparameters: dict[str, Any]) -> None:
+    """Record the hyperparameters a trainer resolved (``"auto"`` replaced by values)."""
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
+                    .values(hyperparameters=hyperparameters)
+                    .execution_options(synchronize_session=False))

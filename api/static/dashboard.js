@@ -171,6 +171,54 @@ function renderWorkers(workers) {
   $("#no-workers").hidden = workers.length > 0;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+function svgEl(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+// A job's losses by step as inline SVG: training loss a line, validation loss dots.
+function lossCurve(curve) {
+  const W = 240, H = 48, P = 3;
+  const svg = svgEl("svg", { class: "loss", viewBox: `0 0 ${W} ${H}`, role: "img" });
+  const pts = curve.filter((p) => p.train_loss !== null || p.valid_loss !== null);
+  if (!pts.length) return svg;
+  const losses = pts.flatMap((p) => [p.train_loss, p.valid_loss]).filter((v) => v !== null);
+  const lo = Math.min(...losses), hi = Math.max(...losses);
+  const s0 = pts[0].step, s1 = pts[pts.length - 1].step;
+  const x = (s) => P + (s1 > s0 ? ((s - s0) / (s1 - s0)) * (W - 2 * P) : (W - 2 * P) / 2);
+  const y = (v) => P + (hi > lo ? ((hi - v) / (hi - lo)) * (H - 2 * P) : (H - 2 * P) / 2);
+  const train = pts.filter((p) => p.train_loss !== null);
+  if (train.length) {
+    const d = train.map((p, i) => `${i ? "L" : "M"}${x(p.step).toFixed(1)},${y(p.train_loss).toFixed(1)}`);
+    svg.append(svgEl("path", { class: "train", d: d.join(" ") }));
+  }
+  for (const p of pts.filter((q) => q.valid_loss !== null)) {
+    svg.append(svgEl("circle", { class: "valid", cx: x(p.step).toFixed(1),
+                                 cy: y(p.valid_loss).toFixed(1), r: 2.2 }));
+  }
+  svg.append(svgEl("title", {}));
+  svg.lastChild.textContent = `loss ${hi.toFixed(3)} → ${lo.toFixed(3)} over steps ${s0}–${s1}`;
+  return svg;
+}
+
+function fmtLoss(v) { return v === null || v === undefined ? "–" : v.toFixed(4); }
+
+function renderJobs(jobs) {
+  $("#jobs tbody").replaceChildren(...jobs.map((j) => el("tr", { class: "job", "data-id": j.id },
+    el("td", {}, el("code", {}, j.id)),
+    el("td", {}, el("span", { class: "pill " + j.status }, j.status),
+      j.error ? el("div", { class: "waiting", title: j.error.message }, j.error.message) : ""),
+    el("td", {}, j.model, j.fine_tuned_model ? el("div", { class: "result" }, "→ " + j.fine_tuned_model) : ""),
+    el("td", {}, j.step === null ? "–" : fmtInt(j.step)),
+    el("td", {}, fmtLoss(j.train_loss)),
+    el("td", {}, fmtLoss(j.valid_loss)),
+    el("td", {}, lossCurve(j.curve)),
+    el("td", {}, fmtTime(j.created_at)))));
+  $("#no-jobs").hidden = jobs.length > 0;
+}
+
 const CHARTS = [
   ["queue_wait_s", "Queue wait", fmtSecs],
   ["first_token_s", "Time to first token", fmtSecs],
@@ -222,6 +270,7 @@ async function tick() {
     $("#auth").hidden = true;
     renderBatches(o.batches);
     renderWorkers(o.workers);
+    renderJobs((await getJSON("/dashboard/api/jobs")).jobs);
     // From the first busy bucket on (at least a minute), so a fresh run's plot is not
     // a flat line with a spike at the right edge.
     const first = o.series.findIndex((p) => p.tokens_per_s > 0);

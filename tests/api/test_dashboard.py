@@ -195,6 +195,25 @@ def test_dashboard_in_chromium_while_a_batch_runs(browser: object, live: Live,
     assert shot_taken, seen
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     assert not [m for m in console if m.startswith(("error", "pageerror"))], console
+    # a fine-tuning job's loss curve is drawn as inline SVG: a line and validation dots
+    from store.db import make_engine, session_scope
+    from store.jobs import add_event, create_job
+
+    db = make_engine(live.env["NEOXQ_DATABASE_URL"])
+    with session_scope(db) as s:
+        job = create_job(session=s, owner="local", model="m", training_file="file-x",
+                         validation_file=None, suffix=None, seed=0, hyperparameters={},
+                         options={"method": "lora"})
+        for step in range(1, 31):
+            add_event(session=s, job_id=job.id, type="metrics", message=f"step {step}",
+                      step=step, data={"step": step, "train_loss": 3.0 - step / 20,
+                                       "valid_loss": 2.5 if step % 10 == 0 else None})
+    db.dispose()
+    curve = page.locator(f'#jobs tr[data-id="{job.id}"] svg.loss')
+    curve.locator("path.train").wait_for(timeout=10_000)
+    assert curve.locator("path.train").get_attribute("d").count("L") == 29
+    assert curve.locator("circle.valid").count() == 3
+    assert "1.5000" in page.locator(f'#jobs tr[data-id="{job.id}"]').inner_text()
     out = os.environ.get("NEOXQ_DASHBOARD_SCREENSHOT")
     if out:  # how docs/dashboard.png is refreshed
         shutil.copy(tmp_path / "dashboard.png", out)

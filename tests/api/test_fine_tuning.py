@@ -240,3 +240,22 @@ def test_race_for_a_queued_job_has_one_winner(api: Api) -> None:
     body = api.client.get(f"/v1/fine_tuning/jobs/{jid}").json()
     assert body["status"] == "running"
     assert json.dumps(body)  # renders while running
+
+
+def test_dashboard_lists_jobs_with_their_loss_curves(api: Api) -> None:
+    job = make_job(api)
+    with session_scope(api.db) as s:
+        for step in range(1, 501):
+            add_event(session=s, job_id=job["id"], type="metrics", message=f"step {step}",
+                      step=step, data={"step": step, "train_loss": 5.0 - step / 200,
+                                       "valid_loss": 4.0 if step % 100 == 0 else None})
+    other = make_job(api)
+    body = api.client.get("/dashboard/api/jobs").json()
+    assert [j["id"] for j in body["jobs"]] == [other["id"], job["id"]]
+    j = body["jobs"][1]
+    assert (j["step"], j["train_loss"], j["valid_loss"]) == (500, 2.5, 4.0)
+    curve = j["curve"]
+    # thinned to about 200 points, keeping the last and every validation point
+    assert 200 <= len(curve) <= 206 and curve[-1]["step"] == 500
+    assert [p["step"] for p in curve if p["valid_loss"] is not None] == [100, 200, 300, 400, 500]
+    assert body["jobs"][0]["curve"] == [] and body["jobs"][0]["step"] is None
