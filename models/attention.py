@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.engine.kv_cache import KVCache
-from models.fp8 import dequantize_rows, quantize_rows
+from models.fp8 import dequantize_rows, quantize_scatter
 
 
 @dataclass
@@ -174,10 +174,7 @@ def write_fp8(cache: Tensor, scales: Tensor, blocks: Tensor, offsets: Tensor,
     """Quantize ``x`` (N, nh, hd) per token and head into an FP8 cache's slots
     ``(blocks[i], offsets[i])``: e4m3 values into ``cache`` (blocks, nh, block_size, hd),
     their float32 scales into ``scales`` (blocks, nh, block_size)."""
-    xq, scale = quantize_rows(x)  # (N, nh, hd) e4m3, (N, nh, 1)
-    # Through a byte view: indexed writes of float8 tensors are not on every device.
-    cache.view(torch.uint8)[blocks, :, offsets] = xq.view(torch.uint8)
-    scales[blocks, :, offsets] = scale[..., 0]
+    quantize_scatter(x, cache, scales, blocks, offsets)
 
 
 def read_fp8(cache: Tensor, scales: Tensor, blocks: Tensor, offsets: Tensor,

@@ -19,6 +19,8 @@ average, and errors of a dot product's terms mostly cancel).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -31,12 +33,179 @@ MIN_AMAX = 1e-12
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (..., K) -> (e4m3 values (..., K), float32 scales (..., 1)) with one scale per
-    row over the last dim: ``x ≈ q.float() * scale``."""
+    row over the last dim: ``x ≈ q.float() * scale``.
+
+    On CUDA one fused Triton kernel (:func:`quantize_rows_triton`) does it where it
+    passed its self-check; the torch ops below (six kernels) elsewhere."""
+    if x.is_cuda and x.dim() >= 2 and x.stride(-1) == 1 and x.numel() and triton_ok(x.device):
+        q, scale = quantize_rows_triton(x.reshape(-1, x.shape[-1]))
+        return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+    return quantize_rows_torch(x)
+
+
+def quantize_rows_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows` in torch ops (any device; the reference)."""
     # The max of bf16 values is exact in bf16; only the division needs float32.
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX)
     scale = amax / FP8_MAX
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
+
+
+def quantize_scatter(x: Tensor, cache: Tensor, scales: Tensor, blocks: Tensor,
+                     offsets: Tensor) -> None:
+    """Quantize ``x`` (N, nh, hd) per token and head into an FP8 paged cache: e4m3 values
+    at ``cache[blocks[i], :, offsets[i]]`` (cache: (blocks, nh, block_size, hd)), scales
+    at ``scales[blocks[i], :, offsets[i]]`` (scales: (blocks, nh, block_size) float32).
+    One Triton kernel on CUDA (after its self-check), torch ops elsewhere."""
+    if (x.is_cuda and x.numel() and x.stride(-1) == 1 and cache.stride(-1) == 1
+            and triton_ok(x.device)):
+        quantize_scatter_triton(x, cache, scales, blocks, offsets)
+        return
+    xq, scale = quantize_rows_torch(x)  # (N, nh, hd) e4m3, (N, nh, 1)
+    # Through a byte view: indexed writes of float8 tensors are not on every device.
+    cache.view(torch.uint8)[blocks, :, offsets] = xq.view(torch.uint8)
+    scales[blocks, :, offsets] = scale[..., 0]
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels (CUDA; CPU under TRITON_INTERPRET=1). One launch each instead of the
+# half-dozen elementwise kernels above: with 44 layers x (4 linears + K + V) per step,
+# those would be over a thousand tiny kernels in every decode step.
+# --------------------------------------------------------------------------------------
+
+_KERNELS = None
+_CHECKED: dict[str, bool] = {}
+
+
+def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+                             BLOCK: tl.constexpr, MIN_A: tl.constexpr, QMAX: tl.constexpr):
+        # One program per row: its max |x| in one pass, then x / scale in a second (the
+        # row is in L2 by then).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        x_row = x_ptr + row * stride_x
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, K, BLOCK):
+            m = start + offs < K
+            x = tl.load(x_row + start + offs, mask=m, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0), MIN_A) / QMAX
+        tl.store(s_ptr + row, scale)
+        q_row = q_ptr + row * stride_q
+        for start in range(0, K, BLOCK):
+            m = start + offs < K
+            x = tl.load(x_row + start + offs, mask=m, other=0.0).to(tl.float32)
+            y = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+            tl.store(q_row + start + offs, y.to(q_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def quantize_scatter_kernel(x_ptr, c_ptr, s_ptr, blocks_ptr, offsets_ptr,
+                                stride_xn, stride_xh, stride_cb, stride_ch, stride_ct,
+                                stride_sb, stride_sh, stride_st,
+                                HEAD_DIM: tl.constexpr, HD_P2: tl.constexpr,
+                                MIN_A: tl.constexpr, QMAX: tl.constexpr):
+        # One program per (token, head): quantize its head_dim values and store them
+        # (and the scale) at the token's cache slot.
+        n = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        d = tl.arange(0, HD_P2)
+        m = d < HEAD_DIM
+        x = tl.load(x_ptr + n * stride_xn + h * stride_xh + d, mask=m, other=0.0)
+        x = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_A) / QMAX
+        blk = tl.load(blocks_ptr + n).to(tl.int64)
+        off = tl.load(offsets_ptr + n).to(tl.int64)
+        y = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        tl.store(c_ptr + blk * stride_cb + h * stride_ch + off * stride_ct + d,
+                 y.to(c_ptr.dtype.element_ty), mask=m)
+        tl.store(s_ptr + blk * stride_sb + h * stride_sh + off * stride_st, scale)
+
+    return quantize_rows_kernel, quantize_scatter_kernel
+
+
+def _kernels():  # noqa: ANN202
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build_kernels()
+    return _KERNELS
+
+
+def quantize_rows_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows` of a 2-D ``x`` (M, K) with a contiguous last dim, in one
+    Triton kernel: (e4m3 (M, K), float32 scales (M, 1))."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(2048, max(16, 1 << (k - 1).bit_length()))
+        _kernels()[0][(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block,
+                            MIN_A=MIN_AMAX, QMAX=FP8_MAX, num_warps=4 if block <= 1024 else 8)
+    return q, scale
+
+
+def quantize_scatter_triton(x: Tensor, cache: Tensor, scales: Tensor, blocks: Tensor,
+                            offsets: Tensor) -> None:
+    """:func:`quantize_scatter` in one Triton kernel (last dims contiguous)."""
+    n, nh, hd = x.shape
+    if n == 0:
+        return
+    _kernels()[1][(n, nh)](
+        x, cache, scales, blocks, offsets, x.stride(0), x.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        scales.stride(0), scales.stride(1), scales.stride(2),
+        HEAD_DIM=hd, HD_P2=max(16, 1 << (hd - 1).bit_length()), MIN_A=MIN_AMAX,
+        QMAX=FP8_MAX, num_warps=1 if hd <= 128 else 4)
+
+
+def triton_ok(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` and agree with the torch ops: checked
+    once per device (a few small launches and one sync) and remembered. Never checked
+    while a CUDA graph is being captured (the torch ops run there instead)."""
+    key = str(device)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        _CHECKED[key] = _self_check(device)
+    except Exception as exc:  # noqa: BLE001 - no triton, no compiler, unsupported GPU
+        warnings.warn(f"FP8 Triton kernels unavailable on {device} ({exc!r}); using torch "
+                      "ops", stacklevel=2)
+        _CHECKED[key] = False
+    return _CHECKED[key]
+
+
+def _self_check(device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(37, 300, generator=g, device=device) * torch.logspace(
+        -3, 2, 37, device=device)[:, None]
+    x = x.to(torch.bfloat16)
+    q, s = quantize_rows_triton(x)
+    q_ref, s_ref = quantize_rows_torch(x)
+    # Codes may differ by one e4m3 step (< 1/8 relative; 2^-9 among subnormals) where
+    # a division lands on a rounding tie; anything more is a broken conversion.
+    ok = torch.allclose(s, s_ref, rtol=1e-6, atol=0) and torch.allclose(
+        q.float(), q_ref.float(), rtol=0.13, atol=2.0**-9)
+    kv = torch.randn(5, 3, 96, generator=g, device=device).to(torch.bfloat16)
+    cache = torch.zeros(4, 3, 8, 96, dtype=FP8, device=device)
+    scales = torch.ones(4, 3, 8, device=device)
+    blocks = torch.tensor([1, 1, 3, 2, 3], device=device)
+    offsets = torch.tensor([0, 5, 7, 2, 0], device=device)
+    quantize_scatter_triton(kv, cache, scales, blocks, offsets)
+    kq, ks = quantize_rows_torch(kv)
+    got_q = cache.view(torch.uint8)[blocks, :, offsets].view(FP8).float()
+    ok = ok and torch.allclose(scales[blocks, :, offsets], ks[..., 0], rtol=1e-6, atol=0)
+    ok = ok and torch.allclose(got_q, kq.float(), rtol=0.13, atol=2.0**-9)
+    if not ok:
+        warnings.warn(f"FP8 Triton kernels disagree with torch on {device}; using torch ops",
+                      stacklevel=3)
+    return bool(ok)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

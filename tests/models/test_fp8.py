@@ -421,3 +421,59 @@ def test_up_and_run_pass_the_flags_to_their_workers(tmp_path) -> None:
     plain = build_parser().parse_args(["up", "--device", "cpu"])
     argv = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(plain)).worker_argv
     assert "--kv-cache-dtype" not in argv and "--quantization" not in argv
+
+
+def test_triton_kernels_under_the_interpreter() -> None:
+    """The fused quantize kernels (one launch per linear layer's activations and per K/V
+    write, on CUDA) against the torch ops, run by Triton's CPU interpreter."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.models.fp8_interp"],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == 5
+    for name, r in results.items():
+        assert r["scale_rel"] == 0 and r["odd_codes"] == 0, (name, r)
+        assert r.get("finite", 1) == 1 and r.get("others_untouched", 1) == 1, (name, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_quantize_kernels_on_gpu() -> None:
+    from models.fp8 import (
+        quantize_rows_torch,
+        quantize_rows_triton,
+        quantize_scatter_triton,
+        triton_ok,
+    )
+
+    dev = torch.device("cuda")
+    assert triton_ok(dev)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(300, 24576, generator=g, device="cuda")
+         * torch.logspace(-3, 3, 300, device="cuda")[:, None]).to(torch.bfloat16)
+    q, s = quantize_rows_triton(x)
+    q_ref, s_ref = quantize_rows_torch(x)
+    assert torch.equal(s, s_ref)
+    same = (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+    assert same > 0.999  # hardware round-to-nearest-even, as torch
+    kv = torch.randn(250, 64, 96, generator=g, device="cuda").to(torch.bfloat16)
+    cache = torch.zeros(40, 64, 16, 96, dtype=FP8, device="cuda")
+    scales = torch.ones(40, 64, 16, device="cuda")
+    slots = torch.randperm(40 * 16, generator=g, device="cuda")[:250]
+    quantize_scatter_triton(kv, cache, scales, slots // 16, slots % 16)
+    kq, ks = quantize_rows_torch(kv)
+    assert torch.equal(scales[slots // 16, :, slots % 16], ks[..., 0])
+    got = cache.view(torch.uint8)[slots // 16, :, slots % 16]
+    assert (got == kq.view(torch.uint8)).float().mean().item() > 0.999
