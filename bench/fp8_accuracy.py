@@ -12,7 +12,8 @@ tinyshakespeare text (the last 10%, GPT-NeoX-20B tokenizer):
 
 Per mode: mean and max absolute logit difference, top-1 agreement of the logits' argmax
 and perplexity of the held-out tokens, all from teacher-forced logits of the engine's
-score path — prompts prefilled in chunks of ``--chunk`` tokens, so later chunks read
+score path (``Engine.score``; the head's output caught by a hook) — each sequence
+prefilled in chunks of ``--chunk`` tokens, so later chunks read
 keys and values back from the (FP8) cache and every linear layer runs as the mode says
 (``torch._scaled_mm`` on FP8 GPUs). Plus greedy agreement: the share of tokens a greedy
 generation reproduces before its first departure from the unquantized one (decode
@@ -126,33 +127,26 @@ def train_small(model: NeoX, ids: list[int], *, steps: int, batch: int, seq: int
 # --------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def engine_logits(engine: Engine, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Teacher-forced logits (len - 1, V) of each sequence from the engine's score path
-    (the same steps ``Engine.score`` runs, keeping the score rows' logits)."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    ids = []
-    for i, s in enumerate(seqs):
-        rid = f"acc{i}"
-        engine.scheduler.add_score(rid, s[:-1], 1, s[1:])
-        rows[rid] = []
-        ids.append(rid)
-    left = set(ids)
-    while left:
-        plan = engine.scheduler.schedule()
-        if plan.is_empty:
-            raise RuntimeError("the engine scheduled nothing with score requests waiting")
-        inputs = engine.runner.prepare(plan)
-        logits, srows = engine.runner.execute(inputs)
-        if plan.scores:
-            picked = logits[srows.score_rows].float()  # (S, V)
-            for req, row in zip(plan.scores, picked, strict=True):
-                rows[req.request_id].append(row)
-        engine.scheduler.update(plan, engine.sampler(logits, plan, srows))
-        for rid in list(left):
-            if engine.scheduler.take_score(rid) is not None:
-                left.discard(rid)
-    return [torch.stack(rows[rid]) for rid in ids]
+    """Teacher-forced logits (len - 1, V) of each sequence from ``Engine.score``: the
+    output head's rows of each step, caught by a forward hook. One sequence per call,
+    so every row the head computes is that sequence's next position."""
+    head = engine.model.embed_out
+    rows: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _i, out: rows.append(out.float()))
+    try:
+        out = []
+        for s in seqs:
+            rows.clear()
+            engine.score([([s[0]], s[1:])])
+            got = torch.cat(rows)
+            if got.shape[0] != len(s) - 1:
+                raise RuntimeError(f"score path gave {got.shape[0]} logit rows for "
+                                   f"{len(s) - 1} positions")
+            out.append(got)
+    finally:
+        hook.remove()
+    return out
 
 
 def greedy(engine: Engine, prompts: list[list[int]], tokens: int) -> list[list[int]]:

@@ -235,12 +235,13 @@ def fp8_matmul_emulated(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor
 
 
 def fp8_matmul_scaled_mm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
-                         out_dtype: torch.dtype) -> Tensor:
-    """The same product on FP8 tensor cores (CUDA, see :func:`scaled_mm_supported`)."""
+                         out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+    """The same product on FP8 tensor cores (CUDA, see :func:`scaled_mm_supported`),
+    plus ``bias`` (bf16) added by the GEMM's epilogue when given."""
     # Rowwise scaling takes bf16 output only; wq.t() is the column-major (K, N) operand
     # the FP8 GEMM wants, with no copy.
     out = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                           out_dtype=torch.bfloat16)
+                           bias=bias, out_dtype=torch.bfloat16)
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
@@ -264,6 +265,10 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.use_scaled_mm = scaled_mm_supported(weight.device, self.in_features,
                                                  self.out_features)
+        # Whether the GEMM adds the bias itself (saves a pass over the output): found
+        # out on the first eager call (None until then; never probed inside a capture).
+        self.fused_bias: bool | None = None if self.bias is not None and (
+            self.bias.dtype == torch.bfloat16) else False
 
     @classmethod
     @torch.no_grad()
@@ -276,11 +281,27 @@ class Fp8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))  # (M, K), (M, 1)
-        matmul = fp8_matmul_scaled_mm if self.use_scaled_mm else fp8_matmul_emulated
-        out = matmul(xq, x_scale, self.weight, self.weight_scale, x.dtype)  # (M, N)
-        if self.bias is not None:
-            out = out + self.bias
+        if self.use_scaled_mm:
+            out = self._scaled_mm(xq, x_scale, x.dtype)  # (M, N)
+        else:
+            out = fp8_matmul_emulated(xq, x_scale, self.weight, self.weight_scale, x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
         return out.view(*lead, self.out_features)
+
+    def _scaled_mm(self, xq: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
+        w, ws = self.weight, self.weight_scale
+        if self.fused_bias:
+            return fp8_matmul_scaled_mm(xq, x_scale, w, ws, dtype, bias=self.bias)
+        if self.fused_bias is None and not torch.cuda.is_current_stream_capturing():
+            try:
+                out = fp8_matmul_scaled_mm(xq, x_scale, w, ws, dtype, bias=self.bias)
+                self.fused_bias = True
+                return out
+            except RuntimeError:  # a torch whose FP8 GEMM takes no bias here
+                self.fused_bias = False
+        out = fp8_matmul_scaled_mm(xq, x_scale, w, ws, dtype)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -351,11 +351,18 @@ def test_scaled_mm_matches_emulation() -> None:
         emu = fp8_matmul_emulated(xq, xs, wq, ws[:, 0], torch.float32)
         assert ((fast - emu).norm() / emu.norm()).item() < 1e-2, m
     lin = torch.nn.Linear(6144, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # a bias as large as the product, so a lost one shows
+        lin.bias.copy_(torch.randn(1024, generator=g, device="cuda"))
     q = Fp8Linear.from_linear(lin)
     assert q.use_scaled_mm
     x = torch.randn(33, 6144, generator=g, device="cuda", dtype=torch.bfloat16)
     ref = lin(x).float()
     assert ((q(x).float() - ref).norm() / ref.norm()).item() < 0.05
+    assert q.fused_bias is not None  # the first call found out whether the GEMM adds it
+    fused = q.fused_bias
+    q.fused_bias = False  # the separate bias add gives the same
+    assert ((q(x).float() - ref).norm() / ref.norm()).item() < 0.05
+    q.fused_bias = fused
     # Inside a CUDA graph, as decode steps run.
     static = x.clone()
     q(static)
