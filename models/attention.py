@@ -263,8 +263,8 @@ def paged_decode_torch(
 #   running max, sum and output row, merged once at the end. The loop then has no
 #   reduction across the tile's tokens (those cross warps, through shared memory and a
 #   barrier per iteration); only the q.k dot reduces, along the head dim, inside a warp.
-#   The other form (reductions every iteration, the first kernel's loop) stays a
-#   candidate: the tuner times both.
+#   Its accumulators cost registers, though; one-warp programs get the same (every
+#   reduction inside the warp) with tile-wide state. The tuner times both forms.
 # * Config per shape class: the tuner times every candidate at a few batch sizes with
 #   short and long contexts and keeps the best per class (see tune_decode_kernel).
 
@@ -277,7 +277,8 @@ class DecodeConfig(NamedTuple):
     num_stages: int  # software-pipelining depth of the loop
     heads_per_program: int  # adjacent heads sharing one program's address math
     lanes: bool  # per-lane softmax state (else tile-wide reductions every iteration)
-    prefetch: bool = False  # per-lane only: loads one tile ahead of the math
+    prefetch: bool = False  # loads one tile ahead of the math
+    split_hd: bool = False  # head dim as two power-of-two parts (96 = 64 + 32), not padded
 
 
 class DecodeChoice(NamedTuple):
@@ -313,10 +314,10 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         # block-table loads and address math are shared by the heads. The head group is
         # the fastest-varying grid index, so programs start sequence by sequence.
         #
-        # The head dim is covered by two power-of-two parts, HD_A + HD_B (96 = 64 + 32),
-        # or (always in the per-lane form, whose loop must not move values between two
-        # register layouts) by one padded, masked part: masked lanes issue no memory
-        # requests, so the padding costs issue slots, not bandwidth.
+        # The head dim is covered by one padded, masked power of two (masked lanes issue
+        # no memory requests: the padding costs issue slots, not bandwidth) or by two
+        # power-of-two parts HD_A + HD_B (96 = 64 + 32), which costs a register-layout
+        # conversion (through shared memory) per tile.
         heads = tl.program_id(0) * HPP + tl.arange(0, HPP)
         seq = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -327,7 +328,10 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         end = tl.minimum(ctx, start + part)
         da = tl.arange(0, HD_A)
         amask = da < HEAD_DIM
+        a_cols = da[None, None, :]
+        a_mask = amask[None, None, :]
         db = HD_A + tl.arange(0, HD_B_ALLOC)
+        b_cols = db[None, None, :]
         q_rows = q_ptr + seq * stride_qn + heads[:, None] * stride_qh  # (HPP, 1)
         # Fold 1/sqrt(hd) and log2(e) into q so the loop uses exp2.
         qa = tl.load(q_rows + da[None, :], mask=amask[None, :], other=0.0)
@@ -341,122 +345,127 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         head_off = heads.to(tl.int64) * stride_kh  # (HPP,)
         scale_head = heads.to(tl.int64) * stride_sh  # (HPP,)
         if LANES:
-            # Lanes that never see a valid token keep a finite max so that
-            # exp2(max - new max) never computes -inf - -inf.
+            # Per-lane state. Lanes that never see a valid token keep a finite max so
+            # that exp2(max - new max) never computes -inf - -inf.
             m_l = tl.full([TILE, HPP], -1e30, tl.float32)
             l_l = tl.zeros([TILE, HPP], tl.float32)
             acc3 = tl.zeros([TILE, HPP, HD_A], tl.float32)
+            acc3b = tl.zeros([TILE, HPP, HD_B_ALLOC], tl.float32)
+        else:
+            m_i = tl.full([HPP], -float("inf"), tl.float32)  # running max (log2 domain)
+            l_i = tl.zeros([HPP], tl.float32)  # softmax denominator
+            acc_a = tl.zeros([HPP, HD_A], tl.float32)
+        if PREFETCH:
+            # Loads run one tile ahead of the math (block ids two): each iteration
+            # issues tile i+1's K/V from ids already in registers, then computes tile i,
+            # so a warp always has a tile's loads in flight.
+            pos = start + t
+            valid = pos < end
+            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            off = (pos % BLOCK_SIZE).to(tl.int64)
+            base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                + head_off[None, :, None]  # (TILE, HPP, 1)
+            vmask = valid[:, None, None]
+            ka = tl.load(k_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+            va = tl.load(v_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+            if HD_B > 0:
+                kb = tl.load(k_ptr + base + b_cols, mask=vmask, other=0.0)
+                vb = tl.load(v_ptr + base + b_cols, mask=vmask, other=0.0)
+            ksc = 1.0
+            vsc = 1.0
+            if HAS_SCALE:
+                srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                ksc = tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
+                vsc = tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+            blk = tl.load(bt_row + (pos + TILE) // BLOCK_SIZE, mask=pos + TILE < end,
+                          other=0).to(tl.int64)
+        # num_stages > 1 lets the compiler software-pipeline the loop.
+        for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
             if PREFETCH:
-                # Loads run one tile ahead of the math (and block ids two): each
-                # iteration issues tile i+1's K/V from ids already in registers, then
-                # computes tile i, so a warp always has a tile's loads in flight.
-                pos = start + t
+                c_valid = valid
+                c_ka = ka
+                c_va = va
+                c_ks = ksc
+                c_vs = vsc
+                if HD_B > 0:
+                    c_kb = kb
+                    c_vb = vb
+                pos = s0 + TILE + t
                 valid = pos < end
-                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
                 off = (pos % BLOCK_SIZE).to(tl.int64)
                 base = (blk * stride_kb + off * stride_kt)[:, None, None] \
-                    + head_off[None, :, None]  # (TILE, HPP, 1)
-                a_mask = valid[:, None, None] & amask[None, None, :]
-                ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                ksc = 1.0
-                vsc = 1.0
+                    + head_off[None, :, None]
+                vmask = valid[:, None, None]
+                ka = tl.load(k_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+                va = tl.load(v_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+                if HD_B > 0:
+                    kb = tl.load(k_ptr + base + b_cols, mask=vmask, other=0.0)
+                    vb = tl.load(v_ptr + base + b_cols, mask=vmask, other=0.0)
                 if HAS_SCALE:
                     srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
                     ksc = tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
                     vsc = tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
                 blk = tl.load(bt_row + (pos + TILE) // BLOCK_SIZE, mask=pos + TILE < end,
                               other=0).to(tl.int64)
-            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
-                if PREFETCH:
-                    c_valid, c_k, c_v, c_ks, c_vs = valid, ka, va, ksc, vsc
-                    pos = s0 + TILE + t
-                    valid = pos < end
-                    off = (pos % BLOCK_SIZE).to(tl.int64)
-                    base = (blk * stride_kb + off * stride_kt)[:, None, None] \
-                        + head_off[None, :, None]
-                    a_mask = valid[:, None, None] & amask[None, None, :]
-                    ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                    va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                    if HAS_SCALE:
-                        srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
-                        ksc = tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
-                        vsc = tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
-                    blk = tl.load(bt_row + (pos + TILE) // BLOCK_SIZE, mask=pos + TILE < end,
-                                  other=0).to(tl.int64)
-                else:
-                    pos = s0 + t
-                    c_valid = pos < end
-                    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=c_valid, other=0)
-                    blk = blk.to(tl.int64)
-                    off = (pos % BLOCK_SIZE).to(tl.int64)
-                    base = (blk * stride_kb + off * stride_kt)[:, None, None] \
-                        + head_off[None, :, None]  # (TILE, HPP, 1)
-                    a_mask = c_valid[:, None, None] & amask[None, None, :]
-                    # K and V are both issued before any math: V does not depend on the
-                    # scores.
-                    c_k = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                    c_v = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                    c_ks = 1.0
-                    c_vs = 1.0
-                    if HAS_SCALE:
-                        srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
-                        c_ks = tl.load(ks_ptr + srow, mask=c_valid[:, None], other=0.0)
-                        c_vs = tl.load(vs_ptr + srow, mask=c_valid[:, None], other=0.0)
-                s = tl.sum(c_k.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+            else:
+                pos = s0 + t
+                c_valid = pos < end
+                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=c_valid, other=0)
+                blk = blk.to(tl.int64)
+                off = (pos % BLOCK_SIZE).to(tl.int64)
+                base = (blk * stride_kb + off * stride_kt)[:, None, None] \
+                    + head_off[None, :, None]  # (TILE, HPP, 1)
+                vmask = c_valid[:, None, None]
+                # K and V are both issued before any math: V does not depend on the
+                # scores.
+                c_ka = tl.load(k_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+                c_va = tl.load(v_ptr + base + a_cols, mask=vmask & a_mask, other=0.0)
+                if HD_B > 0:
+                    c_kb = tl.load(k_ptr + base + b_cols, mask=vmask, other=0.0)
+                    c_vb = tl.load(v_ptr + base + b_cols, mask=vmask, other=0.0)
+                c_ks = 1.0
+                c_vs = 1.0
                 if HAS_SCALE:
-                    s = s * c_ks
-                s = tl.where(c_valid[:, None], s, float("-inf"))
+                    srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
+                    c_ks = tl.load(ks_ptr + srow, mask=c_valid[:, None], other=0.0)
+                    c_vs = tl.load(vs_ptr + srow, mask=c_valid[:, None], other=0.0)
+            s = tl.sum(c_ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+            if HD_B > 0:
+                s += tl.sum(c_kb.to(tl.float32) * qb[None, :, :], axis=2)
+            if HAS_SCALE:
+                s = s * c_ks
+            s = tl.where(c_valid[:, None], s, float("-inf"))
+            if LANES:
                 m_new = tl.maximum(m_l, s)
                 alpha = tl.exp2(m_l - m_new)
                 p = tl.exp2(s - m_new)  # (TILE, HPP)
                 l_l = l_l * alpha + p
                 if HAS_SCALE:
                     p = p * c_vs
-                acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * c_v.to(tl.float32)
-                m_l = m_new
-            m_i = tl.max(m_l, axis=0)  # (HPP,)
-            w = tl.exp2(m_l - m_i[None, :])  # (TILE, HPP)
-            l_i = tl.sum(l_l * w, axis=0)
-            acc_a = tl.sum(acc3 * w[:, :, None], axis=0)  # (HPP, HD_A)
-        else:
-            m_i = tl.full([HPP], -float("inf"), tl.float32)  # running max (log2 domain)
-            l_i = tl.zeros([HPP], tl.float32)  # softmax denominator
-            acc_a = tl.zeros([HPP, HD_A], tl.float32)
-            # num_stages > 1 lets the compiler issue the next tiles' loads while this
-            # one's math runs (each iteration is otherwise a chain of dependent loads).
-            for s0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
-                pos = s0 + t
-                valid = pos < end
-                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-                off = (pos % BLOCK_SIZE).to(tl.int64)
-                base = (blk * stride_kb + off * stride_kt)[:, None, None] \
-                    + head_off[None, :, None]  # (TILE, HPP, 1)
-                vmask = valid[:, None, None]
-                a_mask = vmask & amask[None, None, :]
-                ka = tl.load(k_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                va = tl.load(v_ptr + base + da[None, None, :], mask=a_mask, other=0.0)
-                s = tl.sum(ka.to(tl.float32) * qa[None, :, :], axis=2)  # (TILE, HPP)
+                acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * c_va.to(tl.float32)
                 if HD_B > 0:
-                    kb = tl.load(k_ptr + base + db[None, None, :], mask=vmask, other=0.0)
-                    vb = tl.load(v_ptr + base + db[None, None, :], mask=vmask, other=0.0)
-                    s += tl.sum(kb.to(tl.float32) * qb[None, :, :], axis=2)
-                if HAS_SCALE:
-                    srow = (blk * stride_sb + off)[:, None] + scale_head[None, :]
-                    s = s * tl.load(ks_ptr + srow, mask=valid[:, None], other=0.0)
-                s = tl.where(valid[:, None], s, float("-inf"))
+                    acc3b = acc3b * alpha[:, :, None] + p[:, :, None] * c_vb.to(tl.float32)
+                m_l = m_new
+            else:
                 m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (HPP,)
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[None, :])  # (TILE, HPP)
                 l_i = l_i * alpha + tl.sum(p, axis=0)
                 if HAS_SCALE:
-                    p = p * tl.load(vs_ptr + srow, mask=valid[:, None], other=0.0)
+                    p = p * c_vs
                 acc_a = acc_a * alpha[:, None] + tl.sum(
-                    p[:, :, None] * va.to(tl.float32), axis=0)
+                    p[:, :, None] * c_va.to(tl.float32), axis=0)
                 if HD_B > 0:
                     acc_b = acc_b * alpha[:, None] + tl.sum(
-                        p[:, :, None] * vb.to(tl.float32), axis=0)
+                        p[:, :, None] * c_vb.to(tl.float32), axis=0)
                 m_i = m_new
+        if LANES:
+            m_i = tl.max(m_l, axis=0)  # (HPP,)
+            w = tl.exp2(m_l - m_i[None, :])  # (TILE, HPP)
+            l_i = tl.sum(l_l * w, axis=0)
+            acc_a = tl.sum(acc3 * w[:, :, None], axis=0)  # (HPP, HD_A)
+            if HD_B > 0:
+                acc_b = tl.sum(acc3b * w[:, :, None], axis=0)
         # An empty part (it starts past the end: short sequences, or the padding rows of
         # a CUDA-graph batch) has l_i == 0: output 0 with log-sum-exp -inf, which the
         # merge weighs 0.
@@ -523,32 +532,31 @@ def _split_head_dim(hd: int) -> tuple[int, int]:
     return max(16, _pow2_at_least(hd)), 0
 
 
-# The candidates the tuner times. Per-lane forms keep tile * heads * padded head dim /
-# threads (fp32 accumulators per thread) at <= 32 so they do not spill.
-# In the order they are compiled and checked: if compiling takes half the tuner's time
-# budget, the rest are left out.
+# The candidates the tuner times, in the order they are compiled and checked (if that
+# takes half the tuner's time budget, the rest are left out). Decode is latency-bound per
+# program: what reaches the bandwidth is many resident programs each with a tile's loads
+# in flight, so registers per thread decide (ptxas for sm_90 at the 20B's shape, bf16:
+# one-warp programs of 8-16 tokens take 72-105 registers and fit 18-28 per SM with no
+# shared memory or barriers; the first kernel's default, 64 tokens on 4 warps, takes 252,
+# two programs per SM). One warp keeps every reduction inside the warp.
 DECODE_CONFIGS: tuple[DecodeConfig, ...] = (
-    DecodeConfig(32, 4, 1, 1, True, True),
-    DecodeConfig(16, 4, 1, 2, True),
-    DecodeConfig(64, 4, 1, 1, False),
-    DecodeConfig(32, 4, 1, 1, True),
-    DecodeConfig(16, 4, 1, 2, True, True),
-    DecodeConfig(32, 8, 1, 2, True, True),
-    DecodeConfig(16, 4, 1, 4, False),
-    DecodeConfig(32, 8, 1, 2, True),
-    DecodeConfig(16, 8, 1, 4, True),
-    DecodeConfig(64, 8, 1, 1, True),
-    DecodeConfig(16, 4, 1, 1, True, True),
-    DecodeConfig(32, 4, 2, 1, True),
-    DecodeConfig(32, 4, 2, 2, False),
+    DecodeConfig(16, 1, 1, 1, False),
+    DecodeConfig(8, 1, 1, 1, False),
+    DecodeConfig(32, 1, 1, 1, False),
+    DecodeConfig(16, 4, 1, 1, False),
+    DecodeConfig(8, 1, 1, 2, False),
+    DecodeConfig(8, 1, 1, 1, False, prefetch=True),
+    DecodeConfig(32, 4, 1, 1, False, split_hd=True),
+    DecodeConfig(16, 2, 1, 1, False),
+    DecodeConfig(16, 1, 1, 2, False),
+    DecodeConfig(16, 1, 2, 1, False),
+    DecodeConfig(32, 2, 1, 1, False),
     DecodeConfig(16, 4, 1, 1, True),
-    DecodeConfig(32, 4, 1, 1, False),
-    DecodeConfig(64, 4, 2, 1, False),
-    DecodeConfig(32, 8, 1, 4, False),
+    DecodeConfig(64, 4, 1, 1, False, split_hd=True),
 )
 DECODE_SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16)
 # What an untuned shape runs: the first kernel's default (tile-wide reductions, unsplit).
-DEFAULT_CHOICE = DecodeChoice(DecodeConfig(64, 4, 1, 1, False), 1)
+DEFAULT_CHOICE = DecodeChoice(DecodeConfig(64, 4, 1, 1, False, split_hd=True), 1)
 
 # Shape classes. A step's batch maps to the nearest tuned batch size (log scale); its
 # context class comes from the block-table width, the one static bound on its lengths:
@@ -599,7 +607,7 @@ def paged_decode_triton(
         pick = decode_choice(nh, hd, bs, k_cache.dtype, d, block_tables.shape[1] * bs)
         config = pick.config if config is None else config
         num_splits = pick.splits if num_splits is None else num_splits
-    tile, num_warps, num_stages, hpp, lanes, prefetch = config
+    tile, num_warps, num_stages, hpp, lanes, prefetch, split_hd = config
     if hpp < 1 or hpp & (hpp - 1) or nh % hpp:
         hpp = 1
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
@@ -607,10 +615,7 @@ def paged_decode_triton(
     out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
     if d == 0:
         return out
-    if lanes:
-        hd_a, hd_b = max(16, _pow2_at_least(hd)), 0
-    else:
-        hd_a, hd_b = _split_head_dim(hd)
+    hd_a, hd_b = _split_head_dim(hd) if split_hd else (max(16, _pow2_at_least(hd)), 0)
     splits = max(1, int(num_splits))
     if k_scale is not None:
         assert v_scale is not None
@@ -620,7 +625,9 @@ def paged_decode_triton(
         ks, vs, s_strides = k_scale, v_scale, (k_scale.stride(0), k_scale.stride(1))
     else:
         ks, vs, s_strides = out, out, (0, 0)  # never read
-    part_o = part_lse = out  # only written when split
+    # Partials are only written when split; unsplit calls still pass fp32 buffers so
+    # that both run the same compiled kernel (pointer types are part of its signature).
+    part_o = part_lse = torch.empty(16, dtype=torch.float32, device=q.device)
     if splits > 1:
         part_o = torch.empty(d, nh, splits, hd, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(d, nh, splits, dtype=torch.float32, device=q.device)
@@ -633,7 +640,7 @@ def paged_decode_triton(
         block_tables.stride(0),
         NUM_HEADS=nh, HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
         BLOCK_SIZE=bs, TILE=max(tile, 1), NUM_STAGES=num_stages, HPP=hpp, LANES=bool(lanes),
-        PREFETCH=bool(lanes and prefetch), HAS_SCALE=k_scale is not None, num_warps=num_warps,
+        PREFETCH=bool(prefetch), HAS_SCALE=k_scale is not None, num_warps=num_warps,
     )
     if splits > 1:
         s_p = _pow2_at_least(splits)

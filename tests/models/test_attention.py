@@ -35,16 +35,16 @@ def test_the_tuner_chooses_from_the_one_config_list() -> None:
     assert params["configs"].default is DECODE_CONFIGS
     assert params["splits"].default is DECODE_SPLITS
     assert len(set(DECODE_CONFIGS)) == len(DECODE_CONFIGS)
-    for tile, warps, stages, hpp, lanes, prefetch in DECODE_CONFIGS:
+    for tile, warps, stages, hpp, lanes, *_ in DECODE_CONFIGS:
         assert tile >= 8 and tile & (tile - 1) == 0
         assert warps in (1, 2, 4, 8) and stages >= 1
         assert hpp >= 1 and hpp & (hpp - 1) == 0
         if lanes:  # fp32 accumulators per thread at head dim 96 (padded to 128)
             assert tile * hpp * 128 // (32 * warps) <= 32
-        assert lanes or not prefetch  # only the per-lane loop prefetches
-    assert {c.heads_per_program for c in DECODE_CONFIGS} >= {1, 2, 4}
+    assert {c.heads_per_program for c in DECODE_CONFIGS} >= {1, 2}
     assert {c.lanes for c in DECODE_CONFIGS} == {True, False}
     assert any(c.prefetch for c in DECODE_CONFIGS)
+    assert any(c.split_hd for c in DECODE_CONFIGS)
     assert DECODE_SPLITS[0] == 1 and max(DECODE_SPLITS) > 1
     # The untuned default is the first kernel's unsplit loop (the benchmark's baseline).
     assert DEFAULT_CHOICE.splits == 1 and DEFAULT_CHOICE.config in DECODE_CONFIGS
@@ -115,11 +115,12 @@ def test_scales_are_checked() -> None:
 # The Triton kernel under Triton's interpreter (CPU)
 # --------------------------------------------------------------------------------------
 
-# Configs: (tile, warps, stages, heads per program, lanes[, prefetch]). Lengths: 1, not multiples of
-# the block size, and (split) shorter than one part, so that parts past a sequence's
-# end are empty.
+# Configs: (tile, warps, stages, heads per program, lanes[, prefetch, split_hd]).
+# Lengths: 1, not multiples of the block size, and (split) shorter than one part, so
+# that parts past a sequence's end are empty.
 _LANES, _REDUCE = (16, 4, 1, 2, True), (16, 4, 1, 2, False)
-_PREFETCH = (16, 4, 1, 2, True, True)
+_PREFETCH, _REDUCE_PREFETCH = (16, 4, 1, 2, True, True), (8, 1, 1, 2, False, True)
+_SPLIT_HD = (16, 4, 1, 2, False, False, True)  # 96 = 64 + 32
 _CASES = [
     # name, head_dim, block_size, dtype, context lengths, config, splits
     ("hd96_lanes_unsplit", 96, 16, "bfloat16", [1, 15, 17, 50], _LANES, 1),
@@ -130,10 +131,16 @@ _CASES = [
     ("hd64_reduce_unsplit", 64, 8, "float16", [41, 1, 9, 20], (32, 4, 2, 4, False), 1),
     ("hd96_prefetch_unsplit", 96, 16, "bfloat16", [1, 15, 17, 50], _PREFETCH, 1),
     ("hd96_prefetch_split", 96, 16, "bfloat16", [70, 1, 5, 33], _PREFETCH, 4),
+    ("hd96_reduce_prefetch_split", 96, 16, "bfloat16", [70, 1, 5, 33], _REDUCE_PREFETCH, 4),
+    ("hd96_split_hd_unsplit", 96, 16, "bfloat16", [1, 15, 17, 50], _SPLIT_HD, 1),
+    ("hd96_split_hd_split", 96, 16, "bfloat16", [70, 1, 5, 33], _SPLIT_HD, 4),
     ("hd96_default", 96, 16, "bfloat16", [1, 18, 40], None, None),
     ("fp8_lanes_split", 96, 16, "float8_e4m3fn", [70, 1, 5, 33], _LANES, 4),
     ("fp8_reduce_unsplit", 96, 16, "float8_e4m3fn", [1, 15, 17, 50], _REDUCE, 1),
     ("fp8_prefetch_split", 96, 16, "float8_e4m3fn", [70, 1, 5, 33], _PREFETCH, 3),
+    ("fp8_reduce_prefetch_unsplit", 96, 16, "float8_e4m3fn", [1, 15, 17, 50],
+     _REDUCE_PREFETCH, 1),
+    ("fp8_split_hd_split", 96, 16, "float8_e4m3fn", [70, 1, 5, 33], _SPLIT_HD, 2),
     ("fp8_hd64_reduce_split", 64, 8, "float8_e4m3fn", [41, 1, 9, 20], (16, 4, 1, 1, False), 2),
 ]
 
@@ -171,8 +178,9 @@ def test_interpreted_kernel_matches_torch(interpreted: dict[str, float], name: s
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("config", DECODE_CONFIGS,
-                         ids=lambda c: "t{}w{}s{}h{}{}{}".format(*c[:4], "L" if c.lanes else "R",
-                                                                "P" if c.prefetch else ""))
+                         ids=lambda c: "t{}w{}s{}h{}{}{}{}".format(
+                             *c[:4], "L" if c.lanes else "R", "P" if c.prefetch else "",
+                             "S" if c.split_hd else ""))
 def test_every_decode_config_matches_torch(config: tuple) -> None:
     from models.attention import paged_decode_triton
 
