@@ -768,10 +768,13 @@ def choose_per_class(times: dict[tuple[int, str], dict[DecodeChoice, float]],
     """The pick per class from timings ``{(batch, "short" | "long"): {choice: ms}}``:
     ``(batch, "short")`` the fastest at short contexts; ``(batch, "any")`` the choice
     whose larger ratio to the best (short and long) is smallest. A class without
-    timings gets the other's pick, else :data:`DEFAULT_CHOICE`."""
+    timings gets the other's pick; a batch size without any is left out (steps of that
+    size then use the nearest one's)."""
     picks: dict[tuple[int, str], DecodeChoice] = {}
     for b in batches:
         short, long = times.get((b, "short"), {}), times.get((b, "long"), {})
+        if not short and not long:
+            continue
         if short:
             picks[(b, "short")] = min(short, key=short.__getitem__)
         both = [c for c in short if c in long]
@@ -781,7 +784,8 @@ def choose_per_class(times: dict[tuple[int, str], dict[DecodeChoice, float]],
                                                             long[c] / best_l))
         elif long:
             picks[(b, "any")] = min(long, key=long.__getitem__)
-        picks.setdefault((b, "any"), picks.get((b, "short"), DEFAULT_CHOICE))
+        if (b, "any") not in picks:  # no long timings, so short ones
+            picks[(b, "any")] = picks[(b, "short")]
         picks.setdefault((b, "short"), picks[(b, "any")])
     return picks
 

@@ -233,8 +233,9 @@ def test_each_shape_class_gets_its_own_pick() -> None:
         (96, "short"): {fast_short: 0.5, fast_long: 0.45},
         (96, "long"): {fast_short: 3.0, fast_long: 2.0},
         (8, "short"): {fast_short: 0.1},  # its long run never happened (time budget)
-    }
-    picks = choose_per_class(times, (8, 96, 256))
+    }  # nor any run at batch 32
+    picks = choose_per_class(times, (8, 32, 96, 256))
+    assert {b for b, _ in picks} == {8, 96, 256}
     assert picks[(256, "short")] == fast_short
     assert picks[(256, "any")] == balanced  # within 15% of the best at both lengths
     assert picks[(96, "short")] == picks[(96, "any")] == fast_long
@@ -248,3 +249,4 @@ def test_each_shape_class_gets_its_own_pick() -> None:
     assert decode_choice(*shape, 250, 256) == fast_short
     assert decode_choice(*shape, 90, 4096) == fast_long
     assert decode_choice(*shape, 1, 4096) == fast_short
+    assert decode_choice(*shape, 30, 4096) == fast_long  # 32 untimed: 96 is nearer than 8
