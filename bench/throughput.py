@@ -492,6 +492,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=None,
                     help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
                          "overrides --kv-cache-dtype/--quantization")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="run one step at a time (host work not hidden behind the device)")
+    ap.add_argument("--compare-overlap", action="store_true",
+                    help="run each workload again with the overlap off (same engine): "
+                         "ours_no_overlap and ratios.overlap_speedup")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (merged by workload)")
     ap.add_argument("--table", type=Path, default=None,
@@ -544,7 +549,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens,
                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
-                    kv_cache_dtype=kv_cache_dtype)
+                    kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -589,6 +594,16 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             entry["ratios"]["prefix_caching_speedup"] = (off["seconds"] / ours["seconds"])
             log(f"workload c: prefix caching on / off = "
                 f"{entry['ratios']['prefix_caching_speedup']:.2f}x")
+        if args.compare_overlap:
+            engine.set_overlap(args.no_overlap)
+            other = run_ours(engine, prompts, outs)
+            engine.set_overlap(not args.no_overlap)
+            on, off = (other, ours) if args.no_overlap else (ours, other)
+            _say(name, f"ours, overlap {'on' if args.no_overlap else 'off'}", other, roof)
+            entry["ours_overlap" if args.no_overlap else "ours_no_overlap"] = other
+            entry["ratios"]["overlap_speedup"] = off["seconds"] / on["seconds"]
+            log(f"workload {name}: overlap on / off = "
+                f"{entry['ratios']['overlap_speedup']:.3f}x")
         result["workloads"][name] = entry
         save()
 
@@ -680,7 +695,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "model": args.model, "dtype": dtype_name,
         "engine": {"max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
-                   "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs},
+                   "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
+                   "overlap": not args.no_overlap},
         "workloads": {},
     }
 

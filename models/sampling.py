@@ -382,7 +382,8 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor | None,
     <= 1 - p, always keep the top token).
     """
     b, v = logits.shape
-    neg_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+    # A fill, not a copy of a host scalar (which would wait for the device).
+    neg_inf = logits.new_full((), float("-inf"))
     k = top_k.clamp(max=v)
     if top_p is None:
         kmax = min(max_top_k, v)
@@ -466,7 +467,7 @@ def _penalized(x: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.any_penalty:
         x = apply_penalties(x, batch)
     if batch.ban_ids.numel():
-        x = x.index_put((batch.ban_rows, batch.ban_ids), x.new_tensor(float("-inf")))
+        x = x.index_put((batch.ban_rows, batch.ban_ids), x.new_full((), float("-inf")))
     if batch.mask_rows is not None and batch.allowed is not None:
         # Out of place: ``x`` may still be the raw logits the logprobs are read from.
         rows = x.index_select(0, batch.mask_rows).masked_fill_(~batch.allowed, float("-inf"))

@@ -6,6 +6,15 @@ plan (which sequences, how many tokens, which blocks), has the
 steps from CUDA graphs), samples with the :class:`~models.engine.sampler.Sampler` and
 hands the tokens back to the scheduler, which returns the finished requests.
 
+With ``overlap`` (the default) the host works while the device runs: a step schedules,
+prepares and launches step N+1 (its decode inputs read step N's drawn tokens on the
+device) before it waits for step N's tokens, then applies them (stop checks,
+detokenization, outputs) while step N+1 runs. Steady decode then waits for the device
+once per step, for the sampled tokens, and the device never waits for the host as long
+as the host work of a step takes less than its forward. A step whose samples need their
+sequences' earlier tokens on the host (grammars, penalties) is read back before the next
+one is scheduled.
+
 Threading: one thread drives the engine (``add_request``, ``abort``, ``step``).
 """
 
@@ -33,8 +42,8 @@ from models.engine.outputs import (
     score_pair,
 )
 from models.engine.runner import ModelRunner
-from models.engine.sampler import Sampler
-from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler
+from models.engine.sampler import LaunchedSample, Sampler, needs_known_tokens
+from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
 from models.fp8 import quantization_of
 from models.grammar import Grammars
 from models.model import NeoX
@@ -152,6 +161,9 @@ class Engine:
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3 values with a
             float32 scale per token and head: half the bytes, about twice the blocks).
         seed: seeds the per-request seeds drawn for requests that give none.
+        overlap: prepare and launch each step before reading the previous one's tokens
+            (see the module's docstring); off runs one step at a time. Outputs are the
+            same either way.
     """
 
     def __init__(
@@ -174,6 +186,7 @@ class Engine:
         tune_kernels: bool | None = None,
         kv_cache_dtype: str | None = None,
         seed: int = 0,
+        overlap: bool = True,
     ) -> None:
         if not (model.has_embedding and model.has_head):
             raise ValueError("Engine needs a whole model (embedding and head)")
@@ -240,6 +253,9 @@ class Engine:
                                eos_id=self.eos_id, grammars=self.grammars)
         self._rng = random.Random(seed)
         self._pending: list[RequestOutput] = []  # finished, returned by the next step()
+        self.overlap = overlap
+        self._inflight: LaunchedSample | None = None  # launched, tokens not yet applied
+        self.overlapped_steps = 0
 
     # -- sizes and stats -----------------------------------------------------------------
 
@@ -254,9 +270,11 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, float]:
-        """Step counts, preemptions, decode-graph steps and the prefix cache's hits."""
+        """Step counts, preemptions, decode-graph steps, steps launched while the previous
+        one still ran (``overlapped_steps``) and the prefix cache's hits."""
         s: dict[str, float] = dict(self.scheduler.stats)
         s["graph_steps"] = self.runner.graph_steps
+        s["overlapped_steps"] = self.overlapped_steps
         s.update(prefix_stats([self.blocks]))
         return s
 
@@ -272,6 +290,11 @@ class Engine:
     def set_prefix_caching(self, enabled: bool) -> None:
         """Turn prefix caching on or off from now on (off forgets what is cached)."""
         self.blocks.set_enabled(enabled)
+
+    def set_overlap(self, enabled: bool) -> None:
+        """Overlap host work with the device from the next step on, or not (outputs are
+        the same either way; benchmarks compare the two)."""
+        self.overlap = enabled
 
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode batch-size bucket now instead of on
@@ -326,7 +349,8 @@ class Engine:
         return self.scheduler.partial(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        return (bool(self._pending) or self._inflight is not None
+                or self.scheduler.has_unfinished())
 
     def num_unfinished(self) -> int:
         return self.scheduler.num_unfinished()
@@ -342,14 +366,37 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the requests that finished
         (or were aborted) since the last call."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None and (not self.overlap or any(
+                needs_known_tokens(seq) for seq, _ in prev.plan.samples)):
+            self._apply(prev)
+            prev = None
         plan = self.scheduler.schedule()
-        if not plan.is_empty:
-            inputs = self.runner.prepare(plan)
-            logits, rows = self.runner.execute(inputs)
-            self.scheduler.update(plan, self.sampler(logits, plan, rows))
+        launched = None if plan.is_empty else self._launch(plan, prev)
+        if prev is not None:
+            self._apply(prev)  # while `launched` runs on the device
+        if launched is not None:
+            if self.overlap:
+                self._inflight = launched
+            else:
+                self._apply(launched)
         out = self._pending + self.scheduler.take_outputs()
         self._pending = []
         return out
+
+    def _launch(self, plan: StepPlan, prev: LaunchedSample | None) -> LaunchedSample:
+        """Queue the plan's forward and sampling on the device (``prev``: the step still
+        running, whose drawn tokens some of the plan's decode rows take as input)."""
+        inputs = self.runner.prepare(plan)
+        if prev is not None:
+            self.overlapped_steps += 1
+        logits, rows = self.runner.execute(
+            inputs, prev_tokens=prev.tokens if prev is not None else None)
+        return self.sampler.launch(logits, plan, rows)
+
+    def _apply(self, launched: LaunchedSample) -> None:
+        """Wait for a launched step's tokens and hand them to the scheduler."""
+        self.scheduler.update(launched.plan, launched.result())
 
     # -- conveniences --------------------------------------------------------------------
 

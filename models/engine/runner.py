@@ -12,9 +12,14 @@ once, on rank 0, and ships it to every stage:
   the paged attention backend, or replays a captured CUDA graph for a decode-only step
   (:class:`DecodeGraphs`).
 
-On a one-GPU engine the host buffer of decode-graph steps is reused (every step ends
-with a host sync, so the previous copy has completed); pipeline stages never sync with
-the host and use a fresh pinned buffer per step.
+A decode row may take its input token from the previous step's samples, still on the
+device (``StepPlan.decode_sources``): the one-GPU engine schedules and prepares step N+1
+while step N runs, and passes step N's drawn tokens to :meth:`ModelRunner.execute`.
+
+On a one-GPU engine decode-graph steps alternate between two pinned host buffers: the
+engine reads step N's tokens back (a wait that follows step N's host-to-device copy)
+before it prepares step N+2, so the buffer step N used is free again by then. Pipeline
+stages never sync with the host and use a fresh pinned buffer per step.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ MAX_FRESH_CALLS = 16
 # The int64 sections of an eager step's host buffer, in order.
 SECTIONS = ("tokens", "positions", "slots", "tables", "context_lens", "q_seq", "k_slots",
             "k_seq", "k_pos", "logit_rows", "sample_rows", "score_rows", "score_targets",
-            "fresh_gather", "fresh_scatter")
+            "fresh_gather", "fresh_scatter", "sources")
 
 
 @dataclass
@@ -65,6 +70,10 @@ class StepInputs:
     select_rows: bool = False  # the head runs on a subset of the tokens
     copies: list[tuple[int, int]] = field(default_factory=list)
     bucket: int = 0
+    # Decode rows whose token comes from the previous step's samples on the device (the
+    # "sources" section: their rows, then the sample rows they read).
+    num_sources: int = 0
+    host_slot: int = -1  # which of a decode graph's host buffers ``ints`` lives in
 
 
 @dataclass
@@ -136,10 +145,28 @@ def fresh_groups(
 
 
 def _upload(ints: np.ndarray, device: torch.device) -> Tensor:
+    """``ints`` on ``device`` through pinned memory: the copy never waits for the device
+    (a copy from pageable memory would wait for everything queued before it)."""
     host = torch.from_numpy(ints)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host
+
+
+def sources_section(plan: StepPlan) -> np.ndarray:
+    """``plan.decode_sources`` as one int64 array: the decode rows, then the rows of the
+    previous step's samples they read."""
+    src = plan.decode_sources
+    return np.asarray([r for r, _ in src] + [s for _, s in src], dtype=np.int64)
+
+
+def fill_sources(tokens: Tensor, sources: Tensor, prev_tokens: Tensor | None) -> None:
+    """Write into ``tokens`` the previous step's drawn tokens that the ``sources``
+    section (see :func:`sources_section`) names, on the device."""
+    k = sources.numel() // 2
+    if prev_tokens is None:
+        raise ValueError("a step reading the previous step's tokens needs prev_tokens")
+    tokens.index_copy_(0, sources[:k], prev_tokens.index_select(0, sources[k:]))
 
 
 class ModelRunner:
@@ -251,7 +278,7 @@ class ModelRunner:
             empty if identity else np.asarray(plan.sample_rows, dtype=np.int64),
             np.asarray(plan.score_rows, dtype=np.int64),
             np.asarray(plan.score_targets, dtype=np.int64),
-            f_gather, f_scatter,
+            f_gather, f_scatter, sources_section(plan),
         ]
         # Each section starts 16-byte aligned (padded to an even length), so a Triton
         # kernel handed one sees the same pointer alignment every step and is not
@@ -262,23 +289,23 @@ class ModelRunner:
             ints=np.concatenate(padded).astype(np.int64, copy=False), num_tokens=n_tok,
             num_decode=d, sizes=sizes, table_width=dec_w, num_continuing=num_continuing,
             fresh=tuple(fresh), fresh_groups=groups, num_rows=len(rows), select_rows=select,
-            copies=list(plan.copies))
+            copies=list(plan.copies), num_sources=len(plan.decode_sources))
 
     # -- host arrays -> forward ----------------------------------------------------------
 
     def execute(self, inputs: StepInputs, x: Tensor | None = None,
-                ) -> tuple[Tensor, SamplerInputs]:
-        """Run the step: token ids (first stage, from ``inputs``) or hidden states ``x``
-        (N, H) in; hidden states (N, H) out, or logits (rows, V) from the last stage,
-        with the sampler's row tensors."""
+                prev_tokens: Tensor | None = None) -> tuple[Tensor, SamplerInputs]:
+        """Run the step: token ids (first stage, from ``inputs``; rows it names from
+        ``prev_tokens``, the previous step's drawn tokens on the device) or hidden states
+        ``x`` (N, H) in; hidden states (N, H) out, or logits (rows, V) from the last
+        stage, with the sampler's row tensors."""
         if inputs.copies:
-            src, dst = zip(*inputs.copies, strict=True)
-            self.cache.copy_blocks(torch.tensor(src, device=self.device),
-                                   torch.tensor(dst, device=self.device))
+            pairs = _upload(np.asarray(inputs.copies, dtype=np.int64).T.copy(), self.device)
+            self.cache.copy_blocks(pairs[0], pairs[1])
         if inputs.bucket:
             assert self.graphs is not None
             self.graph_steps += 1
-            return self.graphs.run(inputs, x), SamplerInputs()
+            return self.graphs.run(inputs, x, prev_tokens), SamplerInputs()
         bs = self.block_size
         dev = _upload(inputs.ints, self.device)
         t: dict[str, Tensor] = {}
@@ -287,6 +314,8 @@ class ModelRunner:
             t[name] = dev[at: at + size]
             at += size + size % 2
         d = inputs.num_decode
+        if inputs.num_sources and self.model.has_embedding:
+            fill_sources(t["tokens"], t["sources"], prev_tokens)
         slots = t["slots"]
         meta = StepMetadata(
             slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=d,
@@ -327,37 +356,45 @@ class ModelRunner:
         return self.graphs.capture_all() if self.graphs is not None else 0
 
 
+def decode_buckets(max_batch: int) -> list[int]:
+    """The batch sizes decode graphs are captured at (a decode step of B sequences runs
+    the smallest one >= B). Padding a decode batch costs little (it is bound by reading
+    weights and KV), so coarse buckets above 64 keep capture time and graph memory down."""
+    return sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
+                  | set(range(64, max_batch, 32)) | {max_batch})
+
+
 class DecodeGraphs:
     """Decode-only steps of a runner's slice as CUDA graphs, one per bucketed batch size,
     captured on first use (or by :meth:`capture_all`).
 
     A decode step at batch B replays the graph of the smallest bucket >= B. Inputs live in
     one static device buffer — tokens, positions, slots, context lengths (``max_batch``
-    each), block tables (``max_batch`` rows of a whole context's blocks) — refreshed by a
-    single copy of the used prefix from a host array; stages after the first also copy
-    the received hidden states into a static input. Rows past B are padding: token 0 at
-    position 0, written to and read from the reserved null block.
+    each), the rows whose tokens come from the previous step's samples (``2 *
+    max_batch``), block tables (``max_batch`` rows of a whole context's blocks) —
+    refreshed by a single copy of the used prefix from a host array; stages after the
+    first also copy the received hidden states into a static input. Rows past B are
+    padding: token 0 at position 0, written to and read from the reserved null block.
     """
 
     def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True) -> None:
         self.runner = runner
         self.capture = capture
         self.max_batch = max_batch
-        # Padding a decode batch costs little (it is bound by reading weights and KV), so
-        # coarse buckets above 64 keep capture time and graph memory down.
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
-                              | set(range(64, max_batch, 32)) | {max_batch})
+        self.buckets = decode_buckets(max_batch)
         self.width = runner.max_blocks_per_seq
         m, w = max_batch, self.width
-        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 4 * m + m * w]
+        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 6 * m, 6 * m + m * w]
         device = runner.device
         self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=device)
-        # A one-GPU engine reuses one pinned host buffer (it syncs every step).
-        self.host: Tensor | None = None
+        # A one-GPU engine alternates between two pinned host buffers (see the module's
+        # docstring for why the older one is free again when it is reused).
+        self.hosts: list[Tensor] = []
+        self._slot = 0
         if not runner.pipelined:
-            self.host = torch.zeros(self.offsets[-1], dtype=torch.int64)
-            if device.type == "cuda":
-                self.host = self.host.pin_memory()
+            for _ in range(2):
+                host = torch.zeros(self.offsets[-1], dtype=torch.int64)
+                self.hosts.append(host.pin_memory() if device.type == "cuda" else host)
         model = runner.model
         self.x = None if model.has_embedding else torch.zeros(
             m, model.config.hidden_size, dtype=runner.dtype, device=device)
@@ -372,23 +409,30 @@ class DecodeGraphs:
         d = plan.num_decode
         b = next(x for x in self.buckets if x >= d)
         o, w = self.offsets, self.width
-        n = o[4] + b * w  # only the used prefix of the tables section travels
-        h = self.host.numpy()[:n] if self.host is not None else np.empty(n, dtype=np.int64)
+        n = o[5] + b * w  # only the used prefix of the tables section travels
+        slot = -1
+        if self.hosts:
+            slot, self._slot = self._slot, 1 - self._slot
+            h = self.hosts[slot].numpy()[:n]
+        else:
+            h = np.empty(n, dtype=np.int64)
         bs = self.runner.block_size
         h[o[0]: o[0] + b] = 0
         h[o[0]: o[0] + d] = plan.decode_tokens
         pos = np.asarray(plan.decode_positions, dtype=np.int64)
         h[o[1]: o[1] + b] = 0
         h[o[1]: o[1] + d] = pos
-        tables = h[o[4]: n].reshape(b, w)
+        tables = h[o[5]: n].reshape(b, w)
         tables[:] = NULL_BLOCK
         fill_tables(tables[:d], plan.decode_tables)
         h[o[2]: o[2] + b] = NULL_BLOCK * bs  # padding writes go there
         h[o[2]: o[2] + d] = decode_slots(tables[:d], pos, bs)
         h[o[3]: o[3] + b] = 1
         h[o[3]: o[3] + d] = pos + 1
+        k = len(plan.decode_sources)
+        h[o[4]: o[4] + 2 * k] = sources_section(plan)
         return StepInputs(ints=h, num_tokens=d, num_decode=d, num_rows=d,
-                          copies=list(plan.copies), bucket=b)
+                          copies=list(plan.copies), bucket=b, num_sources=k, host_slot=slot)
 
     def _section(self, i: int, rows: int) -> Tensor:
         return self.static[self.offsets[i]: self.offsets[i] + rows]
@@ -397,7 +441,7 @@ class DecodeGraphs:
         rt = self.runner
         model, bs = rt.model, rt.block_size
         tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
-        tables = self.static[self.offsets[4]: self.offsets[5]].view(self.max_batch, self.width)
+        tables = self.static[self.offsets[5]: self.offsets[6]].view(self.max_batch, self.width)
         attn = PagedAttention(rt.cache)
         # Padding rows everywhere while capturing: valid, harmless inputs.
         tokens.zero_()
@@ -442,15 +486,19 @@ class DecodeGraphs:
                     self.graphs[b] = self._capture(b)
         return len(self.graphs)
 
-    def run(self, inputs: StepInputs, x: Tensor | None) -> Tensor:
+    def run(self, inputs: StepInputs, x: Tensor | None,
+            prev_tokens: Tensor | None = None) -> Tensor:
         b, d = inputs.bucket, inputs.num_decode
         if b not in self.graphs:
             self.graphs[b] = self._capture(b)
         n = inputs.ints.size
-        # A one-GPU engine's layout() wrote the pinned buffer in place.
-        src = self.host[:n] if self.host is not None else _pinned(inputs.ints,
-                                                                  self.runner.device)
+        # A one-GPU engine's layout() wrote a pinned buffer in place.
+        src = self.hosts[inputs.host_slot][:n] if inputs.host_slot >= 0 else _pinned(
+            inputs.ints, self.runner.device)
         self.static[:n].copy_(src, non_blocking=True)
+        k = inputs.num_sources
+        if k and self.x is None:
+            fill_sources(self._section(0, d), self._section(4, 2 * k), prev_tokens)
         if self.x is not None:
             assert x is not None
             self.x[:d].copy_(x)
@@ -466,4 +514,4 @@ def _pinned(ints: np.ndarray, device: torch.device) -> Tensor:
 
 
 __all__ = ["Chunk", "DecodeGraphs", "ModelRunner", "SamplerInputs", "StepInputs",
-           "fresh_groups"]
+           "decode_buckets", "fresh_groups"]

@@ -22,8 +22,14 @@ Plain Python, no torch: it runs (and is tested) on plain data. Every step:
    partial block is copied on first write), records score rows, makes newly full blocks
    findable in the prefix cache, frees finished sequences and produces their outputs.
 
-Between ``schedule`` and ``update`` nothing else may touch the scheduler (a pipeline
-launches a micro-batch's step and updates it when its logits return).
+A step may be scheduled while the previous one is still running (the one-GPU engine
+overlaps its host work with the device): a sequence whose last step drew a token the
+host has not seen yet (``Seq.inflight``) decodes that token next, its input read on the
+device from the previous step's samples (``StepPlan.decode_sources``). Such a sequence
+is not scheduled when the token it waits for ends it anyway (``max_tokens``, the
+context) or when it still has samples to fork; one that finishes on a stop condition
+only once its token is known wastes one row of the next step, which its update skips.
+Aborts and preemptions may come between a step's ``schedule`` and its ``update``.
 """
 
 from __future__ import annotations
@@ -115,6 +121,11 @@ class Seq:
     # The grammar state of a constrained sample (an llguidance matcher): the sampler asks
     # it for the step's token mask, the scheduler feeds it the drawn token.
     matcher: Any = None
+    # Tokens drawn by scheduled steps and not yet appended (0 or 1 when scheduling), and
+    # the row of the last plan's samples that draws the newest one.
+    inflight: int = 0
+    sample_row: int = -1
+    epoch: int = 0  # preemptions so far: a score row computed before one is stale
 
     @property
     def outputs(self) -> list[int]:
@@ -183,10 +194,16 @@ class StepPlan:
     logit_rows: list[int] = field(default_factory=list)
     samples: list[tuple[Seq, int]] = field(default_factory=list)  # (seq or fork source, index)
     sample_rows: list[int] = field(default_factory=list)
+    # Per sample: tokens the sample generated before the one drawn now (seeds, min_tokens).
+    sample_positions: list[int] = field(default_factory=list)
+    # Decode rows whose input token an earlier, still running step draws:
+    # (decode row, that step's sample row).
+    decode_sources: list[tuple[int, int]] = field(default_factory=list)
     forks: list[Seq] = field(default_factory=list)
     scores: list[ScoreRequest] = field(default_factory=list)
     score_rows: list[int] = field(default_factory=list)
     score_targets: list[int] = field(default_factory=list)
+    score_epochs: list[int] = field(default_factory=list)  # the seq's epoch per score row
     # Sequences that computed tokens this step (their new full blocks become cached).
     seqs: list[Seq] = field(default_factory=list)
 
@@ -455,10 +472,13 @@ class Scheduler:
             i = 0
             while i < len(running) and budget > 0:
                 seq = running[i]
-                need = len(seq.tokens) - seq.num_computed
+                need = len(seq.tokens) + seq.inflight - seq.num_computed
+                if need <= 0 or (seq.inflight and self._waits_for_inflight(seq)):
+                    i += 1  # nothing to compute before its drawn token is known
+                    continue
                 # A decode extends generated text; a prompt (or score input) with one token
                 # left is still a prefill chunk (it may fork samples or score rows).
-                is_decode = need == 1 and len(seq.tokens) > seq.num_prompt
+                is_decode = need == 1 and len(seq.tokens) + seq.inflight > seq.num_prompt
                 if is_decode != want_decode:
                     any_prefill = True
                     i += 1
@@ -506,6 +526,8 @@ class Scheduler:
                 else 0
             if len(running) + 1 + forks > self.max_num_seqs and running:
                 break
+            if seq.inflight:
+                break  # preempted while its last token was being drawn: next step
             hit, hashes = blocks.lookup(seq.tokens, seq.max_cached_blocks(bs))
             reused = blocks.reusable(hit)
             # Blocks shared with running sequences are already in their demand.
@@ -547,6 +569,18 @@ class Scheduler:
         if yielding and (decodes or prefills):
             self.stats["yield_steps"] += 1
         return self._plan(decodes, prefills, copies)
+
+    def _waits_for_inflight(self, seq: Seq) -> bool:
+        """Whether ``seq`` (with a token being drawn) must wait for it: the token ends it
+        anyway (max_tokens or the context), or its prompt's other samples are forked
+        only when it is known."""
+        req = seq.req
+        if not isinstance(req, GenerateRequest):
+            return True
+        if seq.index == 0 and req.pending_fork:
+            return True
+        known = len(seq.tokens) + seq.inflight
+        return known >= self.max_position or known - seq.num_prompt >= req.params.max_tokens
 
     def _run(self, seq: Seq) -> None:
         """Add ``seq`` to the running list after every sequence of its priority or
@@ -605,7 +639,11 @@ class Scheduler:
         logit_rows, samples, sample_rows = plan.logit_rows, plan.samples, plan.sample_rows
         for r, seq in enumerate(decodes):
             p = seq.num_computed
-            plan.decode_tokens.append(seq.tokens[p])
+            if p < len(seq.tokens):
+                plan.decode_tokens.append(seq.tokens[p])
+            else:  # the token a running step draws: read on the device
+                plan.decode_tokens.append(0)
+                plan.decode_sources.append((r, seq.sample_row))
             plan.decode_positions.append(p)
             plan.decode_tables.append(seq.blocks)
             sample_rows.append(r)
@@ -625,6 +663,7 @@ class Scheduler:
                 first = max(start, req.context - 1)
                 for p in range(first, end):
                     plan.scores.append(req)
+                    plan.score_epochs.append(seq.epoch)
                     plan.score_targets.append(req.targets[p - (req.context - 1)])
                     plan.score_rows.append(len(logit_rows))
                     logit_rows.append(row + p - start)
@@ -643,7 +682,24 @@ class Scheduler:
             row += n
             seq.num_computed = end
         plan.seqs = decodes + [s for s, _ in prefills]
+        for seq in plan.seqs:
+            self._register(seq)
+        for r, (seq, index) in enumerate(samples):
+            if index == seq.index:
+                plan.sample_positions.append(len(seq.tokens) - seq.num_prompt + seq.inflight)
+                seq.inflight += 1
+                seq.sample_row = r
+            else:  # a sibling's first token
+                plan.sample_positions.append(0)
         return plan
+
+    def _register(self, seq: Seq) -> None:
+        """Make ``seq``'s full blocks findable in the prefix cache as soon as they are
+        scheduled and their tokens known: the step computing them is queued on the device
+        before any step that could reuse them."""
+        computed = min(seq.num_computed, len(seq.tokens))
+        if seq.blocks and computed // self.block_size > len(seq.hashes):
+            self.blocks.register(seq.tokens, seq.blocks, seq.hashes, computed)
 
     def _demand_of(self, seq: Seq) -> int:
         req, bs = seq.req, self.block_size
@@ -692,6 +748,7 @@ class Scheduler:
         seq.num_computed = 0
         self.demand -= seq.demand
         seq.demand = 0
+        seq.epoch += 1
         self.stats["preemptions"] += 1
         req = seq.req
         if isinstance(req, ScoreRequest):  # recomputes its rows from the start
@@ -721,14 +778,14 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> None:
         """Apply a step's sampled tokens and score rows to the sequences."""
         now = time.time()
-        bs = self.block_size
-        if self.blocks.enable_prefix_caching:
-            for seq in plan.seqs:
-                if seq.num_computed // bs > len(seq.hashes):
-                    self.blocks.register(seq.tokens, seq.blocks, seq.hashes, seq.num_computed)
         if plan.samples:
-            # Fork new siblings first: sample 0 may finish on this very token.
-            seqs = [self._fork(seq, index) if index != seq.index else seq
+            for seq, index in plan.samples:
+                if index == seq.index:
+                    seq.inflight -= 1
+            # Fork new siblings first: sample 0 may finish on this very token. Rows of
+            # requests aborted (or samples finished) since the plan are dropped.
+            seqs = [None if seq.req.done or (index == seq.index and seq.finished)
+                    else self._fork(seq, index) if index != seq.index else seq
                     for seq, index in plan.samples]
             for src in plan.forks:
                 src_req = src.req
@@ -736,6 +793,8 @@ class Scheduler:
                 src_req.pending_fork = 0
             lps, top_ids, top_lps = result.logprobs, result.top_ids, result.top_logprobs
             for r, seq in enumerate(seqs):
+                if seq is None:
+                    continue
                 tok = result.tokens[r]
                 params = seq.params
                 assert params is not None
@@ -751,14 +810,17 @@ class Scheduler:
                 self._append_token(seq, tok, now)
         if plan.scores:
             tops = result.score_top or [(-1, math.nan)] * len(plan.scores)
-            for req, lp, g, top in zip(plan.scores, result.score_logprobs,
-                                       result.score_greedy, tops, strict=True):
+            for req, epoch, lp, g, top in zip(plan.scores, plan.score_epochs,
+                                              result.score_logprobs, result.score_greedy,
+                                              tops, strict=True):
+                if req.done or epoch != req.seqs[0].epoch:
+                    continue  # aborted, or preempted since: its rows are recomputed
                 req.logprobs.append(lp)
                 req.greedy.append(g)
                 req.top.append(top)
             for req in {id(r): r for r in plan.scores}.values():
                 seq = req.seqs[0]
-                if seq.num_computed == len(seq.tokens):
+                if not req.done and len(req.logprobs) == len(req.targets):
                     self._release(seq)
                     self.scores[req.request_id] = ScoreResult(
                         logprob=math.fsum(req.logprobs), is_greedy=all(req.greedy),
@@ -774,6 +836,12 @@ class Scheduler:
         sib = Seq(req, index, list(src.tokens[: src.num_prompt]), src.num_prompt,
                   self._checker(req.params),
                   matcher=req.new_matcher() if req.new_matcher is not None else None)
+        req.seqs.append(sib)
+        if not src.blocks:
+            # The source was preempted while its first token was drawn: the sibling waits
+            # too, and recomputes its prompt (mostly from the prefix cache) when admitted.
+            self._wait(sib)
+            return sib
         sib.blocks = self.blocks.fork(src.blocks[: math.ceil(src.num_prompt / self.block_size)])
         sib.hashes = src.hashes[: src.num_prompt // self.block_size]
         sib.num_computed = src.num_prompt
@@ -781,7 +849,6 @@ class Scheduler:
         share = self._demand_of_sibling(req)
         src.demand -= share
         sib.demand = share
-        req.seqs.append(sib)
         self._run(sib)
         return sib
 

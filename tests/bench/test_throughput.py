@@ -81,3 +81,25 @@ def test_roofline_matches_design_figures() -> None:
                     bandwidth=4.3e12, gemm=795e12, weight_bytes=2 * cfg.num_params(),
                     kv_bytes_per_token=cfg.kv_bytes_per_token)
     assert 6000 < roof["output_tok_per_s"] < 8500, roof
+
+
+def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "overlap.json"
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
+          "8", "--skip-hf", "--compare-overlap", "--out", str(out)])
+    data = json.loads(out.read_text())
+    w = data["workloads"]["a"]
+    assert data["engine"]["overlap"] is True
+    on, off = w["ours"], w["ours_no_overlap"]
+    assert on["output_tokens"] == off["output_tokens"] == w["output_tokens"]
+    assert on["engine_stats"]["overlapped_steps"] > 0
+    assert off["engine_stats"]["overlapped_steps"] == 0
+    assert w["ratios"]["overlap_speedup"] > 0
+    # --no-overlap: the main run is the one without, the comparison the one with.
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
+          "4", "--skip-hf", "--no-overlap", "--compare-overlap", "--out", str(out)])
+    data = json.loads(out.read_text())
+    w = data["workloads"]["a"]
+    assert data["engine"]["overlap"] is False
+    assert w["ours"]["engine_stats"]["overlapped_steps"] == 0
+    assert w["ours_overlap"]["engine_stats"]["overlapped_steps"] > 0
