@@ -277,5 +277,6 @@ def workers_route(
         dtype=w.dtype, devices=list(w.devices or []),
         pipeline_parallel=w.pipeline_parallel, status=w.status, started_at=w.started_at,
         last_seen=w.last_seen, tokens_per_s=w.tokens_per_s, items_done=w.items_done,
-        tokens_done=w.tokens_done, prefix_cache_hit_rate=w.prefix_cache_hit_rate)
+        tokens_done=w.tokens_done, prefix_cache_hit_rate=w.prefix_cache_hit_rate,
+        warmup_seconds=w.warmup_seconds)
         for w in rows])

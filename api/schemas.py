@@ -101,6 +101,9 @@ class WorkerOut(BaseModel):
     tokens_done: int
     prefix_cache_hit_rate: float = Field(
         0.0, description="prompt tokens found in the engine's prefix cache / looked up")
+    warmup_seconds: float | None = Field(
+        None, description="how long its engine's warm-up took before it took work "
+                          "(status 'warming' meanwhile)")
 
 
 class WorkerList(BaseModel):

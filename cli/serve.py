@@ -60,6 +60,9 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
     add_fp8_arguments(p)
+    p.add_argument("--no-warmup", dest="warm_up", action="store_false", default=None,
+                   help="consume at once instead of warming the engine up first (default "
+                        "NEOXQ_WORKER_WARMUP, on)")
     p.add_argument("--worker-id", default=None, help="id shown in the store (default host:pid)")
     p.add_argument("--database-url", default=None, help="overrides NEOXQ_DATABASE_URL")
     p.add_argument("--redis-url", default=None, help="overrides NEOXQ_REDIS_URL")
@@ -93,6 +96,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             database_url=args.database_url,
             redis_url=args.redis_url,
             loglevel=args.loglevel,
+            warm_up=args.warm_up,
             engine_kwargs=engine_kwargs,
         )
     )

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # Whether an idle worker (room in its engine, nothing in the queue) claims queued items
     # of chunks that other workers hold. Off: each chunk runs wholly on its holder.
     worker_share_tail: bool = True
+    # Whether a worker warms its engine up (decode graphs, kernels, a prefill and decodes at
+    # each batch-size bucket) before it consumes its first chunk, so that the first batch
+    # it serves runs at steady speed. Off: those costs fall inside the first batch.
+    worker_warmup: bool = True
     # Attempts per chunk before its remaining items are recorded as failed.
     max_attempts: int = Field(default=3, ge=1)
     # Seconds between worker heartbeats in the store, and how often the engine loop polls

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.status import UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
+from store.status import NOT_READY, UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch, Item, Worker, now
 
 # Columns of a claimed item: what a worker needs to run it, without a second query.
@@ -111,8 +111,11 @@ def fair_share(*, session: Session, batch_id: str | None, live_within: float,
     ``batch_id`` is None; only items in ``status`` if given): the most it should hold at
     once, so that a batch smaller than one engine's capacity still spreads over every
     worker instead of filling the first one to claim."""
+    # Workers still loading or warming up take no work yet: they get their share once
+    # they are ready.
     live = session.scalar(select(func.count()).select_from(Worker).where(
-        Worker.id.in_(live_worker_ids(live_within)))) or 1
+        Worker.id.in_(live_worker_ids(live_within)),
+        Worker.status.not_in(NOT_READY))) or 1
     q = select(func.count()).select_from(Item).where(
         Item.status.in_([status] if status else UNFINISHED_ITEMS))
     if batch_id is None:

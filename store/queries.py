@@ -366,15 +366,17 @@ def register_worker(*, session: Session, worker_id: str, host: str, pid: int, mo
 
 def heartbeat(*, session: Session, worker_id: str, status: str, tokens_per_s: float,
               items_done: int, tokens_done: int, prefix_cache_hit_rate: float = 0.0,
-              batch_rates: dict[str, dict[str, float]] | None = None) -> None:
+              batch_rates: dict[str, dict[str, float]] | None = None,
+              warmup_seconds: float | None = None) -> None:
     """Refresh a worker's liveness, throughput (``tokens_per_s``: generated tokens/s;
     ``batch_rates``: the same per batch, with the tokens, items and token budget each has
-    in flight) and its engine's prefix-cache hit rate."""
+    in flight), its engine's prefix-cache hit rate and how long its warm-up took."""
     session.execute(
         update(Worker).where(Worker.id == worker_id)
         .values(status=status, last_seen=now(), tokens_per_s=tokens_per_s,
                 items_done=items_done, tokens_done=tokens_done,
-                prefix_cache_hit_rate=prefix_cache_hit_rate, batch_rates=batch_rates or {})
+                prefix_cache_hit_rate=prefix_cache_hit_rate, batch_rates=batch_rates or {},
+                warmup_seconds=warmup_seconds)
         .execution_options(synchronize_session=False)
     )
 

@@ -39,6 +39,8 @@ class WorkerStatus(StrEnum):
     """What a worker's heartbeat says it is doing (``stopped``: it shut down cleanly)."""
 
     STARTING = "starting"
+    # Heartbeating while its engine warms up (graphs, kernels): alive, not yet consuming.
+    WARMING = "warming"
     RUNNING = "running"
     IDLE = "idle"
     BUSY = "busy"
@@ -64,6 +66,10 @@ class JobStatus(StrEnum):
 
 # Final job states: a trainer never runs these, and they cannot be cancelled.
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Alive but not yet taking work (loading, warming up): not counted when work is shared
+# out among the workers.
+NOT_READY = frozenset({WorkerStatus.STARTING, WorkerStatus.WARMING})
 
 B = BatchStatus
 # Final: nothing about the batch changes any more (clients stop polling here).

@@ -229,6 +229,8 @@ class Worker(Base):
     # {batch id: {"tokens_per_s", "inflight_tokens", ...}} as of the last heartbeat: this worker's
     # generation per batch, counted as tokens are generated (worker/meter.py).
     batch_rates: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
+    # Seconds its engine's warm-up took before it consumed its first chunk (None: none).
+    warmup_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Model(Base):

@@ -36,6 +36,7 @@ class WorkerOptions:
     database_url: str | None = None
     redis_url: str | None = None
     loglevel: str = "INFO"
+    warm_up: bool | None = None  # None: NEOXQ_WORKER_WARMUP
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,7 +133,10 @@ def run_worker(opts: WorkerOptions) -> int:
     runtime = WorkerRuntime(engine, db, settings, worker_id=worker_id, model=served,
                             devices=devices, pipeline_parallel=opts.pipeline_parallel,
                             exit_on_fatal=True, chat_template=chat, checkpoint=checkpoint,
-                            dtype=dtype_name)
+                            dtype=dtype_name,
+                            warm_up=settings.worker_warmup if opts.warm_up is None
+                            else opts.warm_up)
+    # Registers the worker and warms its engine up: Celery below consumes only after.
     runtime.start()
     from worker.metrics import start_metrics  # Prometheus (issue 8); off when port is 0
 

@@ -108,6 +108,10 @@ class _RuntimeCollector(Collector):
             "neoxq_worker_prefix_cache_hit_rate",
             "Prompt tokens found in the engine's prefix cache / prompt tokens looked up",
             value=float(rt.loop.engine_stats.get("prefix_cache_hit_rate", 0.0)))
+        yield GaugeMetricFamily(
+            "neoxq_worker_warmup_seconds",
+            "Seconds the engine's warm-up took before the worker took work (0: none yet)",
+            value=float(rt.warmup_seconds or 0.0))
         steps = CounterMetricFamily("neoxq_worker_engine_steps", "Engine steps taken")
         steps.add_metric([], float(getattr(rt.loop, "steps", 0)))
         yield steps

@@ -614,6 +614,15 @@ class Control(threading.Thread):
         touch_every = min(s.heartbeat_interval, s.dead_worker_after / 3)
         while not self._stop_evt.wait(s.cancel_poll_interval):
             now = time.monotonic()
+            if self.rt.warming:
+                # Only alive while the engine warms up: no work is taken or given back.
+                if now >= next_beat:
+                    next_beat = now + s.heartbeat_interval
+                    try:
+                        self.rt.beat()
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("heartbeat failed: %s", exc)
+                continue
             try:
                 self.rt.poll_cancellations()
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try next time
@@ -710,10 +719,15 @@ class WorkerRuntime:
                  worker_id: str | None = None, model: str = "",
                  devices: Sequence[str] = (), pipeline_parallel: int = 1,
                  exit_on_fatal: bool = False, chat_template: ChatTemplate | None = None,
-                 checkpoint: str | None = None, dtype: str | None = None) -> None:
+                 checkpoint: str | None = None, dtype: str | None = None,
+                 warm_up: bool = False) -> None:
         # ``model``: the name this worker serves (its batches name it; settings.queue is
-        # that model's queue); ``checkpoint`` and ``dtype``: what it loaded.
+        # that model's queue); ``checkpoint`` and ``dtype``: what it loaded. ``warm_up``:
+        # :meth:`start` warms the engine up (models/engine/warmup.py) before returning.
         self.settings = settings
+        self.warm_up = warm_up
+        self.warming = False
+        self.warmup_seconds: float | None = None
         # Chat lines' messages become prompts here, with the checkpoint's template.
         self.chat_template = chat_template or load_chat_template(None)
         self.db = db
@@ -764,10 +778,31 @@ class WorkerRuntime:
             # to give back, since to others this id now looks alive again.
             release_worker(session=session, worker_id=self.worker_id)
         self.writer.start()
-        self.loop.start()
+        if self.warm_up:
+            self.warming = True
+        # The control thread heartbeats from now on (while the engine warms up too, so
+        # that a long warm-up never looks like a dead worker).
         self.control.start()
+        if self.warm_up:
+            self._warm_up()
+        self.loop.start()
         self.lane.start()
         self.beat(WorkerStatus.RUNNING)
+
+    def _warm_up(self) -> None:
+        """Warm the engine up before anything is consumed (the engine loop is not running
+        yet, so this thread may drive the engine): the first chunk then runs at steady
+        speed instead of capturing graphs and compiling kernels inside its own time."""
+        from models.engine.warmup import warm_up
+
+        try:
+            self.beat(WorkerStatus.WARMING)
+            log.info("warming up the engine before consuming")
+            report = warm_up(self.loop.engine)
+            self.warmup_seconds = report.seconds
+            log.info("%s", report.describe())
+        finally:
+            self.warming = False
 
     def begin_drain(self) -> None:
         """SIGTERM: take no new chunks; in-flight ones get ``shutdown_grace`` seconds."""
@@ -1101,14 +1136,18 @@ class WorkerRuntime:
             self.tokens_per_s = snap.tokens_per_s
             values = (self.tokens_per_s, self.items_done, self.tokens_done)
         if status is None:
-            status = WorkerStatus.DRAINING if self.draining_since is not None else (
-                WorkerStatus.BUSY if self.loop.active_batches() else WorkerStatus.IDLE)
+            if self.warming:
+                status = WorkerStatus.WARMING
+            elif self.draining_since is not None:
+                status = WorkerStatus.DRAINING
+            else:
+                status = WorkerStatus.BUSY if self.loop.active_batches() else WorkerStatus.IDLE
         with session_scope(self.db) as session:
             heartbeat(session=session, worker_id=self.worker_id, status=status,
                       tokens_per_s=values[0], items_done=values[1], tokens_done=values[2],
                       prefix_cache_hit_rate=self.loop.engine_stats.get(
                           "prefix_cache_hit_rate", 0.0),
-                      batch_rates=snap.batch_rates())
+                      batch_rates=snap.batch_rates(), warmup_seconds=self.warmup_seconds)
 
     def _count(self, rows: list[ResultRow]) -> None:
         with self._stats_lock:

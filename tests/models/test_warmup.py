@@ -1,0 +1,83 @@
+"""Engine warm-up (models/engine/warmup.py): every decode bucket run, nothing changed for
+the requests served afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import get_preset
+from models.engine import Engine
+from models.engine.runner import DecodeGraphs, decode_buckets
+from models.engine.warmup import DECODE_STEPS, warm_up
+from models.model import NeoX, init_random_
+from models.sampling import SamplingParams
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> NeoX:
+    config = get_preset("tiny").replace(vocab_size=VOCAB, max_position=128)
+    return init_random_(NeoX(config), seed=2).eval()
+
+
+def _requests() -> tuple[list[list[int]], list[SamplingParams]]:
+    prompts = [[3 + (7 * i + j) % 400 for j in range(5 + 3 * i)] for i in range(6)]
+    # No seeds: the engine draws them, so a warm-up drawing from the same stream would
+    # change these outputs.
+    params = [SamplingParams(temperature=1.0, max_tokens=12, n=1 + i % 2) if i % 2 else
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+              for i in range(6)]
+    return prompts, params
+
+
+def test_warm_up_changes_nothing(model: NeoX) -> None:
+    prompts, params = _requests()
+    cold = Engine(model, None, num_blocks=300, block_size=4, max_num_seqs=32, seed=5)
+    expected = cold.generate(prompts, params)
+
+    warm = Engine(model, None, num_blocks=300, block_size=4, max_num_seqs=32, seed=5)
+    report = warm_up(warm)
+    # On the CPU one bucket runs: nothing to compile, capture or tune.
+    assert report.buckets == [1] and report.requests == 1 and report.seconds > 0
+    assert not warm.has_unfinished() and warm.blocks.num_free == warm.blocks.capacity
+    got = warm.generate(prompts, params)
+    assert [[s.token_ids for s in o.samples] for o in got] == \
+        [[s.token_ids for s in o.samples] for o in expected]
+
+
+def test_each_bucket_prefills_in_one_step_then_decodes_at_its_size(model: NeoX) -> None:
+    """Every bucket's prompts are admitted together, so its decode steps run at exactly
+    that batch size: through the (uncaptured) decode graph of that bucket."""
+    engine = Engine(model, None, num_blocks=150, block_size=4, max_num_seqs=32,
+                    max_batch_tokens=96)
+    engine.runner.graphs = DecodeGraphs(engine.runner, 32, capture=False)
+    buckets = decode_buckets(32)
+    report = warm_up(engine, buckets=buckets)
+    assert report.buckets == buckets and report.requests == sum(buckets)
+    assert report.graphs == len(buckets)
+    stats = engine.stats
+    # Per bucket: one prefill step, DECODE_STEPS decode-only steps (graph steps), the
+    # second of which read its tokens from the first's samples on the device.
+    assert stats["steps"] == (1 + DECODE_STEPS) * len(buckets)
+    assert stats["decode_steps"] == stats["graph_steps"] == DECODE_STEPS * len(buckets)
+    assert stats["preemptions"] == 0
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.capacity
+
+
+def test_refuses_a_busy_engine_and_bad_buckets(model: NeoX) -> None:
+    engine = Engine(model, None, num_blocks=50, block_size=4, max_num_seqs=8)
+    with pytest.raises(ValueError, match="buckets"):
+        warm_up(engine, buckets=[16])
+    engine.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="unfinished"):
+        warm_up(engine)
