@@ -4,11 +4,12 @@ for inside its own time.
 A fresh engine has tuned its decode kernel (at construction, on CUDA) but not yet
 captured its decode graphs, compiled the Triton specialisations or picked the cuBLAS and
 attention kernels of the shapes it will meet. :func:`warm_up` captures every decode graph,
-then runs, for each decode batch-size bucket B, B prompts prefilled in one step followed
-by decode steps at batch B (a graph replay, the next step reading the previous one's
-tokens on the device): the shapes of a batch ramping up and draining. Without decode
-graphs only the smallest and largest bucket run; on the CPU (nothing to compile, capture
-or tune) only the smallest.
+then runs, for each decode batch-size bucket B: B prompts prefilled in one step, a
+decode-only step at batch B (a graph replay reading the prefill's samples on the
+device), and a mixed step of those B decodes with a long prompt's prefill (the eager
+decode path, a long prefill chunk) - the shapes of a batch ramping up, running with new
+prompts arriving, and draining. Without decode graphs only the smallest and largest
+bucket run; on the CPU (nothing to compile, capture or tune) only the smallest.
 
 The work is greedy on fixed token ids with explicit seeds: it draws nothing from the
 engine's seed stream, so the requests served afterwards get exactly the outputs they
@@ -26,8 +27,8 @@ from models.engine.protocol import InferenceEngine
 from models.engine.runner import decode_buckets
 from models.params import SamplingParams
 
-# Decode steps per bucket: the first reads its tokens from the prefill's samples, the
-# second from a decode graph's.
+# Decode steps of each bucket's B sequences: decode-only (a graph step), then mixed with
+# a long prompt's prefill (eager).
 DECODE_STEPS = 2
 # Longest warm-up prompt: long enough for the prefill kernels of long chunks, short
 # enough that the warm-up takes seconds on the 20B.
@@ -46,7 +47,7 @@ class WarmUpReport:
 
     def describe(self) -> str:
         return (f"warm-up {self.seconds:.1f}s: {self.graphs} decode graphs captured in "
-                f"{self.capture_seconds:.1f}s, prefill + {DECODE_STEPS} decode steps at "
+                f"{self.capture_seconds:.1f}s, a prefill and {DECODE_STEPS} decode steps at "
                 f"batch sizes {self.buckets} ({self.requests} requests)")
 
 
@@ -79,19 +80,33 @@ def warm_up(engine: InferenceEngine, *, buckets: Sequence[int] | None = None,
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=1 + DECODE_STEPS, ignore_eos=True,
                             seed=0)
+
+    def prompt(n: int) -> list[int]:  # distinct prompts: no prefix-cache hits among them
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    def step() -> None:
+        for out in engine.step():
+            if out.error is not None:
+                raise RuntimeError(f"warm_up: {out.request_id}: {out.error}")
+
     requests = 0
     for b in buckets:
         length = _prompt_length(engine, b)
         for i in range(b):
-            # Distinct prompts: no prefix-cache hits among them.
-            engine.add_request(f"_warmup_{b}_{i}", [rng.randrange(2, vocab)
-                                                    for _ in range(length)], params)
+            engine.add_request(f"_warmup_{b}_{i}", prompt(length), params)
         requests += b
+        step()  # the B prefills
+        step()  # B decodes (a graph step)
+        long = min(engine.max_batch_tokens - b, engine.max_position - 3,
+                   engine.cache_tokens // 4)
+        if long > 0 and b < engine.max_num_seqs:  # prefilled next to the B decodes
+            engine.add_request(f"_warmup_{b}_long", prompt(long),
+                               SamplingParams(temperature=0, max_tokens=2,
+                                              ignore_eos=True, seed=0))
+            requests += 1
         steps = 0
         while engine.has_unfinished():
-            for out in engine.step():
-                if out.error is not None:
-                    raise RuntimeError(f"warm_up: {out.request_id}: {out.error}")
+            step()
             steps += 1
             if steps > max_steps:
                 raise RuntimeError("warm_up: the engine does not finish its warm-up requests")
@@ -102,6 +117,7 @@ def warm_up(engine: InferenceEngine, *, buckets: Sequence[int] | None = None,
 def _prompt_length(engine: InferenceEngine, b: int) -> int:
     """Prompt length for bucket ``b``: all ``b`` prompts prefill in one step (so that the
     decode steps run at exactly ``b``), with room for their tokens in the KV cache."""
+    # Half the cache: the long prompt (a quarter at most) and block rounding fit too.
     room = engine.cache_tokens // (2 * b) - DECODE_STEPS - 1 - engine.block_size
     return max(1, min(engine.max_batch_tokens // b, room, MAX_PROMPT,
                       engine.max_position - DECODE_STEPS - 2))

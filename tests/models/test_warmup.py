@@ -9,7 +9,7 @@ import torch
 from models.config import get_preset
 from models.engine import Engine
 from models.engine.runner import DecodeGraphs, decode_buckets
-from models.engine.warmup import DECODE_STEPS, warm_up
+from models.engine.warmup import warm_up
 from models.model import NeoX, init_random_
 from models.sampling import SamplingParams
 
@@ -48,7 +48,7 @@ def test_warm_up_changes_nothing(model: NeoX) -> None:
     warm = Engine(model, None, num_blocks=300, block_size=4, max_num_seqs=32, seed=5)
     report = warm_up(warm)
     # On the CPU one bucket runs: nothing to compile, capture or tune.
-    assert report.buckets == [1] and report.requests == 1 and report.seconds > 0
+    assert report.buckets == [1] and report.requests == 2 and report.seconds > 0
     assert not warm.has_unfinished() and warm.blocks.num_free == warm.blocks.capacity
     got = warm.generate(prompts, params)
     assert [[s.token_ids for s in o.samples] for o in got] == \
@@ -63,13 +63,17 @@ def test_each_bucket_prefills_in_one_step_then_decodes_at_its_size(model: NeoX) 
     engine.runner.graphs = DecodeGraphs(engine.runner, 32, capture=False)
     buckets = decode_buckets(32)
     report = warm_up(engine, buckets=buckets)
-    assert report.buckets == buckets and report.requests == sum(buckets)
+    assert report.buckets == buckets
     assert report.graphs == len(buckets)
     stats = engine.stats
-    # Per bucket: one prefill step, DECODE_STEPS decode-only steps (graph steps), the
-    # second of which read its tokens from the first's samples on the device.
-    assert stats["steps"] == (1 + DECODE_STEPS) * len(buckets)
-    assert stats["decode_steps"] == stats["graph_steps"] == DECODE_STEPS * len(buckets)
+    # Per bucket: the prefill step, a decode-only (graph) step reading the prefill's
+    # samples on the device, the decodes mixed with a long prompt's prefill, and that
+    # prompt's own decode (a graph step at batch 1). The largest bucket fills the
+    # engine: its second decode step is decode-only too.
+    n = len(buckets)
+    assert stats["steps"] == 4 * (n - 1) + 3
+    assert stats["decode_steps"] == stats["graph_steps"] == 2 * n
+    assert report.requests == sum(buckets) + n - 1
     assert stats["preemptions"] == 0
     assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.capacity
 
