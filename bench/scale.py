@@ -89,7 +89,7 @@ class Fleet:
     """The worker processes of one configuration, on one queue and store."""
 
     def __init__(self, args: argparse.Namespace, name: str, db_url: str, redis_url: str,
-                 work: Path) -> None:
+                 work: Path, env: dict[str, str] | None = None) -> None:
         from core.settings import Settings
 
         groups, share = CONFIGS[name]
@@ -100,6 +100,7 @@ class Fleet:
                                  redis_key_prefix=f"neoxq_scale_{tag}:",
                                  worker_concurrency=args.concurrency,
                                  worker_share_tail=share)
+        env_extra = env
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEOXQ_")}
         env.update({"NEOXQ_DATABASE_URL": db_url, "NEOXQ_REDIS_URL": redis_url,
                     "NEOXQ_QUEUE": self.settings.queue,
@@ -107,6 +108,7 @@ class Fleet:
                     "NEOXQ_WORKER_CONCURRENCY": str(args.concurrency),
                     "NEOXQ_WORKER_SHARE_TAIL": "1" if share else "0",
                     "NEOXQ_HEARTBEAT_INTERVAL": "2", "PYTHONUNBUFFERED": "1"})
+        env.update(env_extra or {})
         self.procs: list[subprocess.Popen] = []
         self.ids: list[str] = []
         for i, gpus in enumerate(groups):

@@ -35,6 +35,13 @@ each mode's rows under ``modes`` with its output tok/s over the first mode's
 the bf16 GEMM rate measured in the run.
 
     python -m bench.throughput --workload a --modes bf16,fp8-kv,fp8-all --skip-hf --out x.json
+
+The engine overlaps each step's host work with the GPU (``Engine(overlap=True)``);
+``--no-overlap`` runs one step at a time, and ``--compare-overlap`` runs every workload
+again on the same engine with the overlap switched the other way (``ours_no_overlap``
+or ``ours_overlap``, and ``ratios.overlap_speedup`` = time off / time on):
+
+    python -m bench.throughput --workload a --skip-hf --compare-overlap --out /tmp/o.json
 """
 
 from __future__ import annotations

@@ -67,9 +67,10 @@ class JobStatus(StrEnum):
 # Final job states: a trainer never runs these, and they cannot be cancelled.
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-# Alive but not yet taking work (loading, warming up): not counted when work is shared
-# out among the workers.
-NOT_READY = frozenset({WorkerStatus.STARTING, WorkerStatus.WARMING})
+# Alive but not yet taking work (warming its engine up): not counted when work is shared
+# out among the workers. (``starting`` lasts only from registration to the first
+# heartbeat, which says ``warming`` or that the worker is ready.)
+NOT_READY = frozenset({WorkerStatus.WARMING})
 
 B = BatchStatus
 # Final: nothing about the batch changes any more (clients stop polling here).

@@ -214,3 +214,17 @@ def test_fair_share_is_a_live_workers_part_of_the_unfinished_items(db: Engine) -
         s.execute(update(Worker).where(Worker.id.in_(("b", "c"))).values(status="stopped"))
     with session_scope(db) as s:
         assert fair_share(session=s, batch_id=b, live_within=LIVE) == 10  # one worker left
+
+
+def test_a_warming_worker_has_no_share_yet(db: Engine) -> None:
+    """A worker warming its engine up heartbeats (alive) but takes no work: the others'
+    shares are not cut for it until it is ready."""
+    b = batch_of(db, 10)
+    live(db, "a", "b")
+    with session_scope(db) as s:
+        s.execute(update(Worker).where(Worker.id == "b").values(status="warming"))
+    with session_scope(db) as s:
+        assert fair_share(session=s, batch_id=b, live_within=LIVE) == 10
+        s.execute(update(Worker).where(Worker.id == "b").values(status="idle"))
+    with session_scope(db) as s:
+        assert fair_share(session=s, batch_id=b, live_within=LIVE) == 5
