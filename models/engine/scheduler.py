@@ -13,14 +13,16 @@ Plain Python, no torch: it runs (and is tested) on plain data. Every step:
    out of memory whatever the workload. While a request of higher priority is in the
    engine (an interactive request during a batch), lower-priority sequences share each
    step with it only up to ``yield_tokens`` tokens: the rest of them pause (keeping
-   their blocks) so that its steps run at nearly the speed of an idle engine. The
+   their blocks) so that its steps run at nearly the speed of an idle engine. Full
+   blocks whose tokens are known become findable in the prefix cache as soon as they
+   are scheduled (the step computing them runs before any step that reuses them). The
    result is a :class:`StepPlan`.
 2. The engine's runner turns the plan into tensors and runs the network; its sampler
    turns the logits into a :class:`StepResult`.
 3. :meth:`Scheduler.update` appends the tokens, checks stop conditions, forks the
    ``n`` samples of a prompt whose prefill just ended (they share its blocks; a shared
-   partial block is copied on first write), records score rows, makes newly full blocks
-   findable in the prefix cache, frees finished sequences and produces their outputs.
+   partial block is copied on first write), records score rows, frees finished
+   sequences and produces their outputs.
 
 A step may be scheduled while the previous one is still running (the one-GPU engine
 overlaps its host work with the device): a sequence whose last step drew a token the
