@@ -95,11 +95,31 @@ def run_trainer(opts: TrainerOptions) -> int:
             log.info("claimed %s (%s)", job_id, "resuming" if claim.resumed else "new")
             try:
                 JobRun(claim, db=db, settings=settings, setup=setup, stopping=stopping).run()
-            except Exception:  # noqa: BLE001 - e.g. the database went away mid-job
-                # The job keeps its lease until it goes stale; then a trainer resumes it.
+            except Exception as exc:  # noqa: BLE001 - a bug, or the store went away
                 log.exception("job %s: the trainer failed while running it", job_id)
+                give_up(db, job_id, setup.trainer_id, exc)
             break
     r.close()
     db.dispose()
     log.info("trainer %s stopped", setup.trainer_id)
     return 0
+
+
+def give_up(db: Any, job_id: str, trainer_id: str, exc: Exception) -> None:
+    """Fail a job this trainer could not run (an error that would recur on any trainer).
+    If even that cannot be written (the store is down), the lease goes stale and a
+    trainer resumes the job later."""
+    from store.db import session_scope
+    from store.jobs import add_event, finish_job
+    from store.status import JobStatus
+
+    message = f"the trainer failed: {type(exc).__name__}: {exc}"[:2000]
+    try:
+        with session_scope(db) as s:
+            if finish_job(session=s, job_id=job_id, trainer_id=trainer_id,
+                          status=JobStatus.FAILED,
+                          error={"code": "trainer_error", "message": message, "param": None}):
+                add_event(session=s, job_id=job_id, level="error",
+                          message=f"The job failed: {message}")
+    except Exception:  # noqa: BLE001
+        log.exception("job %s: could not record the failure", job_id)

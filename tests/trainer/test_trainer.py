@@ -226,3 +226,15 @@ def test_a_killed_trainers_job_resumes_from_its_checkpoint(stack: Live, byte_mod
     assert steps == list(range(1, total + 1))  # every step once, across both runs
     ckpts = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=20)]
     assert ckpts == sorted(ckpts, reverse=True) and ckpts[0] == total
+    # A job whose examples do not fit its max_length fails naming their lines (that check
+    # needs the model's tokenizer, so the trainer makes it, not the upload).
+    failing = client.fine_tuning.jobs.create(model=BASE, training_file=train.id,
+                                             method=neoxq_method(max_length=16, max_steps=2))  # type: ignore[arg-type]
+    failed = wait(lambda: (j := client.fine_tuning.jobs.retrieve(failing.id)).status in (
+        "succeeded", "failed", "cancelled") and j, 120, "the bad job to fail", live)
+    assert failed.status == "failed" and failed.error.code == "training_failed"
+    assert "40 bad line(s)" in failed.error.message
+    assert ":1: " in failed.error.message and "longer than max_length 16" in failed.error.message
+    assert failed.fine_tuned_model is None
+    assert any(e.level == "error" and e.message.startswith("The job failed")
+               for e in client.fine_tuning.jobs.list_events(failing.id).data)
