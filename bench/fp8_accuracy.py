@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--train-seq", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "small_model": "preset:tiny" if small else "preset:pythia-160m",
         "big_seqs": 2, "seqs": 2 if small else 8, "seq_len": 48 if small else 256,
         "chunk": 16 if small else 96, "gen_tokens": 8 if small else 32,
-        "train_steps": 20 if small else 300, "train_batch": 4 if small else 32,
+        "train_steps": 20 if small else 300, "train_batch": 4 if small else 16,
         "train_seq": 32 if small else 256,
     }
     for key, value in defaults.items():
