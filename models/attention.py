@@ -518,6 +518,44 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
     return paged_decode_kernel, merge_kernel
 
 
+def decode_kernels():  # noqa: ANN201 - two triton JIT functions
+    """The Triton JIT functions (decode kernel, merge kernel), built on first use."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build_kernels()
+    return _KERNELS
+
+
+def decode_constexprs(num_heads: int, head_dim: int, block_size: int, config: DecodeConfig,
+                      has_scale: bool) -> dict[str, int | bool]:
+    """The decode kernel's compile-time arguments for a shape and ``config``. The head
+    dim is one padded power of two, or two parts when ``config.split_hd``; a
+    ``heads_per_program`` that is not a power of two dividing ``num_heads`` becomes 1."""
+    if config.split_hd:
+        hd_a, hd_b = _split_head_dim(head_dim)
+    else:
+        hd_a, hd_b = max(16, _pow2_at_least(head_dim)), 0
+    hpp = config.heads_per_program
+    if hpp < 1 or hpp & (hpp - 1) or num_heads % hpp:
+        hpp = 1
+    return {"NUM_HEADS": num_heads, "HEAD_DIM": head_dim, "HD_A": hd_a, "HD_B": hd_b,
+            "HD_B_ALLOC": max(hd_b, 16), "BLOCK_SIZE": block_size,
+            "TILE": max(config.tile, 1), "NUM_STAGES": config.num_stages, "HPP": hpp,
+            "LANES": bool(config.lanes), "PREFETCH": bool(config.prefetch),
+            "HAS_SCALE": has_scale}
+
+
+def merge_constexprs(num_heads: int, head_dim: int, splits: int) -> dict[str, int]:
+    """The merge kernel's compile-time arguments: RH heads per program (a power of two
+    dividing ``num_heads``, at most 16 partials a program)."""
+    s_p = _pow2_at_least(splits)
+    rh = 1
+    while rh * 2 * s_p <= 16 and num_heads % (rh * 2) == 0:
+        rh *= 2
+    return {"NUM_HEADS": num_heads, "HEAD_DIM": head_dim,
+            "HD_P": max(16, _pow2_at_least(head_dim)), "S_P": s_p, "RH": rh}
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -533,25 +571,28 @@ def _split_head_dim(hd: int) -> tuple[int, int]:
 
 
 # The candidates the tuner times, in the order they are compiled and checked (if that
-# takes half the tuner's time budget, the rest are left out). Decode is latency-bound per
-# program: what reaches the bandwidth is many resident programs each with a tile's loads
-# in flight, so registers per thread decide (ptxas for sm_90 at the 20B's shape, bf16:
-# one-warp programs of 8-16 tokens take 72-105 registers and fit 18-28 per SM with no
-# shared memory or barriers; the first kernel's default, 64 tokens on 4 warps, takes 252,
-# two programs per SM). One warp keeps every reduction inside the warp.
+# takes half the tuner's time budget, the rest are left out). A decode program is a chain
+# of dependent loads; what reaches the bandwidth is enough bytes in flight per SM: many
+# small resident programs, and loads issued ahead of the math. ptxas for sm_90 at the
+# 20B's shape (bf16): one-warp programs of 8-16 tokens take 64-88 registers, 23-32
+# resident per SM, with no barriers (every reduction stays in the warp); num_stages 2-3
+# pipelines the K/V loads through shared memory (cp.async, ~8 KB a stage for 16 tokens);
+# the first kernel's default (64 tokens, 4 warps) takes 124 registers, 4 per SM.
 DECODE_CONFIGS: tuple[DecodeConfig, ...] = (
+    DecodeConfig(16, 1, 3, 1, False),
+    DecodeConfig(8, 1, 3, 1, False),
     DecodeConfig(16, 1, 1, 1, False),
+    DecodeConfig(16, 2, 3, 1, False),
     DecodeConfig(8, 1, 1, 1, False),
-    DecodeConfig(32, 1, 1, 1, False),
-    DecodeConfig(16, 4, 1, 1, False),
-    DecodeConfig(8, 1, 1, 2, False),
+    DecodeConfig(32, 1, 2, 1, False),
     DecodeConfig(8, 1, 1, 1, False, prefetch=True),
-    DecodeConfig(32, 4, 1, 1, False, split_hd=True),
-    DecodeConfig(16, 2, 1, 1, False),
-    DecodeConfig(16, 1, 1, 2, False),
+    DecodeConfig(32, 4, 3, 1, False),
     DecodeConfig(16, 1, 2, 1, False),
-    DecodeConfig(32, 2, 1, 1, False),
+    DecodeConfig(8, 1, 1, 2, False),
+    DecodeConfig(32, 1, 1, 1, False),
+    DecodeConfig(16, 1, 3, 2, False),
     DecodeConfig(16, 4, 1, 1, True),
+    DecodeConfig(32, 4, 1, 1, False, split_hd=True),
     DecodeConfig(64, 4, 1, 1, False, split_hd=True),
 )
 DECODE_SPLITS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -596,10 +637,7 @@ def paged_decode_triton(
     to :func:`decode_choice` for this step's shape. The launch depends only on shapes,
     so the call can be captured in a CUDA graph and replayed with other lengths/tables.
     """
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _build_kernels()
-    kernel, merge = _KERNELS
+    kernel, merge = decode_kernels()
     _check_scales(k_cache, k_scale, v_scale)
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
@@ -607,15 +645,12 @@ def paged_decode_triton(
         pick = decode_choice(nh, hd, bs, k_cache.dtype, d, block_tables.shape[1] * bs)
         config = pick.config if config is None else config
         num_splits = pick.splits if num_splits is None else num_splits
-    tile, num_warps, num_stages, hpp, lanes, prefetch, split_hd = config
-    if hpp < 1 or hpp & (hpp - 1) or nh % hpp:
-        hpp = 1
+    consts = decode_constexprs(nh, hd, bs, config, k_scale is not None)
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
     out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
     if d == 0:
         return out
-    hd_a, hd_b = _split_head_dim(hd) if split_hd else (max(16, _pow2_at_least(hd)), 0)
     splits = max(1, int(num_splits))
     if k_scale is not None:
         assert v_scale is not None
@@ -631,25 +666,19 @@ def paged_decode_triton(
     if splits > 1:
         part_o = torch.empty(d, nh, splits, hd, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(d, nh, splits, dtype=torch.float32, device=q.device)
-    kernel[(nh // hpp, d, splits)](
+    kernel[(nh // consts["HPP"], d, splits)](
         out, part_o, part_lse,
         q, k_cache, v_cache, ks, vs, block_tables, context_lens,
         (1.0 / math.sqrt(hd)) * 1.4426950408889634, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *s_strides,
         block_tables.stride(0),
-        NUM_HEADS=nh, HEAD_DIM=hd, HD_A=hd_a, HD_B=hd_b, HD_B_ALLOC=max(hd_b, 16),
-        BLOCK_SIZE=bs, TILE=max(tile, 1), NUM_STAGES=num_stages, HPP=hpp, LANES=bool(lanes),
-        PREFETCH=bool(prefetch), HAS_SCALE=k_scale is not None, num_warps=num_warps,
+        **consts, num_warps=config.num_warps,
     )
     if splits > 1:
-        s_p = _pow2_at_least(splits)
-        rh = 1  # heads per merge program: a power of two dividing nh, <= 16 partials
-        while rh * 2 * s_p <= 16 and nh % (rh * 2) == 0:
-            rh *= 2
-        merge[(d, nh // rh)](
-            out, part_o, part_lse, splits, out.stride(0), out.stride(1),
-            NUM_HEADS=nh, HEAD_DIM=hd, HD_P=max(16, _pow2_at_least(hd)), S_P=s_p, RH=rh,
+        m_consts = merge_constexprs(nh, hd, splits)
+        merge[(d, nh // m_consts["RH"])](
+            out, part_o, part_lse, splits, out.stride(0), out.stride(1), **m_consts,
             num_warps=4,
         )
     return out

@@ -1,9 +1,15 @@
-"""Runs cases of the Triton decode kernel under Triton's interpreter (CPU) and prints,
-as JSON, each case's largest difference from the torch reference.
+"""Runs cases of the Triton decode kernel on a machine without a GPU, printing JSON.
 
-Run by tests/models/test_attention.py in a subprocess with ``TRITON_INTERPRET=1`` (the
-interpreter is chosen when the kernel is built, so it must not share a process with
-code that builds the kernel for a GPU). Input: a JSON list of cases on stdin.
+* default: under Triton's interpreter (needs ``TRITON_INTERPRET=1``), each case's largest
+  difference from the torch reference;
+* ``--compile-sm90``: compiles each case's kernel variant for an H100/H200 (sm_90, with
+  the ptxas that ships in triton's wheel) as a launch at the 20B's shape would, and
+  reports its shared memory; the interpreter cannot catch what only the compiler checks
+  (types carried around loops, layouts).
+
+Run by tests/models/test_attention.py in a subprocess (the interpreter is chosen when
+the kernel is built, so it must not share a process with code that builds the kernel
+for a GPU). Input: a JSON list of cases on stdin.
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ import sys
 
 import torch
 
-from models.attention import DecodeConfig, paged_decode_torch, paged_decode_triton
+from models.attention import (
+    DecodeConfig,
+    decode_constexprs,
+    decode_kernels,
+    merge_constexprs,
+    paged_decode_torch,
+    paged_decode_triton,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float8_e4m3fn": torch.float8_e4m3fn}
@@ -58,11 +71,55 @@ def run_case(case: dict) -> float:
     return (got.float() - ref).abs().max().item()
 
 
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
+                 "float8_e4m3fn": "fp8e4nv"}
+
+
+def compile_sm90(case: dict) -> dict:
+    """Compile the case's decode kernel (and, if it says ``merge``, the merge kernel)
+    for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, merge = decode_kernels()
+    cache = _TRITON_TYPES[case["dtype"]]
+    fp8 = case["dtype"] == "float8_e4m3fn"
+    q = "bf16" if fp8 else cache
+    cfg = DecodeConfig(*case["config"])
+    ptrs = {"out_ptr": q, "part_o_ptr": "fp32", "part_lse_ptr": "fp32", "q_ptr": q,
+            "k_ptr": cache, "v_ptr": cache, "ks_ptr": "fp32" if fp8 else q,
+            "vs_ptr": "fp32" if fp8 else q, "bt_ptr": "i64", "ctx_ptr": "i64"}
+    consts = decode_constexprs(case["num_heads"], case["head_dim"], case["block_size"], cfg,
+                               fp8)
+    names = kernel.arg_names
+    sig = {n: ("*" + ptrs[n] if n in ptrs else "fp32" if n == "scale_log2"
+               else "constexpr" if n in consts else "i32") for n in names}
+    # As a launch specializes them: pointers and strides (all multiples of 16 elements
+    # at the 20B's shape) divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in ptrs or n.startswith("stride")}
+    target = GPUTarget("cuda", 90, 32)
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                       target=target, options={"num_warps": cfg.num_warps})
+    if not case.get("merge"):
+        return {"shared": k.metadata.shared}
+    m_consts = merge_constexprs(case["num_heads"], case["head_dim"], 4)
+    m_sig = {n: ("constexpr" if n in m_consts else "*fp32" if n.startswith("part")
+                 else "*" + q if n == "out_ptr" else "i32") for n in merge.arg_names}
+    triton.compile(ASTSource(fn=merge, signature=m_sig, constexprs=m_consts), target=target,
+                   options={"num_warps": 4})
+    return {"shared": k.metadata.shared}
+
+
 def main() -> int:
+    cases = json.load(sys.stdin)
+    if "--compile-sm90" in sys.argv[1:]:
+        json.dump({c["name"]: compile_sm90(c) for c in cases}, sys.stdout)
+        return 0
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    cases = json.load(sys.stdin)
     json.dump({c["name"]: run_case(c) for c in cases}, sys.stdout)
     return 0
 

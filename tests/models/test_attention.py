@@ -148,18 +148,10 @@ _CASES = [
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, float]:
     """Every case's max |kernel - torch|, from one interpreter subprocess."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
     cases = [{"name": n, "head_dim": hd, "block_size": bs, "dtype": dt, "num_heads": 4,
               "context_lens": lens, "config": cfg, "splits": s, "seed": i}
              for i, (n, hd, bs, dt, lens, cfg, s) in enumerate(_CASES)]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.models.decode_interp"],
-                          input=json.dumps(cases), capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return _run_cases(cases, env={"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.parametrize("name", [c[0] for c in _CASES])
@@ -168,6 +160,37 @@ def test_interpreted_kernel_matches_torch(interpreted: dict[str, float], name: s
     # Outputs are in the query's dtype: one rounding of a value of magnitude < 4.
     tol = {"float32": 1e-5, "float16": 4e-3}.get(dtype, 2e-2)
     assert interpreted[name] <= tol, (name, interpreted[name])
+
+
+def _run_cases(cases: list[dict], *args: str, env: dict[str, str] | None = None) -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.models.decode_interp", *args],
+                          input=json.dumps(cases), capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_kernel_compiles_for_the_h200() -> None:
+    # What the interpreter cannot see (types carried around the loop, layouts, shared
+    # memory) the compiler checks: the variants of the 20B's shape, for sm_90, with the
+    # ptxas in triton's wheel. The GPU test below compiles and runs them all.
+    cases = [
+        {"name": "pipelined_bf16", "config": DECODE_CONFIGS[0], "dtype": "bfloat16",
+         "merge": True},
+        {"name": "prefetch_fp8", "config": (8, 1, 1, 1, False, True), "dtype": "float8_e4m3fn"},
+        {"name": "lanes_split_hd_bf16", "config": (16, 4, 1, 1, True, True, True),
+         "dtype": "bfloat16"},
+    ]
+    for c in cases:
+        c.update(num_heads=64, head_dim=96, block_size=16)
+    got = _run_cases(cases, "--compile-sm90", env={"TRITON_INTERPRET": "0"})
+    assert set(got) == {c["name"] for c in cases}
+    # Pipelining stages K/V through shared memory; an H200 SM has 228 KB of it.
+    assert 0 < got["pipelined_bf16"]["shared"] < 64 * 1024
 
 
 # --------------------------------------------------------------------------------------
