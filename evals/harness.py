@@ -48,7 +48,8 @@ class NeoXQLM(TemplateLM):
 
     ``model_args``: ``model`` (a neoxq model spec: ``preset:NAME``, HF dir, NeoX YAML,
     converted dir), ``device``, ``dtype``, ``tokenizer`` (tokenizer.json path),
-    ``pipeline_parallel``, ``max_length``, ``max_gen_toks``; lm-eval's ``--batch_size`` is
+    ``pipeline_parallel``, ``max_length``, ``max_gen_toks``, and engine options such as
+    ``kv_cache_dtype=fp8`` and ``quantization=fp8``; lm-eval's ``--batch_size`` is
     the number of requests handed to the engine per call.
     """
 

@@ -170,7 +170,7 @@ def triton_ok(device: torch.device) -> bool:
     key = str(device)
     if key in _CHECKED:
         return _CHECKED[key]
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     try:
         _CHECKED[key] = _self_check(device)
@@ -293,7 +293,7 @@ class Fp8Linear(nn.Module):
         w, ws = self.weight, self.weight_scale
         if self.fused_bias:
             return fp8_matmul_scaled_mm(xq, x_scale, w, ws, dtype, bias=self.bias)
-        if self.fused_bias is None and not torch.cuda.is_current_stream_capturing():
+        if self.fused_bias is None and not _capturing(xq):
             try:
                 out = fp8_matmul_scaled_mm(xq, x_scale, w, ws, dtype, bias=self.bias)
                 self.fused_bias = True
@@ -306,6 +306,11 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scaled_mm={self.use_scaled_mm}")
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device's current stream."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # The linear layers of a block that FP8 quantization replaces (attribute paths).

@@ -103,6 +103,33 @@ def test_fp8_linear_emulation_against_float_matmul() -> None:
     assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
 
+def test_scaled_mm_call_matches_emulation_where_torch_runs_it_on_cpu() -> None:
+    """The GPU path's exact ``torch._scaled_mm`` call (rowwise scales (M, 1) and (1, N),
+    the column-major weight view, bias, bf16 out), on torch's CPU FP8 GEMM where this
+    torch has one: the same numbers as the emulation, up to bf16 rounding."""
+    from models.fp8 import fp8_matmul_scaled_mm
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(48, 64, generator=g) * 0.1
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    (xq, xs), (wq, ws) = quantize_rows(x), quantize_rows(w)
+    try:
+        got = fp8_matmul_scaled_mm(xq, xs, wq, ws[:, 0], torch.bfloat16, bias=bias)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this torch has no CPU FP8 GEMM with rowwise scales: {exc}")
+    emu = fp8_matmul_emulated(xq, xs, wq, ws[:, 0], torch.float32) + bias.float()
+    assert got.dtype == torch.bfloat16 and got.shape == (7, 48)
+    assert torch.allclose(got.float(), emu, atol=0.02, rtol=0.01)
+    # Fp8Linear's GEMM path: the first call finds the bias can ride in the GEMM.
+    layer = Fp8Linear(wq, ws, bias)
+    layer.use_scaled_mm = True  # what a CUDA weight of this shape decides
+    assert layer.fused_bias is None
+    out = layer(x[None])
+    assert layer.fused_bias is True and out.shape == (1, 7, 48)
+    assert torch.allclose(out[0].float(), emu, atol=0.02, rtol=0.01)
+
+
 def test_quantize_model_keeps_embedding_norms_and_head(config: NeoXConfig) -> None:
     m = _model(config)
     before = {n: p.clone() for n, p in m.named_parameters()}
