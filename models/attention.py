@@ -245,12 +245,17 @@ def paged_decode_torch(
 
 
 # --------------------------------------------------------------------------------------
-# Triton decode kernel (CUDA only; triton is imported on first use)
+# Triton decode kernel (CUDA, or CPU under TRITON_INTERPRET=1; triton is imported on
+# first use)
 # --------------------------------------------------------------------------------------
 #
 # Decode is bound by reading the cache: each query reads its sequence's K and V once.
 # Reaching the card's bandwidth needs enough loads in flight on every SM, all the time:
 #
+# * Many small resident programs, loads ahead of the math: one-warp programs (every
+#   reduction stays inside the warp: no shared memory, no barriers), the loop's K/V loads
+#   pipelined through shared memory (num_stages) or prefetched into registers a tile
+#   ahead (see DECODE_CONFIGS).
 # * Split-KV (flash-decoding): each sequence's context is cut into ``num_splits`` equal
 #   parts, one program each, writing a partial (output, log-sum-exp) that a small merge
 #   kernel combines. A batch of 90 sequences x 64 heads is ~5,800 programs of very
