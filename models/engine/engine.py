@@ -42,7 +42,7 @@ from models.engine.outputs import (
     score_pair,
 )
 from models.engine.runner import ModelRunner
-from models.engine.sampler import LaunchedSample, Sampler, needs_known_tokens
+from models.engine.sampler import LaunchedSample, Sampler
 from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
 from models.fp8 import quantization_of
 from models.grammar import Grammars
@@ -367,8 +367,7 @@ class Engine:
         """Run one forward over the scheduled tokens; return the requests that finished
         (or were aborted) since the last call."""
         prev, self._inflight = self._inflight, None
-        if prev is not None and (not self.overlap or any(
-                needs_known_tokens(seq) for seq, _ in prev.plan.samples)):
+        if prev is not None and (not self.overlap or prev.needs_known_tokens):
             self._apply(prev)
             prev = None
         plan = self.scheduler.schedule()

@@ -49,6 +49,8 @@ class LaunchedSample:
     flat: Tensor | None  # the step's one host copy (pinned on CUDA)
     done: torch.cuda.Event | None  # recorded after the copy (CUDA)
     num_top: int | None = None  # top logprobs per sample row; None: no logprobs asked
+    # Some row's next sample reads its tokens on the host (see needs_known_tokens).
+    needs_known_tokens: bool = False
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
@@ -88,6 +90,7 @@ class Sampler:
         res = None
         want_lp = False
         tokens: Tensor | None = None
+        known = False
         samplers = plan.samples
         lg = logits if rows.sample_rows is None else logits[rows.sample_rows]
         if samplers and all(_plain_greedy(seq, pos) for (seq, _), pos
@@ -100,6 +103,7 @@ class Sampler:
             tokens = lg[:, :valid].argmax(dim=-1)
             pieces.append(tokens.double())
         elif samplers:
+            known = any(needs_known_tokens(seq) for seq, _ in samplers)
             # Masks of constrained rows, filled on the host while the device still runs
             # the forward that produces ``logits`` (nothing here waits for it). A fork's
             # row (index != seq.index: a sibling sample not yet created) starts at the
@@ -150,7 +154,7 @@ class Sampler:
             assert res is not None and res.top_ids is not None
             num_top = int(res.top_ids.shape[1])
         if not pieces:
-            return LaunchedSample(plan, tokens, None, None, num_top)
+            return LaunchedSample(plan, tokens, None, None, num_top, known)
         flat = torch.cat(pieces)
         done = None
         if flat.device.type == "cuda":
@@ -160,7 +164,7 @@ class Sampler:
             done = torch.cuda.Event()
             done.record()
             flat = host
-        return LaunchedSample(plan, tokens, flat, done, num_top)
+        return LaunchedSample(plan, tokens, flat, done, num_top, known)
 
 
 def _unpack(plan: StepPlan, flat: list[float], k: int | None) -> StepResult:

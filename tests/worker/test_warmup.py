@@ -15,7 +15,7 @@ from tests.worker.conftest import direct_texts, greedy_lines
 READY = ("running", "idle", "busy")
 
 
-def _observe(c, wid: str, n_chunks: int, timeout: float = 120) -> list[tuple[str, int, int]]:
+def _observe(c, wid: str, timeout: float = 120) -> list[tuple[str, int, int]]:
     """(status, messages still queued, items claimed) samples from the worker's first
     heartbeat until it is ready."""
     r = redis.Redis.from_url(c.settings.redis_url)
@@ -49,7 +49,7 @@ def test_warm_up_before_the_first_chunk(sqlite_cluster, direct_engine) -> None:
     report = c.submit(greedy + sampled)  # queued before any worker exists
     n_chunks = len(report.chunks)
     proc = c.start_worker("wW", "--max-num-seqs", "64")
-    samples = _observe(c, "wW", n_chunks)
+    samples = _observe(c, "wW")
     statuses = [s for s, _, _ in samples]
     assert "warming" in statuses, statuses
     # Nothing consumed or claimed until the warm-up ended.
@@ -75,13 +75,3 @@ def test_warm_up_before_the_first_chunk(sqlite_cluster, direct_engine) -> None:
     assert warm_at < log.index("received"), log[-3000:]  # Celery took its first message after
     assert log.index("warming up the engine") < warm_at
 
-
-def test_no_warmup_consumes_at_once(sqlite_cluster) -> None:
-    c = sqlite_cluster(chunk_items=10, heartbeat_interval=0.05)
-    report = c.submit(greedy_lines(10, max_tokens=4))
-    c.start_worker("wN", "--no-warmup")
-    samples = _observe(c, "wN", len(report.chunks))
-    assert "warming" not in [s for s, _, _ in samples]
-    assert c.wait_done(report.batch_id).status == "completed"
-    with session_scope(c.db) as s:
-        assert s.get(Worker, "wN").warmup_seconds is None
