@@ -801,6 +801,14 @@ class WorkerRuntime:
             report = warm_up(self.loop.engine)
             self.warmup_seconds = report.seconds
             log.info("%s", report.describe())
+        except BaseException:
+            log.exception("the engine failed while warming up")
+            if self.loop.exit_on_fatal:
+                # As when the engine dies later (EngineLoop.run): exit non-zero at once,
+                # so that a supervisor restarts the worker.
+                logging.shutdown()
+                os._exit(FATAL_EXIT_CODE)
+            raise
         finally:
             self.warming = False
 
