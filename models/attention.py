@@ -33,6 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.cascade import (
+    DEFAULT_CASCADE,
+    CascadeConfig,
+    CascadeMetadata,
+    cascade_decode_torch,
+    prefix_partials_triton,
+)
 from models.engine.kv_cache import KVCache
 from models.fp8 import dequantize_rows, quantize_scatter
 
@@ -59,6 +66,8 @@ class StepMetadata:
     fresh_groups: tuple[tuple[int, int], ...] = ()
     fresh_gather: Tensor | None = None  # (sum n * S,)
     fresh_scatter: Tensor | None = None  # (fresh rows,)
+    # Decode rows sharing a cached prefix (models.cascade): the prefix once per group.
+    cascade: CascadeMetadata | None = None
 
 
 # cuDNN attention (torch's first choice on recent GPUs) builds a graph per new shape at
@@ -144,11 +153,13 @@ class PagedAttention:
                 scales: tuple[Tensor, Tensor] | None) -> Tensor:
         m = self.meta
         assert m is not None and m.block_tables is not None and m.context_lens is not None
+        ks, vs = (None, None) if scales is None else scales
+        if m.cascade is not None:
+            cascade = cascade_decode_triton if self.use_triton else cascade_decode_torch
+            return cascade(q, kc, vc, m.block_tables, m.context_lens, m.cascade,
+                           k_scale=ks, v_scale=vs)
         decode = paged_decode_triton if self.use_triton else paged_decode_torch
-        if scales is None:
-            return decode(q, kc, vc, m.block_tables, m.context_lens)
-        return decode(q, kc, vc, m.block_tables, m.context_lens,
-                      k_scale=scales[0], v_scale=scales[1])
+        return decode(q, kc, vc, m.block_tables, m.context_lens, k_scale=ks, v_scale=vs)
 
     def _continuing(self, q: Tensor, kc: Tensor, vc: Tensor,
                     scales: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -302,11 +313,11 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
 
     # num_splits is a runtime value inside the kernel (one compile serves every split
     # count; the branch on it is uniform across the program).
-    @triton.jit(do_not_specialize=["num_splits"])
+    @triton.jit(do_not_specialize=["num_splits", "num_parts"])
     def paged_decode_kernel(
         out_ptr, part_o_ptr, part_lse_ptr,
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
-        scale_log2, num_splits,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, start_ptr,
+        scale_log2, num_splits, num_parts,
         stride_qn, stride_qh, stride_on, stride_oh,
         stride_kb, stride_kh, stride_kt, stride_sb, stride_sh,
         stride_bt,
@@ -314,6 +325,7 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         HD_B: tl.constexpr, HD_B_ALLOC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, NUM_STAGES: tl.constexpr, HPP: tl.constexpr,
         LANES: tl.constexpr, PREFETCH: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_START: tl.constexpr,
     ):
         # One program per (HPP heads, sequence, part of its context). With HPP > 1 the
         # block-table loads and address math are shared by the heads. The head group is
@@ -327,9 +339,13 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         seq = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
         ctx = tl.load(ctx_ptr + seq)
+        # Positions lo..ctx-1 (lo > 0: a cascade step computed the shared prefix apart).
+        lo = 0
+        if HAS_START:
+            lo = tl.load(start_ptr + seq)
         # This part: the context cut into num_splits pieces of whole tiles.
-        part = tl.cdiv(tl.cdiv(ctx, num_splits), TILE) * TILE
-        start = split * part
+        part = tl.cdiv(tl.cdiv(tl.maximum(ctx - lo, 0), num_splits), TILE) * TILE
+        start = lo + split * part
         end = tl.minimum(ctx, start + part)
         da = tl.arange(0, HD_A)
         amask = da < HEAD_DIM
@@ -478,7 +494,7 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         l_safe = tl.where(nonempty, l_i, 1.0)
         o_a = acc_a / l_safe[:, None]
         o_b = acc_b / l_safe[:, None]
-        if num_splits == 1:
+        if num_parts == 1:
             o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
             tl.store(o_rows + da[None, :], o_a.to(out_ptr.dtype.element_ty),
                      mask=amask[None, :])
@@ -486,7 +502,7 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
                 tl.store(o_rows + db[None, :], o_b.to(out_ptr.dtype.element_ty))
         else:
             lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))  # (HPP,)
-            prow = (seq * NUM_HEADS + heads) * num_splits + split  # (HPP,)
+            prow = (seq * NUM_HEADS + heads) * num_parts + split  # (HPP,)
             tl.store(part_lse_ptr + prow, lse)
             p_rows = part_o_ptr + prow[:, None] * HEAD_DIM
             tl.store(p_rows + da[None, :], o_a, mask=amask[None, :])
@@ -514,8 +530,10 @@ def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
         den = tl.where(den > 0, den, 1.0)
         d = tl.arange(0, HD_P)
         dmask = d < HEAD_DIM
+        # Empty parts (weight 0) are not read: a caller's unused slots hold no output.
         o = tl.load(part_o_ptr + prow[:, :, None] * HEAD_DIM + d[None, None, :],
-                    mask=smask[None, :, None] & dmask[None, None, :], other=0.0)
+                    mask=(smask[None, :] & (lse > float("-inf")))[:, :, None]
+                    & dmask[None, None, :], other=0.0)
         res = tl.sum(o * w[:, :, None], axis=1) / den[:, None]  # (RH, HD_P)
         o_rows = out_ptr + seq * stride_on + heads[:, None] * stride_oh
         tl.store(o_rows + d[None, :], res.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
@@ -532,10 +550,11 @@ def decode_kernels():  # noqa: ANN201 - two triton JIT functions
 
 
 def decode_constexprs(num_heads: int, head_dim: int, block_size: int, config: DecodeConfig,
-                      has_scale: bool) -> dict[str, int | bool]:
+                      has_scale: bool, has_start: bool = False) -> dict[str, int | bool]:
     """The decode kernel's compile-time arguments for a shape and ``config``. The head
     dim is one padded power of two, or two parts when ``config.split_hd``; a
-    ``heads_per_program`` that is not a power of two dividing ``num_heads`` becomes 1."""
+    ``heads_per_program`` that is not a power of two dividing ``num_heads`` becomes 1.
+    ``has_start``: per-sequence first positions (cascade decode)."""
     if config.split_hd:
         hd_a, hd_b = _split_head_dim(head_dim)
     else:
@@ -547,7 +566,7 @@ def decode_constexprs(num_heads: int, head_dim: int, block_size: int, config: De
             "HD_B_ALLOC": max(hd_b, 16), "BLOCK_SIZE": block_size,
             "TILE": max(config.tile, 1), "NUM_STAGES": config.num_stages, "HPP": hpp,
             "LANES": bool(config.lanes), "PREFETCH": bool(config.prefetch),
-            "HAS_SCALE": has_scale}
+            "HAS_SCALE": has_scale, "HAS_START": has_start}
 
 
 def merge_constexprs(num_heads: int, head_dim: int, splits: int) -> dict[str, int]:
@@ -632,9 +651,17 @@ def paged_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     *, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     config: DecodeConfig | None = None, num_splits: int | None = None,
+    starts: Tensor | None = None, parts: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The Triton version of :func:`paged_decode_torch` (same arguments, CUDA tensors, or
     CPU ones under ``TRITON_INTERPRET=1``).
+
+    Cascade decode (:func:`cascade_decode_triton`) adds two things: ``starts`` (D,)
+    int64, the first context position each query attends to (default 0); ``parts``,
+    caller-owned split-KV partial buffers (outputs (D, nh, S, hd) and log2-sum-exp
+    (D, nh, S), float32, S >= ``num_splits``) whose slots past ``num_splits`` the
+    caller has filled with other partials of the same queries: they merge into the
+    result.
 
     Every ``context_lens[i]`` must be >= 1. fp32 accumulation whatever the cache dtype;
     an fp8 cache is read as fp8 and scaled in registers. ``config`` (a compiled kernel
@@ -650,13 +677,20 @@ def paged_decode_triton(
         pick = decode_choice(nh, hd, bs, k_cache.dtype, d, block_tables.shape[1] * bs)
         config = pick.config if config is None else config
         num_splits = pick.splits if num_splits is None else num_splits
-    consts = decode_constexprs(nh, hd, bs, config, k_scale is not None)
+    consts = decode_constexprs(nh, hd, bs, config, k_scale is not None, starts is not None)
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_decode_triton: q and the caches need a contiguous last dim")
     out = torch.empty(d, nh, hd, dtype=q.dtype, device=q.device)
     if d == 0:
         return out
     splits = max(1, int(num_splits))
+    num_parts = splits
+    if parts is not None:
+        num_parts = parts[1].shape[2]
+        if num_parts < splits or parts[0].shape != (d, nh, num_parts, hd) \
+                or not (parts[0].is_contiguous() and parts[1].is_contiguous()):
+            raise ValueError("paged_decode_triton: parts must be contiguous (D, nh, S, hd) "
+                             "and (D, nh, S) with S >= num_splits")
     if k_scale is not None:
         assert v_scale is not None
         if k_scale.stride() != v_scale.stride() or k_scale.stride(2) != 1:
@@ -668,25 +702,60 @@ def paged_decode_triton(
     # Partials are only written when split; unsplit calls still pass fp32 buffers so
     # that both run the same compiled kernel (pointer types are part of its signature).
     part_o = part_lse = torch.empty(16, dtype=torch.float32, device=q.device)
-    if splits > 1:
+    if parts is not None:
+        part_o, part_lse = parts
+    elif splits > 1:
         part_o = torch.empty(d, nh, splits, hd, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(d, nh, splits, dtype=torch.float32, device=q.device)
     kernel[(nh // consts["HPP"], d, splits)](
         out, part_o, part_lse,
         q, k_cache, v_cache, ks, vs, block_tables, context_lens,
-        (1.0 / math.sqrt(hd)) * 1.4426950408889634, splits,
+        context_lens if starts is None else starts,
+        (1.0 / math.sqrt(hd)) * 1.4426950408889634, splits, num_parts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *s_strides,
         block_tables.stride(0),
         **consts, num_warps=config.num_warps,
     )
-    if splits > 1:
-        m_consts = merge_constexprs(nh, hd, splits)
+    if num_parts > 1:
+        m_consts = merge_constexprs(nh, hd, num_parts)
         merge[(d, nh // m_consts["RH"])](
-            out, part_o, part_lse, splits, out.stride(0), out.stride(1), **m_consts,
+            out, part_o, part_lse, num_parts, out.stride(0), out.stride(1), **m_consts,
             num_warps=4,
         )
     return out
+
+
+def cascade_decode_triton(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+    meta: CascadeMetadata, *, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+    config: DecodeConfig | None = None, num_splits: int | None = None,
+    cascade_config: CascadeConfig = DEFAULT_CASCADE,
+) -> Tensor:
+    """:func:`paged_decode_triton` with groups of queries sharing a prefix
+    (:mod:`models.cascade`): the prefix pass writes each member's prefix partial into
+    extra split-KV slots, the decode kernel covers positions ``meta.starts[i]..`` into
+    the others, and its merge combines them. Same arguments and result (up to fp32
+    rounding), plus ``meta``; graph-capturable like the plain kernel."""
+    _check_scales(k_cache, k_scale, v_scale)
+    d, nh, hd = q.shape
+    if config is None or num_splits is None:
+        pick = decode_choice(nh, hd, k_cache.shape[2], k_cache.dtype, d,
+                             block_tables.shape[1] * k_cache.shape[2])
+        config = pick.config if config is None else config
+        num_splits = pick.splits if num_splits is None else num_splits
+    splits = max(1, int(num_splits))
+    slots = splits + cascade_config.prefix_splits
+    part_o = torch.empty(d, nh, slots, hd, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(d, nh, slots, dtype=torch.float32, device=q.device)
+    part_lse[:, :, splits:] = float("-inf")  # rows outside every group: no prefix part
+    prefix_partials_triton(part_o, part_lse, splits, q, k_cache, v_cache, block_tables,
+                           context_lens, meta, k_scale=k_scale, v_scale=v_scale,
+                           config=cascade_config)
+    return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens,
+                               k_scale=k_scale, v_scale=v_scale, config=config,
+                               num_splits=splits, starts=meta.starts,
+                               parts=(part_o, part_lse))
 
 
 def _gpu_time(fn: Callable[[], object], reps: int) -> float:
