@@ -5,8 +5,14 @@ Workloads (token ids drawn at random, fixed seed, ``ignore_eos``, greedy):
 - (a) 1024 prompts x 128 tokens in, 128 out;
 - (b) 2000 prompts, input lengths uniform 16-1024, output uniform 16-512;
 - (c) 2000 prompts, each one of 8 shared 1024-token prefixes (picked at random)
-  followed by a unique 64-token suffix, 128 out: run with prefix caching on and then
-  off, on the same engine (``prefix_caching_speedup`` is on / off).
+  followed by a unique 64-token suffix, 128 out: run three times on the same engine —
+  prefix caching on with cascade decode attention (``ours``), prefix caching on without
+  cascade (``ours_no_cascade``), prefix caching off (``ours_no_prefix_caching``); ratios
+  ``prefix_caching_speedup`` (off / on with cascade), ``cascade_speedup`` (without /
+  with) and ``prefix_caching_no_cascade_speedup`` (off / on without cascade).
+  ``--no-cascade`` leaves cascade out (``ours`` is then caching without it);
+  ``--cascade-eager`` adds a run whose cascade steps run eagerly instead of from their
+  CUDA graphs (``ours_cascade_eager``).
 
 Lengths are capped to the model's context (only the tiny smoke models need it).
 
@@ -20,7 +26,7 @@ bytes = weights + the KV of every running sequence, plus prefill FLOPs at the GE
 with sequences admitted while their final contexts fit in the engine's KV cache.
 
     python -m bench.throughput --out bench/results/engine_h200.json          # 20B, H200
-    python -m bench.throughput --workload c --num-prompts-c 500 --skip-hf ...  # a subset
+    python -m bench.throughput --workload c --num-prompts-c 1000 --skip-hf ...  # a subset
     python -m bench.throughput --model preset:tiny --device cpu --num-prompts 16  # smoke
 
 Results merge into ``--out`` by workload, so ``--workload a`` and ``--workload b`` can run
@@ -442,6 +448,14 @@ def table(data: dict[str, Any]) -> str:
             f"{w['ratios']['ours_over_roofline']:.0%} | "
             + (f"{hf_rate:.0f} ({hf['requests']} prompts, batch {hf['batch_size']}) | "
                f"{w['ratios']['ours_over_hf']:.1f}x |" if hf_rate else "- | - |"))
+        plain = w.get("ours_no_cascade")
+        if plain:
+            lines.append(
+                f"| ({name}) prefix caching on, no cascade | {plain['output_tok_per_s']:.0f} | "
+                f"{plain['total_tok_per_s']:.0f} | {plain['requests_per_s']:.2f} | - | "
+                f"{r['output_tok_per_s']:.0f} | "
+                f"{plain['output_tok_per_s'] / r['output_tok_per_s']:.0%} | - | "
+                f"cascade / none = {w['ratios']['cascade_speedup']:.2f}x |")
         off = w.get("ours_no_prefix_caching")
         if off:
             lines.append(
@@ -494,6 +508,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-memory", type=float, default=None,
                     help="fraction of free GPU memory (CUDA) or bytes (CPU) for the KV cache")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-cascade", action="store_true",
+                    help="no cascade decode attention (workload c: no with/without runs)")
+    ap.add_argument("--cascade-eager", action="store_true",
+                    help="workload c: also a run with cascade steps outside CUDA graphs")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     ap.add_argument("--modes", default=None,
@@ -556,7 +574,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     engine = Engine(model, None, kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens,
                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
-                    kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap)
+                    kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap,
+                    enable_cascade=not args.no_cascade)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -582,7 +601,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         log(f"workload {name}: {len(prompts)} prompts, {sum(lens)} in / {sum(outs)} out tokens; "
             f"roofline {roof['seconds']:.1f}s = {roof['output_tok_per_s']:.0f} out tok/s "
             f"(mean decode batch {roof['mean_decode_batch']:.0f})")
-        engine.set_prefix_caching(True)
+        _fresh_cache(engine)
+        engine.set_cascade(not args.no_cascade)
         ours = run_ours(engine, prompts, outs)
         _say(name, "ours", ours, roof)
         entry: dict[str, Any] = {
@@ -591,16 +611,35 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             "ratios": {"ours_over_roofline": ours["output_tok_per_s"] / roof["output_tok_per_s"]},
         }
         if name == "c":
-            # The same requests again with the cache off: what prefix caching buys. (The
-            # roofline above assumes every prompt is prefilled, i.e. no reuse.)
+            # The same requests again without cascade and with the cache off: what each
+            # buys. (The roofline above assumes every prompt is prefilled, i.e. no reuse.)
+            ratios = entry["ratios"]
+            if not args.no_cascade:
+                _fresh_cache(engine)
+                engine.set_cascade(False)
+                plain = run_ours(engine, prompts, outs)
+                _say(name, "ours, prefix caching on, no cascade", plain, roof)
+                entry["ours_no_cascade"] = plain
+                ratios["cascade_speedup"] = plain["seconds"] / ours["seconds"]
+                if args.cascade_eager:
+                    _fresh_cache(engine)
+                    engine.set_cascade(True, graphs=False)
+                    eager = run_ours(engine, prompts, outs)
+                    engine.set_cascade(True)
+                    _say(name, "ours, cascade steps eager", eager, roof)
+                    entry["ours_cascade_eager"] = eager
+                    ratios["cascade_eager_speedup"] = plain["seconds"] / eager["seconds"]
             engine.set_prefix_caching(False)
             off = run_ours(engine, prompts, outs)
             engine.set_prefix_caching(True)
+            engine.set_cascade(not args.no_cascade)
             _say(name, "ours, prefix caching off", off, roof)
             entry["ours_no_prefix_caching"] = off
-            entry["ratios"]["prefix_caching_speedup"] = (off["seconds"] / ours["seconds"])
-            log(f"workload c: prefix caching on / off = "
-                f"{entry['ratios']['prefix_caching_speedup']:.2f}x")
+            ratios["prefix_caching_speedup"] = off["seconds"] / ours["seconds"]
+            if "ours_no_cascade" in entry:
+                ratios["prefix_caching_no_cascade_speedup"] = (
+                    off["seconds"] / entry["ours_no_cascade"]["seconds"])
+            log("workload c: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         if args.compare_overlap:
             engine.set_overlap(args.no_overlap)
             other = run_ours(engine, prompts, outs)
@@ -619,6 +658,13 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _fresh_cache(engine: Engine) -> None:
+    """Prefix caching on with nothing cached (a run must not find an earlier run's
+    prefixes)."""
+    engine.set_prefix_caching(False)
+    engine.set_prefix_caching(True)
 
 
 def _say(name: str, what: str, ours: dict[str, Any], roof: dict[str, Any]) -> None:

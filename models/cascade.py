@@ -45,8 +45,9 @@ MAX_GROUPS = 32
 # A group needs at least this many shared full blocks ...
 MIN_SHARED_BLOCKS = 2
 # ... and a step cascades only when it saves reading at least this many tokens of KV in
-# all (sum over groups of (members - 1) x prefix tokens): below that the extra kernels
-# per layer cost more than the reads they save.
+# all (sum over groups of (members - 1) x prefix tokens). The extra kernels cost a few
+# microseconds per layer; for the 20B (24 KB of K and V per token and layer) reads of
+# ~500 tokens per layer take as long on an H200.
 MIN_SAVED_TOKENS = 1024
 
 
@@ -83,40 +84,60 @@ def find_groups(tables: np.ndarray, context_lens: np.ndarray, block_size: int, *
                 min_blocks: int = MIN_SHARED_BLOCKS, max_groups: int = MAX_GROUPS,
                 min_saved: int = MIN_SAVED_TOKENS) -> list[tuple[np.ndarray, int]]:
     """Groups of decode rows whose block tables start with the same blocks: ``[(rows,
-    prefix tokens), ...]``, the largest savings first, or ``[]`` when cascading would not
-    pay (see :data:`MIN_SAVED_TOKENS`).
+    prefix tokens), ...]``, the largest savings first, or ``[]`` when the groups save
+    reading fewer than ``min_saved`` tokens in all.
 
-    ``tables`` (D, W) block ids (columns past a row's blocks are ignored: the prefix is
-    capped by the shortest member's context); ``context_lens`` (D,). Rows are grouped by
-    their first block; a group's prefix is its members' common leading blocks, all of
-    them before each member's current position (so nobody writes into it this step).
-    Costs a sort and one comparison of the members' tables per group.
+    ``tables`` (D, W) block ids (columns past a row's blocks are ignored: a member's
+    prefix stops before the block of its newest token, so nobody writes into a prefix
+    this step); ``context_lens`` (D,). Where members part ways (say two requests
+    prefilled the same prefix in one step, so one holds a private copy of a block), a
+    group splits there if its parts save more. Costs one sort of the rows and one
+    comparison of neighbouring tables (microseconds for hundreds of rows), then a walk
+    over the D - 1 neighbour pairs.
     """
     d = len(context_lens)
     if d < 2 or tables.shape[1] == 0:
         return []
-    first = tables[:, 0]
-    order = np.argsort(first, kind="stable")
-    cuts = np.flatnonzero(np.diff(first[order])) + 1
-    if len(cuts) == d - 1:  # every row has its own first block
-        return []
-    found: list[tuple[int, np.ndarray, int]] = []
-    for rows in np.split(order, cuts):
-        if len(rows) < 2:
-            continue
-        sub = tables[rows]  # (G, W)
-        same = (sub == sub[0]).all(axis=0)  # (W,)
-        shared = len(same) if same.all() else int(np.argmin(same))
-        # Only blocks wholly before every member's newest token (context - 1).
-        shared = min(shared, int(context_lens[rows].min() - 1) // block_size)
-        if shared >= min_blocks:
-            p = shared * block_size
-            found.append(((len(rows) - 1) * p, np.sort(rows), p))
-    found.sort(key=lambda g: -g[0])
+    # Blocks wholly before a row's newest token (context - 1) are usable.
+    usable = (np.asarray(context_lens, dtype=np.int64) - 1) // block_size
+    width = min(tables.shape[1], int(usable.max()))
+    if width < min_blocks or len(np.unique(tables[:, 0])) == d:
+        return []  # no two rows share even a first block
+    t = np.ascontiguousarray(tables[:, :width], dtype=np.int64)
+    # Sorting the rows' bytes puts rows with a common leading run of blocks next to each
+    # other (any byte order does: equal columns are equal bytes).
+    order = np.argsort(t.view(np.dtype((np.void, t.shape[1] * 8))).ravel(), kind="stable")
+    s = t[order]
+    eq = s[1:] == s[:-1]  # (D-1, W)
+    common = np.where(eq.all(axis=1), t.shape[1], eq.argmin(axis=1))
+    usable = usable[order]
+    pairs = np.minimum(common, np.minimum(usable[1:], usable[:-1])).tolist()
+    found = _best_ranges(pairs, 0, d - 1, min_blocks)[1]
+    found.sort(key=lambda g: -(g[1] - g[0]) * g[2])
     found = found[:max_groups]
-    if sum(g[0] for g in found) < min_saved:
+    if not found or sum((hi - lo) * p for lo, hi, p in found) * block_size < min_saved:
         return []
-    return [(rows, p) for _, rows, p in found]
+    return [(np.sort(order[lo: hi + 1]), p * block_size) for lo, hi, p in found]
+
+
+def _best_ranges(pairs: list[int], lo: int, hi: int, min_blocks: int,
+                 ) -> tuple[int, list[tuple[int, int, int]]]:
+    """Sorted rows ``lo..hi`` (``pairs[i]``: blocks rows i and i+1 share): (blocks
+    saved, groups ``(lo, hi, shared blocks)``), either all of them over what they all
+    share, or split where that is least and each part grouped alike, whichever saves
+    more."""
+    p = min(pairs[lo:hi])
+    whole = ((hi - lo) * p, [(lo, hi, p)]) if p >= min_blocks else (0, [])
+    saved, parts = 0, []
+    start = lo
+    for i in range(lo, hi + 1):
+        if i == hi or pairs[i] == p:
+            if i > start:
+                s, g = _best_ranges(pairs, start, i, min_blocks)
+                saved += s
+                parts += g
+            start = i + 1
+    return (saved, parts) if saved > whole[0] else whole
 
 
 def layout(groups: list[tuple[np.ndarray, int]], num_rows: int, num_tiles: int,

@@ -128,6 +128,7 @@ class _StageArgs:
     max_batch_tokens: int
     tune_kernels: bool
     cuda_graphs: bool
+    cascade: bool
     parent_pid: int
     num_threads: int
 
@@ -257,7 +258,7 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
                 return
             if kind == "init":
                 runner = _stage_runner(model, msg[1], args.block_size, args.max_num_seqs,
-                                       args.cuda_graphs, args.kv_dtype)
+                                       args.cuda_graphs, args.kv_dtype, args.cascade)
                 status.send(("init_done", {"rank": rank, "kv_bytes": runner.cache.nbytes}))
                 continue
             if kind == "capture":
@@ -284,14 +285,15 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
 
 
 def _stage_runner(model: NeoX, num_blocks: int, block_size: int, max_num_seqs: int,
-                  cuda_graphs: bool, kv_dtype: torch.dtype) -> ModelRunner:
+                  cuda_graphs: bool, kv_dtype: torch.dtype, cascade: bool) -> ModelRunner:
     """A stage's runner: its layers over a KV cache of those layers (every stage the
-    same block ids) stored in ``kv_dtype``."""
+    same block ids) stored in ``kv_dtype``. ``cascade``: rank 0 prepares cascade steps;
+    every stage captures their graphs up front."""
     param = next(model.parameters())
     cache = KVCache.for_model(model.config, model.layer_range, num_blocks, block_size,
                               kv_dtype, param.device)
     return ModelRunner(model, cache, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs,
-                       pipelined=True)
+                       pipelined=True, cascade=cascade)
 
 
 class _MicroBatch:
@@ -345,6 +347,7 @@ class PipelineEngine:
         watermark: float = 0.01,
         yield_tokens: int | None = YIELD_TOKENS,
         enable_prefix_caching: bool = True,
+        enable_cascade: bool | None = None,
         mask_padded_vocab: bool = True,
         clamp_max_tokens: bool = False,
         tune_kernels: bool | None = None,
@@ -392,6 +395,8 @@ class PipelineEngine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.cuda_graphs = bool(cuda_graphs)
+        self.cascade = (enable_prefix_caching and self.device.type == "cuda"
+                        if enable_cascade is None else enable_cascade)
         self.block_size = block_size
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self.max_position = config.max_position
@@ -436,7 +441,7 @@ class PipelineEngine:
             for q in self._cmd_qs:
                 q.put(("init", total))
             self._runner = _stage_runner(stage0, total, block_size, max_num_seqs,
-                                         self.cuda_graphs, kv_dtype)
+                                         self.cuda_graphs, kv_dtype, self.cascade)
             self.stage_info[0]["kv_bytes"] = self._runner.cache.nbytes
             for r in range(1, n):
                 self.stage_info[r].update(self._expect(r, "init_done", startup_timeout))
@@ -492,7 +497,8 @@ class PipelineEngine:
                 quantization=quantization, tokenizer=tokenizer, seed=seed,
                 kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
                 max_batch_tokens=max_batch_tokens, tune_kernels=tune_kernels,
-                cuda_graphs=graphs, parent_pid=os.getpid(), num_threads=torch.get_num_threads())
+                cuda_graphs=graphs, cascade=self.cascade, parent_pid=os.getpid(),
+                num_threads=torch.get_num_threads())
             cmd_q = ctx.Queue()
             recv_end, send_end = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_stage_main, args=(r, args, cmd_q, send_end),
@@ -794,6 +800,7 @@ class PipelineEngine:
             for k, v in g.scheduler.stats.items():
                 total[k] = total.get(k, 0) + v
         total["graph_steps"] = self._runner.graph_steps  # stage 0's; the others match
+        total["cascade_steps"] = self._runner.cascade_steps
         total.update(prefix_stats([g.scheduler.blocks for g in self._groups]))
         return total
 

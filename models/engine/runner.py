@@ -34,6 +34,14 @@ import torch
 from torch import Tensor
 
 from models.attention import PagedAttention, StepMetadata, prefill_mask
+from models.cascade import (
+    MIN_SAVED_TOKENS,
+    CascadeMetadata,
+    find_groups,
+    max_tiles,
+    num_tiles_used,
+)
+from models.cascade import layout as cascade_layout
 from models.engine.block_manager import NULL_BLOCK
 from models.engine.kv_cache import KVCache
 from models.engine.scheduler import Chunk, StepPlan
@@ -46,7 +54,8 @@ MAX_FRESH_CALLS = 16
 # The int64 sections of an eager step's host buffer, in order.
 SECTIONS = ("tokens", "positions", "slots", "tables", "context_lens", "q_seq", "k_slots",
             "k_seq", "k_pos", "logit_rows", "sample_rows", "score_rows", "score_targets",
-            "fresh_gather", "fresh_scatter", "sources")
+            "fresh_gather", "fresh_scatter", "sources", "casc_starts", "casc_tiles",
+            "casc_rows")
 
 
 @dataclass
@@ -74,6 +83,7 @@ class StepInputs:
     # "sources" section: their rows, then the sample rows they read).
     num_sources: int = 0
     host_slot: int = -1  # which of a decode graph's host buffers ``ints`` lives in
+    cascade_tiles: int = 0  # > 0: decode rows share prefixes (models.cascade), tile count
 
 
 @dataclass
@@ -177,11 +187,18 @@ class ModelRunner:
     static-buffer path uncaptured (so it is tested on CPU). ``pipelined``: the runner is
     a pipeline stage (fresh host buffers per step, graph outputs copied out because a
     send may still read them when the next replay runs).
+
+    ``cascade``: decode rows whose block tables start with the same blocks (a cached
+    prompt prefix) attend to that prefix once per group (:mod:`models.cascade`), when
+    :func:`models.cascade.find_groups` finds it pays; decode-only such steps replay a
+    second graph per bucket, or run eagerly with ``cascade_graphs=False``. Decided by
+    whoever prepares the steps (a pipeline's rank 0); any runner executes them.
     """
 
     def __init__(self, model: NeoX, cache: KVCache, *, max_num_seqs: int,
                  cuda_graphs: bool = False, capture: bool | None = None,
-                 pipelined: bool = False) -> None:
+                 pipelined: bool = False, cascade: bool = False,
+                 cascade_graphs: bool = True) -> None:
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -189,6 +206,11 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.attn = PagedAttention(cache)
         self.pipelined = pipelined
+        self.cascade = cascade
+        self.cascade_graphs = cascade_graphs
+        # Tokens of KV reads a step's groups must save (see models.cascade.find_groups).
+        self.cascade_min_saved = MIN_SAVED_TOKENS
+        self.cascade_steps = 0  # steps run with cascade groups
         # Columns of a decode graph's block tables: a whole context.
         self.max_blocks_per_seq = math.ceil(model.config.max_position / self.block_size)
         self.graphs: DecodeGraphs | None = None
@@ -206,7 +228,9 @@ class ModelRunner:
         """The plan's host arrays (see :class:`StepInputs`)."""
         d = plan.num_decode
         if self.graphs is not None and plan.decode_only and self.graphs.covers(d):
-            return self.graphs.layout(plan)
+            inputs = self.graphs.layout(plan)
+            if self.cascade_graphs or not inputs.cascade_tiles:
+                return inputs
         bs = self.block_size
         dec_w = 0
         bt = np.zeros(0, dtype=np.int64)
@@ -220,6 +244,9 @@ class ModelRunner:
             fill_tables(bt, plan.decode_tables)
             ctx = dec_pos + 1
             slots_d = decode_slots(bt, dec_pos, bs)
+        c_groups = self.cascade_groups(bt, ctx)
+        n_tiles = num_tiles_used(c_groups)
+        c_starts, c_tiles, c_rows = cascade_layout(c_groups, d if c_groups else 0, n_tiles)
         toks: list[int] = list(plan.decode_tokens)
         pos_parts: list[np.ndarray] = [dec_pos]
         slot_parts: list[np.ndarray] = [slots_d]
@@ -278,7 +305,7 @@ class ModelRunner:
             empty if identity else np.asarray(plan.sample_rows, dtype=np.int64),
             np.asarray(plan.score_rows, dtype=np.int64),
             np.asarray(plan.score_targets, dtype=np.int64),
-            f_gather, f_scatter, sources_section(plan),
+            f_gather, f_scatter, sources_section(plan), c_starts, c_tiles, c_rows,
         ]
         # Each section starts 16-byte aligned (padded to an even length), so a Triton
         # kernel handed one sees the same pointer alignment every step and is not
@@ -289,7 +316,16 @@ class ModelRunner:
             ints=np.concatenate(padded).astype(np.int64, copy=False), num_tokens=n_tok,
             num_decode=d, sizes=sizes, table_width=dec_w, num_continuing=num_continuing,
             fresh=tuple(fresh), fresh_groups=groups, num_rows=len(rows), select_rows=select,
-            copies=list(plan.copies), num_sources=len(plan.decode_sources))
+            copies=list(plan.copies), num_sources=len(plan.decode_sources),
+            cascade_tiles=n_tiles)
+
+    def cascade_groups(self, tables: np.ndarray, context_lens: np.ndarray,
+                       ) -> list[tuple[np.ndarray, int]]:
+        """This step's cascade groups among the decode rows (none when cascade is off)."""
+        if not self.cascade or len(context_lens) < 2:
+            return []
+        return find_groups(tables, context_lens, self.block_size,
+                           min_saved=self.cascade_min_saved)
 
     # -- host arrays -> forward ----------------------------------------------------------
 
@@ -302,6 +338,8 @@ class ModelRunner:
         if inputs.copies:
             pairs = _upload(np.asarray(inputs.copies, dtype=np.int64).T.copy(), self.device)
             self.cache.copy_blocks(pairs[0], pairs[1])
+        if inputs.cascade_tiles:
+            self.cascade_steps += 1
         if inputs.bucket:
             assert self.graphs is not None
             self.graph_steps += 1
@@ -323,6 +361,10 @@ class ModelRunner:
             context_lens=t["context_lens"] if d else None,
             num_continuing=inputs.num_continuing, fresh=inputs.fresh,
         )
+        if inputs.cascade_tiles:
+            meta.cascade = CascadeMetadata(
+                starts=t["casc_starts"], tiles=t["casc_tiles"].view(inputs.cascade_tiles, 4),
+                rows=t["casc_rows"])
         if inputs.fresh_groups:
             meta.fresh_groups = inputs.fresh_groups
             meta.fresh_gather, meta.fresh_scatter = t["fresh_gather"], t["fresh_scatter"]
@@ -371,10 +413,14 @@ class DecodeGraphs:
     A decode step at batch B replays the graph of the smallest bucket >= B. Inputs live in
     one static device buffer — tokens, positions, slots, context lengths (``max_batch``
     each), the rows whose tokens come from the previous step's samples (``2 *
-    max_batch``), block tables (``max_batch`` rows of a whole context's blocks) —
-    refreshed by a single copy of the used prefix from a host array; stages after the
-    first also copy the received hidden states into a static input. Rows past B are
-    padding: token 0 at position 0, written to and read from the reserved null block.
+    max_batch``), the cascade metadata (:mod:`models.cascade`: starts and rows,
+    ``max_batch`` each, and the tiles of the largest bucket), block tables
+    (``max_batch`` rows of a whole context's blocks) — refreshed by a single copy of the
+    used prefix from a host array; stages after the first also copy the received hidden
+    states into a static input. Rows past B are padding: token 0 at position 0, written
+    to and read from the reserved null block. A step with cascade groups replays its
+    bucket's cascade graph (a second graph per bucket, with a static tile count:
+    ``cascade.max_tiles``).
     """
 
     def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True) -> None:
@@ -384,7 +430,11 @@ class DecodeGraphs:
         self.buckets = decode_buckets(max_batch)
         self.width = runner.max_blocks_per_seq
         m, w = max_batch, self.width
-        self.offsets = [0, m, 2 * m, 3 * m, 4 * m, 6 * m, 6 * m + m * w]
+        # tokens, positions, slots, ctx, sources, cascade starts, cascade rows, cascade
+        # tiles, tables; then the end.
+        sizes = [m, m, m, m, 2 * m, m, m, 4 * max_tiles(m), m * w]
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        self.tables_at = self.offsets[8]
         device = runner.device
         self.static = torch.zeros(self.offsets[-1], dtype=torch.int64, device=device)
         # A one-GPU engine alternates between two pinned host buffers (see the module's
@@ -398,7 +448,8 @@ class DecodeGraphs:
         model = runner.model
         self.x = None if model.has_embedding else torch.zeros(
             m, model.config.hidden_size, dtype=runner.dtype, device=device)
-        self.graphs: dict[int, Callable[[], Tensor]] = {}  # bucket -> replay
+        # (bucket, cascade) -> replay
+        self.graphs: dict[tuple[int, bool], Callable[[], Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def covers(self, d: int) -> bool:
@@ -409,7 +460,7 @@ class DecodeGraphs:
         d = plan.num_decode
         b = next(x for x in self.buckets if x >= d)
         o, w = self.offsets, self.width
-        n = o[5] + b * w  # only the used prefix of the tables section travels
+        n = self.tables_at + b * w  # only the used prefix of the tables section travels
         slot = -1
         if self.hosts:
             slot, self._slot = self._slot, 1 - self._slot
@@ -422,7 +473,7 @@ class DecodeGraphs:
         pos = np.asarray(plan.decode_positions, dtype=np.int64)
         h[o[1]: o[1] + b] = 0
         h[o[1]: o[1] + d] = pos
-        tables = h[o[5]: n].reshape(b, w)
+        tables = h[self.tables_at: n].reshape(b, w)
         tables[:] = NULL_BLOCK
         fill_tables(tables[:d], plan.decode_tables)
         h[o[2]: o[2] + b] = NULL_BLOCK * bs  # padding writes go there
@@ -431,30 +482,45 @@ class DecodeGraphs:
         h[o[3]: o[3] + d] = pos + 1
         k = len(plan.decode_sources)
         h[o[4]: o[4] + 2 * k] = sources_section(plan)
+        groups = self.runner.cascade_groups(tables[:d], pos + 1)
+        n_tiles = 0
+        if groups:
+            n_tiles = max_tiles(b)
+            starts, tiles, rows = cascade_layout(groups, b, n_tiles)
+            h[o[5]: o[5] + b] = starts
+            h[o[6]: o[6] + b] = rows
+            h[o[7]: o[7] + tiles.size] = tiles
         return StepInputs(ints=h, num_tokens=d, num_decode=d, num_rows=d,
-                          copies=list(plan.copies), bucket=b, num_sources=k, host_slot=slot)
+                          copies=list(plan.copies), bucket=b, num_sources=k, host_slot=slot,
+                          cascade_tiles=n_tiles)
 
     def _section(self, i: int, rows: int) -> Tensor:
         return self.static[self.offsets[i]: self.offsets[i] + rows]
 
-    def _capture(self, b: int) -> Callable[[], Tensor]:
+    def _capture(self, b: int, with_cascade: bool) -> Callable[[], Tensor]:
         rt = self.runner
         model, bs = rt.model, rt.block_size
         tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
-        tables = self.static[self.offsets[5]: self.offsets[6]].view(self.max_batch, self.width)
+        tables = self.static[self.tables_at: self.offsets[9]].view(self.max_batch, self.width)
+        n_tiles = max_tiles(b)
+        meta = CascadeMetadata(
+            starts=self._section(5, b), rows=self._section(6, b),
+            tiles=self._section(7, 4 * n_tiles).view(n_tiles, 4),
+        ) if with_cascade else None
         attn = PagedAttention(rt.cache)
-        # Padding rows everywhere while capturing: valid, harmless inputs.
+        # Padding rows everywhere while capturing: valid, harmless inputs (no groups).
         tokens.zero_()
         positions.zero_()
         slots.fill_(NULL_BLOCK * bs)
         ctx.fill_(1)
+        self.static[self.offsets[5]: self.tables_at].zero_()
         tables.fill_(NULL_BLOCK)
         x_static = self.x
 
         def forward() -> Tensor:
             attn.set_step(StepMetadata(
                 slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
-                block_tables=tables[:b], context_lens=ctx))
+                block_tables=tables[:b], context_lens=ctx, cascade=meta))
             x = model.embed(tokens) if x_static is None else x_static[:b]
             h = model.run_layers(x, positions, attn)  # (b, H)
             return model.head(h) if model.has_head else h  # (b, V) or (b, H)
@@ -479,18 +545,23 @@ class DecodeGraphs:
         return replay
 
     def capture_all(self) -> int:
-        """Capture every bucket now, largest first (the smaller reuse its memory)."""
+        """Capture every bucket now, largest first (the smaller reuse its memory); with
+        the runner's cascade on, each bucket's cascade graph too."""
+        kinds = (False, True) if self.runner.cascade and self.runner.cascade_graphs \
+            else (False,)
         with torch.inference_mode():
             for b in sorted(self.buckets, reverse=True):
-                if b not in self.graphs:
-                    self.graphs[b] = self._capture(b)
+                for with_cascade in kinds:
+                    if (b, with_cascade) not in self.graphs:
+                        self.graphs[(b, with_cascade)] = self._capture(b, with_cascade)
         return len(self.graphs)
 
     def run(self, inputs: StepInputs, x: Tensor | None,
             prev_tokens: Tensor | None = None) -> Tensor:
         b, d = inputs.bucket, inputs.num_decode
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
+        key = (b, inputs.cascade_tiles > 0)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
         n = inputs.ints.size
         # A one-GPU engine's layout() wrote a pinned buffer in place.
         src = self.hosts[inputs.host_slot][:n] if inputs.host_slot >= 0 else _pinned(
@@ -502,7 +573,7 @@ class DecodeGraphs:
         if self.x is not None:
             assert x is not None
             self.x[:d].copy_(x)
-        out = self.graphs[b]()[:d]
+        out = self.graphs[key]()[:d]
         # A pipeline stage's output may still be read by a send when the next replay
         # overwrites it.
         return out.clone() if self.runner.pipelined else out

@@ -1,0 +1,84 @@
+"""Cases of cascade decode attention, and (run as a module with ``TRITON_INTERPRET=1``,
+by tests/models/test_cascade.py in a subprocess) the Triton path under Triton's
+interpreter: prints, as JSON, each case's largest difference from ``paged_decode_torch``
+per decode split count."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from models import cascade
+from tests.models.decode_interp import DTYPES, random_case
+
+# Groups are (rows, shared prefix blocks); rows not in a group attend plainly. Members
+# may be shorter than their group's prefix (they see only their own part of it) or end
+# exactly at it (nothing left for the decode kernel).
+CASES: list[dict] = [
+    {"name": "groups_f32", "dtype": "float32", "head_dim": 32, "block_size": 4,
+     "context_lens": [30, 25, 21, 40, 13, 9, 17, 20, 8],
+     "groups": [([0, 2, 3], 5), ([1, 4], 3), ([6], 4), ([5, 7], 2)]},
+    {"name": "short_members_f32", "dtype": "float32", "head_dim": 16, "block_size": 4,
+     "context_lens": [40, 12, 20, 5, 33],
+     "groups": [([0, 1, 2, 3, 4], 5)]},  # 12 < 20, 20 == 20, 5 < 20
+    {"name": "hd96_bf16", "dtype": "bfloat16", "head_dim": 96, "block_size": 16,
+     "context_lens": [70, 1, 50, 90, 40, 33],
+     "groups": [([0, 2, 3], 3), ([4, 5], 2)]},
+    {"name": "hd64_fp16", "dtype": "float16", "head_dim": 64, "block_size": 8,
+     "context_lens": [41, 30, 9, 20, 50, 26],
+     "groups": [([0, 1, 3, 5], 2), ([2, 4], 1)]},
+    {"name": "fp8", "dtype": "float8_e4m3fn", "head_dim": 96, "block_size": 16,
+     "context_lens": [70, 1, 50, 90, 40, 33],
+     "groups": [([0, 2, 3], 3), ([4, 5], 2)]},
+    {"name": "many_tiles_f32", "dtype": "float32", "head_dim": 16, "block_size": 4,
+     "context_lens": [9 + i % 7 for i in range(cascade.TILE_ROWS + 6)],
+     "groups": [(list(range(1, cascade.TILE_ROWS + 6)), 2)]},
+]
+
+
+def build_case(case: dict) -> tuple:
+    """(q, K, V, K scales, V scales, tables, context lens, CascadeMetadata): a random
+    paged cache (as the decode kernel's tests) whose groups' tables share their first
+    blocks."""
+    q, kc, vc, ks, vs, tables, ctx = random_case(
+        head_dim=case["head_dim"], block_size=case["block_size"], dtype=DTYPES[case["dtype"]],
+        num_heads=case.get("num_heads", 2), context_lens=case["context_lens"], seed=7)
+    bs = case["block_size"]
+    groups = []
+    for rows, blocks in case["groups"]:
+        tables[rows, :blocks] = tables[rows[0], :blocks]
+        groups.append((torch.tensor(rows).numpy(), blocks * bs))
+    d = len(case["context_lens"])
+    starts, tiles, rows = cascade.layout(groups, d, cascade.max_tiles(d))
+    meta = cascade.CascadeMetadata(starts=torch.from_numpy(starts),
+                                   tiles=torch.from_numpy(tiles).view(-1, 4),
+                                   rows=torch.from_numpy(rows))
+    return q, kc, vc, ks, vs, tables, ctx, meta
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    from models.attention import DecodeConfig, cascade_decode_triton, paged_decode_torch
+
+    result = {}
+    for case in CASES:
+        q, kc, vc, ks, vs, tables, ctx, meta = build_case(case)
+        ref = paged_decode_torch(q.float(), kc, vc, tables, ctx, k_scale=ks, v_scale=vs)
+        # Both forms of the decode kernel (per-lane state, tile-wide reductions).
+        for splits, config in ((1, DecodeConfig(16, 4, 1, 1, True)),
+                               (3, DecodeConfig(16, 4, 1, 2, False))):
+            got = cascade_decode_triton(q, kc, vc, tables, ctx, meta, k_scale=ks, v_scale=vs,
+                                        config=config, num_splits=splits)
+            assert got.dtype == q.dtype and got.shape == q.shape
+            result[f"{case['name']}/{splits}"] = (got.float() - ref).abs().max().item()
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

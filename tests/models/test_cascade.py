@@ -1,0 +1,206 @@
+"""Cascade (shared-prefix) decode attention: the host grouping, the torch path and the
+Triton kernels (under Triton's interpreter, CPU) against ``paged_decode_torch``, and the
+engine's greedy tokens with cascade on == off == prefix caching off (eager steps and the
+decode-graph buffers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import cascade
+from models.attention import paged_decode_torch
+from models.config import get_preset
+from models.engine import Engine
+from models.model import NeoX
+from tests.models.cascade_interp import CASES, build_case
+from tests.models.test_engine import VOCAB, _greedy, _model, _no_leaks, _run
+
+ROOT = Path(__file__).resolve().parents[2]
+BS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------
+# Grouping and layout (host)
+# --------------------------------------------------------------------------------------
+
+
+def _found(tables: list[list[int]], ctx: list[int], **kw) -> list[tuple[list[int], int]]:
+    return [(r.tolist(), p) for r, p in cascade.find_groups(
+        np.array(tables), np.array(ctx), BS, **{"min_saved": 0, **kw})]
+
+
+def test_find_groups_shared_leading_blocks() -> None:
+    tables = [
+        [5, 6, 7, 8, 30],   # group A (4 shared)
+        [9, 10, 11, 0, 0],  # group B with row 3 (2 shared: 11 vs 12)
+        [5, 6, 7, 8, 31],   # A
+        [9, 10, 12, 0, 0],  # B
+        [13, 14, 15, 0, 0],  # alone
+        [5, 6, 7, 8, 40],   # A, but its context ends inside block 8: A shares 3 blocks
+    ]
+    ctx = [19, 11, 20, 12, 9, 13]
+    assert _found(tables, ctx) == [([0, 2, 5], 3 * BS), ([1, 3], 2 * BS)]
+    # A group needs min_blocks shared blocks; nothing pays below the savings threshold.
+    assert _found(tables, ctx, min_blocks=3) == [([0, 2, 5], 3 * BS)]
+    saved = (2 * 3 + 1 * 2) * BS  # tokens of prefix reads the two groups save
+    assert len(_found(tables, ctx, min_saved=saved)) == 2
+    assert _found(tables, ctx, min_saved=saved + 1) == []
+    assert _found(tables[4:5], ctx[4:5]) == []
+    assert _found(tables, ctx, max_groups=1) == [([0, 2, 5], 3 * BS)]
+
+
+def test_find_groups_splits_where_members_part_ways() -> None:
+    # Rows 0-2 share 5 blocks; row 3 holds its own copy of block 3 (prefilled in the same
+    # step as row 0); row 4 shares only the first two blocks and has a short context.
+    tables = [
+        [1, 2, 3, 4, 5, 6, 20],
+        [1, 2, 3, 4, 5, 6, 21],
+        [1, 2, 3, 4, 5, 6, 22],
+        [1, 2, 9, 4, 5, 6, 23],
+        [1, 2, 30, 0, 0, 0, 0],
+    ]
+    ctx = [27, 26, 28, 27, 11]
+    assert _found(tables, ctx) == [([0, 1, 2], 6 * BS)]
+    # Without the long group's extra members, one group over the two common blocks
+    # saves more than nothing.
+    assert _found([tables[0], tables[3], tables[4]], [27, 27, 11]) == [([0, 1, 2], 2 * BS)]
+
+
+def test_layout_tiles_large_groups() -> None:
+    big = np.arange(3, 3 + cascade.TILE_ROWS + 5)
+    groups = [(big, 32), (np.array([0, 2]), 8)]
+    d = len(big) + 3
+    n = cascade.max_tiles(d)
+    assert cascade.num_tiles_used(groups) == 3 <= n
+    starts, tiles, rows = cascade.layout(groups, d, n)
+    tiles = tiles.reshape(n, 4)
+    assert tiles[:3].tolist() == [[0, cascade.TILE_ROWS, 32, 3], [cascade.TILE_ROWS, 5, 32, 3],
+                                  [len(big), 2, 8, 0]]
+    assert not tiles[3:].any()
+    assert starts[big].tolist() == [32] * len(big) and starts[[0, 2]].tolist() == [8, 8]
+    assert starts[1] == 0
+    assert rows[: len(big) + 2].tolist() == [*big.tolist(), 0, 2]
+
+
+# --------------------------------------------------------------------------------------
+# Torch path vs the plain reference
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_cascade_torch_matches_paged_decode(case: dict) -> None:
+    q, kc, vc, ks, vs, tables, ctx, meta = build_case(case)
+    ref = paged_decode_torch(q.float(), kc, vc, tables, ctx, k_scale=ks, v_scale=vs)
+    got = cascade.cascade_decode_torch(q.float(), kc, vc, tables, ctx, meta,
+                                       k_scale=ks, v_scale=vs)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (CPU, a subprocess)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, float]:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.models.cascade_interp"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_interpreted_cascade_matches_torch(interpreted: dict[str, float], name: str) -> None:
+    dtype = next(c["dtype"] for c in CASES if c["name"] == name)
+    # Outputs in the query's dtype: one rounding of a value of magnitude < 4.
+    tol = {"float32": 1e-5, "float16": 4e-3}.get(dtype, 2e-2)
+    for splits in (1, 3):
+        assert interpreted[f"{name}/{splits}"] <= tol, (name, splits)
+
+
+# --------------------------------------------------------------------------------------
+# The engine: cascade on == off == prefix caching off
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> NeoX:
+    return _model(get_preset("tiny").replace(vocab_size=VOCAB, max_position=256))
+
+
+def _shared_prefix_requests(seed: int = 3) -> list[tuple[int, str, list[int], object]]:
+    """Three prefixes (5, 8 and 11 blocks) shared by several prompts each, unique suffixes,
+    staggered arrivals, and two prompts sharing nothing."""
+    r = random.Random(seed)
+
+    def toks(n: int) -> list[int]:
+        return [r.randrange(2, VOCAB) for _ in range(n)]
+
+    prefixes = [toks(5 * BS), toks(8 * BS), toks(11 * BS)]
+    out = []
+    for i in range(14):
+        p = prefixes[i % 3] + toks(1 + i % 6) if i < 12 else toks(9 + i)
+        out.append((i // 3, f"r{i}", p, _greedy(6 + (i * 5) % 11)))
+    return out
+
+
+def _engine(model: NeoX, **kw) -> Engine:
+    engine = Engine(model, None, num_blocks=200, block_size=BS, max_batch_tokens=64, **kw)
+    # A tiny model's shared prefixes are short: cascade whatever the savings.
+    engine.runner.cascade_min_saved = 0
+    return engine
+
+
+def test_engine_cascade_equals_plain_and_no_caching(model: NeoX) -> None:
+    reqs = _shared_prefix_requests()
+    assert not Engine(model, None, num_blocks=20).runner.cascade  # CPU: off by default
+    on = _engine(model, enable_cascade=True)
+    got = _run(on, reqs)
+    assert on.stats["cascade_steps"] > 5 and on.stats["prefix_hit_tokens"] > 0
+    off = _engine(model, enable_cascade=False)
+    plain = _run(off, reqs)
+    assert off.stats["cascade_steps"] == 0
+    nocache = _engine(model, enable_prefix_caching=False)
+    ref = _run(nocache, reqs)
+    for rid, out in ref.items():
+        want = out.samples[0].token_ids
+        assert got[rid].samples[0].token_ids == plain[rid].samples[0].token_ids == want, rid
+    _no_leaks(on)
+
+
+def test_engine_cascade_through_decode_graph_buffers(model: NeoX) -> None:
+    """The decode-graph path (static buffers, uncaptured on CPU) with cascade groups."""
+    from models.engine.runner import DecodeGraphs
+
+    reqs = _shared_prefix_requests(seed=8)
+    ref = _run(_engine(model, enable_cascade=False), reqs)
+    engine = _engine(model, max_num_seqs=16, enable_cascade=True)
+    graphs = engine.runner.graphs = DecodeGraphs(engine.runner, 16, capture=False)
+    got = _run(engine, reqs)
+    assert engine.stats["graph_steps"] > 5 and engine.stats["cascade_steps"] > 5
+    assert any(c for _, c in graphs.graphs) and any(not c for _, c in graphs.graphs)
+    for rid, out in ref.items():
+        assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
+    _no_leaks(engine)
