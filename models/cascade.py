@@ -63,6 +63,16 @@ class CascadeConfig(NamedTuple):
 
 
 DEFAULT_CASCADE = CascadeConfig()
+# Variants bench/cascade.py times (and the GPU tests check).
+CASCADE_CONFIGS: tuple[CascadeConfig, ...] = (
+    DEFAULT_CASCADE,
+    CascadeConfig(64, 4, 2, 1),
+    CascadeConfig(64, 4, 2, 4),
+    CascadeConfig(32, 4, 2, 2),
+    CascadeConfig(64, 8, 2, 2),
+    CascadeConfig(64, 4, 3, 2),
+    CascadeConfig(128, 8, 2, 2),
+)
 
 
 @dataclass

@@ -204,3 +204,48 @@ def test_engine_cascade_through_decode_graph_buffers(model: NeoX) -> None:
     for rid, out in ref.items():
         assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
     _no_leaks(engine)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA (skipped here; speed figures from bench/cascade.py live in bench/results)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", cascade.CASCADE_CONFIGS, ids=lambda c: "k{}w{}s{}p{}".format(*c))
+def test_cuda_cascade_kernel_matches_torch(config: cascade.CascadeConfig) -> None:
+    from models.attention import cascade_decode_triton
+
+    for case in CASES:
+        q, kc, vc, ks, vs, tables, ctx, meta = _cuda_case(case)
+        ref = paged_decode_torch(q.float(), kc, vc, tables, ctx, k_scale=ks, v_scale=vs)
+        tol = {"float32": 1e-4, "float16": 4e-3}.get(case["dtype"], 2e-2)
+        for splits in (1, 3):
+            got = cascade_decode_triton(q, kc, vc, tables, ctx, meta, k_scale=ks, v_scale=vs,
+                                        num_splits=splits, cascade_config=config).float()
+            assert (got - ref).abs().max().item() <= tol, (case["name"], splits)
+
+
+def _cuda_case(case: dict) -> tuple:
+    q, kc, vc, ks, vs, tables, ctx, meta = build_case(case)
+    cuda = [t if t is None else t.cuda() for t in (q, kc, vc, ks, vs, tables, ctx)]
+    return (*cuda, cascade.CascadeMetadata(starts=meta.starts.cuda(), tiles=meta.tiles.cuda(),
+                                           rows=meta.rows.cuda()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_engine_cascade_equals_plain(model: NeoX, graphs: bool) -> None:
+    gpu = _model(model.config).cuda()
+    reqs = _shared_prefix_requests(seed=4)
+    kw = {"cuda_graphs": graphs, "max_num_seqs": 16}
+    ref = _run(_engine(gpu, enable_cascade=False, **kw), reqs)
+    engine = _engine(gpu, enable_cascade=True, **kw)
+    got = _run(engine, reqs)
+    assert engine.stats["cascade_steps"] > 5
+    if graphs:
+        assert engine.stats["graph_steps"] > 5
+    for rid, out in ref.items():
+        assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
