@@ -49,13 +49,20 @@ def test_shared_prefix_workload_with_caching_on_and_off(tmp_path: Path) -> None:
           "24", "--skip-hf", "--out", str(out)])
     w = json.loads(out.read_text())["workloads"]["c"]
     assert w["prompts"] == 24
-    on, off = w["ours"], w["ours_no_prefix_caching"]
-    assert on["output_tokens"] == off["output_tokens"] == w["output_tokens"]
-    # 8 prefixes over 24 prompts: most prompts find theirs (all its full blocks).
+    on, plain, off = w["ours"], w["ours_no_cascade"], w["ours_no_prefix_caching"]
+    assert on["output_tokens"] == plain["output_tokens"] == off["output_tokens"] \
+        == w["output_tokens"]
+    # 8 prefixes over 24 prompts: most prompts find theirs (all its full blocks), and
+    # the decode steps of those sharing one attend to it once (cascade).
     assert on["engine_stats"]["prefix_cache_hit_rate"] > 0.3
+    assert plain["engine_stats"]["prefix_cache_hit_rate"] > 0.3
+    assert on["engine_stats"]["cascade_steps"] > 0 == plain["engine_stats"]["cascade_steps"]
     assert off["engine_stats"]["prefix_hit_tokens"] == 0
-    assert w["ratios"]["prefix_caching_speedup"] > 0
-    assert "prefix caching off" in table(json.loads(out.read_text()))
+    for key in ("prefix_caching_speedup", "cascade_speedup",
+                "prefix_caching_no_cascade_speedup"):
+        assert w["ratios"][key] > 0
+    text = table(json.loads(out.read_text()))
+    assert "prefix caching off" in text and "no cascade" in text
 
 
 def test_hf_baseline_shares_our_weights() -> None:
