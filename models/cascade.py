@@ -367,6 +367,25 @@ def _build_kernel():  # noqa: ANN202 - returns a triton JIT function
     return cascade_prefix_kernel
 
 
+def prefix_kernel():  # noqa: ANN201 - a triton JIT function
+    """The prefix pass's Triton kernel (built on first use)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
+    return _KERNEL
+
+
+def prefix_constexprs(num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                      has_scale: bool, config: CascadeConfig = DEFAULT_CASCADE,
+                      ) -> dict[str, int | bool]:
+    """The prefix kernel's compile-time arguments (``dtype``: the queries')."""
+    return {"NUM_HEADS": num_heads, "HEAD_DIM": head_dim,
+            "HD_P": max(16, 1 << max(0, head_dim - 1).bit_length()),
+            "BLOCK_SIZE": block_size, "ROWS": TILE_ROWS, "KEYS": config.keys,
+            "NUM_STAGES": config.num_stages, "PREFIX_SPLITS": config.prefix_splits,
+            "HAS_SCALE": has_scale, "EXACT": _exact_dots(dtype)}
+
+
 def _exact_dots(dtype: torch.dtype) -> bool:
     """Whether the prefix pass runs its dots in fp32: for fp32 models, and for bf16 under
     Triton's interpreter (its bf16 ``tl.dot`` returns garbage; fp32 products of bf16
@@ -386,9 +405,7 @@ def prefix_partials_triton(
     group members only (the caller sets the other rows' slots to -inf). The launch
     depends only on shapes (the tile count is ``meta.tiles``' rows), so it can be
     captured in a CUDA graph."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build_kernel()
+    kernel = prefix_kernel()
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
     num_parts = part_lse.shape[2]
@@ -406,13 +423,11 @@ def prefix_partials_triton(
     n_tiles = meta.tiles.shape[0]
     if n_tiles == 0 or d == 0:
         return
-    _KERNEL[(n_tiles, nh, config.prefix_splits)](
+    kernel[(n_tiles, nh, config.prefix_splits)](
         part_o, part_lse, q, k_cache, v_cache, ks, vs, block_tables, context_lens,
         meta.tiles, meta.rows, (1.0 / math.sqrt(hd)) * 1.4426950408889634, num_parts,
         first_slot, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), *s_strides, block_tables.stride(0),
-        NUM_HEADS=nh, HEAD_DIM=hd, HD_P=max(16, 1 << max(0, hd - 1).bit_length()),
-        BLOCK_SIZE=bs, ROWS=TILE_ROWS, KEYS=config.keys, NUM_STAGES=config.num_stages,
-        PREFIX_SPLITS=config.prefix_splits, HAS_SCALE=k_scale is not None,
-        EXACT=_exact_dots(q.dtype), num_warps=config.num_warps,
+        **prefix_constexprs(nh, hd, bs, q.dtype, k_scale is not None, config),
+        num_warps=config.num_warps,
     )

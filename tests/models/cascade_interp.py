@@ -1,7 +1,9 @@
 """Cases of cascade decode attention, and (run as a module with ``TRITON_INTERPRET=1``,
 by tests/models/test_cascade.py in a subprocess) the Triton path under Triton's
 interpreter: prints, as JSON, each case's largest difference from ``paged_decode_torch``
-per decode split count."""
+per decode split count. With ``--compile-sm90`` (no interpreter) it compiles the prefix
+kernel for an H200 instead, for the cases given as JSON on stdin, and prints each one's
+shared memory."""
 
 from __future__ import annotations
 
@@ -59,7 +61,41 @@ def build_case(case: dict) -> tuple:
     return q, kc, vc, ks, vs, tables, ctx, meta
 
 
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
+                 "float8_e4m3fn": "fp8e4nv"}
+
+
+def compile_sm90(case: dict) -> dict:
+    """Compile the prefix kernel for sm_90 at ``case``'s shape, dtype and config."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = cascade.prefix_kernel()
+    cache = _TRITON_TYPES[case["dtype"]]
+    fp8 = case["dtype"] == "float8_e4m3fn"
+    q = "bf16" if fp8 else cache
+    cfg = cascade.CascadeConfig(*case["config"])
+    ptrs = {"part_o_ptr": "fp32", "part_lse_ptr": "fp32", "q_ptr": q, "k_ptr": cache,
+            "v_ptr": cache, "ks_ptr": "fp32", "vs_ptr": "fp32", "bt_ptr": "i64",
+            "ctx_ptr": "i64", "tiles_ptr": "i64", "rows_ptr": "i64"}
+    consts = cascade.prefix_constexprs(
+        case["num_heads"], case["head_dim"], case["block_size"],
+        torch.bfloat16 if fp8 else DTYPES[case["dtype"]], fp8, cfg)
+    names = kernel.arg_names
+    sig = {n: ("*" + ptrs[n] if n in ptrs else "fp32" if n == "scale_log2"
+               else "constexpr" if n in consts else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in ptrs or n.startswith("stride")}
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    return {"shared": k.metadata.shared}
+
+
 def main() -> int:
+    if "--compile-sm90" in sys.argv[1:]:
+        json.dump({c["name"]: compile_sm90(c) for c in json.load(sys.stdin)}, sys.stdout)
+        return 0
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
         return 2

@@ -89,9 +89,10 @@ def compile_sm90(case: dict) -> dict:
     cfg = DecodeConfig(*case["config"])
     ptrs = {"out_ptr": q, "part_o_ptr": "fp32", "part_lse_ptr": "fp32", "q_ptr": q,
             "k_ptr": cache, "v_ptr": cache, "ks_ptr": "fp32" if fp8 else q,
-            "vs_ptr": "fp32" if fp8 else q, "bt_ptr": "i64", "ctx_ptr": "i64"}
+            "vs_ptr": "fp32" if fp8 else q, "bt_ptr": "i64", "ctx_ptr": "i64",
+            "start_ptr": "i64"}
     consts = decode_constexprs(case["num_heads"], case["head_dim"], case["block_size"], cfg,
-                               fp8)
+                               fp8, case.get("start", False))
     names = kernel.arg_names
     sig = {n: ("*" + ptrs[n] if n in ptrs else "fp32" if n == "scale_log2"
                else "constexpr" if n in consts else "i32") for n in names}

@@ -140,6 +140,39 @@ def test_interpreted_cascade_matches_torch(interpreted: dict[str, float], name: 
         assert interpreted[f"{name}/{splits}"] <= tol, (name, splits)
 
 
+def test_kernels_compile_for_the_h200() -> None:
+    # What the interpreter cannot see (tensor-core dot layouts, shared memory, fp8
+    # conversions) the compiler checks: the prefix pass's variants at the 20B's shape and
+    # the decode kernel with start offsets, for sm_90 with the ptxas in triton's wheel.
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    shape = {"num_heads": 64, "head_dim": 96, "block_size": 16}
+    cases = [{"name": f"{dt}_{i}", "dtype": dt, "config": list(cfg), **shape}
+             for i, cfg in enumerate(cascade.CASCADE_CONFIGS)
+             for dt in (("bfloat16", "float8_e4m3fn") if i == 0 else ("bfloat16",))]
+    cases.append({"name": "fp16_hd64", "dtype": "float16", "config": list(cascade.DEFAULT_CASCADE),
+                  "num_heads": 8, "head_dim": 64, "block_size": 8})
+    got = _subprocess("tests.models.cascade_interp", cases, "--compile-sm90")
+    assert set(got) == {c["name"] for c in cases}
+    # An H200 SM has 228 KB of shared memory.
+    assert all(0 < g["shared"] <= 228 * 1024 for g in got.values()), got
+    # The decode kernel with per-sequence starts (cascade steps), as the engine launches it.
+    from models.attention import DECODE_CONFIGS
+
+    dec = [{"name": "start_bf16", "config": list(DECODE_CONFIGS[0]), "dtype": "bfloat16",
+            "start": True, "merge": True, **shape}]
+    assert set(_subprocess("tests.models.decode_interp", dec, "--compile-sm90")) == {"start_bf16"}
+
+
+def _subprocess(module: str, cases: list[dict], *flags: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", module, *flags], input=json.dumps(cases),
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 # --------------------------------------------------------------------------------------
 # The engine: cascade on == off == prefix caching off
 # --------------------------------------------------------------------------------------
