@@ -473,7 +473,8 @@ class Trainer:
                            if self.peak else None)
                     last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                             "train_loss": r["loss"], "val_loss": val,
-                            "lr": self.engine.get_lr()[0], "tokens_per_s": tok_s, "mfu": mfu}
+                            "lr": self.engine.get_lr()[0], "tokens_per_s": tok_s, "mfu": mfu,
+                            "total_steps": self.total_steps}
                     log.write(last)
                     window_tokens, window_start = 0.0, time.perf_counter()
                 if cfg.save_every and self.step % cfg.save_every == 0 and not done:

@@ -119,6 +119,7 @@ class JobRun:
         self.out = Path(self.job.out_dir or setup.out_dir / self.job.id)
         self.last_step = 0
         self.recorded: set[int] = set()
+        self.file_names: dict[str, str] = {}  # stored path -> file id
         # Set by the heartbeat thread once this trainer no longer holds the job.
         self.lost = threading.Event()
         self.done = threading.Event()
@@ -195,10 +196,9 @@ class JobRun:
             self.lost_job()
             return
         child = self.launch(config)
-        outcome = self.follow(child)
+        if self.follow(child) == "stopped":
+            return  # another trainer's (or nobody's) job now: it writes no more here
         self.sync()
-        if outcome == "stopped":
-            return
         if child.returncode == 0:
             self.succeed()
         else:
@@ -243,6 +243,7 @@ class JobRun:
                                 "readable on this trainer (deleted, or on another host's "
                                 "disk)", param)
             paths[param] = f.path
+            self.file_names[f.path] = file_id  # errors name the file the user knows
         opts = dict(job.options or {})
         hp = dict(job.hyperparameters or {})
         kw: dict[str, Any] = {k: opts[k] for k in (
@@ -295,6 +296,7 @@ class JobRun:
         while child.poll() is None:
             if self.stopping.wait(SYNC_EVERY_S):
                 self.stop(child)
+                self.sync()  # still the holder: the steps it made are recorded
                 with session_scope(self.db) as s:
                     released = release_job(session=s, job_id=self.job.id,
                                            trainer_id=self.setup.trainer_id)
@@ -344,7 +346,7 @@ class JobRun:
         ckpts = sorted(int(p.name.removeprefix("step")) for p in
                        (self.out / "checkpoints").glob("step*")
                        if p.name.removeprefix("step").isdigit())
-        ckpts = [c for c in ckpts if c <= latest and c not in self.recorded and c in by_step]
+        ckpts = [c for c in ckpts if c <= latest and c not in self.recorded]
         if not new and not ckpts:
             return
         with session_scope(self.db) as s:
@@ -352,15 +354,18 @@ class JobRun:
                 val = _loss(r.get("val_loss"))
                 data = {"step": r["step"], "train_loss": _loss(r.get("train_loss")),
                         "valid_loss": val, "full_valid_loss": val, "epoch": r.get("epoch"),
-                        "lr": r.get("lr"), "tokens_per_s": r.get("tokens_per_s")}
-                msg = f"Step {r['step']}: training loss={data['train_loss']:.4f}" if \
-                    data["train_loss"] is not None else f"Step {r['step']}"
+                        "lr": r.get("lr"), "tokens_per_s": r.get("tokens_per_s"),
+                        "total_steps": r.get("total_steps")}
+                msg = f"Step {r['step']}" + (f"/{data['total_steps']}" if data["total_steps"]
+                                             else "")
+                if data["train_loss"] is not None:
+                    msg += f": training loss={data['train_loss']:.4f}"
                 if val is not None:
                     msg += f", validation loss={val:.4f}"
                 add_event(session=s, job_id=self.job.id, type="metrics", message=msg,
                           step=int(r["step"]), data=data)
             for step in ckpts:
-                r = by_step[step]
+                r = by_step.get(step, {})  # no loss logged at a step off log_every
                 val = _loss(r.get("val_loss"))
                 add_checkpoint(session=s, job_id=self.job.id, step=step,
                                metrics={"train_loss": _loss(r.get("train_loss")),
@@ -397,7 +402,10 @@ class JobRun:
             lines = []
         starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
         if starts:  # the message may go on over several lines (every bad line of a file)
-            return "\n".join(lines[starts[-1]:starts[-1] + 25]).removeprefix("error: ")[:4000]
+            text = "\n".join(lines[starts[-1]:starts[-1] + 25]).removeprefix("error: ")
+            for path, file_id in self.file_names.items():
+                text = text.replace(path, file_id)
+            return text[:4000]
         if returncode < 0:
             return f"the training process was killed by signal {-returncode}"
         tail = [ln for ln in lines[-5:] if ln.strip()]

@@ -123,7 +123,8 @@ def test_openai_client_fine_tunes_then_serves_the_result(stack: Live, byte_model
     assert messages[0] == "The job has successfully completed"
     metrics = sorted((e for e in events if e.type == "metrics"), key=lambda e: e.data["step"])
     assert [e.data["step"] for e in metrics] == [1, 2, 3, 4]
-    assert all(e.data["train_loss"] > 0 for e in metrics)
+    assert all(e.data["train_loss"] > 0 and e.data["total_steps"] == 4 for e in metrics)
+    assert metrics[0].message.startswith("Step 1/4: training loss=")
     assert metrics[-1].data["valid_loss"] > 0  # validation at checkpoints and the end
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]
@@ -182,8 +183,8 @@ def test_openai_client_fine_tunes_then_serves_the_result(stack: Live, byte_model
 
 
 @pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
-def test_a_killed_trainers_job_resumes_from_its_checkpoint(stack: Live, byte_model: Path,  # noqa: F811
-                                                           tmp_path: Path) -> None:
+def test_a_stopped_or_killed_trainers_job_resumes_from_its_checkpoint(
+        stack: Live, byte_model: Path, tmp_path: Path) -> None:  # noqa: F811
     live = stack
     from store.registry import announce_model
 
@@ -195,36 +196,51 @@ def test_a_killed_trainers_job_resumes_from_its_checkpoint(stack: Live, byte_mod
     (tmp_path / "train.jsonl").write_text(chat_lines(40))
     train = client.files.create(file=(tmp_path / "train.jsonl").open("rb"), purpose="fine-tune")
     t1 = start_trainer(live, "t1")
-    total = 24
+    total = 30
     job = client.fine_tuning.jobs.create(model=BASE, training_file=train.id, suffix="kill",
                                          method=neoxq_method(max_steps=total, save_every=3))  # type: ignore[arg-type]
-    first = wait(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 90,
-                 "the first checkpoint", live)
+
+    def checkpoints() -> list[int]:
+        return [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id,
+                                                                                  limit=50)]
+
+    wait(checkpoints, 90, "the first checkpoint", live)
+    # SIGTERM: the trainer stops its ranks and hands the job on at once.
+    t1.terminate()
+    assert t1.wait(timeout=60) == 0
+    assert not rank_processes(job.id)
+    handed = max(checkpoints())
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    t2 = start_trainer(live, "t2")
+    wait(lambda: max(checkpoints()) > handed, 90, "t2 to checkpoint", live)
     assert rank_processes(job.id)
-    os.kill(t1.pid, signal.SIGKILL)
-    t1.wait()
-    # The rank dies with its trainer: nothing trains this job now ...
+    # SIGKILL: nothing hands the job on, and the rank dies with its trainer ...
+    os.kill(t2.pid, signal.SIGKILL)
+    t2.wait()
     wait(lambda: not rank_processes(job.id), 10, "the rank to die with its trainer", live)
     # ... and the job stays running, its lease held by a dead trainer.
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
-    killed_at = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert killed_at >= first[0].step_number
+    killed_at = max(checkpoints())
     # Two trainers come up; exactly one takes the job over once the lease is stale.
-    start_trainer(live, "t2")
     start_trainer(live, "t3")
+    start_trainer(live, "t4")
     done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
         "succeeded", "failed", "cancelled") and j, 150, "the resumed job to finish", live)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{BASE}:kill:{job.id}"
-    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
-    resumes = [e.message for e in events if e.message.startswith("Resuming")]
-    assert len(resumes) == 1, resumes
-    assert "stopped heart-beating" in resumes[0] and "trainer t1" in resumes[0]
-    resumed_at = int(resumes[0].split("step ")[1].split(" ")[0])
-    assert resumed_at >= killed_at
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]
+    messages = [e.message for e in events]
+    stopped = [m for m in messages if m.startswith("Trainer t1 stopped")]
+    assert len(stopped) == 1 and f"(step {handed})" in stopped[0], messages
+    resumes = [m for m in messages if m.startswith("Resuming")]
+    assert len(resumes) == 2, resumes
+    assert resumes[0].startswith(f"Resuming from the checkpoint at step {handed} on trainer "
+                                 "t2 (its trainer stopped)")
+    assert "(trainer t2 stopped heart-beating)" in resumes[1]
+    assert int(resumes[1].split("step ")[1].split(" ")[0]) == killed_at
     steps = sorted(e.data["step"] for e in events if e.type == "metrics")
-    assert steps == list(range(1, total + 1))  # every step once, across both runs
-    ckpts = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=20)]
+    assert steps == list(range(1, total + 1))  # every step once, across the three runs
+    ckpts = checkpoints()
     assert ckpts == sorted(ckpts, reverse=True) and ckpts[0] == total
     # A job whose examples do not fit its max_length fails naming their lines (that check
     # needs the model's tokenizer, so the trainer makes it, not the upload).
@@ -234,7 +250,8 @@ def test_a_killed_trainers_job_resumes_from_its_checkpoint(stack: Live, byte_mod
         "succeeded", "failed", "cancelled") and j, 120, "the bad job to fail", live)
     assert failed.status == "failed" and failed.error.code == "training_failed"
     assert "40 bad line(s)" in failed.error.message
-    assert ":1: " in failed.error.message and "longer than max_length 16" in failed.error.message
+    assert f"{train.id}:1: " in failed.error.message  # the file's id, not a server path
+    assert "longer than max_length 16" in failed.error.message
     assert failed.fine_tuned_model is None
     assert any(e.level == "error" and e.message.startswith("The job failed")
                for e in client.fine_tuning.jobs.list_events(failing.id).data)
