@@ -15,6 +15,12 @@ returned rows say which). An item may be claimed when it is
   no longer live (its heartbeat is older than the live window, or it stopped): a
   SIGKILLed worker's items are taken over by whoever holds their chunk.
 
+Both kinds of claim take the costliest items first (``items.cost``: prompt + max_tokens
+tokens): long items start early, and what is left for the end of a batch - the part
+that idle workers share - is made of short ones. A claim may also be bounded by a token
+budget (``max_cost``: what the worker's KV cache has room for), so that a worker holds
+little more than its engine can run and the rest stays ``queued`` for others.
+
 Claims are only about *who works*, never about correctness: results are insert-if-absent
 (store/queries.py), so an item that two workers run (a claim taken over from a worker
 that was slow, not dead) is still stored and counted once.
@@ -23,6 +29,7 @@ that was slow, not dead) is still stored and counted once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -31,10 +38,10 @@ from store.status import NOT_READY, UNFINISHED_ITEMS, BatchStatus, ItemStatus, W
 from store.tables import Batch, Item, Worker, now
 
 # Columns of a claimed item: what a worker needs to run it, without a second query.
-ClaimedItem = tuple[int, str, int, str, dict, float, int]  # id, batch, index, prompt,
-#                                                             params, queued_at, attempts
+ClaimedItem = tuple[int, str, int, str, dict, float, int, int]  # id, batch, index,
+#                                                 prompt, params, queued_at, attempts, cost
 _CLAIMED_COLUMNS = (Item.id, Item.batch_id, Item.index, Item.prompt, Item.params,
-                    Item.queued_at, Item.attempts)
+                    Item.queued_at, Item.attempts, Item.cost)
 
 
 def live_worker_ids(live_within: float) -> ColumnElement:
@@ -51,48 +58,69 @@ def _claimable(live_within: float) -> ColumnElement[bool]:
                         Item.worker_id.not_in(live_worker_ids(live_within)))))
 
 
-def _claim(session: Session, ids: ColumnElement, worker_id: str,
-           live_within: float) -> list[ClaimedItem]:
+def _claim(session: Session, candidates: Any, worker_id: str, live_within: float,
+           max_cost: int | None) -> list[ClaimedItem]:
+    """Claim the ``candidates`` (a SELECT of item id and cost, in the order to take
+    them) - only as many as fit in ``max_cost`` tokens, but at least one. Returns the
+    claimed items in that order."""
+    rows = session.execute(candidates).tuples().all()
+    ids, total = [], 0
+    for item_id, cost in rows:
+        if max_cost is not None and ids and total + cost > max_cost:
+            break
+        ids.append(item_id)
+        total += cost
+    if not ids:
+        return []
     # The WHERE is evaluated again on each row at UPDATE time (PostgreSQL re-checks rows
     # another transaction changed meanwhile; SQLite runs one writer at a time), so an
     # item that someone else claimed between the SELECT and the UPDATE is skipped.
-    rows = session.execute(
+    got = session.execute(
         update(Item).where(Item.id.in_(ids), _claimable(live_within))
         .values(status=ItemStatus.RUNNING, worker_id=worker_id, attempts=Item.attempts + 1)
         .returning(*_CLAIMED_COLUMNS)
         .execution_options(synchronize_session=False)
     ).tuples().all()
-    return sorted((tuple(r) for r in rows), key=lambda r: (r[1], r[2]))  # type: ignore[misc]
+    order = {item_id: i for i, item_id in enumerate(ids)}
+    return sorted((tuple(r) for r in got), key=lambda r: order[r[0]])  # type: ignore[misc]
 
 
 def claim_range(*, session: Session, batch_id: str, start: int, end: int, worker_id: str,
-                limit: int, live_within: float) -> list[ClaimedItem]:
-    """Claim up to ``limit`` claimable items of ``[start, end)``, lowest index first (the
-    holder works from the front of its range; idle workers take from the back)."""
-    ids = (select(Item.id)
-           .where(Item.batch_id == batch_id, Item.index >= start, Item.index < end,
-                  _claimable(live_within))
-           .order_by(Item.index).limit(limit).scalar_subquery())
-    return _claim(session, ids, worker_id, live_within)
+                limit: int, live_within: float, max_cost: int | None = None,
+                ) -> list[ClaimedItem]:
+    """Claim up to ``limit`` claimable items of ``[start, end)`` (and no more than
+    ``max_cost`` tokens of them, but at least one), costliest first, then lowest index."""
+    candidates = (select(Item.id, Item.cost)
+                  .where(Item.batch_id == batch_id, Item.index >= start, Item.index < end,
+                         _claimable(live_within))
+                  .order_by(Item.cost.desc(), Item.index).limit(limit))
+    return _claim(session, candidates, worker_id, live_within, max_cost)
 
 
 def claim_unstarted(*, session: Session, worker_id: str, limit: int,
                     live_within: float, batches: ColumnElement[bool] | None = None,
-                    ) -> list[ClaimedItem]:
-    """For an idle worker: claim up to ``limit`` queued items of running batches, oldest
-    batch first, from the end of the batch backwards - the items the holders of its
-    chunks would reach last. Items of a dead worker are left to the holders of their
-    chunks, which notice them when their own part is done. ``batches``: a condition on
-    the batches it may take from (those of the model it serves, store/registry.py)."""
+                    max_cost: int | None = None) -> list[ClaimedItem]:
+    """For an idle worker: claim up to ``limit`` queued items (and no more than
+    ``max_cost`` tokens of them, but at least one) of running batches, oldest batch first,
+    costliest first, then from the end of the batch backwards - the items the holders
+    of its chunks would reach last. Items of a dead worker are left to the holders of
+    their chunks, which notice them when their own part is done. ``batches``: a
+    condition on the batches it may take from (those of the model it serves,
+    store/registry.py)."""
     q = select(Batch.id).where(Batch.status == BatchStatus.IN_PROGRESS)
     if batches is not None:
         q = q.where(batches)
     batch_ids = list(session.scalars(q.order_by(Batch.created_at)))
     got: list[ClaimedItem] = []
     for batch_id in batch_ids:
-        ids = (select(Item.id).where(Item.batch_id == batch_id, Item.status == ItemStatus.QUEUED)
-               .order_by(Item.index.desc()).limit(limit - len(got)).scalar_subquery())
-        got += _claim(session, ids, worker_id, live_within)
+        candidates = (select(Item.id, Item.cost)
+                      .where(Item.batch_id == batch_id, Item.status == ItemStatus.QUEUED)
+                      .order_by(Item.cost.desc(), Item.index.desc())
+                      .limit(limit - len(got)))
+        left = None if max_cost is None else max_cost - sum(c[7] for c in got)
+        if left is not None and left <= 0:
+            break
+        got += _claim(session, candidates, worker_id, live_within, left)
         if len(got) >= limit:
             break
     return got

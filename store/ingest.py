@@ -56,6 +56,22 @@ from store.tables import Item, new_id, now
 OnInvalid = Literal["refuse", "record"]
 Enqueue = Callable[[ChunkPayload], None]
 
+# Characters per token of English text under the GPT-NeoX tokenizer (about 4): ingestion
+# has no tokenizer, and an item's cost needs only an estimate of its prompt's tokens.
+CHARS_PER_TOKEN = 4
+
+
+def prompt_tokens_estimate(prompt: str | list[int],
+                           messages: list[dict[str, Any]] | None = None) -> int:
+    """A prompt's tokens: exact for token ids, estimated for text and chats (a few
+    tokens per message for the template around it)."""
+    if isinstance(prompt, list):
+        return len(prompt)
+    chars = len(prompt)
+    if messages:
+        chars += sum(len(str(m.get("content") or "")) + 4 * CHARS_PER_TOKEN for m in messages)
+    return -(-chars // CHARS_PER_TOKEN)
+
 
 @dataclass
 class IngestReport:
@@ -115,9 +131,12 @@ class ChunkPlanner:
         self.default_n = int(defaults.get("n") or 1)
         self.costs = array("q")  # tokens each item may generate, in item order
 
-    def add(self, index: int, params: dict[str, Any]) -> None:
-        self.costs.append(int(params.get("max_tokens") or self.default_tokens) * int(
-            params.get("n") or self.default_n))
+    def add(self, index: int, params: dict[str, Any]) -> int:
+        """Count item ``index``; returns the most tokens it may generate."""
+        cost = int(params.get("max_tokens") or self.default_tokens) * int(
+            params.get("n") or self.default_n)
+        self.costs.append(cost)
+        return cost
 
     def finish(self, total: int, slots: int = 1) -> list[tuple[int, int]]:
         """The chunks of ``total`` items for ``slots`` worker slots (live workers x chunks
@@ -207,13 +226,16 @@ def _ingest(
             error = {"code": first.code, "message": "; ".join(map(str, parsed.errors)),
                      "line": parsed.line, "param": first.field}
             params = {}  # never run; a bad line's values are not kept
+        generated = planner.add(index, params)
         rows.append({
             "batch_id": batch_id, "index": index, "line_number": parsed.line,
             "custom_id": parsed.custom_id, "prompt": prompt, "params": params,
             "status": ItemStatus.FAILED if error else ItemStatus.QUEUED, "attempts": 0,
             "queued_at": t_queued, "error": error,
+            "cost": 0 if error else generated + prompt_tokens_estimate(
+                parsed.prompt if isinstance(parsed.prompt, list) else prompt,
+                parsed.messages),
         })
-        planner.add(index, params)
         index += 1
         if len(rows) >= block:
             flush()

@@ -153,6 +153,8 @@ class Item(Base):
         # Idle workers look for a running batch's unclaimed items (status "queued"), from
         # the end of the batch backwards (store/claims.py).
         Index("ix_items_batch_status_index", "batch_id", "status", "index"),
+        # ... the costliest first (store/claims.py).
+        Index("ix_items_batch_status_cost", "batch_id", "status", "cost"),
     )
 
     id: Mapped[int] = mapped_column(ItemId, primary_key=True, autoincrement=True)
@@ -170,6 +172,11 @@ class Item(Base):
     # taken over by the worker holding the item's chunk.
     worker_id: Mapped[str | None] = mapped_column(String(200))
     queued_at: Mapped[float] = mapped_column(Float, default=now)
+    # Tokens the item may hold in a KV cache: its prompt's (estimated at ingestion, where
+    # there is no tokenizer) plus the most it may generate (max_tokens x n). Claims take
+    # the costliest items first, and a worker claims about what its cache holds
+    # (store/claims.py, worker/runtime.py).
+    cost: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # A per-item validation error (when bad lines are run as item errors): {code, message}.
     error: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 

@@ -18,10 +18,13 @@ Threads, each with one job:
 is what the Celery task calls from a pool thread.
 
 Several workers, one batch. A chunk task claims its items in the store a few at a time,
-as the engine has room (:class:`Room`, a quarter more than the engine runs at once),
-not all at once: the rest of its range stays ``queued``. A worker with room and an empty
-queue claims such items of chunks other workers hold (:meth:`WorkerRuntime.share_tail`),
-from the back of the batch, so no worker idles while another drains a long tail. A
+as the engine has room (:class:`Room`: a quarter more sequences than the engine runs at
+once, and a tenth more tokens than its KV cache holds, counting each item at its final
+size), not all at once: the rest of its range stays ``queued``. Claims take the costliest
+items first, so long items start early and a batch ends with short ones. A worker with
+room and an empty queue claims queued items of chunks other workers hold
+(:meth:`WorkerRuntime.share_tail`, every ``cancel_poll_interval``), so no worker idles
+while another drains a long tail. A
 chunk is acknowledged when every item of its range has a result, whoever ran it; items
 claimed by a worker whose heartbeat stopped are taken over by the chunk's holder
 (store/claims.py). Results stay insert-if-absent, so exactly-once does not depend on
@@ -119,6 +122,11 @@ class _Pending:
     @property
     def request_id(self) -> str:
         return str(self.item_id)
+
+
+def _cost(items: Sequence[ClaimedItem]) -> int:
+    """The tokens claimed items may hold in the KV cache (their costs, store/claims.py)."""
+    return sum(c[7] for c in items)
 
 
 def _resolve(futures: Sequence[Future], outcome: str) -> None:
@@ -665,6 +673,18 @@ def _wait_any(mine: list[tuple[str, Future]], timeout: float) -> None:
         time.sleep(timeout)
 
 
+# Tokens a worker claims beyond what its KV cache holds (items at prompt + max_tokens):
+# enough that a finished sequence's place is taken while the next claim is made, little
+# enough that the rest of a batch stays queued, where an idle worker can take it.
+TOKEN_SLACK = 1.1
+
+
+def in_flight_tokens(engine: InferenceEngine) -> int:
+    """The tokens of items (prompt + max_tokens x n each) one worker claims into its
+    engine at once: :data:`TOKEN_SLACK` times what its KV cache holds."""
+    return int(engine.cache_tokens * TOKEN_SLACK)
+
+
 def in_flight_limit(engine: InferenceEngine, settings: Settings) -> int:
     """How many items one worker claims into its engine at once (``Room``'s size):
     ``NEOXQ_WORKER_MAX_IN_FLIGHT``, or a quarter more than the engine runs at once -
@@ -678,37 +698,61 @@ def in_flight_limit(engine: InferenceEngine, settings: Settings) -> int:
 
 
 class Room:
-    """How many more items this worker's engine may be given: a counting semaphore that
-    hands out several slots at once. Chunk threads (and the tail sharer) take slots before
-    claiming items and each finished item gives its slot back, so items are claimed as the
-    engine has room for them and the rest stay queued, where idle workers can take them."""
+    """How many more items - and tokens of items - this worker's engine may be given: a
+    counting semaphore of two resources that hands out several units at once. Chunk
+    threads (and the tail sharer) take slots and tokens before claiming items, give back
+    what the claim did not use, and each finished item gives back its slot and its cost;
+    so items are claimed as the engine has room for them and the rest stay queued, where
+    idle workers can take them."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, tokens: int | None = None) -> None:
         self.size = size
         self.free = size
-        self.waiting = 0  # chunk threads waiting for slots
+        self.tokens = tokens if tokens is not None else 1 << 62  # None: no token bound
+        self.tokens_free = self.tokens
+        self.waiting = 0  # chunk threads waiting for room
         self._cv = threading.Condition()
 
-    def take(self, most: int, *, least: int = 1, timeout: float = 0.0) -> int:
-        """Up to ``most`` slots, waiting up to ``timeout`` s for at least ``least``
-        (fewer than ``least`` are never taken: one claim per item would be wasteful)."""
+    @property
+    def least_tokens(self) -> int:
+        """Tokens worth a claim: an eighth of the budget (one claim per finished short
+        item would be wasteful)."""
+        return max(1, self.tokens // 8)
+
+    def take(self, most: int, *, least: int = 1, timeout: float = 0.0) -> tuple[int, int]:
+        """Up to ``most`` slots and the free tokens, waiting up to ``timeout`` s for at
+        least ``least`` slots and :attr:`least_tokens` tokens (or, with nothing taken,
+        everything free). Returns (slots, tokens); (0, 0) on a timeout."""
         least = max(1, min(least, most, self.size))
+
+        def ready() -> bool:
+            return self.free >= least and (self.tokens_free >= self.least_tokens
+                                           or self.tokens_free == self.tokens)
+
         with self._cv:
             self.waiting += 1
             try:
-                if not self._cv.wait_for(lambda: self.free >= least, timeout=timeout):
-                    return 0
-                n = min(most, self.free)
+                if not self._cv.wait_for(ready, timeout=timeout):
+                    return 0, 0
+                n, t = min(most, self.free), max(self.tokens_free, 0)
                 self.free -= n
-                return n
+                self.tokens_free -= t
+                return n, t
             finally:
                 self.waiting -= 1
 
-    def give(self, n: int) -> None:
-        if n:
+    def give(self, n: int, tokens: int = 0) -> None:
+        """Give back ``n`` slots and ``tokens`` (negative: a claim used more tokens than
+        it was given, as a first item costlier than the free tokens may)."""
+        if n or tokens:
             with self._cv:
                 self.free += n
+                self.tokens_free += tokens
                 self._cv.notify_all()
+
+    def has_room(self, least: int) -> bool:
+        """Whether ``least`` slots and a claim's worth of tokens are free now."""
+        return self.free >= least and self.tokens_free >= self.least_tokens
 
 
 class WorkerRuntime:
@@ -748,10 +792,11 @@ class WorkerRuntime:
                                     render_chat=self.chat_template.render)
         self.draining_since: float | None = None
         self._held_tasks: set[str] = set()  # Celery task ids of chunks running here
+        self._ranges = 0  # chunks whose items are being claimed and run here
         self._held_lock = threading.Lock()
         self._redis: Any = None
         self._app: Any = None
-        self.room = Room(in_flight_limit(engine, settings))
+        self.room = Room(in_flight_limit(engine, settings), in_flight_tokens(engine))
         # Claims of items that ended without a result here (aborted, failed transiently),
         # given back by the control thread: (item id, whether the attempt counts).
         self._unclaim: list[tuple[int, bool]] = []
@@ -875,7 +920,13 @@ class WorkerRuntime:
                 # is finished by the control thread.)
                 return f"batch {batch.status}"
             defaults = dict(batch.defaults or {})
-        ran = self._run_range(payload, defaults)
+        with self._held_lock:
+            self._ranges += 1
+        try:
+            ran = self._run_range(payload, defaults)
+        finally:
+            with self._held_lock:
+                self._ranges -= 1
         with session_scope(self.db) as session:
             final = finalize_if_done(session=session, batch_id=payload.batch_id)
         if final:
@@ -894,8 +945,15 @@ class WorkerRuntime:
             # No more than this worker's fair share of the batch at once: the rest stays
             # queued for the other workers, even when one engine could hold it all.
             want = min(payload.end - payload.start, self._allowed(payload.batch_id))
-            slots = self.room.take(want, least=min(group, want), timeout=0.2) \
-                if want > 0 else 0
+            slots, tokens = self.room.take(want, least=min(group, want), timeout=0.2) \
+                if want > 0 else (0, 0)
+            # The chunks held here take turns at the room, a share each per claim: each
+            # claims its costliest items first, so the worker's longest items of all its
+            # chunks start in its first wave, not chunk after chunk.
+            turn = max(self.room.least_tokens, self.room.tokens // max(1, self._ranges))
+            if tokens > turn:
+                self.room.give(0, tokens - turn)
+                tokens = turn
             claimed: list[ClaimedItem] = []
             if slots:
                 try:
@@ -903,9 +961,9 @@ class WorkerRuntime:
                         claimed = claim_range(
                             session=session, batch_id=payload.batch_id, start=payload.start,
                             end=payload.end, worker_id=self.worker_id, limit=slots,
-                            live_within=s.dead_worker_after)
+                            live_within=s.dead_worker_after, max_cost=tokens)
                 finally:
-                    self.room.give(slots - len(claimed))
+                    self.room.give(slots - len(claimed), tokens - _cost(claimed))
             if claimed:
                 mine += self._run_claimed(claimed, {payload.batch_id: defaults})
                 continue
@@ -941,7 +999,7 @@ class WorkerRuntime:
         exhausted = [c for c in claimed if c[6] > s.max_attempts]
         runnable = [c for c in claimed if c[6] <= s.max_attempts]
         if exhausted:
-            self.room.give(len(exhausted))
+            self.room.give(len(exhausted), _cost(exhausted))
             self._fail_items(exhausted, "max_attempts",
                              f"gave up after {s.max_attempts} attempts")
         pending = [self._pending(c, defaults[c[1]]) for c in runnable]
@@ -949,9 +1007,9 @@ class WorkerRuntime:
         with self._holding_lock:
             for p in pending:
                 self._holding[p.batch_id] = self._holding.get(p.batch_id, 0) + 1
-        for p, f in zip(pending, futures, strict=True):
-            f.add_done_callback(lambda f, item_id=p.item_id, batch_id=p.batch_id:
-                                self._settled(item_id, batch_id, f))
+        for c, p, f in zip(runnable, pending, futures, strict=True):
+            f.add_done_callback(lambda f, item_id=p.item_id, batch_id=p.batch_id, cost=c[7]:
+                                self._settled(item_id, batch_id, f, cost))
         return [(p.request_id, f) for p, f in zip(pending, futures, strict=True)]
 
     def _allowed(self, batch_id: str) -> int:
@@ -969,9 +1027,9 @@ class WorkerRuntime:
         # Never below one group: a worker must always be able to make progress.
         return max(max(1, self.room.size // 8), cached[1]) - held
 
-    def _settled(self, item_id: int, batch_id: str, fut: Future) -> None:
+    def _settled(self, item_id: int, batch_id: str, fut: Future, cost: int = 0) -> None:
         # Runs on the engine or writer thread: no database work here.
-        self.room.give(1)
+        self.room.give(1, cost)
         with self._holding_lock:
             left = self._holding.get(batch_id, 1) - 1
             if left > 0:
@@ -1028,7 +1086,7 @@ class WorkerRuntime:
         raise HandBack()
 
     def _pending(self, c: ClaimedItem, defaults: dict[str, Any]) -> _Pending:
-        item_id, batch_id, index, prompt, item_params, queued_at, attempts = c
+        item_id, batch_id, index, prompt, item_params, queued_at, attempts, _ = c
         params = {**{k: v for k, v in defaults.items() if v is not None}, **(item_params or {})}
         ids: str | list[int] = params.pop(PROMPT_TOKEN_IDS, None) or prompt
         messages = params.pop(CHAT_MESSAGES, None)
@@ -1053,7 +1111,7 @@ class WorkerRuntime:
                 or self.loop.error is not None:
             return 0
         group = max(1, self.room.size // 8)
-        if self.room.waiting or self.room.free < group:
+        if self.room.waiting or not self.room.has_room(group):
             return 0  # our own chunks want the room, or there is little of it
         if broker.queue_length(self.redis, self.settings):
             return 0  # work is waiting in the queue: take it the ordinary way
@@ -1064,20 +1122,20 @@ class WorkerRuntime:
                                live_within=self.settings.dead_worker_after)
         if not share:
             return 0
-        slots = self.room.take(min(self.room.free, max(group, share)))
+        slots, tokens = self.room.take(min(self.room.free, max(group, share)))
         claimed: list[ClaimedItem] = []
         try:
             with session_scope(self.db) as session:
                 claimed = claim_unstarted(session=session, worker_id=self.worker_id,
                                           limit=slots, live_within=self.settings.dead_worker_after,
-                                          batches=self._my_batches())
+                                          batches=self._my_batches(), max_cost=tokens)
                 batches = {c[1] for c in claimed}
                 defaults: dict[str, dict[str, Any]] = {}
                 if batches:
                     defaults = {b: dict(d or {}) for b, d in session.execute(
                         select(Batch.id, Batch.defaults).where(Batch.id.in_(batches)))}
         finally:
-            self.room.give(slots - len(claimed))
+            self.room.give(slots - len(claimed), tokens - _cost(claimed))
         if claimed:
             log.info("sharing the tail: took %d queued items of batch(es) %s", len(claimed),
                      ", ".join(sorted({c[1] for c in claimed})))

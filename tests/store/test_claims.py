@@ -228,3 +228,42 @@ def test_a_warming_worker_has_no_share_yet(db: Engine) -> None:
         s.execute(update(Worker).where(Worker.id == "b").values(status="idle"))
     with session_scope(db) as s:
         assert fair_share(session=s, batch_id=b, live_within=LIVE) == 5
+
+
+def test_costliest_items_are_claimed_first_within_a_token_budget(db: Engine) -> None:
+    """Items cost their prompt (token ids exactly, text estimated) plus max_tokens x n;
+    both kinds of claim take the costliest first, and a token budget bounds a claim
+    (always at least one item)."""
+    lines = [{"prompt": [5] * (10 + i), "max_tokens": 1 + 8 * (i % 5), "n": 1}
+             for i in range(10)]
+    lines[3]["n"] = 3
+    lines.append({"prompt": "x" * 40, "max_tokens": 2})  # ~10 tokens of text
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    report = submit_batch(engine=db, source=io.BytesIO(data), enqueue=lambda p: None,
+                          settings=Settings(database_url="sqlite://", chunk_items=1000))
+    assert report.status == "in_progress", report.errors
+    b = report.batch_id
+    cost = {i: 11 + i + 8 * (i % 5) for i in range(10)}
+    cost[3] = 13 + 3 * 25
+    cost[10] = 10 + 2
+    with session_scope(db) as s:
+        assert dict(s.execute(select(Item.index, Item.cost).where(Item.batch_id == b))
+                    .tuples().all()) == cost
+    by_cost = sorted(cost, key=lambda i: (-cost[i], i))
+    live(db, "holder", "idle")
+    with session_scope(db) as s:
+        got = claim_range(session=s, batch_id=b, start=0, end=6, worker_id="holder",
+                          limit=10, live_within=LIVE, max_cost=120)
+    # In [0, 6): 3 (88), 4 (47), 2 (29), ...: 88 + 47 passes 120.
+    assert [c[2] for c in got] == [3] and got[0][7] == 88
+    with session_scope(db) as s:
+        got = claim_range(session=s, batch_id=b, start=0, end=6, worker_id="holder",
+                          limit=2, live_within=LIVE, max_cost=10)  # one, over budget
+    assert [c[2] for c in got] == [4]
+    with session_scope(db) as s:
+        stolen = claim_unstarted(session=s, worker_id="idle", limit=10, live_within=LIVE,
+                                 max_cost=cost[9] + cost[8] + 1)
+    assert [c[2] for c in stolen] == [9, 8]
+    with session_scope(db) as s:
+        rest = claim_unstarted(session=s, worker_id="idle", limit=100, live_within=LIVE)
+    assert [c[2] for c in rest] == [i for i in by_cost if i not in (3, 4, 9, 8)]

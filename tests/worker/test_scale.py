@@ -67,3 +67,25 @@ def test_idle_worker_joins_a_running_batch_tail(pg_cluster) -> None:
     with session_scope(c.db) as s:  # every claim ended with a result
         assert s.scalar(select(func.count()).select_from(Item)
                         .where(Item.status != "completed")) == 0
+
+
+def test_the_longest_items_start_first(pg_cluster) -> None:
+    # One worker running 4 sequences at a time claims a few items of its chunk at a time:
+    # each claim takes the costliest left (prompt + max_tokens), so items start in that
+    # order and the batch ends with its shortest ones.
+    c = pg_cluster(worker_concurrency=1, chunk_items=100)
+    c.start_worker("w", "--max-num-seqs", "4", OMP_NUM_THREADS=1)
+    wait_registered(c, 1)
+    lines = [{"custom_id": f"r{i}", "prompt": "The same prompt for each", "temperature": 0,
+              "max_tokens": 4 + (i * 17) % 40, "ignore_eos": True} for i in range(32)]
+    report = c.submit(lines)
+    assert len(report.chunks) == 1
+    results = assert_exactly_once(c, report, 32)
+    with session_scope(c.db) as s:
+        cost = dict(s.execute(select(Item.index, Item.cost)
+                              .where(Item.batch_id == report.batch_id)).tuples().all())
+    assert len(set(cost.values())) > 20
+    order = sorted(results, key=lambda r: (-cost[r.index], r.index))
+    started = [r.started_at for r in order]
+    assert all(a <= b for a, b in zip(started, started[1:], strict=False)), [
+        (r.index, cost[r.index], round(r.started_at - started[0], 2)) for r in order]
