@@ -255,6 +255,9 @@ class EngineLoop(threading.Thread):
         # Tokens counted as the engine generates them (every tokens/s neoxq shows).
         self.meter = GenerationMeter()
         self._observed = 0.0
+        # Requests in the engine that have not generated a token yet (waiting for room,
+        # or prefilling), as of the last observation: claims read it (Room.starved).
+        self.unstarted = 0
         # Synchronous requests in the engine (worker/interactive.py), by request id.
         self.interactive: dict[str, InteractiveJob] = {}
         # Requests with OpenAI's echo, scored together once the inbox is drained.
@@ -277,6 +280,7 @@ class EngineLoop(threading.Thread):
                 it.futures.append(fut)
                 self.pending[it.request_id] = it
                 self.inbox.put(("add", it))
+                self.unstarted += 1  # until the loop's next count
         return futures
 
     def submit_interactive(self, job: InteractiveJob) -> None:
@@ -334,6 +338,7 @@ class EngineLoop(threading.Thread):
             if self._echoes:
                 self._run_echoes()
             if not engine.has_unfinished():
+                self.unstarted = 0
                 # Idle: still notice a dead pipeline stage within a second or so, not only
                 # when the next chunk arrives.
                 if time.monotonic() - last_check > 1.0:
@@ -359,7 +364,11 @@ class EngineLoop(threading.Thread):
             if time.monotonic() - self._observed >= BUCKET:
                 # Not every step: the engine's count walks its running requests.
                 self._observed = time.monotonic()
-                self.meter.observe(engine.generated_tokens())
+                generated = engine.generated_tokens()
+                self.meter.observe(generated)
+                # (+ what waits in the inbox: submitted during the step)
+                self.unstarted = sum(1 for n in generated.values() if n == 0) \
+                    + self.inbox.qsize()
 
     def _command(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -705,11 +714,17 @@ class Room:
     so items are claimed as the engine has room for them and the rest stay queued, where
     idle workers can take them."""
 
-    def __init__(self, size: int, tokens: int | None = None) -> None:
+    def __init__(self, size: int, tokens: int | None = None,
+                 starved: Callable[[], bool] | None = None) -> None:
         self.size = size
         self.free = size
         self.tokens = tokens if tokens is not None else 1 << 62  # None: no token bound
         self.tokens_free = self.tokens
+        # Whether the engine has started everything it was given: then a claim's worth of
+        # tokens more may be taken beyond the budget. Costs count prompts whole, and a
+        # shared prompt prefix is held once in the cache, so an engine may run more than
+        # the budget says; it grows until items wait in the engine.
+        self.starved = starved or (lambda: False)
         self.waiting = 0  # chunk threads waiting for room
         self._cv = threading.Condition()
 
@@ -721,25 +736,26 @@ class Room:
 
     def take(self, most: int, *, least: int = 1, timeout: float = 0.0) -> tuple[int, int]:
         """Up to ``most`` slots and the free tokens, waiting up to ``timeout`` s for at
-        least ``least`` slots and :attr:`least_tokens` tokens (or, with nothing taken,
-        everything free). Returns (slots, tokens); (0, 0) on a timeout."""
+        least ``least`` slots and :attr:`least_tokens` tokens (or, while the engine is
+        :attr:`starved`, that many beyond the budget). Returns (slots, tokens); (0, 0) on
+        a timeout."""
         least = max(1, min(least, most, self.size))
-
-        def ready() -> bool:
-            return self.free >= least and (self.tokens_free >= self.least_tokens
-                                           or self.tokens_free == self.tokens)
-
         with self._cv:
             self.waiting += 1
             try:
-                if not self._cv.wait_for(ready, timeout=timeout):
+                if not self._cv.wait_for(lambda: self.free >= least and self._tokens_ready(),
+                                         timeout=timeout):
                     return 0, 0
-                n, t = min(most, self.free), max(self.tokens_free, 0)
+                n, t = min(most, self.free), max(self.tokens_free, self.least_tokens)
                 self.free -= n
                 self.tokens_free -= t
                 return n, t
             finally:
                 self.waiting -= 1
+
+    def _tokens_ready(self) -> bool:
+        return self.tokens_free >= self.least_tokens or self.tokens_free == self.tokens \
+            or self.starved()
 
     def give(self, n: int, tokens: int = 0) -> None:
         """Give back ``n`` slots and ``tokens`` (negative: a claim used more tokens than
@@ -752,7 +768,8 @@ class Room:
 
     def has_room(self, least: int) -> bool:
         """Whether ``least`` slots and a claim's worth of tokens are free now."""
-        return self.free >= least and self.tokens_free >= self.least_tokens
+        with self._cv:
+            return self.free >= least and self._tokens_ready()
 
 
 class WorkerRuntime:
@@ -796,7 +813,8 @@ class WorkerRuntime:
         self._held_lock = threading.Lock()
         self._redis: Any = None
         self._app: Any = None
-        self.room = Room(in_flight_limit(engine, settings), in_flight_tokens(engine))
+        self.room = Room(in_flight_limit(engine, settings), in_flight_tokens(engine),
+                         starved=lambda: self.loop.unstarted == 0)
         # Claims of items that ended without a result here (aborted, failed transiently),
         # given back by the control thread: (item id, whether the attempt counts).
         self._unclaim: list[tuple[int, bool]] = []

@@ -40,3 +40,19 @@ def test_a_waiting_claim_wakes_when_an_item_gives_its_tokens_back() -> None:
 def test_without_a_token_budget_only_slots_count() -> None:
     room = Room(3)
     assert room.take(5)[0] == 3 and room.take(1, timeout=0.01) == (0, 0)
+
+
+def test_a_starved_engine_gets_a_claim_beyond_the_token_budget() -> None:
+    """Costs count prompts whole; with shared prefixes an engine runs more than its
+    budget: while it has started everything it was given, a claim's worth more may be
+    taken, and no more once items wait in it."""
+    started_all = [False]
+    room = Room(100, tokens=800, starved=lambda: started_all[0])
+    assert room.take(10) == (10, 800)
+    assert not room.has_room(1) and room.take(1, timeout=0.01) == (0, 0)
+    started_all[0] = True
+    assert room.has_room(1)
+    assert room.take(5) == (5, 100)  # a claim's worth (least_tokens) beyond the budget
+    assert room.tokens_free == -100
+    started_all[0] = False
+    assert room.take(1, timeout=0.3) == (0, 0)
