@@ -282,3 +282,37 @@ def test_cuda_engine_cascade_equals_plain(model: NeoX, graphs: bool) -> None:
         assert engine.stats["graph_steps"] > 5
     for rid, out in ref.items():
         assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
+
+
+def test_engine_cascade_with_fp8_kv_cache(model: NeoX) -> None:
+    """An FP8 cache: the prefix pass reads e4m3 values with their per-token scales."""
+    reqs = _shared_prefix_requests(seed=6)
+    ref = _run(_engine(model, enable_cascade=False, kv_cache_dtype="fp8"), reqs)
+    engine = _engine(model, enable_cascade=True, kv_cache_dtype="fp8")
+    got = _run(engine, reqs)
+    assert engine.stats["cascade_steps"] > 5
+    for rid, out in ref.items():
+        assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
+
+
+def test_two_pipeline_stages_with_cascade() -> None:
+    """Rank 0 finds the groups; every stage runs cascade steps (no override of the
+    savings threshold: prefixes of 256 tokens shared by six prompts pass it)."""
+    from models.runtime import build_engine
+
+    r = random.Random(12)
+    prefix = [r.randrange(2, 250) for _ in range(256)]
+    arrivals = [(i, f"r{i}", prefix + [r.randrange(2, 250) for _ in range(3 + i)],
+                 _greedy(8 + i)) for i in range(6)]
+    kw = {"block_size": 16, "max_batch_tokens": 300}
+    one = build_engine("preset:tiny", num_blocks=200, enable_prefix_caching=False, **kw)
+    ref = _run(one, arrivals)
+    # One micro-batch: each has its own blocks and prefix cache, and the prompts must
+    # meet in one to share their prefix.
+    with build_engine("preset:tiny", pipeline_parallel=2, num_blocks=200, micro_batches=1,
+                      enable_cascade=True, **kw) as two:
+        got = _run(two, arrivals)
+        stats = two.stats
+    assert stats["cascade_steps"] > 3 and stats["prefix_hit_tokens"] > 0
+    for rid, out in ref.items():
+        assert got[rid].samples[0].token_ids == out.samples[0].token_ids, rid
