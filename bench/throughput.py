@@ -583,7 +583,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                             num_blocks=engine.num_blocks, block_size=engine.block_size,
                             kv_cache_bytes=engine.kv_cache_bytes,
                             cache_tokens=engine.cache_tokens,
-                            decode_kernel_config=engine.attn_config)
+                            decode_kernel_config=engine.attn_config,
+                            cascade_kernel_config=engine.cascade_config)
     log(f"engine: {engine.num_blocks} KV blocks = {engine.cache_tokens} tokens "
         f"({engine.kv_cache_bytes / 1e9:.1f} GB); decode kernel (tile, warps, stages, "
         f"heads/program) {engine.attn_config}")

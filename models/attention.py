@@ -34,9 +34,9 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.cascade import (
-    DEFAULT_CASCADE,
     CascadeConfig,
     CascadeMetadata,
+    cascade_choice,
     cascade_decode_torch,
     prefix_partials_triton,
 )
@@ -730,15 +730,18 @@ def cascade_decode_triton(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     meta: CascadeMetadata, *, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     config: DecodeConfig | None = None, num_splits: int | None = None,
-    cascade_config: CascadeConfig = DEFAULT_CASCADE,
+    cascade_config: CascadeConfig | None = None,
 ) -> Tensor:
     """:func:`paged_decode_triton` with groups of queries sharing a prefix
     (:mod:`models.cascade`): the prefix pass writes each member's prefix partial into
     extra split-KV slots, the decode kernel covers positions ``meta.starts[i]..`` into
     the others, and its merge combines them. Same arguments and result (up to fp32
-    rounding), plus ``meta``; graph-capturable like the plain kernel."""
+    rounding), plus ``meta``; graph-capturable like the plain kernel. ``cascade_config``
+    defaults to :func:`models.cascade.cascade_choice` for the shape."""
     _check_scales(k_cache, k_scale, v_scale)
     d, nh, hd = q.shape
+    if cascade_config is None:
+        cascade_config = cascade_choice(nh, hd, k_cache.shape[2], k_cache.dtype)
     if config is None or num_splits is None:
         pick = decode_choice(nh, hd, k_cache.shape[2], k_cache.dtype, d,
                              block_tables.shape[1] * k_cache.shape[2])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -431,3 +432,123 @@ def prefix_partials_triton(
         **prefix_constexprs(nh, hd, bs, q.dtype, k_scale is not None, config),
         num_warps=config.num_warps,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Picking the prefix pass's config (CUDA)
+# --------------------------------------------------------------------------------------
+
+# (heads, head_dim, block_size, cache dtype) -> the config tune_cascade_kernel picked
+_TUNED: dict[tuple[int, int, int, torch.dtype], CascadeConfig] = {}
+
+
+def cascade_choice(num_heads: int, head_dim: int, block_size: int,
+                   dtype: torch.dtype) -> CascadeConfig:
+    """The prefix pass's config at this shape and cache dtype: the tuner's pick, else
+    :data:`DEFAULT_CASCADE`."""
+    return _TUNED.get((num_heads, head_dim, block_size, dtype), DEFAULT_CASCADE)
+
+
+def tune_cascade_kernel(
+    num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    device: torch.device | str, *, query_dtype: torch.dtype | None = None,
+    configs: tuple[CascadeConfig, ...] = CASCADE_CONFIGS, groups: int = 8,
+    members: int = 32, prefix: int = 1024, budget_s: float = 10.0,
+) -> tuple[CascadeConfig, dict[CascadeConfig, float]]:
+    """Time the prefix pass's candidate configs on a shared-prefix step (``groups``
+    prefixes of ``prefix`` tokens, ``members`` queries each) and remember the fastest
+    for this shape (later :func:`cascade_choice` calls answer it). A candidate first
+    runs a small case against :func:`prefix_partials_torch`; one that fails to compile
+    or disagrees is never picked. Stops trying candidates after ``budget_s`` seconds
+    (the default first). Returns the pick and the milliseconds of every candidate that
+    passed (none when the shape was tuned before)."""
+    import time
+
+    key = (num_heads, head_dim, block_size, dtype)
+    if key in _TUNED:
+        return _TUNED[key], {}
+    t_end = time.monotonic() + budget_s
+    if query_dtype is None:
+        query_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
+    g = torch.Generator(device=device).manual_seed(0)
+    pb = -(-prefix // block_size)
+    nb = groups * pb + 1
+    shape = (nb, num_heads, block_size, head_dim)
+    kc = torch.randn(shape, generator=g, device=device)
+    vc = torch.randn(shape, generator=g, device=device)
+    ks = vs = None
+    if dtype == torch.float8_e4m3fn:
+        ks = kc.abs().amax(-1).clamp_min(1e-6) / 448
+        vs = vc.abs().amax(-1).clamp_min(1e-6) / 448
+        kc, vc = (kc / ks[..., None]).to(dtype), (vc / vs[..., None]).to(dtype)
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+    d = groups * members
+    q = torch.randn(d, num_heads, head_dim, generator=g, device=device).to(query_dtype)
+    tables = torch.zeros(d, pb + 1, dtype=torch.int64, device=device)
+    for i in range(d):
+        tables[i, :pb] = torch.arange(pb, device=device) + 1 + (i % groups) * pb
+    ctx = torch.full((d,), pb * block_size + 1, dtype=torch.int64, device=device)
+    found = [(np.arange(k, d, groups), pb * block_size) for k in range(groups)]
+    n_tiles = max_tiles(d)
+    starts, tiles, rows = layout(found, d, n_tiles)
+    meta = CascadeMetadata(starts=torch.from_numpy(starts).to(device),
+                           tiles=torch.from_numpy(tiles).view(n_tiles, 4).to(device),
+                           rows=torch.from_numpy(rows).to(device))
+    # The reference on the first group's first rows (the torch path gathers per tile).
+    n_chk = min(4, members)
+    chk = CascadeMetadata(starts=meta.starts, rows=meta.rows,
+                          tiles=torch.tensor([[0, n_chk, pb * block_size, 0]], device=device))
+    ref_o, ref_lse = prefix_partials_torch(q.float(), kc, vc, tables, ctx, chk,
+                                           k_scale=ks, v_scale=vs)
+    ref_rows = torch.from_numpy(rows[:n_chk]).to(device)
+    tol = 1e-3 if query_dtype == torch.float32 else 3e-2
+    times: dict[CascadeConfig, float] = {}
+    for cfg in configs:
+        if times and time.monotonic() > t_end:
+            break
+        slots = cfg.prefix_splits
+        part_o = torch.empty(d, num_heads, slots, head_dim, device=device)
+        part_lse = torch.empty(d, num_heads, slots, device=device)
+
+        def run(cfg: CascadeConfig = cfg, po: Tensor = part_o, pl: Tensor = part_lse) -> None:
+            prefix_partials_triton(po, pl, 0, q, kc, vc, tables, ctx, meta, k_scale=ks,
+                                   v_scale=vs, config=cfg)
+
+        try:
+            run()
+            lse2 = part_lse[ref_rows]  # (4, nh, S), log2 domain
+            lse = torch.logsumexp(lse2 * math.log(2), dim=-1)
+            w = torch.exp(lse2 * math.log(2) - lse[..., None])
+            o = (part_o[ref_rows] * w[..., None]).sum(2)
+            ok = ((o - ref_o[ref_rows]).abs().max().item() <= tol
+                  and (lse - ref_lse[ref_rows]).abs().max().item() <= 1e-2)
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory
+            ok = False
+        if not ok:
+            continue
+        times[cfg] = _time_ms(run, device)
+    pick = min(times, key=times.__getitem__) if times else DEFAULT_CASCADE
+    _TUNED[key] = pick
+    return pick, times
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 10) -> float:
+    """Milliseconds per call of ``fn`` (launched back to back) on a CUDA device (on a
+    CPU, under Triton's interpreter, wall time of two calls)."""
+    import time
+
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        fn()
+        return (time.perf_counter() - t0) / 2 * 1e3
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / reps

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from models.attention import DecodeChoice, tune_decode_kernel
+from models.cascade import CascadeConfig, tune_cascade_kernel
 from models.config import NeoXConfig
 from models.dtypes import canonical_kv_cache_dtype, parse_kv_cache_dtype
 from models.engine.block_manager import BlockManager
@@ -160,8 +161,9 @@ class Engine:
             default).
         cuda_graphs: capture decode-only steps in CUDA graphs at bucketed batch sizes
             (default: on for CUDA).
-        tune_kernels: time a few configurations of the Triton decode kernel at this
-            model's shape at start-up and keep the fastest (default: on for CUDA).
+        tune_kernels: time a few configurations of the Triton decode kernel (and, with
+            cascade, of its prefix pass) at this model's shape at start-up and keep the
+            fastest (default: on for CUDA).
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3 values with a
             float32 scale per token and head: half the bytes, about twice the blocks).
         seed: seeds the per-request seeds drawn for requests that give none.
@@ -218,8 +220,12 @@ class Engine:
         self.valid_vocab: int | None = (
             min(int(vocab), self.config.vocab_size) if mask_padded_vocab and vocab else None
         )
-        # The decode kernel's picks per shape class (None: not tuned).
+        if enable_cascade is None:
+            enable_cascade = enable_prefix_caching and self.device.type == "cuda"
+        # The decode kernel's picks per shape class, and the cascade prefix pass's pick
+        # (None: not tuned).
         self.attn_config: dict[str, DecodeChoice] | None = None
+        self.cascade_config: CascadeConfig | None = None
         if tune_kernels is None:
             tune_kernels = self.device.type == "cuda"
         if tune_kernels:
@@ -227,6 +233,10 @@ class Engine:
             self.attn_config = tune_decode_kernel(
                 self.config.num_heads, self.config.head_dim, block_size, self.kv_dtype,
                 self.device, query_dtype=self.dtype)
+            if enable_cascade:
+                self.cascade_config, _ = tune_cascade_kernel(
+                    self.config.num_heads, self.config.head_dim, block_size, self.kv_dtype,
+                    self.device, query_dtype=self.dtype)
             torch.cuda.empty_cache()
         whole = (0, self.config.num_layers)
         if num_blocks is None:
@@ -251,8 +261,6 @@ class Engine:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs: needs a CUDA model")
-        if enable_cascade is None:
-            enable_cascade = enable_prefix_caching and self.device.type == "cuda"
         self.runner = ModelRunner(model, cache, max_num_seqs=max_num_seqs,
                                   cuda_graphs=cuda_graphs, cascade=enable_cascade)
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_id)

@@ -69,6 +69,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from models.attention import tune_decode_kernel
+from models.cascade import tune_cascade_kernel
 from models.engine.block_manager import BlockManager
 from models.engine.engine import (
     fit_params,
@@ -221,6 +222,9 @@ def _stage_loop(rank: int, args: _StageArgs, cmd_q: Any, status: Any) -> None:
         cfg = model.config
         tune_decode_kernel(cfg.num_heads, cfg.head_dim, args.block_size, args.kv_dtype, device,
                            query_dtype=args.dtype)
+        if args.cascade:
+            tune_cascade_kernel(cfg.num_heads, cfg.head_dim, args.block_size, args.kv_dtype,
+                                device, query_dtype=args.dtype)
         torch.cuda.empty_cache()
     max_blocks = blocks_for_budget(
         model.config, layer_range=args.layer_range, block_size=args.block_size,
@@ -417,6 +421,9 @@ class PipelineEngine:
             if self.device.type == "cuda" and tune_kernels:
                 tune_decode_kernel(config.num_heads, config.head_dim, block_size, kv_dtype,
                                    self.device, query_dtype=dtype)
+                if self.cascade:
+                    tune_cascade_kernel(config.num_heads, config.head_dim, block_size,
+                                        kv_dtype, self.device, query_dtype=dtype)
                 torch.cuda.empty_cache()
             # Rank 0 receives the logits and samples.
             mine = blocks_for_budget(

@@ -112,6 +112,13 @@ def main() -> int:
                                         config=config, num_splits=splits)
             assert got.dtype == q.dtype and got.shape == q.shape
             result[f"{case['name']}/{splits}"] = (got.float() - ref).abs().max().item()
+    # The tuner at a tiny shape: checks each candidate against the torch path, picks one.
+    pick, times = cascade.tune_cascade_kernel(2, 16, 4, torch.float16, "cpu", groups=2,
+                                              members=3, prefix=16,
+                                              configs=cascade.CASCADE_CONFIGS[:2])
+    result["tuner_pick"] = cascade.CASCADE_CONFIGS.index(pick)
+    result["tuner_passed"] = len(times)
+    result["tuner_remembers"] = cascade.cascade_choice(2, 16, 4, torch.float16) == pick
     json.dump(result, sys.stdout)
     return 0
 

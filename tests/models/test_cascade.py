@@ -140,6 +140,12 @@ def test_interpreted_cascade_matches_torch(interpreted: dict[str, float], name: 
         assert interpreted[f"{name}/{splits}"] <= tol, (name, splits)
 
 
+def test_interpreted_tuner_picks_a_checked_config(interpreted: dict) -> None:
+    # Both candidates pass the correctness check (so both are timed).
+    assert interpreted["tuner_passed"] == 2
+    assert interpreted["tuner_pick"] in (0, 1) and interpreted["tuner_remembers"]
+
+
 def test_kernels_compile_for_the_h200() -> None:
     # What the interpreter cannot see (tensor-core dot layouts, shared memory, fp8
     # conversions) the compiler checks: the prefix pass's variants at the 20B's shape and
