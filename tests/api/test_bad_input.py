@@ -154,8 +154,11 @@ def test_openai_file_and_batch_validation(sqlite_api: Api) -> None:
         assert r.status_code == 200, r.text
         return r.json()["id"]
 
-    r = c.post("/v1/files", files={"file": ("in.jsonl", b"{}")}, data={"purpose": "fine-tune"})
+    r = c.post("/v1/files", files={"file": ("in.jsonl", b"{}")}, data={"purpose": "assistants"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    # fine-tune files are checked as training data: "{}" is no training example
+    r = c.post("/v1/files", files={"file": ("in.jsonl", b"{}")}, data={"purpose": "fine-tune"})
+    assert r.status_code == 400 and [e["line"] for e in r.json()["error"]["errors"]] == [1]
     good = upload([openai_line("a"), openai_line("b")])
 
     def create(**kw) -> dict:
