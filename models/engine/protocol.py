@@ -44,8 +44,8 @@ class InferenceEngine(Protocol):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Counters: steps, decode_steps, graph_steps, preemptions, prefix_query_tokens,
-        prefix_hit_tokens, prefix_cache_hit_rate."""
+        """Counters: steps, decode_steps, graph_steps, cascade_steps, preemptions,
+        prefix_query_tokens, prefix_hit_tokens, prefix_cache_hit_rate."""
         ...
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
