@@ -816,6 +816,12 @@ class PipelineEngine:
         for g in self._groups:
             g.scheduler.blocks.set_enabled(enabled)
 
+    def set_cascade(self, enabled: bool, *, graphs: bool = True) -> None:
+        """Turn cascade decode attention on or off from now on (as
+        :meth:`Engine.set_cascade`; rank 0 prepares every step, the stages follow)."""
+        self._runner.cascade = enabled
+        self._runner.cascade_graphs = graphs
+
     def capture_graphs(self) -> int:
         """Capture every stage's decode graphs now instead of on first use (as
         :meth:`Engine.capture_graphs`). Returns how many rank 0 holds."""
