@@ -410,6 +410,9 @@ def prefix_partials_triton(
     d, nh, hd = q.shape
     bs = k_cache.shape[2]
     num_parts = part_lse.shape[2]
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("prefix_partials_triton: q and the caches need a contiguous last "
+                         "dim (and one layout for K and V)")
     if first_slot + config.prefix_splits > num_parts:
         raise ValueError("prefix_partials_triton: not enough partial slots")
     if part_o.shape != (d, nh, num_parts, hd) or not part_o.is_contiguous() \
