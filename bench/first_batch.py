@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"],
                     help="worker warm-up off and/or on (each a fresh worker)")
     ap.add_argument("--workload", choices=("a", "b"), default="a")
-    ap.add_argument("--num-prompts", type=int, default=512, help="prompts of each batch")
+    ap.add_argument("--num-prompts", type=int, default=256, help="prompts of each batch")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=4, help="chunks the worker holds")
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch threads of a CPU worker")
