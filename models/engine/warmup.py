@@ -6,9 +6,10 @@ captured its decode graphs, compiled the Triton specialisations or picked the cu
 attention kernels of the shapes it will meet. :func:`warm_up` captures every decode graph,
 then runs, for each decode batch-size bucket B: B prompts prefilled in one step, a
 decode-only step at batch B (a graph replay reading the prefill's samples on the
-device), and a mixed step of those B decodes with a long prompt's prefill (the eager
-decode path, a long prefill chunk) - the shapes of a batch ramping up, running with new
-prompts arriving, and draining. Without decode graphs only the smallest and largest
+device), and a mixed step of those B decodes with a long prompt's first chunk (the eager
+decode path, a long prefill chunk), whose rest continues in the next step (the
+continuing-chunk path) - the shapes of a batch ramping up, running with new prompts
+arriving, and draining. Without decode graphs only the smallest and largest
 bucket run; on the CPU (nothing to compile, capture or tune) only the smallest.
 
 The work is greedy on fixed token ids with explicit seeds: it draws nothing from the
@@ -30,6 +31,8 @@ from models.params import SamplingParams
 # Decode steps of each bucket's B sequences: decode-only (a graph step), then mixed with
 # a long prompt's prefill (eager).
 DECODE_STEPS = 2
+# Tokens of the long prompt left for a continuing chunk in the step after its first.
+CONTINUED = 16
 # Longest warm-up prompt: long enough for the prefill kernels of long chunks, short
 # enough that the warm-up takes seconds on the 20B.
 MAX_PROMPT = 1024
@@ -97,7 +100,9 @@ def warm_up(engine: InferenceEngine, *, buckets: Sequence[int] | None = None,
         requests += b
         step()  # the B prefills
         step()  # B decodes (a graph step)
-        long = min(engine.max_batch_tokens - b, engine.max_position - 3,
+        # A little longer than the step has room for: its last chunk continues in the
+        # next step (the continuing-chunk attention path).
+        long = min(engine.max_batch_tokens - b + CONTINUED, engine.max_position - 3,
                    engine.cache_tokens // 4)
         if long > 0 and b < engine.max_num_seqs:  # prefilled next to the B decodes
             engine.add_request(f"_warmup_{b}_long", prompt(long),

@@ -67,11 +67,11 @@ def test_each_bucket_prefills_in_one_step_then_decodes_at_its_size(model: NeoX) 
     assert report.graphs == len(buckets)
     stats = engine.stats
     # Per bucket: the prefill step, a decode-only (graph) step reading the prefill's
-    # samples on the device, the decodes mixed with a long prompt's prefill, and that
-    # prompt's own decode (a graph step at batch 1). The largest bucket fills the
-    # engine: its second decode step is decode-only too.
+    # samples on the device, the decodes mixed with a long prompt's first chunk, its
+    # continuing chunk, and that prompt's own decode (a graph step at batch 1). The
+    # largest bucket fills the engine: its second decode step is decode-only too.
     n = len(buckets)
-    assert stats["steps"] == 4 * (n - 1) + 3
+    assert stats["steps"] == 5 * (n - 1) + 3
     assert stats["decode_steps"] == stats["graph_steps"] == 2 * n
     assert report.requests == sum(buckets) + n - 1
     assert stats["preemptions"] == 0
