@@ -8,6 +8,7 @@ Triton decode kernel on an FP8 cache against the torch reference.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -33,7 +34,7 @@ from models.fp8 import (
     quantize_fp8_,
     quantize_rows,
 )
-from models.model import NeoX
+from models.model import NeoX, init_random_
 from models.runtime import build_engine
 from tests.models.test_engine import VOCAB, _greedy, _model, _no_leaks, _prompts, _run
 
@@ -429,13 +430,16 @@ def test_triton_decode_reads_fp8_cache() -> None:
 @pytest.mark.parametrize("graphs", [False, True])
 def test_cuda_engine_fp8_matches_cpu_emulation(graphs: bool) -> None:
     """FP8 weights + KV on the GPU (scaled_mm, Triton decode, graphs) against the same
-    model's CPU emulation: mostly the same greedy tokens."""
+    weights' CPU emulation: mostly the same greedy tokens. The weights are drawn once on
+    the CPU and copied (random presets drawn on each device would be different models)."""
     prompts = _prompts(6, 1, 60, seed=91)
     params = _greedy(12)
-    kw = {"num_blocks": 80, "block_size": 16, "kv_cache_dtype": "fp8", "quantization": "fp8"}
-    cpu = build_engine("preset:tiny", **kw).generate(prompts, params)
-    gpu = build_engine("preset:tiny", device="cuda", dtype="float32", cuda_graphs=graphs, **kw)
-    outs = gpu.generate(prompts, params)
+    cpu_model = init_random_(NeoX(get_preset("tiny")), seed=3).eval()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    kw = {"num_blocks": 80, "block_size": 16, "kv_cache_dtype": "fp8"}
+    cpu = Engine(quantize_fp8_(cpu_model), None, **kw).generate(prompts, params)
+    outs = Engine(quantize_fp8_(gpu_model), None, cuda_graphs=graphs, **kw).generate(
+        prompts, params)
     same = sum(a.samples[0].token_ids[:4] == b.samples[0].token_ids[:4]
                for a, b in zip(outs, cpu, strict=True))
     assert same >= 5
