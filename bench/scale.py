@@ -3,6 +3,10 @@ stages, on workloads (a) and (b), each after a warm-up, in one run.
 
     python -m bench.scale --out bench/results/scale_h200.json              # 2 GPUs
     python -m bench.scale --configs pp2 --out bench/results/scale_h200.json  # add to it
+
+With the 20B shape on 2 H200s, configurations ``1`` and ``2`` take about 6 minutes
+together ((b)'s 1,000 prompts take ~2.5 minutes on one worker) and ``pp2`` about 3 more:
+run ``--configs 1 2`` and ``--configs pp2`` as two calls where one is limited to 10.
     python -m bench.scale --model preset:tiny --device cpu --num-prompts-a 48 \\
         --num-prompts-b 48 --out /tmp/scale_cpu.json                       # smoke
 
