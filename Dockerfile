@@ -17,6 +17,7 @@ ARG TORCH_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 FROM scratch AS src
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY specs specs
 COPY core core
 COPY store store
 COPY api api
@@ -25,6 +26,8 @@ COPY migrations migrations
 COPY models models
 COPY worker worker
 COPY evals evals
+COPY train train
+COPY trainer trainer
 COPY bench bench
 COPY assets assets
 
@@ -60,3 +63,10 @@ RUN pip install ".[worker]" && python -c "import torch, models, worker; print(to
 # Prometheus metrics of the worker (NEOXQ_WORKER_METRICS_PORT).
 EXPOSE 9100
 CMD ["neoxq", "worker", "--model", "/checkpoints"]
+
+# ------------------------------------------------------------------------------ trainer
+# `neoxq trainer`: fine-tuning jobs from the API's training queue (the worker image plus
+# DeepSpeed and peft).
+FROM worker AS trainer
+RUN pip install ".[train]" && python -c "import deepspeed, peft, train, trainer"
+CMD ["neoxq", "trainer"]

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +96,21 @@ def test_flower_only_in_the_monitoring_profile(spec: dict[str, Any]) -> None:
     s = spec["services"]
     assert s["flower"]["profiles"] == ["monitoring"]
     assert all("profiles" not in v for k, v in s.items()
-               if k not in ("flower", "worker-1"))
+               if k not in ("flower", "worker-1", "trainer"))
 
 
 def test_images_build_from_this_repository(spec: dict[str, Any]) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     targets = set(re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, flags=re.M))
     s = spec["services"]
-    for name in ("migrate", "worker-0", "worker-1"):
+    for name in ("migrate", "worker-0", "worker-1", "trainer"):
         assert s[name]["build"]["context"] == "."
         assert s[name]["build"]["target"] in targets
-    # every package the images need is copied in
-    for pkg in ("core", "store", "api", "cli", "migrations", "models", "worker"):
-        assert f"COPY {pkg} {pkg}" in dockerfile
+    # every package the project installs is copied in (pyproject's own list)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
+        pkg = pattern.rstrip("*")
+        assert f"COPY {pkg} {pkg}" in dockerfile, pkg
     assert ".venv" in (ROOT / ".dockerignore").read_text()
 
 
