@@ -69,6 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="seed of the random weights of preset:NAME models")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
+    g.add_argument("--no-cascade", dest="cascade", action="store_false",
+                   help="read a shared prompt prefix once per sequence in each decode step "
+                        "(default: once per group sharing it, on CUDA with prefix caching on)")
     add_fp8_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run_generate)
@@ -167,6 +170,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                           "enable_prefix_caching": args.prefix_caching,
                           "kv_cache_dtype": args.kv_cache_dtype,
                           "quantization": args.quantization}
+    if not args.cascade:
+        kw["enable_cascade"] = False
     if args.kv_memory is not None:
         kw["kv_memory"] = args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory * 2**30)
     return kw

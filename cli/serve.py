@@ -59,6 +59,9 @@ def _add_worker(sub: Any) -> None:
                         "speed (default: the engine's YIELD_TOKENS; -1: no cap)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (no reuse of cached prefix KV)")
+    p.add_argument("--no-cascade", dest="cascade", action="store_false",
+                   help="read a shared prompt prefix once per sequence in each decode step "
+                        "(default: once per group sharing it, on CUDA with prefix caching on)")
     add_fp8_arguments(p)
     p.add_argument("--no-warmup", dest="warm_up", action="store_false", default=None,
                    help="consume at once instead of warming the engine up first (default "
@@ -76,6 +79,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     engine_kwargs: dict[str, Any] = {"enable_prefix_caching": args.prefix_caching,
                                      "kv_cache_dtype": args.kv_cache_dtype}
+    if not args.cascade:
+        engine_kwargs["enable_cascade"] = False
     if args.max_num_seqs:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.yield_tokens is not None:

@@ -65,6 +65,10 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="the worker recomputes every prompt: no reuse of the KV of "
                              "prompt prefixes already computed")
+    common.add_argument("--no-cascade", dest="cascade", action="store_false",
+                        help="the worker reads a shared prompt prefix once per sequence in each "
+                             "decode step (default: once per group sharing it, on CUDA with "
+                             "prefix caching on)")
     add_fp8_arguments(common)
     common.add_argument("--data-dir", type=Path, default=None,
                         help="SQLite database and uploads (default $NEOXQ_DATA_DIR or ./.neoxq)")
@@ -115,7 +119,8 @@ class Stack:
                  pipeline_parallel: int = 1, tokenizer: str | None = None,
                  metrics_port: int | None = None, logs_to_terminal: bool = False,
                  gpus: list[str] | None = None, workers: int | None = None,
-                 prefix_caching: bool = True, chat_template: str | None = None,
+                 prefix_caching: bool = True, cascade: bool = True,
+                 chat_template: str | None = None,
                  kv_cache_dtype: str | None = None, quantization: str | None = None) -> None:
         self.model = model
         self.host = host
@@ -129,6 +134,8 @@ class Stack:
             self.worker_argv += ["--pipeline-parallel", str(pipeline_parallel)]
         if not prefix_caching:
             self.worker_argv.append("--no-prefix-caching")
+        if not cascade:
+            self.worker_argv.append("--no-cascade")
         self.worker_argv += fp8_argv(kv_cache_dtype, quantization)
         self.workers = plan_workers(gpus=gpus, pipeline_parallel=pipeline_parallel,
                                     device=device, workers=workers)
@@ -385,8 +392,8 @@ def stack_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "dtype": args.dtype,
             "pipeline_parallel": args.pipeline_parallel, "tokenizer": args.tokenizer,
             "gpus": gpus, "workers": args.workers, "prefix_caching": args.prefix_caching,
-            "chat_template": args.chat_template, "kv_cache_dtype": args.kv_cache_dtype,
-            "quantization": args.quantization}
+            "cascade": args.cascade, "chat_template": args.chat_template,
+            "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
 
 
 @contextlib.contextmanager

@@ -110,6 +110,26 @@ def test_prefix_caching_flag_reaches_the_engine(tmp_path) -> None:
         args = build_parser().parse_args([*cmd, "--device", "cpu", "--no-prefix-caching"])
         stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
         assert "--no-prefix-caching" in stack.worker_argv
+
+
+def test_cascade_flag_reaches_the_engine(tmp_path) -> None:
+    from cli.generate import _engine_kwargs
+    from cli.main import build_parser
+    from cli.up import Stack, stack_options
+
+    on = build_parser().parse_args(["generate", "preset:tiny"])
+    off = build_parser().parse_args(["generate", "preset:tiny", "--no-cascade"])
+    assert "enable_cascade" not in _engine_kwargs(on)  # the engine's default decides
+    assert _engine_kwargs(off)["enable_cascade"] is False
+    worker = build_parser().parse_args(["worker", "--model", "m", "--no-cascade"])
+    assert worker.cascade is False
+    for cmd in (["up"], ["run", "f.txt", "-o", "o.jsonl"]):
+        args = build_parser().parse_args([*cmd, "--device", "cpu", "--no-cascade"])
+        stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
+        assert "--no-cascade" in stack.worker_argv
+        plain = build_parser().parse_args([*cmd, "--device", "cpu"])
+        assert "--no-cascade" not in Stack(model="preset:tiny", data_dir=tmp_path,
+                                           **stack_options(plain)).worker_argv
         args = build_parser().parse_args([*cmd, "--device", "cpu"])
         assert "--no-prefix-caching" not in Stack(
             model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
