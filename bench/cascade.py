@@ -23,12 +23,11 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from bench.common import git_commit
+from bench.common import git_commit, time_cuda_graph
 from models.attention import (
     cascade_decode_triton,
     decode_choice,
@@ -42,25 +41,6 @@ FP8 = torch.float8_e4m3fn
 NH, HD, BS = 64, 96, 16
 WIDTH = 2048 // BS  # block-table columns of a CUDA-graph step
 DEVICE = "cuda"
-
-
-def _time(fn: Callable[[], object], reps: int = 20) -> float:
-    """Seconds per call, replayed from a CUDA graph as the engine's decode steps are."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 3 / reps / 1e3
 
 
 def build_step(batch: int, groups: int, prefix: int, suffix: tuple[int, int],
@@ -127,7 +107,7 @@ def bench_dtype(dtype: torch.dtype, args: argparse.Namespace) -> dict:
     ref = paged_decode_torch(q[rows_chk].float(), kc, vc, tables[rows_chk, :w], ctx[rows_chk],
                              k_scale=ks, v_scale=vs)
     plain_err = (plain[rows_chk].float() - ref).abs().max().item()
-    t_plain = _time(lambda: paged_decode_triton(q, kc, vc, tables, ctx, k_scale=ks,
+    t_plain = time_cuda_graph(lambda: paged_decode_triton(q, kc, vc, tables, ctx, k_scale=ks,
                                                 v_scale=vs))
     out: dict = {
         "tune_s": tune_s, "find_groups_ms": find_ms,
@@ -146,7 +126,7 @@ def bench_dtype(dtype: torch.dtype, args: argparse.Namespace) -> dict:
                                         cascade_config=cfg)
             row["max_abs_err"] = (got[rows_chk].float() - ref).abs().max().item()
             row["max_abs_diff_plain"] = (got.float() - plain.float()).abs().max().item()
-            t = _time(lambda cfg=cfg: cascade_decode_triton(
+            t = time_cuda_graph(lambda cfg=cfg: cascade_decode_triton(
                 q, kc, vc, tables, ctx, meta, k_scale=ks, v_scale=vs, cascade_config=cfg))
             row.update(ms=t * 1e3, kv_bytes=casc_bytes, TB_per_s=casc_bytes / t / 1e12,
                        speedup=t_plain / t)

@@ -30,11 +30,10 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
-from bench.common import git_commit
+from bench.common import git_commit, time_cuda_graph
 from models.attention import (
     DECODE_CONFIGS,
     DECODE_SPLITS,
@@ -95,26 +94,6 @@ def _max_err(case: tuple, rows: list[int], **kw: object) -> float:
     return (got[rows].float() - ref).abs().max().item()
 
 
-def _time(fn: Callable[[], object], reps: int = 20) -> float:
-    """Seconds per call, replayed from a CUDA graph as the engine's decode steps are."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 3 / reps / 1e3
-
-
 def copy_bandwidth() -> float:
     """The card's device-to-device copy rate (read + write bytes / s), 2 GiB buffers.
 
@@ -123,7 +102,7 @@ def copy_bandwidth() -> float:
     kernel it is compared with reads through the SMs (~4.3 TB/s)."""
     src = torch.ones(1 << 30, dtype=torch.int16, device=DEVICE)
     dst = torch.empty_like(src)
-    t = _time(lambda: torch.mul(src, 1, out=dst), reps=10)
+    t = time_cuda_graph(lambda: torch.mul(src, 1, out=dst), reps=10)
     return 2 * src.numel() * 2 / t
 
 
@@ -149,7 +128,7 @@ def _run(case: tuple, choice: DecodeChoice) -> torch.Tensor:
 
 def _choice_row(case: tuple, nbytes: int, choice: DecodeChoice, rows: list[int]) -> dict:
     kw = {"config": choice.config, "num_splits": choice.splits}
-    t = _time(lambda: _run(case, choice))
+    t = time_cuda_graph(lambda: _run(case, choice))
     return {"config": choice.config._asdict(), "splits": choice.splits, "ms": t * 1e3,
             "TB_per_s": nbytes / t / 1e12, "max_abs_err": _max_err(case, rows, **kw)}
 
@@ -186,7 +165,7 @@ def bench_decode(copy_rate: float) -> dict:
                                         ("new", DECODE_CONFIGS, DECODE_SPLITS)):
                 for cfg in cfgs:
                     for s in splits:
-                        t = _time(lambda cfg=cfg, s=s, case=case: _run(
+                        t = time_cuda_graph(lambda cfg=cfg, s=s, case=case: _run(
                             case, DecodeChoice(cfg, s)), reps=10)
                         every.append({"kernel": label, "config": cfg._asdict(), "splits": s,
                                       "ms": t * 1e3, "TB_per_s": nbytes / t / 1e12})

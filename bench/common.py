@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,3 +51,25 @@ def drop_redis_keys(redis_url: str, prefix: str) -> None:
             r.delete(*keys)
     finally:
         r.close()
+
+
+def time_cuda_graph(fn: Callable[[], object], reps: int = 20) -> float:
+    """Seconds per call of ``fn`` on the current CUDA device, replayed from a CUDA graph
+    (as the engine's decode steps are), so launch overhead is not counted."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 3 / reps / 1e3
