@@ -57,9 +57,14 @@ class StepMetadata:
     # sequence, then chunks that start one (host ints: no device sync to slice them).
     num_continuing: int = 0  # R
     fresh: tuple[tuple[int, int], ...] = ()  # (start, end) rows, relative to D
-    key_blocks: Tensor | None = None  # (Nk,) context keys of the continuing chunks
-    key_offsets: Tensor | None = None  # (Nk,)
-    prefill_mask: Tensor | None = None  # (1, 1, R, Nk) bool, True = may attend
+    # The continuing chunks packed padded (runner.continuing_groups): (n, Lq, W) per
+    # group, the groups' block tables (n * W each), padded query rows' positions and
+    # rows (relative to D; n * Lq each), and for each continuing row its padded row.
+    continuing_groups: tuple[tuple[int, int, int], ...] = ()
+    cont_tables: Tensor | None = None
+    cont_qpos: Tensor | None = None
+    cont_gather: Tensor | None = None
+    cont_scatter: Tensor | None = None
     # The fresh chunks packed right-padded (engine.fresh_groups): (n, S) per group, the
     # rows (relative to D) of all groups' n * S padded queries, and for each fresh row
     # its index among those. Without them each fresh chunk runs its own call.
@@ -74,12 +79,6 @@ class StepMetadata:
 # ~1 ms of CPU per call; prefill shapes change every step, so keep to flash /
 # memory-efficient (math as the fallback for shapes they refuse, and on CPU).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def prefill_mask(q_seq: Tensor, q_pos: Tensor, k_seq: Tensor, k_pos: Tensor) -> Tensor:
-    """(1, 1, Nq, Nk) mask: a query sees keys of its own sequence at positions <= its own."""
-    mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
-    return mask[None, None]
 
 
 class PagedAttention:
@@ -163,21 +162,42 @@ class PagedAttention:
 
     def _continuing(self, q: Tensor, kc: Tensor, vc: Tensor,
                     scales: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Chunks that continue a sequence: each attends to its sequence's cached keys up
+        to its own positions, one padded masked call per context-length group; q holds
+        the continuing rows. Returns their outputs."""
         m = self.meta
-        assert m is not None and m.key_blocks is not None and m.prefill_mask is not None
-        if scales is None:
-            keys = kc[m.key_blocks, :, m.key_offsets]  # (Nk, nh, hd)
-            values = vc[m.key_blocks, :, m.key_offsets]
-        else:
-            keys = read_fp8(kc, scales[0], m.key_blocks, m.key_offsets, q.dtype)
-            values = read_fp8(vc, scales[1], m.key_blocks, m.key_offsets, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # (1, nh, Nq, hd)
-            keys.transpose(0, 1)[None],  # (1, nh, Nk, hd)
-            values.transpose(0, 1)[None],
-            attn_mask=m.prefill_mask,
-        )
-        return out[0].transpose(0, 1)  # (Nq, nh, hd)
+        assert m is not None and m.cont_tables is not None and m.cont_qpos is not None
+        assert m.cont_gather is not None and m.cont_scatter is not None
+        nh, hd = q.shape[1:]
+        bs = kc.shape[2]
+        qg = q[m.cont_gather]
+        outs = []
+        at_t = at_q = 0
+        for n, lq, w in m.continuing_groups:
+            table = m.cont_tables[at_t: at_t + n * w]
+            keys, values = (read_blocks(c, None if scales is None else scales[i], table,
+                                        q.dtype).view(n, w, nh, bs, hd).transpose(1, 2)
+                            .reshape(n, nh, w * bs, hd) for i, c in enumerate((kc, vc)))
+            qpos = m.cont_qpos[at_q: at_q + n * lq].view(n, 1, lq, 1)
+            k_pos = torch.arange(w * bs, device=q.device)
+            o = F.scaled_dot_product_attention(
+                qg[at_q: at_q + n * lq].view(n, lq, nh, hd).transpose(1, 2), keys, values,
+                attn_mask=k_pos <= qpos)  # (n, 1, Lq, W * bs) broadcast over heads
+            outs.append(o.transpose(1, 2).reshape(n * lq, nh, hd))
+            at_t += n * w
+            at_q += n * lq
+        packed = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return packed[m.cont_scatter]
+
+
+def read_blocks(cache: Tensor, scales: Tensor | None, blocks: Tensor,
+                dtype: torch.dtype) -> Tensor:
+    """Whole blocks of a layer's cache, dequantized to ``dtype`` when the cache is FP8:
+    (len(blocks), nh, block_size, hd)."""
+    if scales is None:
+        return cache.index_select(0, blocks)
+    xq = cache.view(torch.uint8).index_select(0, blocks).view(cache.dtype)
+    return dequantize_rows(xq, scales.index_select(0, blocks)[..., None], dtype)
 
 
 def write_fp8(cache: Tensor, scales: Tensor, blocks: Tensor, offsets: Tensor,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.attention import PagedAttention, StepMetadata, prefill_mask
+from models.attention import PagedAttention, StepMetadata
 from models.cascade import (
     MIN_SAVED_TOKENS,
     CascadeMetadata,
@@ -50,10 +50,14 @@ from models.model import NeoX
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
 # layer, one per length group (see fresh_groups); at most this many groups.
 MAX_FRESH_CALLS = 16
+# Likewise chunks that continue a sequence, grouped by context length (see
+# continuing_groups).
+MAX_CONTINUING_CALLS = 8
 
 # The int64 sections of an eager step's host buffer, in order.
-SECTIONS = ("tokens", "positions", "slots", "tables", "context_lens", "q_seq", "k_slots",
-            "k_seq", "k_pos", "logit_rows", "sample_rows", "score_rows", "score_targets",
+SECTIONS = ("tokens", "positions", "slots", "tables", "context_lens", "cont_tables",
+            "cont_qpos", "cont_gather", "cont_scatter", "logit_rows", "sample_rows",
+            "score_rows", "score_targets",
             "fresh_gather", "fresh_scatter", "sources", "casc_starts", "casc_tiles",
             "casc_rows")
 
@@ -73,6 +77,7 @@ class StepInputs:
     sizes: tuple[int, ...] = ()
     table_width: int = 0
     num_continuing: int = 0
+    continuing_groups: tuple[tuple[int, int, int], ...] = ()
     fresh: tuple[tuple[int, int], ...] = ()
     fresh_groups: tuple[tuple[int, int], ...] = ()
     num_rows: int = 0  # logits rows the last stage returns
@@ -152,6 +157,62 @@ def fresh_groups(
         groups.append((len(group), s_max))
         at += len(group) * s_max
     return tuple(groups), np.concatenate(gathers), scatter
+
+
+def continuing_groups(
+    chunks: Sequence[tuple[int, int, int, int, Sequence[int]]], block_size: int,
+) -> tuple[tuple[tuple[int, int, int], ...], list[np.ndarray]]:
+    """Pack the chunks that continue a sequence (``(row_start, row_end, start, end,
+    blocks)``: their rows among the step's continuing rows, contiguous from 0, their
+    positions ``[start, end)`` and their block tables) into padded batches for one masked
+    attention call per group: ``((n, Lq, W), ...)`` per group (n chunks, Lq query rows,
+    W table columns) and the four sections ``cont_tables`` (each group's n * W block
+    ids, padding is the null block), ``cont_qpos`` (each group's n * Lq query positions),
+    ``cont_gather`` (the continuing row behind each padded query row; padding repeats a
+    chunk's last row) and ``cont_scatter`` (for each continuing row, its padded row).
+
+    A query sees its own chunk's keys at positions up to its own, which also hides the
+    padding columns (they sit past the chunk's end). Chunks are grouped by context
+    length so padded keys stay under half of each group, in at most
+    :data:`MAX_CONTINUING_CALLS` groups: one call for all chunks would make every query
+    score every chunk's keys.
+    """
+    empty = np.zeros(0, dtype=np.int64)
+    if not chunks:
+        return (), [empty, empty, empty, empty]
+    order = sorted(range(len(chunks)), key=lambda i: -chunks[i][3])  # longest context first
+    members: list[list[int]] = []
+    for i in order:
+        if not members or (2 * chunks[i][3] < chunks[members[-1][0]][3]
+                           and len(members) < MAX_CONTINUING_CALLS):
+            members.append([i])
+        else:
+            members[-1].append(i)
+    scatter = np.zeros(chunks[-1][1] - chunks[0][0], dtype=np.int64)
+    tables: list[np.ndarray] = []
+    qpos: list[np.ndarray] = []
+    gathers: list[np.ndarray] = []
+    groups: list[tuple[int, int, int]] = []
+    at = 0
+    for group in members:
+        width = -(-chunks[group[0]][3] // block_size)
+        lq = max(chunks[i][1] - chunks[i][0] for i in group)
+        tab = np.full((len(group), width), NULL_BLOCK, dtype=np.int64)
+        fill_tables(tab, [chunks[i][4][:width] for i in group])
+        cols = np.arange(lq, dtype=np.int64)
+        row0 = np.asarray([chunks[i][0] for i in group], dtype=np.int64)
+        lens = np.asarray([chunks[i][1] - chunks[i][0] for i in group], dtype=np.int64)
+        start = np.asarray([chunks[i][2] for i in group], dtype=np.int64)
+        clipped = np.minimum(cols[None, :], lens[:, None] - 1)
+        tables.append(tab.reshape(-1))
+        qpos.append((start[:, None] + clipped).reshape(-1))
+        gathers.append((row0[:, None] + clipped).reshape(-1))
+        for k, i in enumerate(group):
+            scatter[chunks[i][0]: chunks[i][1]] = at + k * lq + cols[: lens[k]]
+        groups.append((len(group), lq, width))
+        at += len(group) * lq
+    return tuple(groups), [np.concatenate(tables), np.concatenate(qpos),
+                           np.concatenate(gathers), scatter]
 
 
 def _upload(ints: np.ndarray, device: torch.device) -> Tensor:
@@ -251,45 +312,28 @@ class ModelRunner:
         pos_parts: list[np.ndarray] = [dec_pos]
         slot_parts: list[np.ndarray] = [slots_d]
         # Prefill metadata. Chunks that start a sequence attend only to themselves
-        # (`fresh` row ranges); continuing chunks need their earlier keys: query
-        # (sequence, position) pairs and the keys they see, for one masked SDPA call.
-        q_seq: list[np.ndarray] = []
-        k_parts: list[np.ndarray] = []
-        k_seq_parts: list[np.ndarray] = []
-        k_pos_parts: list[np.ndarray] = []
+        # (`fresh` row ranges); continuing chunks also read their earlier keys from the
+        # cache (`continuing`: row range, positions, block table).
+        continuing: list[tuple[int, int, int, int, Sequence[int]]] = []
         fresh: list[tuple[int, int]] = []
-        num_continuing = 0
         row = 0
-        for j, c in enumerate(plan.chunks):
+        for c in plan.chunks:
             start, end, n = c.start, c.end, len(c.tokens)
             toks.extend(c.tokens)
-            pos = np.arange(end, dtype=np.int64)
+            pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(c.blocks, dtype=np.int64)
-            seq_slots = table[pos // bs] * bs + pos % bs  # (end,) slots of the whole context
-            pos_parts.append(pos[start:])
-            slot_parts.append(seq_slots[start:])
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
             if start == 0:
                 fresh.append((row, row + n))
             else:
                 if fresh:
                     raise ValueError("a plan lists continuing chunks before starting ones")
-                num_continuing += n
-                q_seq.append(np.full(n, j, dtype=np.int64))
-                k_parts.append(seq_slots)
-                k_seq_parts.append(np.full(end, j, dtype=np.int64))
-                k_pos_parts.append(pos)
+                continuing.append((row, row + n, start, end, c.blocks))
             row += n
+        num_continuing = sum(e - s for s, e, *_ in continuing)
+        cont_groups, c_sections = continuing_groups(continuing, bs)
         empty = np.zeros(0, dtype=np.int64)
-        k_slots = np.concatenate(k_parts) if k_parts else empty
-        k_seq = np.concatenate(k_seq_parts) if k_parts else empty
-        k_pos = np.concatenate(k_pos_parts) if k_parts else empty
-        if len(k_slots) % 16:
-            # Pad keys to a multiple of 16 (fused SDPA kernels want aligned mask rows);
-            # padding keys belong to no sequence.
-            pad = 16 - len(k_slots) % 16
-            k_slots = np.concatenate([k_slots, np.full(pad, NULL_BLOCK * bs, dtype=np.int64)])
-            k_seq = np.concatenate([k_seq, np.full(pad, -1, dtype=np.int64)])
-            k_pos = np.concatenate([k_pos, np.zeros(pad, dtype=np.int64)])
         groups, f_gather, f_scatter = fresh_groups(fresh)
         n_tok = len(toks)
         rows = plan.logit_rows
@@ -299,8 +343,7 @@ class ModelRunner:
             np.asarray(toks, dtype=np.int64),
             np.concatenate(pos_parts) if len(pos_parts) > 1 else pos_parts[0],
             np.concatenate(slot_parts) if len(slot_parts) > 1 else slot_parts[0],
-            bt.reshape(-1), ctx,
-            np.concatenate(q_seq) if q_seq else empty, k_slots, k_seq, k_pos,
+            bt.reshape(-1), ctx, *c_sections,
             np.asarray(rows, dtype=np.int64) if select else empty,
             empty if identity else np.asarray(plan.sample_rows, dtype=np.int64),
             np.asarray(plan.score_rows, dtype=np.int64),
@@ -315,6 +358,7 @@ class ModelRunner:
         return StepInputs(
             ints=np.concatenate(padded).astype(np.int64, copy=False), num_tokens=n_tok,
             num_decode=d, sizes=sizes, table_width=dec_w, num_continuing=num_continuing,
+            continuing_groups=cont_groups,
             fresh=tuple(fresh), fresh_groups=groups, num_rows=len(rows), select_rows=select,
             copies=list(plan.copies), num_sources=len(plan.decode_sources),
             cascade_tiles=n_tiles)
@@ -368,12 +412,10 @@ class ModelRunner:
         if inputs.fresh_groups:
             meta.fresh_groups = inputs.fresh_groups
             meta.fresh_gather, meta.fresh_scatter = t["fresh_gather"], t["fresh_scatter"]
-        r = inputs.num_continuing
-        if r:
-            k_slots = t["k_slots"]
-            meta.key_blocks, meta.key_offsets = k_slots // bs, k_slots % bs
-            meta.prefill_mask = prefill_mask(t["q_seq"], t["positions"][d: d + r],
-                                             t["k_seq"], t["k_pos"])
+        if inputs.continuing_groups:
+            meta.continuing_groups = inputs.continuing_groups
+            meta.cont_tables, meta.cont_qpos = t["cont_tables"], t["cont_qpos"]
+            meta.cont_gather, meta.cont_scatter = t["cont_gather"], t["cont_scatter"]
         self.attn.set_step(meta)
         # The sampler's rows travel with the step (in a pipeline, rank 0 keeps them for
         # the logits that come back from the last stage).

@@ -273,3 +273,70 @@ def test_each_shape_class_gets_its_own_pick() -> None:
     assert decode_choice(*shape, 90, 4096) == fast_long
     assert decode_choice(*shape, 1, 4096) == fast_short
     assert decode_choice(*shape, 30, 4096) == fast_long  # 32 untimed: 96 is nearer than 8
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_continuing_chunks_attend_to_their_own_cached_context(kv_dtype: torch.dtype) -> None:
+    """Chunks that continue sequences of very different lengths (so several padded
+    groups, uneven query counts) each see exactly their own cached keys up to their own
+    positions: equal to a dense per-sequence reference over the cache's (dequantized)
+    keys, with decode rows and a fresh chunk in the same step."""
+    from models.attention import PagedAttention, StepMetadata, read_blocks
+    from models.config import get_preset
+    from models.engine.kv_cache import KVCache
+    from models.engine.runner import continuing_groups
+
+    config = get_preset("tiny")
+    nh, hd, bs = config.num_heads, config.head_dim, 4
+    cache = KVCache.for_model(config, (0, 1), 64, bs, kv_dtype, "cpu")
+    g = torch.Generator().manual_seed(5)
+    kc, vc = cache.layer(0)
+    scales = cache.layer_scales(0)
+    if scales is None:
+        kc.copy_(torch.randn(kc.shape, generator=g))
+        vc.copy_(torch.randn(vc.shape, generator=g))
+    else:
+        kc.view(torch.uint8).copy_(torch.randint(0, 120, kc.shape, generator=g))
+        vc.view(torch.uint8).copy_(torch.randint(0, 120, vc.shape, generator=g))
+        for s in scales:
+            s.copy_(torch.rand(s.shape, generator=g) + 0.5)
+    # (start, end, blocks): contexts 41, 6, 23 and 5 tokens (groups by context length).
+    seqs = [(37, 41, list(range(1, 12))), (2, 6, [20, 21]), (20, 23, [30, 31, 32, 33, 34, 35]),
+            (4, 5, [40, 41])]
+    rows, row = [], 0
+    for start, end, blocks in seqs:
+        rows.append((row, row + end - start, start, end, blocks))
+        row += end - start
+    groups, (tables, qpos, gather, scatter) = continuing_groups(rows, bs)
+    assert len(groups) > 1
+    decode, fresh = 2, 3
+    r = row
+    n = decode + r + fresh
+    q, k, v = (torch.randn(n, nh, hd, generator=g) for _ in range(3))
+    slots = [(50, 0), (51, 0)]  # the decode rows' new tokens (positions 0)
+    for start, end, blocks in seqs:
+        slots += [(blocks[p // bs], p % bs) for p in range(start, end)]
+    slots += [(60, p) for p in range(fresh)]
+    slot_blocks = torch.tensor([b for b, _ in slots])
+    slot_offsets = torch.tensor([o for _, o in slots])
+    attn = PagedAttention(cache, use_triton=False)
+    t = [torch.from_numpy(a) for a in (tables, qpos, gather, scatter)]
+    attn.set_step(StepMetadata(
+        slot_blocks=slot_blocks, slot_offsets=slot_offsets, num_decode=decode,
+        block_tables=torch.tensor([[50], [51]]), context_lens=torch.tensor([1, 1]),
+        num_continuing=r, fresh=((r, r + fresh),), continuing_groups=groups,
+        cont_tables=t[0], cont_qpos=t[1], cont_gather=t[2], cont_scatter=t[3]))
+    out = attn(0, q, k, v)
+    # Reference: after the writes, each continuing query attends to its sequence's
+    # cached keys at positions <= its own.
+    for i, (row0, row1, start, _end, blocks) in enumerate(rows):
+        table = torch.tensor(blocks)
+        keys, values = (read_blocks(c, None if scales is None else scales[j], table,
+                                    torch.float32).transpose(0, 1).reshape(nh, -1, hd)
+                        for j, c in enumerate((kc, vc)))
+        for qi in range(row1 - row0):
+            p = start + qi
+            ref = _dense_reference(q[decode + row0 + qi][None],
+                                   [keys[:, : p + 1].transpose(0, 1)],
+                                   [values[:, : p + 1].transpose(0, 1)])[0]
+            assert torch.allclose(out[decode + row0 + qi].double(), ref, atol=1e-4), (i, qi)
