@@ -58,12 +58,23 @@ def main() -> None:
                                                      ignore_eos=True))
     rows = []
     profiled = None
+    mixed_tab = None
     while engine.has_unfinished():
         s0 = dict(engine.stats)
         phase["schedule"] = phase["sample"] = 0.0
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         running = len(sched.running)
+        if mixed_tab is None and running >= 100 and sched.waiting:
+            # Steps that prefill new prompts while ~running sequences decode.
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU,
+                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    step()
+                torch.cuda.synchronize()
+            mixed_tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            continue
         if profiled is None and running >= 200 and not sched.waiting and len(rows) > 60:
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU,
@@ -97,10 +108,12 @@ def main() -> None:
     if big:
         med = np.median([r["total_s"] for r in big])
         log(f"decode steps with >=200 running: median {med * 1e3:.1f} ms")
-    print(profiled)
+    print("decode steps:", profiled, sep="\n")
     print(cpu_tab)
+    print("mixed (prefill + decode) steps:", mixed_tab, sep="\n")
     if args.out:
-        json.dump({"rows": rows, "profile": profiled, "cpu": cpu_tab}, open(args.out, "w"))
+        json.dump({"rows": rows, "profile": profiled, "cpu": cpu_tab, "mixed": mixed_tab},
+                  open(args.out, "w"))
 
 
 if __name__ == "__main__":
