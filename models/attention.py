@@ -42,6 +42,7 @@ from models.cascade import (
 )
 from models.engine.kv_cache import KVCache
 from models.fp8 import dequantize_rows, quantize_scatter
+from models.fused import write_kv
 
 
 @dataclass
@@ -103,10 +104,7 @@ class PagedAttention:
         kc, vc = self.cache.layer(layer)  # each (blocks, heads, block_size, hd)
         scales = self.cache.layer_scales(layer)  # FP8 cache: each (blocks, heads, block_size)
         if scales is None:
-            # Advanced indices around a slice put the indexed dim first: kc[b, :, o] is
-            # (N, nh, hd).
-            kc[m.slot_blocks, :, m.slot_offsets] = k
-            vc[m.slot_blocks, :, m.slot_offsets] = v
+            write_kv(k, v, kc, vc, m.slot_blocks, m.slot_offsets)
         else:
             write_fp8(kc, scales[0], m.slot_blocks, m.slot_offsets, k)
             write_fp8(vc, scales[1], m.slot_blocks, m.slot_offsets, v)

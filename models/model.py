@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import TANH_GELUS, NeoXConfig
+from models.fused import rotate_half_torch, split_rotate
 
 
 class AttentionBackend(Protocol):
@@ -129,12 +130,13 @@ class Rotary(nn.Module):
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: (N, nh, hd); rotate the first ``dim`` channels. (Not ``apply``: that name is
         ``nn.Module.apply(fn)``, which DeepSpeed and other tools call on every submodule.)"""
-        if self.dim == 0:
-            return x
-        rot, rest = x[..., : self.dim], x[..., self.dim :]
-        half = self.dim // 2
-        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+        return rotate_half_torch(x, cos, sin, self.dim)
+
+    def split_rotate(self, qkv: Tensor, cos: Tensor, sin: Tensor,
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused projection (N, nh, 3, hd) -> contiguous (N, nh, hd) q, k, v with q
+        and k rotated (one kernel on CUDA, see :mod:`models.fused`)."""
+        return split_rotate(qkv, cos, sin, self.dim)
 
 
 class Attention(nn.Module):
@@ -152,9 +154,8 @@ class Attention(nn.Module):
         n = x.shape[0]
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
         qkv = self.query_key_value(x).view(n, self.num_heads, 3, self.head_dim)  # (N, nh, 3, hd)
-        q, k, v = qkv.unbind(2)  # each (N, nh, hd)
-        q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
-        out = attn(self.layer, q, k, v.contiguous())  # (N, nh, hd)
+        q, k, v = rotary.split_rotate(qkv, cos, sin)  # each (N, nh, hd)
+        out = attn(self.layer, q, k, v)  # (N, nh, hd)
         return self.dense(out.reshape(n, self.num_heads * self.head_dim))
 
 

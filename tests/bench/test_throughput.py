@@ -27,7 +27,8 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert w["ours"]["output_tokens"] == w["output_tokens"]
         assert w["ours"]["output_tok_per_s"] > 0 and w["roofline"]["seconds"] > 0
         assert w["hf"]["subset"] and w["hf"]["output_tok_per_s"] > 0
-        assert set(w["ratios"]) == {"ours_over_roofline", "ours_over_hf"}
+        assert set(w["ratios"]) == {"ours_over_roofline", "ours_over_per_kernel_roofline",
+                                    "ours_over_hf"}
     # A second run for one workload merges into the same file.
     main(["--model", "preset:tiny", "--device", "cpu", "--num-prompts", "4", "--workload", "a",
           "--skip-hf", "--out", str(out)])
@@ -88,6 +89,11 @@ def test_roofline_matches_design_figures() -> None:
                     bandwidth=4.3e12, gemm=795e12, weight_bytes=2 * cfg.num_params(),
                     kv_bytes_per_token=cfg.kv_bytes_per_token)
     assert 6000 < roof["output_tok_per_s"] < 8500, roof
+    # Bounding GEMMs (compute-bound at ~256 sequences) and attention (KV bytes) each on
+    # its own can only be slower than letting them hide behind each other.
+    kernels = roof["per_kernel"]
+    assert kernels["seconds"] > roof["seconds"]
+    assert 0.8 * roof["output_tok_per_s"] < kernels["output_tok_per_s"] < roof["output_tok_per_s"]
 
 
 def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:

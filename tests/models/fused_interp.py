@@ -1,0 +1,64 @@
+"""Runs the fused attention-input kernels (models.fused) under Triton's interpreter (CPU)
+against the torch ops and prints, as JSON, each check's result.
+
+Run by tests/models/test_fused.py in a subprocess with ``TRITON_INTERPRET=1`` (the
+interpreter is chosen when a kernel is built, so it must not share a process with code
+that builds kernels for a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from models.fused import split_rotate_torch, split_rotate_triton, write_kv_torch, write_kv_triton
+
+# (heads, head dim, rotary dims): the 20B's, an odd one (heads not a multiple of a
+# program's, head dim not a power of two), full rotary, none.
+SHAPES = [(64, 96, 24), (5, 24, 8), (3, 16, 16), (4, 32, 0)]
+
+
+def split_case(nh: int, hd: int, dim: int, dtype: torch.dtype, seed: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    n = 6
+    qkv = (torch.randn(n, nh, 3, hd, generator=g) * 3).to(dtype)
+    ang = torch.rand(n, 1, max(dim, 1), generator=g)[..., :dim] * 50
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    got = split_rotate_triton(qkv, cos, sin, dim)
+    ref = split_rotate_torch(qkv, cos, sin, dim)
+    # Relative to each tensor's largest value: bf16 is compared at its own precision
+    # (the interpreter converts float32 to bfloat16 by truncation, not to nearest as
+    # CUDA does; the GPU test checks bit equality there).
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+              for a, b in zip(got, ref, strict=True))
+    return {"max_rel": err, "contiguous": float(all(t.is_contiguous() for t in got)),
+            "v_exact": float(torch.equal(got[2], ref[2]))}
+
+
+def write_case(nh: int, hd: int, dtype: torch.dtype, seed: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    n, bs, blocks = 7, 4, 6
+    k, v = ((torch.randn(n, nh, hd, generator=g) * 2).to(dtype) for _ in range(2))
+    slots = torch.randperm(blocks * bs, generator=g)[:n]
+    b, o = slots // bs, slots % bs
+    start = torch.randn(blocks, nh, bs, hd, generator=g).to(dtype)
+    caches = [start.clone() for _ in range(4)]
+    write_kv_triton(k, v, caches[0], caches[1], b, o)
+    write_kv_torch(k, v, caches[2], caches[3], b, o)
+    return {"exact": float(torch.equal(caches[0], caches[2])
+                           and torch.equal(caches[1], caches[3]))}
+
+
+def main() -> None:
+    results: dict[str, dict[str, float]] = {}
+    for i, (nh, hd, dim) in enumerate(SHAPES):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            name = f"{nh}x{hd}/rot{dim}/{str(dtype)[6:]}"
+            results[f"split {name}"] = split_case(nh, hd, dim, dtype, seed=i)
+            results[f"write {name}"] = write_case(nh, hd, dtype, seed=i)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The fused attention-input kernels (models.fused): the torch path is the model's own
+(HF parity tests cover it); the Triton kernels against it under Triton's CPU interpreter
+and, on a GPU, bit for bit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.fused import (
+    split_rotate,
+    split_rotate_torch,
+    write_kv,
+    write_kv_torch,
+)
+from tests.models.fused_interp import SHAPES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_and_autograd_take_the_torch_ops() -> None:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 4, 3, 16, generator=g, requires_grad=True)
+    half = torch.rand(3, 1, 4, generator=g) * 6
+    ang = torch.cat((half, half), dim=-1)  # rotary's tables repeat each angle
+    q, k, v = split_rotate(qkv, ang.cos(), ang.sin(), 8)
+    (q.sum() + k.sum() + v.sum()).backward()  # the torch path keeps gradients
+    assert qkv.grad is not None
+    ref = split_rotate_torch(qkv.detach(), ang.cos(), ang.sin(), 8)
+    assert all(torch.equal(a.detach(), b) for a, b in zip((q, k, v), ref, strict=True))
+    # The rotation is a rotation: norms of rotated pairs are kept.
+    assert torch.allclose(q[..., :8].norm(dim=-1), qkv[:, :, 0, :8].norm(dim=-1), atol=1e-5)
+    caches = [torch.zeros(2, 4, 2, 16) for _ in range(4)]
+    b, o = torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0])
+    write_kv(k.detach(), v.detach(), caches[0], caches[1], b, o)
+    write_kv_torch(k.detach(), v.detach(), caches[2], caches[3], b, o)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1][1, :, 1], v[0].detach())
+
+
+def test_triton_kernels_under_the_interpreter() -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.models.fused_interp"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == 2 * 3 * len(SHAPES)
+    for name, r in results.items():
+        if name.startswith("write"):
+            assert r["exact"] == 1, name
+            continue
+        assert r["contiguous"] == 1 and r["v_exact"] == 1, name
+        # float32 / float16 round as torch does; bfloat16 within a few of its roundings.
+        assert r["max_rel"] <= (2.0 ** -6 if name.endswith("bfloat16") else 0), (name, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_are_bit_exact_on_gpu() -> None:
+    from models.fused import fused_ok, split_rotate_triton, write_kv_triton
+
+    dev = torch.device("cuda")
+    assert fused_ok(dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    for nh, hd, dim in SHAPES:
+        n = 300
+        qkv = torch.randn(n, nh, 3, hd, generator=g, device=dev).to(torch.bfloat16)
+        ang = torch.rand(n, 1, max(dim, 1), generator=g, device=dev)[..., :dim] * 50
+        cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+        got = split_rotate_triton(qkv, cos, sin, dim)
+        ref = split_rotate_torch(qkv, cos, sin, dim)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)), (nh, hd, dim)
+        caches = [torch.zeros(40, nh, 16, hd, dtype=torch.bfloat16, device=dev)
+                  for _ in range(4)]
+        slots = torch.randperm(40 * 16, generator=g, device=dev)[:n]
+        write_kv_triton(got[1], got[2], caches[0], caches[1], slots // 16, slots % 16)
+        write_kv_torch(ref[1], ref[2], caches[2], caches[3], slots // 16, slots % 16)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
