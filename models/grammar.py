@@ -70,6 +70,7 @@ class Grammars:
         self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
         self._tokenizer: Any = None
         self._grammars: dict[str, str] = {}  # constraint (as JSON) -> llguidance grammar
+        self._templates: dict[str, Any] = {}  # grammar -> a fresh matcher, never advanced
 
     @property
     def tokenizer(self) -> Any:
@@ -135,11 +136,18 @@ class Grammars:
         return grammar
 
     def matcher(self, grammar: str) -> Any:
-        """A fresh matcher (one per sample) for a grammar from :meth:`grammar`."""
-        m = self._ll.LLMatcher(self.tokenizer, grammar)
-        if m.is_error():
-            raise ValueError(f"structured output: {m.get_error()}")
-        return m
+        """A fresh matcher (one per sample) for a grammar from :meth:`grammar`: a copy of
+        one kept unused per grammar (about 1 µs, where building one parses the grammar
+        again: about 0.5 ms, half a second per thousand samples)."""
+        template = self._templates.get(grammar)
+        if template is None:
+            template = self._ll.LLMatcher(self.tokenizer, grammar)
+            if template.is_error():
+                raise ValueError(f"structured output: {template.get_error()}")
+            if len(self._templates) > 4096:
+                self._templates.clear()
+            self._templates[grammar] = template
+        return template.deep_copy()
 
     def fill_masks(self, matchers: Sequence[Any]) -> np.ndarray:
         """(len(matchers), words) int32 bitmasks: bit ``v % 32`` of word ``v // 32`` set

@@ -264,6 +264,13 @@ def constraint_of(response_format: Mapping[str, Any] | None, regex: str | None,
     return None
 
 
+# Metaschema verdicts by a schema's compact JSON. The check costs milliseconds (about
+# 3 ms for a five-field schema), and a batch of thousands of lines usually repeats one
+# schema, which is validated again at each layer it passes (line, worker, engine).
+_SCHEMA_VERDICTS: dict[str, str | None] = {}
+_MAX_SCHEMA_VERDICTS = 1024
+
+
 def schema_problem(schema: object) -> str | None:
     """Why ``schema`` is not a usable JSON Schema, or None. The metaschema check needs
     ``jsonschema`` (the API's install has it); where it is missing (the GPU image) only
@@ -271,23 +278,29 @@ def schema_problem(schema: object) -> str | None:
     if not isinstance(schema, dict):
         return f"must be a JSON Schema object, got {_quote.repr(schema)}"
     try:
-        size = len(json.dumps(schema, separators=(",", ":")))
+        text = json.dumps(schema, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):
         return "must be a JSON-serialisable object"
-    if size > MAX_SCHEMA_BYTES:
-        return f"at most {MAX_SCHEMA_BYTES} bytes of JSON, got {size}"
+    if len(text) > MAX_SCHEMA_BYTES:
+        return f"at most {MAX_SCHEMA_BYTES} bytes of JSON, got {len(text)}"
+    if text in _SCHEMA_VERDICTS:
+        return _SCHEMA_VERDICTS[text]
     try:
         import jsonschema
     except ImportError:
         return None
+    why = None
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
-        return f"not a valid JSON Schema ({exc.message}{' at ' + where if where else ''})"
+        why = f"not a valid JSON Schema ({exc.message}{' at ' + where if where else ''})"
     except RecursionError:
-        return "not a valid JSON Schema (nested too deeply)"
-    return None
+        why = "not a valid JSON Schema (nested too deeply)"
+    if len(_SCHEMA_VERDICTS) >= _MAX_SCHEMA_VERDICTS:
+        _SCHEMA_VERDICTS.clear()
+    _SCHEMA_VERDICTS[text] = why
+    return why
 
 
 def constraint_problems(v: Mapping[str, Any]) -> list[tuple[str, str]]:

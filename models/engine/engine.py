@@ -12,8 +12,9 @@ device) before it waits for step N's tokens, then applies them (stop checks,
 detokenization, outputs) while step N+1 runs. Steady decode then waits for the device
 once per step, for the sampled tokens, and the device never waits for the host as long
 as the host work of a step takes less than its forward. A step whose samples need their
-sequences' earlier tokens on the host (grammars, penalties) is read back before the next
-one is scheduled.
+sequences' earlier tokens on the host (a grammar's mask, the penalties' counts) still
+overlaps: its forward is launched first, step N's tokens are applied (matchers consume
+them) while it runs, and only then is its sampling queued, behind the forward.
 
 Threading: one thread drives the engine (``add_request``, ``abort``, ``step``).
 """
@@ -43,7 +44,7 @@ from models.engine.outputs import (
     score_pair,
 )
 from models.engine.runner import ModelRunner
-from models.engine.sampler import LaunchedSample, Sampler
+from models.engine.sampler import LaunchedSample, Sampler, needs_known_tokens
 from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
 from models.fp8 import quantization_of
 from models.grammar import Grammars
@@ -271,6 +272,12 @@ class Engine:
         self.overlap = overlap
         self._inflight: LaunchedSample | None = None  # launched, tokens not yet applied
         self.overlapped_steps = 0
+        # Host seconds per part of the step (benchmarks): scheduling, preparing inputs,
+        # launching the forward, launching the sampling (masks included), applying the
+        # tokens (waits for the device included). On a CPU model the launches are the
+        # computation itself.
+        self.phase_seconds: dict[str, float] = dict.fromkeys(
+            ("schedule", "prepare", "forward", "sample", "apply"), 0.0)
 
     # -- sizes and stats -----------------------------------------------------------------
 
@@ -389,11 +396,15 @@ class Engine:
         """Run one forward over the scheduled tokens; return the requests that finished
         (or were aborted) since the last call."""
         prev, self._inflight = self._inflight, None
-        if prev is not None and (not self.overlap or prev.needs_known_tokens):
+        if prev is not None and not self.overlap:
             self._apply(prev)
             prev = None
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        launched = None if plan.is_empty else self._launch(plan, prev)
+        self.phase_seconds["schedule"] += time.perf_counter() - t0
+        launched = None
+        if not plan.is_empty:
+            launched, prev = self._launch(plan, prev)
         if prev is not None:
             self._apply(prev)  # while `launched` runs on the device
         if launched is not None:
@@ -405,19 +416,38 @@ class Engine:
         self._pending = []
         return out
 
-    def _launch(self, plan: StepPlan, prev: LaunchedSample | None) -> LaunchedSample:
+    def _launch(self, plan: StepPlan, prev: LaunchedSample | None,
+                ) -> tuple[LaunchedSample, LaunchedSample | None]:
         """Queue the plan's forward and sampling on the device (``prev``: the step still
-        running, whose drawn tokens some of the plan's decode rows take as input)."""
+        running, whose drawn tokens some of the plan's decode rows take as input).
+        Returns the launched step and ``prev`` if it is still to be applied (None when
+        the plan's sampling needed its tokens on the host first)."""
+        times = self.phase_seconds
+        t0 = time.perf_counter()
         inputs = self.runner.prepare(plan)
+        t1 = time.perf_counter()
         if prev is not None:
             self.overlapped_steps += 1
         logits, rows = self.runner.execute(
             inputs, prev_tokens=prev.tokens if prev is not None else None)
-        return self.sampler.launch(logits, plan, rows)
+        t2 = time.perf_counter()
+        times["prepare"] += t1 - t0
+        times["forward"] += t2 - t1
+        if prev is not None and any(needs_known_tokens(seq) for seq, _ in plan.samples):
+            # The forward does not need step N's tokens on the host, but masks and
+            # penalties do: apply them now, while the forward runs.
+            self._apply(prev)
+            prev = None
+        t3 = time.perf_counter()
+        launched = self.sampler.launch(logits, plan, rows)
+        times["sample"] += time.perf_counter() - t3
+        return launched, prev
 
     def _apply(self, launched: LaunchedSample) -> None:
         """Wait for a launched step's tokens and hand them to the scheduler."""
+        t0 = time.perf_counter()
         self.scheduler.update(launched.plan, launched.result())
+        self.phase_seconds["apply"] += time.perf_counter() - t0
 
     # -- conveniences --------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ def _plain_greedy(seq: Seq, position: int) -> bool:
 
 def needs_known_tokens(seq: Seq) -> bool:
     """Sampling ``seq``'s next token reads its earlier tokens on the host (a grammar's
-    state, the penalties' counts): the step that draws its previous token must be read
-    back before the next step is scheduled."""
+    state, the penalties' counts): the step that draws its previous token must be
+    applied before this step's sampling is launched (its forward need not wait)."""
     p = seq.params
     return seq.matcher is not None or (p is not None and p.has_penalties)
 
@@ -49,8 +49,6 @@ class LaunchedSample:
     flat: Tensor | None  # the step's one host copy (pinned on CUDA)
     done: torch.cuda.Event | None  # recorded after the copy (CUDA)
     num_top: int | None = None  # top logprobs per sample row; None: no logprobs asked
-    # Some row's next sample reads its tokens on the host (see needs_known_tokens).
-    needs_known_tokens: bool = False
     _result: StepResult | None = None
 
     def result(self) -> StepResult:
@@ -78,6 +76,7 @@ class Sampler:
         self.eos_id = eos_id
         self.grammars = grammars
         self.mask_seconds = 0.0  # host time spent filling grammar masks (benchmarks)
+        self.batch_seconds = 0.0  # host time spent packing per-row parameters (benchmarks)
 
     def __call__(self, logits: Tensor, plan: StepPlan, rows: SamplerInputs) -> StepResult:
         """Sample the step and wait for its result."""
@@ -90,7 +89,6 @@ class Sampler:
         res = None
         want_lp = False
         tokens: Tensor | None = None
-        known = False
         samplers = plan.samples
         lg = logits if rows.sample_rows is None else logits[rows.sample_rows]
         if samplers and all(_plain_greedy(seq, pos) for (seq, _), pos
@@ -103,7 +101,6 @@ class Sampler:
             tokens = lg[:, :valid].argmax(dim=-1)
             pieces.append(tokens.double())
         elif samplers:
-            known = any(needs_known_tokens(seq) for seq, _ in samplers)
             # Masks of constrained rows, filled on the host while the device still runs
             # the forward that produces ``logits`` (nothing here waits for it). A fork's
             # row (index != seq.index: a sibling sample not yet created) starts at the
@@ -118,6 +115,7 @@ class Sampler:
                 masks = ([r for r, _ in constrained],
                          self.grammars.fill_masks([m for _, m in constrained]))
                 self.mask_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
             sample_rows = []
             for (seq, index), position in zip(samplers, plan.sample_positions, strict=True):
                 params = seq.params
@@ -132,6 +130,7 @@ class Sampler:
                                         vocab_size=logits.shape[1],
                                         valid_vocab=self.valid_vocab, eos_id=self.eos_id,
                                         masks=masks)
+            self.batch_seconds += time.perf_counter() - t0
             res = sample(lg, batch)
             tokens = res.tokens
             pieces.append(tokens.double())
@@ -154,7 +153,7 @@ class Sampler:
             assert res is not None and res.top_ids is not None
             num_top = int(res.top_ids.shape[1])
         if not pieces:
-            return LaunchedSample(plan, tokens, None, None, num_top, known)
+            return LaunchedSample(plan, tokens, None, None, num_top)
         flat = torch.cat(pieces)
         done = None
         if flat.device.type == "cuda":
@@ -164,7 +163,7 @@ class Sampler:
             done = torch.cuda.Event()
             done.record()
             flat = host
-        return LaunchedSample(plan, tokens, flat, done, num_top, known)
+        return LaunchedSample(plan, tokens, flat, done, num_top)
 
 
 def _unpack(plan: StepPlan, flat: list[float], k: int | None) -> StepResult:
