@@ -12,15 +12,27 @@ output lengths. B also reports the host time spent filling masks
 (``Sampler.mask_seconds``, overlapped with the forward) and how many ``stop`` outputs
 validate (all must).
 
-Run: ``python -m bench.structured`` (CUDA, the 20B shape on random weights) or
-``--model preset:tiny --device cpu --num-prompts 16`` to try it. Writes
-bench/results/structured_<device>.json.
+Each run also reports where its host time goes, per step (``Engine.phase_seconds``):
+scheduling, preparing inputs, launching the forward, launching the sampling (of which
+filling masks and packing per-row parameters are host work), applying the tokens
+(matchers, stop checks, detokenization; on CUDA it includes waiting for the device),
+and the seconds spent in ``add_request`` before the first step.
+
+Run: ``python -m bench.structured`` (CUDA, the 20B shape on random weights). On a CPU
+(``--device cpu``, default model ``preset:tiny``, one torch thread) the forward is cheap
+and nothing overlaps, so the same runs isolate the host cost of structured output:
+``host_ms_per_step`` (scheduling, inputs, masks, parameters, applying tokens) against
+the unconstrained run's; the rest of a CPU step is the forward and the sampling
+kernels, which the GPU runs in a fraction of the time. ``--label before|after`` keeps
+several runs in one file. Writes bench/results/structured_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -51,15 +63,36 @@ def run(engine: Engine, ps: list[list[int]],
         params: list[SamplingParams]) -> tuple[dict[str, Any], list[int]]:
     """Run the prompts; the figures and each prompt's output length (in prompt order)."""
     mask0 = engine.sampler.mask_seconds
+    batch0 = getattr(engine.sampler, "batch_seconds", 0.0)
+    phases0 = dict(getattr(engine, "phase_seconds", {}))
+    steps0 = engine.stats["steps"]
+    # Each run starts from an empty prefix cache: the second run must not find the
+    # first one's prompts cached (the same prefill work in both).
+    engine.set_prefix_caching(False)
+    engine.set_prefix_caching(True)
     t0 = time.time()
     for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
         engine.add_request(str(i), p, sp, arrival=t0)
+    add_secs = time.time() - t0
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     secs = time.time() - t0
+    steps = int(engine.stats["steps"] - steps0)
+    masks = engine.sampler.mask_seconds - mask0
+    batch = getattr(engine.sampler, "batch_seconds", 0.0) - batch0
+    phases = {k: v - phases0.get(k, 0.0) for k, v in getattr(engine, "phase_seconds", {}).items()}
+    per_step = {k: round(1e3 * v / max(steps, 1), 3) for k, v in phases.items()}
+    per_step["masks"] = round(1e3 * masks / max(steps, 1), 3)
+    per_step["batch"] = round(1e3 * batch / max(steps, 1), 3)
+    host = None
+    if phases:
+        # Work that is host work on any device (the launches of the forward and of the
+        # sampling kernels are the computation itself on a CPU).
+        host = round(1e3 * (phases["schedule"] + phases["prepare"] + phases["apply"] + masks
+                            + batch) / max(steps, 1), 3)
     tokens = sum(o.completion_tokens for o in outs)
     reasons: dict[str, int] = {}
     invalid = 0
@@ -75,12 +108,15 @@ def run(engine: Engine, ps: list[list[int]],
     return {"seconds": round(secs, 3), "output_tokens": tokens,
             "output_tok_per_s": round(tokens / secs, 1), "finish_reasons": reasons,
             "stop_invalid": invalid,
-            "mask_host_seconds": round(engine.sampler.mask_seconds - mask0, 3)}, lengths
+            "mask_host_seconds": round(masks, 3),
+            "add_request_seconds": round(add_secs, 3), "steps": steps,
+            "ms_per_step": per_step, "host_ms_per_step": host}, lengths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="preset:gpt-neox-20b")
+    ap.add_argument("--model", default=None,
+                    help="default preset:gpt-neox-20b on CUDA, preset:tiny on a CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--num-prompts", type=int, default=1000)
@@ -88,8 +124,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--label", default=None,
+                    help="store this run under runs[LABEL] of the output file, keeping "
+                         "the other labels there (before/after comparisons)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.model is None:
+        args.model = "preset:gpt-neox-20b" if device.type == "cuda" else "preset:tiny"
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # steady figures on a shared machine
     dtype = parse_dtype(args.dtype, args.device)
     tok = load_tokenizer(ROOT / "assets/20B_tokenizer.json")
     model = build_model(args.model, device, dtype)
@@ -107,17 +150,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               ignore_eos=True)
                                for i, n in enumerate(lengths)])
     ratio = constrained["output_tok_per_s"] / free["output_tok_per_s"]
-    result = {
+    result: dict[str, Any] = {
         "bench": "structured", "commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
         "model": args.model, "dtype": str(dtype).removeprefix("torch."),
         "num_prompts": len(ps), "max_tokens": args.max_tokens,
+        "max_num_seqs": args.max_num_seqs,
         "unconstrained": free, "json_schema": constrained,
         "constrained_over_unconstrained": round(ratio, 4), "target": 0.9,
     }
+    if constrained["host_ms_per_step"] is not None and free["host_ms_per_step"]:
+        result["host_ms_per_step_constrained_over_unconstrained"] = round(
+            constrained["host_ms_per_step"] / free["host_ms_per_step"], 3)
     out = args.out or ROOT / f"bench/results/structured_{device.type}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.label is not None:
+        old = json.loads(out.read_text()) if out.exists() else {}
+        runs = old.get("runs", {}) if old.get("bench") == "structured" else {}
+        runs[args.label] = result
+        written: dict[str, Any] = {"bench": "structured", "runs": runs}
+    else:
+        written = result
+    out.write_text(json.dumps(written, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("unconstrained", "json_schema",
                                                "constrained_over_unconstrained")}, indent=1))
     return result

@@ -203,8 +203,11 @@ class SamplingBatch:
     max_logprobs: int | None
     mask_rows: Tensor | None = None
     """(nc,) int64: the rows under a grammar constraint (None when there are none)."""
-    allowed: Tensor | None = None
-    """(nc, valid_vocab) bool: the tokens each of those rows may draw."""
+    mask_bytes: Tensor | None = None
+    """(nc, ceil(vocab_size / 8)) uint8, packed: bit ``v % 8`` of byte ``v // 8`` set
+    when token ``v`` is allowed in that row (unpacked where it is applied)."""
+    mask_all_rows: bool = False
+    """The constrained rows are every row, in order (no row gather needed)."""
 
     @classmethod
     def build(
@@ -302,14 +305,13 @@ class SamplingBatch:
         parts = list(torch.split(dev, sizes))
         ints_d = parts[0].view(5, b)
         floats = parts[1].view(torch.float64).view(_N_FLOAT, b).t().to(torch.float32)
-        mask_rows = allowed = None
+        mask_rows = mask_bytes = None
+        mask_all = False
         if words:
             mask_rows = parts[8]
-            packed = parts[9].view(torch.int32).view(-1, words)  # (nc, words)
-            shifts = torch.arange(32, device=device, dtype=torch.int32)
-            # (nc, words, 32) -> (nc, words * 32): bit j of word w is token 32 w + j.
-            allowed = ((packed[:, :, None] >> shifts) & 1).view(len(mask_rows), -1)
-            allowed = allowed[:, :valid].bool()
+            # Little-endian int32 words as bytes: bit j of byte k is token 8 k + j.
+            mask_bytes = parts[9].view(torch.uint8).view(len(masks[0]), -1)
+            mask_all = list(masks[0]) == list(range(b))
         temps = [r.params.temperature for r in rows]
         top_ks = [r.params.top_k for r in rows]
         lps = [x for x in num_logprobs if x is not None]
@@ -335,7 +337,7 @@ class SamplingBatch:
             any_min_p=any(r.params.min_p > 0 and r.params.temperature > 0 for r in rows),
             num_logprobs=num_logprobs,
             max_logprobs=max(lps) if lps else None,
-            mask_rows=mask_rows, allowed=allowed,
+            mask_rows=mask_rows, mask_bytes=mask_bytes, mask_all_rows=mask_all,
         )
 
 
@@ -468,11 +470,31 @@ def _penalized(x: Tensor, batch: SamplingBatch) -> Tensor:
         x = apply_penalties(x, batch)
     if batch.ban_ids.numel():
         x = x.index_put((batch.ban_rows, batch.ban_ids), x.new_full((), float("-inf")))
-    if batch.mask_rows is not None and batch.allowed is not None:
+    if batch.mask_rows is not None and batch.mask_bytes is not None:
+        banned = disallowed(batch.mask_bytes, x.shape[1])
         # Out of place: ``x`` may still be the raw logits the logprobs are read from.
-        rows = x.index_select(0, batch.mask_rows).masked_fill_(~batch.allowed, float("-inf"))
-        x = x.index_copy(0, batch.mask_rows, rows)
+        if batch.mask_all_rows:
+            x = x.masked_fill(banned, float("-inf"))
+        else:
+            rows = x.index_select(0, batch.mask_rows).masked_fill_(banned, float("-inf"))
+            x = x.index_copy(0, batch.mask_rows, rows)
     return x
+
+
+_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+
+
+def disallowed(mask_bytes: Tensor, vocab: int) -> Tensor:
+    """(nc, vocab) bool: the tokens a packed mask (see ``SamplingBatch.mask_bytes``) does
+    not allow. Three byte-wide passes on the device, no gather."""
+    shifts = _BIT_SHIFTS.get(mask_bytes.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[mask_bytes.device] = torch.arange(
+            8, device=mask_bytes.device, dtype=torch.uint8)
+    bits = torch.bitwise_right_shift(mask_bytes[:, :, None], shifts)  # (nc, bytes, 8)
+    bits.bitwise_and_(1).bitwise_xor_(1)  # 1 where the bit is clear
+    # 0/1 bytes are valid bools: a view, not a copy.
+    return bits.view(torch.bool).view(len(mask_bytes), -1)[:, :vocab]
 
 
 def _with_logprobs(raw: Tensor, tokens: Tensor, batch: SamplingBatch) -> SampleResult:

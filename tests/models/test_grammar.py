@@ -16,7 +16,7 @@ from models.config import get_preset
 from models.engine import Engine
 from models.grammar import Grammars, allowed_ids
 from models.model import NeoX, init_random_
-from models.sampling import SamplingParams
+from models.sampling import SamplingParams, disallowed
 from models.tokenizer import load_tokenizer
 
 SCHEMA = {
@@ -163,3 +163,25 @@ def test_byte_tokenizer_grammar() -> None:
     m = g.matcher(g.grammar({"type": "regex", "pattern": "[0-9]{2}"}))
     assert [tok.decode([int(i)]) for i in allowed_ids(g.fill_masks([m])[0], 512)] == list(
         "0123456789")
+
+
+def test_matchers_are_independent_copies(tok) -> None:
+    """Matchers come from one kept per grammar: each starts fresh and none shares state."""
+    g = Grammars(tok, 50432, tok.eos_id)
+    grammar = g.grammar({"type": "choice", "choices": ["yes", "no"]})
+    a, b = g.matcher(grammar), g.matcher(grammar)
+    for t in tok.encode("yes"):
+        assert a.consume_token(t)
+    assert allowed_ids(g.fill_masks([a])[0], 50432).tolist() == [tok.eos_id]
+    fresh = allowed_ids(g.fill_masks([g.matcher(grammar)])[0], 50432)
+    assert allowed_ids(g.fill_masks([b])[0], 50432).tolist() == fresh.tolist()
+    assert len(fresh) == 5
+
+
+def test_packed_masks_unpack_on_the_device_like_numpy() -> None:
+    rng = np.random.default_rng(0)
+    words = (50432 + 31) // 32
+    masks = rng.integers(-2**31, 2**31, size=(7, words), dtype=np.int64).astype(np.int32)
+    want = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :50277] == 0
+    got = disallowed(torch.from_numpy(masks).view(torch.uint8), 50277)
+    assert got.dtype == torch.bool and np.array_equal(got.numpy(), want)

@@ -9,9 +9,11 @@ so the batch a sequence happens to run in does not matter).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 
+import jsonschema
 import pytest
 import torch
 
@@ -271,6 +273,116 @@ def test_stop_strings_and_grammar_with_text(tokenizer_path) -> None:
     _same(on, off)
     assert on["greedy-stop"].samples[0].stop_reason == stop
     assert {s.text for s in on["choice"].samples} <= {"yes", "no", "maybe"}
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["positive", "negative"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1,
+                 "maxItems": 2},
+    },
+    "required": ["label", "score", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def text_model(tokenizer_path) -> tuple[NeoX, object]:
+    tok = load_tokenizer(tokenizer_path)
+    model = init_random_(NeoX(get_preset("tiny").replace(max_position=128)), seed=7).eval()
+    with torch.no_grad():  # padded embedding rows would win every draw if allowed
+        model.embed_out.weight[tok.vocab_size:] = 1.0
+        model.final_layer_norm.bias.fill_(1.0)
+    return model, tok
+
+
+def _check_schema_outputs(outs: dict[str, RequestOutput], rids: list[str]) -> None:
+    assert rids
+    for rid in rids:
+        for s in outs[rid].samples:
+            if s.finish_reason == "stop":
+                jsonschema.validate(json.loads(s.text), SCHEMA)
+
+
+def _structured(seed: int, n: int, steps: int = 6) -> list[Arrival]:
+    """JSON-schema requests (n = 1..3, greedy and sampled, logprobs), a choice, a regex
+    and unconstrained neighbours (a penalised one among them), arriving over the first
+    steps."""
+    r = random.Random(seed)
+    rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+    out: list[Arrival] = []
+    for i in range(n):
+        kind = i % 5
+        if kind in (0, 1):
+            p = SamplingParams(response_format=rf, max_tokens=r.randint(20, 60), seed=i,
+                               temperature=[0.0, 0.8, 1.2][i % 3], n=r.choice([1, 2, 3]),
+                               logprobs=1 if i % 4 == 0 else None)
+        elif kind == 2:
+            p = SamplingParams(choice=["yes", "no", "maybe"], max_tokens=8, seed=i, n=2)
+        elif kind == 3:
+            p = SamplingParams(regex=r"[0-9]{2}-[a-c]{1,3}", max_tokens=12, seed=i,
+                               temperature=1.0)
+        else:
+            p = SamplingParams(temperature=1.0, max_tokens=r.randint(5, 25), seed=i,
+                               presence_penalty=0.5 if i % 2 else 0.0)
+        out.append((r.randint(0, steps), f"s{i}", f"Item {i} as JSON:", p))
+    return out
+
+
+def test_constrained_steps_overlap_and_match(text_model) -> None:
+    """Grammar-constrained rows (n > 1, forks, choice, regex) next to unconstrained
+    ones: the forward of each step is launched before the previous step's tokens are
+    read, and the outputs equal the one-step-at-a-time loop's."""
+    model, tok = text_model
+    arrivals = _structured(1, 15)
+
+    def make(overlap: bool) -> Engine:
+        return Engine(model, tok, num_blocks=300, block_size=8, max_num_seqs=16,
+                      overlap=overlap)
+
+    (on, _), (off, _), engine = _both(make, arrivals)
+    _same(on, off)
+    _check_schema_outputs(on, [rid for _, rid, _, p in arrivals if p.response_format])
+    # Every step has constrained rows here (they last longest), and they overlapped.
+    assert engine.stats["overlapped_steps"] > engine.stats["steps"] // 2
+
+
+def test_only_constrained_rows_overlap(text_model) -> None:
+    model, tok = text_model
+    rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+    arrivals: list[Arrival] = [
+        (0, f"j{i}", f"Row {i}:", SamplingParams(response_format=rf, max_tokens=60, seed=i,
+                                                 temperature=0.9)) for i in range(6)]
+
+    def make(overlap: bool) -> Engine:
+        return Engine(model, tok, num_blocks=200, block_size=8, overlap=overlap)
+
+    (on, _), (off, _), engine = _both(make, arrivals)
+    _same(on, off)
+    _check_schema_outputs(on, list(on))
+    assert any(s.finish_reason == "stop" for o in on.values() for s in o.samples)
+    assert engine.stats["overlapped_steps"] > 0
+
+
+def test_constrained_rows_preempted_and_aborted(text_model) -> None:
+    """A KV budget too small for the batch preempts constrained samples (their matchers
+    keep their state while they wait) and an abort lands mid-run."""
+    model, tok = text_model
+    arrivals = _structured(2, 12, steps=3)
+
+    def make(overlap: bool) -> Engine:
+        return Engine(model, tok, num_blocks=24, block_size=8, max_batch_tokens=64,
+                      kv_overcommit=100.0, overlap=overlap)
+
+    aborts = {5: ["s0"]}
+    (on, _), (off, _), engine = _both(make, arrivals, aborts=aborts)
+    assert engine.stats["preemptions"] > 0
+    _same(on, off, skip=("s0",))  # the abort lands at another token in each mode
+    assert all(s.finish_reason == "abort" for s in on["s0"].samples)
+    _check_schema_outputs(on, [rid for _, rid, _, p in arrivals
+                               if p.response_format and rid != "s0"])
 
 
 @pytest.mark.gpu
