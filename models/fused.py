@@ -89,9 +89,18 @@ def _heads_per_program(nh: int) -> int:
     return min(4, 1 << (nh - 1).bit_length())
 
 
+def split_rotate_constexprs(nh: int, hd: int, dim: int) -> dict[str, int]:
+    """The split/rotate kernel's compile-time arguments for a shape."""
+    return {"HEAD_DIM": hd, "HD_P2": max(16, 1 << (hd - 1).bit_length()), "ROT": dim,
+            "HB": _heads_per_program(nh)}
+
+
 def split_rotate_triton(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`split_rotate` in one Triton kernel (qkv's last dim contiguous)."""
+    """:func:`split_rotate` in one Triton kernel (qkv's last dim contiguous).
+
+    Launched with FP fusion off: with it, the compiler contracts a product and the sum
+    after it into one fused multiply-add (one rounding where torch rounds twice)."""
     n, nh, three, hd = qkv.shape
     assert three == 3
     q, k, v = (torch.empty(n, nh, hd, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
@@ -104,8 +113,8 @@ def split_rotate_triton(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int,
     hb = _heads_per_program(nh)
     _kernels()[0][(n, -(-nh // hb))](
         qkv, cos2, sin2, q, k, v, nh, qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        cos2.stride(0), HEAD_DIM=hd, HD_P2=max(16, 1 << (hd - 1).bit_length()), ROT=dim,
-        HB=hb, num_warps=4)
+        cos2.stride(0), **split_rotate_constexprs(nh, hd, dim), num_warps=4,
+        enable_fp_fusion=False)
     return q, k, v
 
 

@@ -23,7 +23,7 @@ def split_rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, NH,
     h = tl.program_id(1) * HB + tl.arange(0, HB)
     d = tl.arange(0, HD_P2)
     m = (h < NH)[:, None] & (d < HEAD_DIM)[None, :]
-    half: tl.constexpr = ROT // 2
+    half = ROT // 2
     rm = d < ROT
     # Rotate-half: channel d < half takes -x[d + half], channel half <= d < ROT
     # takes x[d - half]; the rest pass through.

@@ -63,6 +63,34 @@ def test_triton_kernels_under_the_interpreter() -> None:
         assert r["max_rel"] <= (2.0 ** -6 if name.endswith("bfloat16") else 0), (name, r)
 
 
+def test_split_rotate_rounds_as_torch_for_the_h200() -> None:
+    """Compiled for sm_90 (ptxas from triton's wheel): each product and the sum round
+    separately, as torch's ops do; a fused multiply-add would round once and differ."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    code = """
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models.fused import split_rotate_constexprs
+from models.fused_kernels import split_rotate_kernel as fn
+consts = split_rotate_constexprs(64, 96, 24)
+sig = {n: "constexpr" if n in consts else "*bf16" if n.endswith("_ptr")
+       else "i64" if n.startswith("stride") else "i32" for n in fn.arg_names}
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "enable_fp_fusion": False})
+print(json.dumps(re.findall(r"\\b(fma\\.[a-z0-9.]+|add\\.rn\\.[a-z0-9]+)", k.asm["ptx"])))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ops and not any(op.startswith("fma") for op in ops), ops
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_are_bit_exact_on_gpu() -> None:
