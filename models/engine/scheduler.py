@@ -574,12 +574,17 @@ class Scheduler:
 
     def _waits_for_inflight(self, seq: Seq) -> bool:
         """Whether ``seq`` (with a token being drawn) must wait for it: the token ends it
-        anyway (max_tokens or the context), or its prompt's other samples are forked
-        only when it is known."""
+        anyway (max_tokens or the context, or a complete grammar match, whose mask
+        allowed only end-of-text), or its prompt's other samples are forked only when it
+        is known."""
         req = seq.req
         if not isinstance(req, GenerateRequest):
             return True
         if seq.index == 0 and req.pending_fork:
+            return True
+        # The matcher has not consumed the token being drawn: it is in the state that
+        # token's mask came from. Stopped there, it allowed only EOS.
+        if seq.matcher is not None and seq.matcher.is_stopped():
             return True
         known = len(seq.tokens) + seq.inflight
         return known >= self.max_position or known - seq.num_prompt >= req.params.max_tokens

@@ -366,6 +366,29 @@ def test_only_constrained_rows_overlap(text_model) -> None:
     assert engine.stats["overlapped_steps"] > 0
 
 
+def test_complete_match_is_not_decoded_again(text_model) -> None:
+    """Once a grammar is complete its mask allows only EOS: the step after the one that
+    draws it schedules no row for the sample (as max_tokens does), so overlap runs no
+    more steps than the one-step-at-a-time loop."""
+    model, tok = text_model
+    rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+    arrivals: list[Arrival] = [
+        (0, "c", "Pick:", SamplingParams(choice=["yes", "no"], max_tokens=10, seed=1)),
+        (0, "j", "Row:", SamplingParams(response_format=rf, max_tokens=60, seed=2,
+                                        temperature=0)),
+    ]
+    engines = []
+
+    def make(overlap: bool) -> Engine:
+        engines.append(Engine(model, tok, num_blocks=100, block_size=8, overlap=overlap))
+        return engines[-1]
+
+    (on, _), (off, _), _ = _both(make, arrivals)
+    _same(on, off)
+    assert [s.finish_reason for o in on.values() for s in o.samples] == ["stop", "stop"]
+    assert engines[0].stats["steps"] == engines[1].stats["steps"]
+
+
 def test_constrained_rows_preempted_and_aborted(text_model) -> None:
     """A KV budget too small for the batch preempts constrained samples (their matchers
     keep their state while they wait) and an abort lands mid-run."""
