@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The wave-2 H200 figures, in three device commands (each under the device's 10-minute
-# limit per command), all in one device session:
+# The wave-2 H200 figures of bench/results/, in three device commands (each under the
+# device's 10-minute limit per command; ~25 minutes of device time in all):
 #
-#   bench/wave2_h200.sh engine  OUTDIR  # GPU tests of models/, decode-kernel bandwidth
-#                                       # (old vs new configs), bf16 / fp8-kv / fp8-all on
-#                                       # workloads (a, 512 prompts) and (b, first 400) with
-#                                       # HF baselines -> engine_h200.json; overlap on/off
-#   bench/wave2_h200.sh extras  OUTDIR  # (c) caching off / on / cascade, FP8 accuracy,
-#                                       # structured-output cost, interactive priority
-#                                       # under a batch (through the worker)
-#   bench/wave2_h200.sh service OUTDIR  # a fresh worker's first batch vs its second
+#   bench/wave2_h200.sh engine  OUTDIR  # one H200: fused-kernel GPU test, bf16 vs fp8-all
+#                                       # on (a, 512 prompts, with HF) and (b, first 400);
+#                                       # (c) caching off / on / cascade
+#   bench/wave2_h200.sh extras  OUTDIR  # one H200: structured-output cost, interactive
+#                                       # priority under a batch, a fresh worker's first batch
+#   bench/wave2_h200.sh service OUTDIR  # two H200s: bf16 (a) and (b) side by side, then
+#                                       # 1 worker / 2 workers / 2 pipeline stages
 #
 # On a machine without .git, NEOXQ_COMMIT names the commit; the product's wheels are
 # carried (DESIGN.md, "Running the product on the GPU machine"; add llguidance and
@@ -21,28 +20,32 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 case "$what" in
 engine)
-    timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/models/test_fp8.py \
-        tests/models/test_overlap.py tests/models/test_engine.py tests/models/test_sampling.py \
-        tests/models/test_cascade.py 2>&1 | tee "$out/gpu_tests.log" | tail -8
-    timeout 70 python3 -m bench.check_attention --out "$out/check_attention_h200.json" 2>&1 \
-        | tail -8
-    timeout 330 python3 -m bench.throughput --workload both --num-prompts 512 \
-        --num-prompts-b 400 --modes bf16,fp8-kv,fp8-all --hf-prompts-b 16 \
-        --out "$out/engine_h200.json" 2>&1 | tee "$out/engine.log" \
-        | grep -v "decode kernel" | tail -30
-    timeout 60 python3 -m bench.throughput --workload a --num-prompts 512 --compare-overlap \
-        --skip-hf --out "$out/overlap_h200.json" 2>&1 | grep -i "overlap\|ours" | tail -6
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused.py 2>&1 | tail -2
+    timeout 200 python3 -m bench.throughput --workload a --num-prompts 512 --modes bf16,fp8-all \
+        --out "$out/engine_a_fp8_h200.json" 2>&1 | grep -E "workload|HF" | tail -8
+    timeout 210 python3 -m bench.throughput --workload b --num-prompts-b 400 \
+        --modes bf16,fp8-all --skip-hf --out "$out/engine_b_fp8_h200.json" 2>&1 \
+        | grep -E "workload b" | tail -4
+    timeout 150 python3 -m bench.throughput --workload c --num-prompts-c 400 --skip-hf \
+        --out "$out/cascade_h200.json" 2>&1 | grep -E "workload c" | tail -4
     ;;
 extras)
-    timeout 100 python3 -m bench.throughput --workload c --num-prompts-c 600 --skip-hf \
-        --out "$out/cascade_h200.json" 2>&1 | grep -v "decode kernel" | tail -8
-    timeout 150 python3 -m bench.fp8_accuracy --out "$out/fp8_accuracy.json" 2>&1 | tail -12
-    timeout 90 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
-        | grep -v "^Warning" | tail -25
-    timeout 220 python3 -m bench.priority --out "$out/priority_h200.json" 2>&1 | tail -20
+    timeout 100 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
+        | grep -v "^Warning" | tail -6
+    timeout 235 python3 -m bench.priority --out "$out/priority_h200.json" 2>&1 | tail -8
+    timeout 95 python3 -m bench.first_batch --modes on --num-prompts 256 \
+        --out "$out/first_batch_h200.json" 2>&1 | tail -5
     ;;
 service)
-    timeout 280 python3 -m bench.first_batch --out "$out/first_batch_h200.json" 2>&1 | tail -12
+    # Two GPUs (nvidia-h200-x2): the bf16 engine on each GPU side by side, then scaling.
+    (CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m bench.throughput --workload a \
+        --num-prompts 512 --modes bf16 --out "$out/engine_a_h200.json" > "$out/a.log" 2>&1 &)
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m bench.throughput --workload b \
+        --num-prompts-b 400 --modes bf16 --skip-hf --out "$out/engine_b_h200.json" \
+        > "$out/b.log" 2>&1
+    sleep 2
+    timeout 380 python3 -m bench.scale --configs 1 2 pp2 --num-prompts-a 512 \
+        --num-prompts-b 500 --out "$out/scale_h200.json" 2>&1 | tail -12
     ;;
 *)
     echo "usage: $0 engine|extras|service OUTDIR" >&2

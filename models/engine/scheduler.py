@@ -61,10 +61,11 @@ INTERACTIVE = 1
 
 # Default of ``yield_tokens``. A decode step of the 20B on one H200 is bound by reading
 # the weights (~10 ms) up to ~150 tokens; each batch sequence decoding alongside adds its
-# KV reads (~0.1 ms at a few hundred tokens of context). 64 batch tokens keep an
-# interactive request's steps within ~1.5x of an idle engine's while the batch still
-# advances (a full step of ~300 sequences takes ~4x the idle step).
-YIELD_TOKENS = 64
+# KV reads (~0.1 ms at a few hundred tokens of context). Measured with a 2,000-prompt
+# batch and an interactive request every ~4 s (bench/results/priority_h200.json): 64
+# kept the interactive request at 1.42x its idle latency but cost the batch 10.2%; 96
+# gives 1.69x and 6.3%, inside both limits (2x, 10%).
+YIELD_TOKENS = 96
 
 
 @dataclass(eq=False)
