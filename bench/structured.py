@@ -10,7 +10,10 @@ the same prefill and decode work, so the ratio of their output tokens per second
 grammar's cost alone (target >= 90% on the 20B on one H200) rather than a difference in
 output lengths. B also reports the host time spent filling masks
 (``Sampler.mask_seconds``, overlapped with the forward) and how many ``stop`` outputs
-validate (all must).
+validate (all must). Run C repeats B with each line's ``max_tokens`` set to its B length
++ 1: the same outputs, but admitted as run A's lines are (the engine admits by prompt +
+``max_tokens``), so C against A is the grammar's cost with admission equal
+(``same_budget_over_unconstrained``) and B against C what a loose ``max_tokens`` costs.
 
 Each run also reports where its host time goes, per step (``Engine.phase_seconds``):
 scheduling, preparing inputs, launching the forward, launching the sampling (of which
@@ -60,8 +63,9 @@ def prompts(tok: Any, n: int, max_len: int) -> list[list[int]]:
 
 
 def run(engine: Engine, ps: list[list[int]],
-        params: list[SamplingParams]) -> tuple[dict[str, Any], list[int]]:
-    """Run the prompts; the figures and each prompt's output length (in prompt order)."""
+        params: list[SamplingParams]) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """Run the prompts; the figures and each prompt's output length and finish reason
+    (in prompt order)."""
     mask0 = engine.sampler.mask_seconds
     batch0 = getattr(engine.sampler, "batch_seconds", 0.0)
     phases0 = dict(getattr(engine, "phase_seconds", {}))
@@ -104,7 +108,8 @@ def run(engine: Engine, ps: list[list[int]],
                 jsonschema.validate(json.loads(s.text), SCHEMA)
             except (ValueError, jsonschema.ValidationError):
                 invalid += 1
-    lengths = [o.completion_tokens for o in sorted(outs, key=lambda o: int(o.request_id))]
+    lengths = [(o.completion_tokens, o.samples[0].finish_reason or "")
+               for o in sorted(outs, key=lambda o: int(o.request_id))]
     return {"seconds": round(secs, 3), "output_tokens": tokens,
             "output_tok_per_s": round(tokens / secs, 1), "finish_reasons": reasons,
             "stop_invalid": invalid,
@@ -148,7 +153,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i in range(len(ps))])
     free, _ = run(engine, ps, [SamplingParams(temperature=0.8, seed=i, max_tokens=max(1, n),
                                               ignore_eos=True)
-                               for i, n in enumerate(lengths)])
+                               for i, (n, _) in enumerate(lengths)])
+    # The same constrained lines again with max_tokens = each one's length (+ 1 for the
+    # EOS of those the grammar ended):
+    # the same outputs (per-request seeds), but the engine, which admits a request by its
+    # projected final size (prompt + max_tokens), now projects what the unconstrained
+    # run projects, so as many lines run at once. The gap between this run and the
+    # first is admission; between this one and the unconstrained run, the grammar.
+    budgeted, _ = run(engine, ps, [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=n + (why == "stop"),
+                       response_format=rf)
+        for i, (n, why) in enumerate(lengths)])
     ratio = constrained["output_tok_per_s"] / free["output_tok_per_s"]
     result: dict[str, Any] = {
         "bench": "structured", "commit": git_commit(),
@@ -161,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_prompts": len(ps), "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,
         "unconstrained": free, "json_schema": constrained,
+        "json_schema_same_budget": budgeted,
         "constrained_over_unconstrained": round(ratio, 4), "target": 0.9,
+        "same_budget_over_unconstrained": round(
+            budgeted["output_tok_per_s"] / free["output_tok_per_s"], 4),
     }
     if constrained["host_ms_per_step"] is not None and free["host_ms_per_step"]:
         result["host_ms_per_step_constrained_over_unconstrained"] = round(
@@ -175,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         written = result
     out.write_text(json.dumps(written, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("unconstrained", "json_schema",
-                                               "constrained_over_unconstrained")}, indent=1))
+    print(json.dumps({k: result[k] for k in (
+        "unconstrained", "json_schema", "json_schema_same_budget",
+        "constrained_over_unconstrained", "same_budget_over_unconstrained")}, indent=1))
     return result
 
 

@@ -26,9 +26,14 @@ def test_cpu_mode_writes_labelled_runs(tmp_path: Path) -> None:
     run = data["runs"]["after"]
     assert run["model"] == "preset:tiny" and run["machine"]["torch_threads"] == 1
     free, schema = run["unconstrained"], run["json_schema"]
-    assert free["output_tokens"] == schema["output_tokens"] > 0
-    assert schema["stop_invalid"] == 0
-    for r in (free, schema):
+    budget = run["json_schema_same_budget"]
+    assert free["output_tokens"] == schema["output_tokens"] == budget["output_tokens"] > 0
+    assert schema["stop_invalid"] == budget["stop_invalid"] == 0
+    # Per-request seeds: a tighter max_tokens that still leaves room for the EOS gives
+    # the same outputs, each ending where the grammar ended it.
+    assert budget["finish_reasons"] == schema["finish_reasons"]
+    assert run["same_budget_over_unconstrained"] > 0
+    for r in (free, schema, budget):
         assert r["steps"] > 0 and r["host_ms_per_step"] > 0
         assert set(r["ms_per_step"]) == {"schedule", "prepare", "forward", "sample", "apply",
                                          "masks", "batch"}
