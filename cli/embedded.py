@@ -158,6 +158,15 @@ class EmbeddedRedis:
         """The ``redis://`` URL of database 0."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def child(self) -> Child | None:
+        """The running server process (None before :meth:`start` and after :meth:`stop`)."""
+        return self._child
+
+    def alive(self) -> bool:
+        """Whether the server process is running."""
+        return self._child is not None and self._child.alive()
+
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self.binary is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.options import add_fp8_arguments
+from models.dtypes import DTYPE_NAMES
 
 # display names of the seed's table
 METRIC_LABELS = {"perplexity": "ppl"}
@@ -54,8 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256,
                    help="requests per engine call (the engine batches by tokens inside)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json overriding the model's")
     p.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages (GPUs)")
     add_fp8_arguments(p)

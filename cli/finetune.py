@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from models.dtypes import DTYPE_NAMES
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `finetune`."""
@@ -82,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    action="store_false",
                    help="keep every block's activations (faster, more memory)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json overriding the model's")
     p.add_argument("--model-seed", type=int, default=0, help="seed of preset:NAME weights")

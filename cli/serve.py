@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from cli.options import add_fp8_arguments
+from models.dtypes import DTYPE_NAMES
 
 
 def add_parser(sub: Any) -> None:
@@ -41,7 +42,8 @@ def _add_worker(sub: Any) -> None:
                    help="the model name this worker serves: batches naming it run here "
                         "(default NEOXQ_MODEL_NAME; a registry name serves itself)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default by device)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="split the model over N devices/processes")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's)")

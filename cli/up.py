@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.embedded import Child, EmbeddedRedis, free_port
+from cli.embedded import NO_REDIS_SERVER, Child, EmbeddedRedis, free_port
 from cli.gpus import WorkerSpec, parse_gpus, plan_workers
 from cli.options import add_fp8_arguments, fp8_argv
 from models.dtypes import DTYPE_NAMES
@@ -163,9 +163,15 @@ class Stack:
     def start(self, ready_timeout: float = 120.0) -> Stack:
         """Start everything and wait until the API is ready (the worker may still be
         loading its model: see :meth:`wait_worker`)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        embedded = None
         if not self.env.get("NEOXQ_REDIS_URL"):
-            self.redis = EmbeddedRedis(log_dir=self.log_dir).start()
+            # Before anything is created: with no server binary nothing could run.
+            embedded = EmbeddedRedis(log_dir=self.log_dir)
+            if embedded.binary is None:
+                raise RuntimeError(NO_REDIS_SERVER)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if embedded is not None:
+            self.redis = embedded.start()
             self.env["NEOXQ_REDIS_URL"] = self.redis.url
             self._say(f"embedded Redis at {self.redis.url} ({self.redis.binary}; no "
                       "persistence; set NEOXQ_REDIS_URL to use your own)")
@@ -242,8 +248,7 @@ class Stack:
                 tail = child.log_tail()
                 raise RuntimeError(f"{name} exited with code {child.proc.returncode}"
                                    + (f":\n{tail}" if tail else ""))
-        if self.redis is not None and self.redis._child is not None \
-                and not self.redis._child.alive():
+        if self.redis is not None and self.redis.child is not None and not self.redis.alive():
             raise RuntimeError("embedded Redis exited")
 
     def _wait_ready(self, timeout: float) -> None:
@@ -332,8 +337,8 @@ class Stack:
     def kill_all(self) -> None:
         """SIGKILL every child's process group now, without waiting (second Ctrl-C)."""
         procs = [c.proc for c in self.children.values()]
-        if self.redis is not None and self.redis._child is not None:
-            procs.append(self.redis._child.proc)
+        if self.redis is not None and self.redis.child is not None:
+            procs.append(self.redis.child.proc)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

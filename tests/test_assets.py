@@ -4,6 +4,7 @@ where those exist, attributed, and shipped in the wheel."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -62,3 +63,15 @@ def test_licences_attributed_and_packaged() -> None:
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".py":
             rel = path.relative_to(assets.DATA_DIR)
             assert any(rel.match(p) for p in patterns), f"{rel} not in package-data"
+
+
+def test_readme_names_only_paths_inside_the_repository() -> None:
+    # A clone has no ../shared: the README may point a reader only at files it carries.
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"\.\./|shared/data", readme)
+    top = {p.name for p in ROOT.iterdir()}
+    named = {m.split(":")[0].rstrip(",.") for m in re.findall(r"`([^`\s]+)`", readme)}
+    repo_paths = {m for m in named if "/" in m and m.split("/")[0] in top
+                  and not any(c in m for c in "*{<$")}
+    assert len(repo_paths) > 20  # the check reads what it should
+    assert sorted(m for m in repo_paths if not (ROOT / m).exists()) == []

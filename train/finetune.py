@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import NeoXConfig
+from models.dtypes import parse_dtype
 from models.loaders import load_config, load_model, load_spec_tokenizer, save_neoxq
 from models.model import NeoX, PackedAttention
 from train import lora as lora_lib
@@ -90,7 +91,7 @@ class FinetuneConfig:
     lora_targets: str = "query_key_value"
     activation_checkpointing: bool = True
     device: str | None = None  # cuda | cpu (default: cuda when available)
-    dtype: str | None = None  # bfloat16 | float16 | float32 (default bf16 on cuda)
+    dtype: str | None = None  # any models.dtypes name (default bf16 on cuda)
     tokenizer: str | None = None
     model_seed: int = 0  # weights of preset:NAME models
     peak_tflops: float | None = None
@@ -214,14 +215,6 @@ def single_process_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype:
-    name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if name not in names:
-        raise ValueError(f"dtype: expected one of {', '.join(names)}, got {name!r}")
-    return names[name]
-
-
 class Trainer:
     """One rank's share of a fine-tuning run. ``Trainer(cfg).train()`` does it all;
     benchmarks drive :meth:`train_step` themselves."""
@@ -242,7 +235,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = torch.device("cpu")
-        self.dtype = _dtype(cfg, self.device)
+        self.dtype = parse_dtype(cfg.dtype, self.device)
         if cfg.stage == 0 and self.dtype != torch.float32:
             # DeepSpeed then wraps the optimizer in its FP16_UnfusedOptimizer, which keeps
             # 16-bit gradients: measured here, its steps drift from fp32's where ZeRO-1's

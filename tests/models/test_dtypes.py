@@ -34,3 +34,27 @@ def test_auto_depends_on_the_device() -> None:
 def test_unknown_names_are_one_error(bad) -> None:
     with pytest.raises(ValueError, match="dtype: one of float32, bfloat16, float16, fp32"):
         parse_dtype(bad)
+
+
+def test_every_command_takes_the_same_dtype_names() -> None:
+    # `--dtype bf16` once worked in `evaluate` and was refused by `generate`: every
+    # command's --dtype offers exactly the parser's names.
+    import argparse
+
+    from cli.main import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, object]]:
+        found = []
+        for action in parser._actions:  # argparse exposes no public walk
+            if "--dtype" in action.option_strings:
+                found.append((path, action.choices))
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += walk(sub, f"{path} {name}")
+        return found
+
+    options = walk(build_parser(), "neoxq")
+    commands = {path for path, _ in options}
+    assert {"neoxq generate", "neoxq convert", "neoxq worker", "neoxq evaluate",
+            "neoxq finetune", "neoxq up", "neoxq run"} <= commands
+    assert [(p, c) for p, c in options if tuple(c or ()) != DTYPE_NAMES] == []

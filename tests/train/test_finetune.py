@@ -202,6 +202,10 @@ def test_cli_refuses_bad_options_and_files(byte_model: Path, tmp_path: Path, cap
     assert main(["finetune", str(byte_model), "--train", str(good), "--out", out,
                  "--device", "cpu", "--quiet", "--dtype", "bfloat16", "--zero-stage", "0"]) == 1
     assert "use --zero-stage 1 or more" in capsys.readouterr().err
+    # every command's dtype names: bf16 is bfloat16 here too
+    assert main(["finetune", str(byte_model), "--train", str(good), "--out", out,
+                 "--device", "cpu", "--quiet", "--dtype", "bf16", "--zero-stage", "0"]) == 1
+    assert "ZeRO stage 0 trains torch.bfloat16" in capsys.readouterr().err
 
 
 def test_run_in_process_from_a_config(byte_model: Path, tmp_path: Path) -> None:
