@@ -3,6 +3,7 @@ network, full and LoRA, one rank and two, killed and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -261,3 +262,62 @@ def test_wandb_offline_logging(byte_model: Path, shakespeare: tuple[Path, Path],
     assert len(runs) == 1
     data = list(runs[0].glob("run-*.wandb"))
     assert data and data[0].stat().st_size > 0
+
+
+def test_zero_stages_and_offload_take_the_same_steps(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ZeRO 1, 2 and 3, with and without optimizer offload, are one optimizer on one
+    rank: the same losses step for step, and a ZeRO-3 run (its weights partitioned)
+    still writes the whole trained network."""
+    import deepspeed
+
+    kw = dict(method="full", max_steps=3, log_every=1, validation=None)
+    probe = _probe()
+    losses, logits = {}, {}
+    with single_process_env():
+        for stage, offload in ((2, False), (1, False), (3, False), (2, True), (3, True)):
+            out = tmp_path / f"z{stage}{'o' if offload else ''}"
+            trainer = Trainer(_config(byte_model, shakespeare, out, zero_stage=stage,
+                                      offload=offload, **kw))
+            assert trainer.engine.zero_optimization_stage() == stage
+            assert bool(trainer.engine.zero_cpu_offload()) == offload
+            trainer.train()
+            losses[stage, offload] = [r["train_loss"] for r in _log(out)]
+            params = list(trainer.net.parameters())
+            gather = (deepspeed.zero.GatheredParameters(params) if stage == 3
+                      else contextlib.nullcontext())
+            with gather, torch.no_grad():
+                logits[stage, offload] = trainer.net.eval().dense_logits(probe)
+            torch.testing.assert_close(load_model(out).model.dense_logits(probe),
+                                       logits[stage, offload], rtol=0, atol=0)
+    want = losses[2, False]
+    assert len(want) == 3 and want[-1] < want[0]
+    for key, got in losses.items():
+        assert got == pytest.approx(want, rel=1e-5), key
+        torch.testing.assert_close(logits[key], logits[2, False], rtol=1e-4, atol=1e-4,
+                                   msg=str(key))
+
+
+def test_lora_under_zero3_merges_the_partitioned_adapter(
+    byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import deepspeed
+
+    out = tmp_path / "lora3"
+    cfg = _config(byte_model, shakespeare, out, method="lora", lora_targets="all",
+                  zero_stage=3, max_steps=3, log_every=1, learning_rate=1e-2,
+                  validation=None, save_model=False)
+    probe = _probe()
+    with single_process_env():
+        trainer = Trainer(cfg)
+        trainer.train()
+        with deepspeed.zero.GatheredParameters(list(trainer.net.parameters())), \
+                torch.no_grad():
+            with_adapter = trainer.net.eval().dense_logits(probe)
+        trainer.save_model()
+    base = load_model(byte_model).model.dense_logits(probe)
+    assert (with_adapter - base).abs().max() > 1e-2  # the adapter did train
+    torch.testing.assert_close(load_model(out).model.dense_logits(probe), with_adapter,
+                               rtol=1e-5, atol=1e-5)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
