@@ -321,3 +321,36 @@ def test_lora_under_zero3_merges_the_partitioned_adapter(
     torch.testing.assert_close(load_model(out).model.dense_logits(probe), with_adapter,
                                rtol=1e-5, atol=1e-5)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["preset", "hf", "neox-yaml"])
+def test_finetune_takes_every_model_kind(kind: str, tokenizer_path: Path,
+                                         tmp_path: Path, capsys) -> None:
+    """MODEL is anything the loaders take: a preset, an HF directory, a GPT-NeoX YAML (a
+    neoxq directory is the other tests' byte model). The result is a neoxq directory
+    whose weights are the trained ones, with the source's tokenizer beside them."""
+    from models.config import pad_vocab
+    from models.loaders import load_spec_tokenizer
+    from tests.models.hf_fixtures import VARIANTS, hf_model, write_hf_dir, write_neox_checkpoint
+
+    if kind == "preset":
+        spec = "preset:tiny"
+    else:
+        hf = hf_model(dict(VARIANTS["parallel-rot25"], vocab_size=pad_vocab(50277, 256)))
+        spec = str(write_hf_dir(hf, tmp_path / "hf", tokenizer_path) if kind == "hf"
+                   else write_neox_checkpoint(hf, tmp_path / "neox", tokenizer_path, tp=2))
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"})
+                            + "\n" for i in range(16)))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["finetune", spec, "--train", str(data), "--out", str(out), "--method", "full",
+                 "--max-steps", "2", "--max-length", "32", "--batch-size", "4",
+                 "--learning-rate", "1e-2", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 2
+    probe = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    before = load_model(spec).model.dense_logits(probe)
+    after = load_model(out)
+    assert (after.model.dense_logits(probe) - before).abs().max() > 1e-3  # trained
+    want = load_spec_tokenizer(spec)
+    assert after.tokenizer.encode("1 + 1 = 2") == want.encode("1 + 1 = 2")
