@@ -354,3 +354,23 @@ def test_finetune_takes_every_model_kind(kind: str, tokenizer_path: Path,
     assert (after.model.dense_logits(probe) - before).abs().max() > 1e-3  # trained
     want = load_spec_tokenizer(spec)
     assert after.tokenizer.encode("1 + 1 = 2") == want.encode("1 + 1 = 2")
+
+
+def test_progress_bar_and_log_lines(byte_model: Path, shakespeare: tuple[Path, Path],
+                                    tmp_path: Path, capsys) -> None:
+    """The bar shows loss, tokens/s and the time left; each log line carries step, train and
+    validation loss, learning rate, tokens/s and MFU (here against --peak-tflops)."""
+    out = tmp_path / "p"
+    with single_process_env():
+        trainer = Trainer(_config(byte_model, shakespeare, out, max_steps=4, log_every=2,
+                                  quiet=False, peak_tflops=0.5))
+        capsys.readouterr()
+        trainer.train()
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "4/4" in bar and "loss=" in bar and "tok_s=" in bar and "<00:00" in bar, bar
+    log = _log(out)
+    assert [r["step"] for r in log] == [2, 4]
+    for r in log:
+        assert {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu"} <= set(r)
+        assert r["val_loss"] > 0 and r["lr"] > 0
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 0.5e12)
