@@ -68,6 +68,48 @@ INTERACTIVE = 1
 YIELD_TOKENS = 96
 
 
+class OutputLengths:
+    """What share of ``max_tokens`` a request that may stop early ends up generating,
+    learnt from the samples that finished: admission projects such a request's final
+    size from it instead of from ``max_tokens``.
+
+    Structured output and chat lines usually stop well short of their ``max_tokens``
+    (a JSON record of ~40 tokens under a limit of 160), and projecting every line at its
+    limit leaves most of the KV cache reserved for tokens never generated: fewer lines
+    run at once and each step does less. The projection is a high quantile of recent
+    finishes, not their mean, so that few requests outgrow it; one that does takes its
+    blocks as it grows and, in a real shortage, the most recently admitted batch
+    sequence is preempted (recomputed later) as when the cache is overcommitted.
+    Requests with ``ignore_eos`` always reach ``max_tokens`` and are projected there.
+    Until :data:`MIN_SAMPLES` samples have finished, the projection is ``max_tokens``.
+    """
+
+    WINDOW = 512  # recent finishes kept
+    MIN_SAMPLES = 64
+    QUANTILE = 0.9
+    FLOOR = 0.125  # never project less than this share of max_tokens
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=self.WINDOW)
+        self._share: float | None = 1.0
+
+    def observe(self, generated: int, max_tokens: int) -> None:
+        """A sample that could have stopped early finished after ``generated`` tokens."""
+        self._recent.append(min(1.0, generated / max(1, max_tokens)))
+        self._share = None
+
+    def share(self) -> float:
+        """The share of ``max_tokens`` to project (1.0 until enough samples finished)."""
+        if self._share is None:
+            if len(self._recent) < self.MIN_SAMPLES:
+                self._share = 1.0
+            else:
+                ordered = sorted(self._recent)
+                q = ordered[min(len(ordered) - 1, int(self.QUANTILE * len(ordered)))]
+                self._share = max(self.FLOOR, q)
+        return self._share
+
+
 @dataclass(eq=False)
 class Request:
     """What every request has: an id, its input tokens, its sequences."""
@@ -89,6 +131,7 @@ class GenerateRequest(Request):
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     pending_fork: int = 0  # samples still to be forked from sample 0 after its prefill
+    sibling_demand: int = 0  # blocks each forked sample takes over from sample 0's demand
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     # A structured-output constraint: makes one matcher per sample (models/grammar.py).
     new_matcher: Callable[[], Any] | None = None
@@ -273,12 +316,16 @@ class Scheduler:
             decodes first (oldest admission first), then prefill chunks; the others
             pause for the step, keeping their blocks. ``None``: no cap (the step's
             budget is shared by priority order only). See :data:`YIELD_TOKENS`.
+        estimate_output_lengths: project requests that may stop early (no
+            ``ignore_eos``) at the share of ``max_tokens`` such requests have been
+            generating (:class:`OutputLengths`) instead of at ``max_tokens``.
     """
 
     def __init__(self, blocks: BlockManager, *, max_position: int, max_num_seqs: int = 256,
                  max_batch_tokens: int = 2048, kv_overcommit: float = 1.0,
                  watermark: float = 0.01, decoder: Decoder | None = None,
-                 eos_id: int | None = None, yield_tokens: int | None = YIELD_TOKENS) -> None:
+                 eos_id: int | None = None, yield_tokens: int | None = YIELD_TOKENS,
+                 estimate_output_lengths: bool = True) -> None:
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
         if yield_tokens is not None and yield_tokens < 0:
@@ -299,6 +346,7 @@ class Scheduler:
         self.outputs: list[RequestOutput] = []  # finished, not yet taken
         self.scores: dict[str, ScoreResult] = {}  # finished score requests
         self.demand = 0  # blocks the running sequences will need at their final size
+        self.output_lengths = OutputLengths() if estimate_output_lengths else None
         self._order = 0
         # yield_steps: steps whose lower-priority work was capped by ``yield_tokens``.
         self.stats: dict[str, int] = {"steps": 0, "preemptions": 0, "decode_steps": 0,
@@ -713,15 +761,23 @@ class Scheduler:
         req, bs = seq.req, self.block_size
         if not isinstance(req, GenerateRequest):
             return math.ceil(len(seq.tokens) / bs)
-        final = min(len(req.prompt) + req.params.max_tokens, self.max_position)
+        final = self._projected_final(req, len(seq.tokens) - seq.num_prompt)
         d = math.ceil(final / bs)
         if seq.index == 0 and req.pending_fork:
-            d += req.pending_fork * (d - len(req.prompt) // bs)
+            # Kept on the request: the siblings take exactly this over when forked, even
+            # if the projection has moved by then.
+            req.sibling_demand = d - len(req.prompt) // bs
+            d += req.pending_fork * req.sibling_demand
         return d
 
-    def _demand_of_sibling(self, req: GenerateRequest) -> int:
-        final = min(len(req.prompt) + req.params.max_tokens, self.max_position)
-        return math.ceil(final / self.block_size) - len(req.prompt) // self.block_size
+    def _projected_final(self, req: GenerateRequest, generated: int) -> int:
+        """A sample's projected final size (prompt + output), see :class:`OutputLengths`."""
+        params = req.params
+        out = params.max_tokens
+        if self.output_lengths is not None and not params.ignore_eos:
+            out = min(out, max(generated + self.block_size,
+                               math.ceil(self.output_lengths.share() * out)))
+        return min(len(req.prompt) + out, self.max_position)
 
     def _grow(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> int:
         """Give ``seq`` the blocks for its next ``n`` tokens, or as many as fit (a prefill
@@ -854,7 +910,7 @@ class Scheduler:
         sib.hashes = src.hashes[: src.num_prompt // self.block_size]
         sib.num_computed = src.num_prompt
         # Sample 0 was admitted with its siblings' growth in its demand; hand it over.
-        share = self._demand_of_sibling(req)
+        share = min(req.sibling_demand, src.demand)
         src.demand -= share
         sib.demand = share
         self._run(sib)
@@ -881,6 +937,9 @@ class Scheduler:
         if reason is not None:
             self._release(seq)
             assert isinstance(req, GenerateRequest)
+            if self.output_lengths is not None and not req.params.ignore_eos:
+                self.output_lengths.observe(len(seq.tokens) - seq.num_prompt,
+                                            req.params.max_tokens)
             if req.pending_fork == 0 and all(s.finished for s in req.seqs):
                 self._finish_request(req, now=now)
 

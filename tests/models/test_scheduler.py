@@ -363,3 +363,99 @@ def test_interactive_overcommits_the_projection_instead_of_preempting() -> None:
         done += [o.request_id for o in sched.take_outputs()]
     assert sorted(done) == sorted([f"b{i}" for i in range(12)] + ["i"])
     assert sched.stats["preemptions"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Admission projects early-stopping requests at what such requests generate
+# ---------------------------------------------------------------------------------------
+
+
+def test_output_lengths_is_a_high_quantile_of_recent_finishes() -> None:
+    from models.engine.scheduler import OutputLengths
+
+    est = OutputLengths()
+    for _ in range(OutputLengths.MIN_SAMPLES - 1):
+        est.observe(10, 100)
+    assert est.share() == 1.0  # too few finishes to go by
+    est.observe(10, 100)
+    assert est.share() == pytest.approx(0.1 if 0.1 > OutputLengths.FLOOR else OutputLengths.FLOOR)
+    for i in range(OutputLengths.WINDOW):
+        est.observe(20 + i % 50, 100)  # shares 0.20 .. 0.69, evenly
+    assert 0.6 <= est.share() <= 0.69  # its 90th percentile, the old finishes forgotten
+    for _ in range(OutputLengths.WINDOW):
+        est.observe(150, 100)  # past max_tokens (cannot be): counted as all of it
+    assert est.share() == 1.0
+
+
+def _stop_after(plan: StepPlan, lengths: dict[str, int]) -> StepResult:
+    """A fake model: each sample draws token 5, then the stop token 0 once it has
+    generated its request's length in ``lengths``."""
+    toks = []
+    for seq, _ in plan.samples:
+        generated = len(seq.tokens) - seq.num_prompt
+        toks.append(0 if generated + 1 >= lengths[seq.req.request_id] else 5)
+    return StepResult(tokens=toks)
+
+
+def _run_early_stoppers(estimate: bool, lengths: dict[str, int],
+                        max_tokens: int = 48) -> tuple[Scheduler, int, int]:
+    """Requests of 16-token prompts and ``max_tokens``, stopping after their length:
+    the scheduler, its peak running count and the finished count."""
+    bm = BlockManager(101, 4)  # 400 tokens: 6 requests at their full projection
+    sched = Scheduler(bm, max_position=256, max_num_seqs=64, max_batch_tokens=256,
+                      watermark=0.0, estimate_output_lengths=estimate)
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, stop_token_ids=[0])
+    for i, rid in enumerate(lengths):
+        sched.add_generate(rid, [1 + i % 7] * 16, params, i, 0.0)
+    peak = done = 0
+    while sched.has_unfinished():
+        plan = sched.schedule()
+        assert not plan.is_empty
+        sched.update(plan, _stop_after(plan, lengths))
+        bm.check(sched.held_tables())
+        peak = max(peak, len(sched.running))
+        for out in sched.take_outputs():
+            assert len(out.samples[0].token_ids) == lengths[out.request_id]
+            done += 1
+    bm.check([])
+    assert sched.demand == 0 and bm.num_free == bm.capacity
+    return sched, peak, done
+
+
+def test_early_stopping_requests_are_admitted_by_what_they_generate() -> None:
+    """Lines that stop after 4-8 of their 48 tokens (structured output, say): once 64
+    have finished, admission projects them at ~8 tokens instead of 48, so about three
+    times as many run at once, with no preemption; every output is complete."""
+    rng = random.Random(7)
+    lengths = {f"r{i}": rng.randint(4, 8) for i in range(300)}
+    off, peak_off, done_off = _run_early_stoppers(False, lengths)
+    on, peak_on, done_on = _run_early_stoppers(True, lengths)
+    assert done_off == done_on == 300
+    assert peak_off <= 8 and peak_on >= 3 * peak_off  # (prefix hits let a few more in)
+    assert on.stats["steps"] < 0.6 * off.stats["steps"]
+    assert on.stats["preemptions"] == 0
+    assert on.output_lengths is not None and on.output_lengths.share() < 0.2
+
+
+def test_requests_that_outgrow_the_estimate_are_preempted_not_lost() -> None:
+    """The estimate is fooled: 100 requests stop after 4 tokens, then 60 run to their
+    48-token limit. Too many of those are admitted; as they outgrow their blocks the most
+    recently admitted give way and are recomputed, and every one still finishes whole."""
+    lengths = {f"s{i}": 4 for i in range(100)} | {f"l{i}": 48 for i in range(60)}
+    sched, _, done = _run_early_stoppers(True, lengths)
+    assert done == 160
+    assert sched.stats["preemptions"] > 0
+
+
+def test_ignore_eos_requests_are_projected_at_max_tokens() -> None:
+    sched = Scheduler(BlockManager(101, 4), max_position=256, max_batch_tokens=256)
+    assert sched.output_lengths is not None
+    for _ in range(200):
+        sched.output_lengths.observe(2, 48)
+    sched.add_generate("e", [1] * 16, SamplingParams(max_tokens=48, ignore_eos=True), 0, 0.0)
+    sched.add_generate("s", [1] * 16, SamplingParams(max_tokens=48), 1, 0.0)
+    sched.schedule()
+    by_id = {s.req.request_id: s.demand for s in sched.running}
+    assert by_id["e"] == (16 + 48) // 4
+    # The prompt + the floor's share of max_tokens (6 of 48: the observed 2 is below it).
+    assert by_id["s"] == -(-(16 + 6) // 4)
