@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +18,16 @@ import torch
 from bench.throughput import build_model, log, warm_up, workload
 from models.engine import Engine
 from models.sampling import SamplingParams
+
+
+def profile_steps(step: Callable[[], None], n: int) -> Any:
+    """torch.profiler's per-op averages over ``n`` engine steps (CPU and CUDA)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages()
 
 
 def main() -> None:
@@ -67,23 +79,12 @@ def main() -> None:
         running = len(sched.running)
         if mixed_tab is None and running >= 100 and sched.waiting:
             # Steps that prefill new prompts while ~running sequences decode.
-            with torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU,
-                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(2):
-                    step()
-                torch.cuda.synchronize()
-            mixed_tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            mixed_tab = profile_steps(step, 2).table(sort_by="cuda_time_total", row_limit=30)
             continue
         if profiled is None and running >= 200 and not sched.waiting and len(rows) > 60:
-            with torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU,
-                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-            profiled = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            cpu_tab = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+            averages = profile_steps(step, 3)
+            profiled = averages.table(sort_by="cuda_time_total", row_limit=25)
+            cpu_tab = averages.table(sort_by="cpu_time_total", row_limit=25)
             continue
         step()
         t1 = time.perf_counter()

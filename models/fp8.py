@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from models.kernel_check import kernels_ok
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # A row's max |x| is clamped to at least this before dividing: a row of zeros (padding,
@@ -75,7 +77,6 @@ def quantize_scatter(x: Tensor, cache: Tensor, scales: Tensor, blocks: Tensor,
 # --------------------------------------------------------------------------------------
 
 _KERNELS = None
-_CHECKED: dict[str, bool] = {}
 
 
 def _build_kernels():  # noqa: ANN202 - returns two triton JIT functions
@@ -167,18 +168,7 @@ def triton_ok(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device`` and agree with the torch ops: checked
     once per device (a few small launches and one sync) and remembered. Never checked
     while a CUDA graph is being captured (the torch ops run there instead)."""
-    key = str(device)
-    if key in _CHECKED:
-        return _CHECKED[key]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    try:
-        _CHECKED[key] = _self_check(device)
-    except Exception as exc:  # noqa: BLE001 - no triton, no compiler, unsupported GPU
-        warnings.warn(f"FP8 Triton kernels unavailable on {device} ({exc!r}); using torch "
-                      "ops", stacklevel=2)
-        _CHECKED[key] = False
-    return _CHECKED[key]
+    return kernels_ok("FP8 Triton kernels", device, _self_check)
 
 
 def _self_check(device: torch.device) -> bool:

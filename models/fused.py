@@ -23,8 +23,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from models.kernel_check import kernels_ok
+
 _KERNELS = None
-_CHECKED: dict[str, bool] = {}
 
 
 def rotate_half_torch(x: Tensor, cos: Tensor, sin: Tensor, dim: int) -> Tensor:
@@ -136,18 +137,7 @@ def fused_ok(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device`` and agree exactly with the torch ops:
     checked once per device and remembered. Never checked while a CUDA graph is being
     captured (the torch ops run there instead): call it before capturing."""
-    key = str(device)
-    if key in _CHECKED:
-        return _CHECKED[key]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    try:
-        _CHECKED[key] = self_check(device)
-    except Exception as exc:  # noqa: BLE001 - no triton, no compiler, unsupported GPU
-        warnings.warn(f"fused attention-input kernels unavailable on {device} ({exc!r}); "
-                      "using torch ops", stacklevel=2)
-        _CHECKED[key] = False
-    return _CHECKED[key]
+    return kernels_ok("fused attention-input kernels", device, self_check)
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:

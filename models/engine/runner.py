@@ -45,6 +45,7 @@ from models.cascade import layout as cascade_layout
 from models.engine.block_manager import NULL_BLOCK
 from models.engine.kv_cache import KVCache
 from models.engine.scheduler import Chunk, StepPlan
+from models.fp8 import triton_ok
 from models.fused import fused_ok
 from models.model import NeoX
 
@@ -277,8 +278,9 @@ class ModelRunner:
         self.max_blocks_per_seq = math.ceil(model.config.max_position / self.block_size)
         if self.device.type == "cuda":
             # Decided before any graph is captured: a capture records whichever path
-            # (fused kernels or torch ops) is chosen then.
+            # (Triton kernels or torch ops) is chosen then.
             fused_ok(self.device)
+            triton_ok(self.device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             if capture is None:
