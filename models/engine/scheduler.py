@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,34 +80,58 @@ class OutputLengths:
     finishes, not their mean, so that few requests outgrow it; one that does takes its
     blocks as it grows and, in a real shortage, the most recently admitted batch
     sequence is preempted (recomputed later) as when the cache is overcommitted.
-    Requests with ``ignore_eos`` always reach ``max_tokens`` and are projected there.
-    Until :data:`MIN_SAMPLES` samples have finished, the projection is ``max_tokens``.
+
+    Finishes are kept per kind of request — its ``max_tokens`` and whether a grammar
+    constrains it — since lines of one batch share those and another batch's lines may
+    stop at quite another share. A kind with fewer than :data:`MIN_SAMPLES` finishes is
+    projected at ``max_tokens``, as are requests with ``ignore_eos`` (they always get
+    there).
     """
 
-    WINDOW = 512  # recent finishes kept
+    WINDOW = 512  # recent finishes kept per kind
     MIN_SAMPLES = 64
     QUANTILE = 0.9
     FLOOR = 0.125  # never project less than this share of max_tokens
+    KINDS = 64  # kinds remembered (least recently finished forgotten first)
 
     def __init__(self) -> None:
-        self._recent: deque[float] = deque(maxlen=self.WINDOW)
-        self._share: float | None = 1.0
+        self._recent: OrderedDict[tuple[int, bool], deque[float]] = OrderedDict()
+        self._shares: dict[tuple[int, bool], float] = {}
 
-    def observe(self, generated: int, max_tokens: int) -> None:
-        """A sample that could have stopped early finished after ``generated`` tokens."""
-        self._recent.append(min(1.0, generated / max(1, max_tokens)))
-        self._share = None
+    @staticmethod
+    def _kind(params: SamplingParams) -> tuple[int, bool]:
+        return params.max_tokens, params.constraint is not None
 
-    def share(self) -> float:
-        """The share of ``max_tokens`` to project (1.0 until enough samples finished)."""
-        if self._share is None:
-            if len(self._recent) < self.MIN_SAMPLES:
-                self._share = 1.0
+    def observe(self, params: SamplingParams, generated: int) -> None:
+        """A sample of a request with ``params`` finished after ``generated`` tokens."""
+        if params.ignore_eos:
+            return
+        kind = self._kind(params)
+        recent = self._recent.pop(kind, None)
+        if recent is None:
+            recent = deque(maxlen=self.WINDOW)
+            if len(self._recent) >= self.KINDS:
+                self._shares.pop(self._recent.popitem(last=False)[0], None)
+        self._recent[kind] = recent
+        recent.append(min(1.0, generated / max(1, params.max_tokens)))
+        self._shares.pop(kind, None)
+
+    def share(self, params: SamplingParams) -> float:
+        """The share of ``max_tokens`` to project for a request with ``params``."""
+        if params.ignore_eos:
+            return 1.0
+        kind = self._kind(params)
+        share = self._shares.get(kind)
+        if share is None:
+            recent = self._recent.get(kind, ())
+            if len(recent) < self.MIN_SAMPLES:
+                share = 1.0
             else:
-                ordered = sorted(self._recent)
-                q = ordered[min(len(ordered) - 1, int(self.QUANTILE * len(ordered)))]
-                self._share = max(self.FLOOR, q)
-        return self._share
+                ordered = sorted(recent)
+                share = max(self.FLOOR,
+                            ordered[min(len(ordered) - 1, int(self.QUANTILE * len(ordered)))])
+            self._shares[kind] = share
+        return share
 
 
 @dataclass(eq=False)
@@ -776,7 +800,7 @@ class Scheduler:
         out = params.max_tokens
         if self.output_lengths is not None and not params.ignore_eos:
             out = min(out, max(generated + self.block_size,
-                               math.ceil(self.output_lengths.share() * out)))
+                               math.ceil(self.output_lengths.share(params) * out)))
         return min(len(req.prompt) + out, self.max_position)
 
     def _grow(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> int:
@@ -937,9 +961,8 @@ class Scheduler:
         if reason is not None:
             self._release(seq)
             assert isinstance(req, GenerateRequest)
-            if self.output_lengths is not None and not req.params.ignore_eos:
-                self.output_lengths.observe(len(seq.tokens) - seq.num_prompt,
-                                            req.params.max_tokens)
+            if self.output_lengths is not None:
+                self.output_lengths.observe(req.params, len(seq.tokens) - seq.num_prompt)
             if req.pending_fork == 0 and all(s.finished for s in req.seqs):
                 self._finish_request(req, now=now)
 

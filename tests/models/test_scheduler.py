@@ -370,21 +370,36 @@ def test_interactive_overcommits_the_projection_instead_of_preempting() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_output_lengths_is_a_high_quantile_of_recent_finishes() -> None:
+def test_output_lengths_is_a_high_quantile_of_recent_finishes_per_kind() -> None:
     from models.engine.scheduler import OutputLengths
 
     est = OutputLengths()
+    p100 = SamplingParams(max_tokens=100)
     for _ in range(OutputLengths.MIN_SAMPLES - 1):
-        est.observe(10, 100)
-    assert est.share() == 1.0  # too few finishes to go by
-    est.observe(10, 100)
-    assert est.share() == pytest.approx(0.1 if 0.1 > OutputLengths.FLOOR else OutputLengths.FLOOR)
+        est.observe(p100, 10)
+    assert est.share(p100) == 1.0  # too few finishes to go by
+    est.observe(p100, 10)
+    assert est.share(p100) == max(0.1, OutputLengths.FLOOR)
     for i in range(OutputLengths.WINDOW):
-        est.observe(20 + i % 50, 100)  # shares 0.20 .. 0.69, evenly
-    assert 0.6 <= est.share() <= 0.69  # its 90th percentile, the old finishes forgotten
+        est.observe(p100, 20 + i % 50)  # shares 0.20 .. 0.69, evenly
+    assert 0.6 <= est.share(p100) <= 0.69  # its 90th percentile, the old finishes forgotten
+    # Other kinds learn on their own: another max_tokens, a grammar, ignore_eos.
+    p50 = SamplingParams(max_tokens=50)
+    assert est.share(p50) == 1.0
+    assert est.share(SamplingParams(max_tokens=100, regex="[ab]+")) == 1.0
+    assert est.share(SamplingParams(max_tokens=100, ignore_eos=True)) == 1.0
     for _ in range(OutputLengths.WINDOW):
-        est.observe(150, 100)  # past max_tokens (cannot be): counted as all of it
-    assert est.share() == 1.0
+        est.observe(p100, 150)  # past max_tokens (cannot be): counted as all of it
+    assert est.share(p100) == 1.0
+    # Kinds beyond the bound: the least recently finished is forgotten.
+    for _ in range(OutputLengths.WINDOW):
+        est.observe(p100, 10)
+    assert est.share(p100) == max(0.1, OutputLengths.FLOOR)
+    for k in range(OutputLengths.KINDS):
+        for _ in range(OutputLengths.MIN_SAMPLES):
+            est.observe(SamplingParams(max_tokens=1000 + k), 1)
+    assert est.share(SamplingParams(max_tokens=1000 + OutputLengths.KINDS - 1)) < 1.0
+    assert est.share(p100) == 1.0
 
 
 def _stop_after(plan: StepPlan, lengths: dict[str, int]) -> StepResult:
@@ -434,7 +449,8 @@ def test_early_stopping_requests_are_admitted_by_what_they_generate() -> None:
     assert peak_off <= 8 and peak_on >= 3 * peak_off  # (prefix hits let a few more in)
     assert on.stats["steps"] < 0.6 * off.stats["steps"]
     assert on.stats["preemptions"] == 0
-    assert on.output_lengths is not None and on.output_lengths.share() < 0.2
+    assert on.output_lengths is not None
+    assert on.output_lengths.share(SamplingParams(max_tokens=48)) < 0.2
 
 
 def test_requests_that_outgrow_the_estimate_are_preempted_not_lost() -> None:
@@ -451,7 +467,8 @@ def test_ignore_eos_requests_are_projected_at_max_tokens() -> None:
     sched = Scheduler(BlockManager(101, 4), max_position=256, max_batch_tokens=256)
     assert sched.output_lengths is not None
     for _ in range(200):
-        sched.output_lengths.observe(2, 48)
+        sched.output_lengths.observe(SamplingParams(max_tokens=48), 2)
+        sched.output_lengths.observe(SamplingParams(max_tokens=48, ignore_eos=True), 2)
     sched.add_generate("e", [1] * 16, SamplingParams(max_tokens=48, ignore_eos=True), 0, 0.0)
     sched.add_generate("s", [1] * 16, SamplingParams(max_tokens=48), 1, 0.0)
     sched.schedule()
