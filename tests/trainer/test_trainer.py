@@ -21,6 +21,7 @@ from store.db import make_engine, session_scope
 from store.tables import Result
 from tests.api.live import Live, fresh_database, start_stack
 from tests.train.conftest import byte_model  # noqa: F401 - the fixture
+from trainer.job import checkpoint_step
 
 BASE = "tiny-bytes"
 
@@ -38,13 +39,14 @@ def neoxq_method(**options: Any) -> dict[str, Any]:
             "neoxq": {"method": "lora", "lora_rank": 4, "max_length": 128, **options}}
 
 
-def wait(cond: Callable[[], Any], timeout: float, what: str, live: Live) -> Any:
+def wait(cond: Callable[[], Any], timeout: float, what: str, live: Live,
+         every: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(every)
     logs = "\n".join(f"--- {n}\n{live.log(n)[-3000:]}" for n in live.procs)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
 
@@ -62,6 +64,34 @@ def rank_processes(job_id: str) -> list[int]:
         if b"trainer.rank" in cmd and any(job_id.encode() in c for c in cmd):
             pids.append(int(d.name))
     return pids
+
+
+def rank_pids(job_id: str, live: Live, timeout: float = 90) -> list[int]:
+    """Wait for the job's training ranks to start; their pids."""
+    return wait(lambda: rank_processes(job_id), timeout, "the training ranks", live)
+
+
+def freeze_at_checkpoint(job_dir: Path, pids: list[int], above: int, live: Live,
+                         timeout: float = 90) -> int:
+    """SIGSTOP the ranks ``pids`` as soon as a checkpoint past step ``above`` is complete
+    on disk; its step. A tiny model trains dozens of steps a second, so a test that only
+    watched the API could find the job finished before it could interrupt it."""
+    step = wait(lambda: (n := checkpoint_step(job_dir)) > above and n, timeout,
+                f"a checkpoint past step {above}", live, every=0.002)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return step
+
+
+def signal_pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, undelivered, on process ``pid`` (a stopped one, say)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone
+    masks = [int(ln.split()[1], 16) for ln in status.splitlines()
+             if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (sig - 1)) for m in masks)
 
 
 @pytest.fixture
@@ -204,16 +234,25 @@ def test_a_stopped_or_killed_trainers_job_resumes_from_its_checkpoint(
         return [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id,
                                                                                   limit=50)]
 
-    wait(checkpoints, 90, "the first checkpoint", live)
-    # SIGTERM: the trainer stops its ranks and hands the job on at once.
+    job_dir = tmp_path / "jobs" / job.id  # start_trainer's --out-dir
+    ranks = rank_pids(job.id, live)
+    first = freeze_at_checkpoint(job_dir, ranks, 0, live)
+    # SIGTERM: the trainer stops its ranks and hands the job on at once. The frozen ranks
+    # take the trainer's SIGTERM when they are let go.
     t1.terminate()
+    wait(lambda: all(signal_pending(p, signal.SIGTERM) for p in ranks), 30,
+         "t1 to signal its ranks", live)
+    for pid in ranks:
+        os.kill(pid, signal.SIGCONT)
     assert t1.wait(timeout=60) == 0
     assert not rank_processes(job.id)
     handed = max(checkpoints())
+    assert handed == first
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
     t2 = start_trainer(live, "t2")
-    wait(lambda: max(checkpoints()) > handed, 90, "t2 to checkpoint", live)
-    assert rank_processes(job.id)
+    ranks = rank_pids(job.id, live)
+    on_disk = freeze_at_checkpoint(job_dir, ranks, handed, live)
+    wait(lambda: max(checkpoints()) == on_disk, 30, "t2 to record its checkpoint", live)
     # SIGKILL: nothing hands the job on, and the rank dies with its trainer ...
     os.kill(t2.pid, signal.SIGKILL)
     t2.wait()
