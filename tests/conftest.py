@@ -24,6 +24,13 @@ PG_ADMIN_URL = os.environ.get("NEOXQ_TEST_PG", "postgresql://postgres@127.0.0.1:
 REDIS_HOST_URL = os.environ.get("NEOXQ_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first (otherwise in their usual order): run on several
+    processes (scripts/test.sh), the long ones then start early and spread over the
+    processes instead of leaving one of them a tail of long tests after the rest end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real tokenizer, LAMBADA, PIQA and tinyshakespeare (``assets/``)."""

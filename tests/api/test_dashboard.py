@@ -143,6 +143,7 @@ def live(tmp_path: Path) -> Iterator[Live]:
     stack.stop()
 
 
+@pytest.mark.slow
 def test_dashboard_in_chromium_while_a_batch_runs(browser: object, live: Live,
                                                   tmp_path: Path) -> None:
     with httpx.Client(base_url=live.url) as client:

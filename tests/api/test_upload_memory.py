@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.upload import measure
 from tests.conftest import REDIS_HOST_URL
 
 
+@pytest.mark.slow
 def test_100mb_upload_keeps_server_memory_bounded(tmp_path: Path) -> None:
     result = measure(tmp_path, size_mb=100, redis_url=f"{REDIS_HOST_URL}/1",
                      create_openai_batch=False)

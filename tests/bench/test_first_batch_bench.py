@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.first_batch import main
 
 
+@pytest.mark.slow
 def test_first_batch_bench_small_run(tmp_path: Path, redis_url: str) -> None:
     out = tmp_path / "first.json"
     main(["--model", "preset:tiny", "--device", "cpu", "--num-prompts", "12",

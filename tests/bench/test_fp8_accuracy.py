@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.fp8_accuracy import main as accuracy_main
 from bench.fp8_accuracy import table as accuracy_table
 from bench.throughput import main as throughput_main
 from bench.throughput import table as throughput_table
 
 
+@pytest.mark.slow
 def test_accuracy_small_run(tmp_path: Path) -> None:
     out = tmp_path / "acc.json"
     accuracy_main(["--small", "--device", "cpu", "--out", str(out)])
@@ -35,6 +38,7 @@ def test_accuracy_small_run(tmp_path: Path) -> None:
     assert "| trained_small | fp8-all |" in accuracy_table(data)
 
 
+@pytest.mark.slow
 def test_throughput_modes_write_rows_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "modes.json"
     throughput_main(["--model", "preset:tiny", "--device", "cpu", "--num-prompts", "4",

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.priority import main
 
 
+@pytest.mark.slow
 def test_priority_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "priority.json"
     res = main(["--model", "preset:tiny", "--device", "cpu", "--num-prompts", "48",

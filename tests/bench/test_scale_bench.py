@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.scale import main
 
 
+@pytest.mark.slow
 def test_scale_bench_small_run(tmp_path: Path, redis_url: str) -> None:
     out = tmp_path / "scale.json"
     common = ["--model", "preset:tiny", "--device", "cpu", "--num-prompts-a", "16",

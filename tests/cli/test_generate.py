@@ -79,6 +79,7 @@ def _check_greedy(spec: Path, hf, tokenizer_path: Path, prompts_file: Path, out:
         assert r["duration_seconds"] >= 0
 
 
+@pytest.mark.slow
 def test_greedy_matches_hf(tmp_path, tokenizer_path, prompts_file) -> None:
     hf = hf_model("parallel-rot25", seed=21)
     d = write_hf_dir(hf, tmp_path / "hf", tokenizer_path)
@@ -141,6 +142,7 @@ def test_cascade_flag_reaches_the_engine(tmp_path) -> None:
     assert worker.chat_template == "t.j"
 
 
+@pytest.mark.slow
 def test_greedy_neox_tp2_checkpoint(tmp_path, tokenizer_path, prompts_file) -> None:
     hf = hf_model(dict(VARIANTS["parallel-rot25"], vocab_size=pad_vocab(50277, 256)), seed=23)
     yml = write_neox_checkpoint(hf, tmp_path, tokenizer_path, tp=2)

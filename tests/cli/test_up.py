@@ -81,6 +81,7 @@ def neoxq(*argv: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", *argv]
 
 
+@pytest.mark.slow
 def test_run_on_a_fresh_directory(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     prompts = ["The capital of France is", "Once upon a time", "",
@@ -353,6 +354,7 @@ def test_up_with_api_keys(tmp_path: Path) -> None:
     assert not wait_gone(marker, timeout=15)
 
 
+@pytest.mark.slow
 def test_up_starts_several_workers_and_stops_them_all(tmp_path: Path) -> None:
     # On CPU `--workers N` stands in for N GPUs: the same children, names and shutdown.
     marker = uuid.uuid4().hex

@@ -39,6 +39,7 @@ def _config(byte_model: Path, shakespeare: tuple[Path, Path], out: Path, **kw) -
     return FinetuneConfig(**base)
 
 
+@pytest.mark.slow
 def test_full_zero2_lowers_validation_loss_and_saves_a_loadable_model(
     byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:

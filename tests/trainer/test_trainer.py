@@ -110,6 +110,7 @@ def start_trainer(live: Live, name: str) -> Any:
                       "0.5", "--out-dir", str(live.logs.parent / "jobs"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 def test_openai_client_fine_tunes_then_serves_the_result(stack: Live, byte_model: Path,  # noqa: F811
                                                          tmp_path: Path) -> None:
@@ -212,6 +213,7 @@ def test_openai_client_fine_tunes_then_serves_the_result(stack: Live, byte_model
         db.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
 def test_a_stopped_or_killed_trainers_job_resumes_from_its_checkpoint(
         stack: Live, byte_model: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 from sqlalchemy import func, select
 
 from store.db import session_scope
@@ -22,6 +23,7 @@ def wait_registered(c, n: int) -> None:
     c.wait_for(ready, 180, f"{n} workers to register", every=0.2)
 
 
+@pytest.mark.slow
 def test_four_workers_share_one_batch_evenly(pg_cluster) -> None:
     # 4 workers x 3 chunks each: the batch is cut into 12 chunks, not the 2 that
     # chunk_items alone would give; a small in-flight window leaves queued items for
@@ -42,6 +44,7 @@ def test_four_workers_share_one_batch_evenly(pg_cluster) -> None:
     print(f"items per worker: {dict(share)}")
 
 
+@pytest.mark.slow
 def test_idle_worker_joins_a_running_batch_tail(pg_cluster) -> None:
     # One worker takes the whole batch (two chunks, both held at once); a second worker
     # that starts while it runs finds the queue empty and claims queued items of those

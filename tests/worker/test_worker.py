@@ -71,6 +71,7 @@ def test_sigkill_mid_batch_then_restart_is_exactly_once(sqlite_cluster, direct_e
         assert max(r.attempt for r in results) == 2
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_batch(pg_cluster) -> None:
     c = pg_cluster(chunk_items=10)
     c.start_worker("w1")
@@ -89,6 +90,7 @@ def test_two_workers_share_one_batch(pg_cluster) -> None:
     c.wait_for(lambda: items_done(c) >= 200, 10, "heartbeats with the final counts")
 
 
+@pytest.mark.slow
 def test_cancel_is_obeyed_within_5s(sqlite_cluster) -> None:
     c = sqlite_cluster(chunk_items=20)
     c.start_worker("w")
@@ -111,6 +113,7 @@ def test_cancel_is_obeyed_within_5s(sqlite_cluster) -> None:
     assert statuses.get("running", 0) == 0 and statuses["cancelled"] == 400 - kept
 
 
+@pytest.mark.slow
 def test_sigterm_hands_back_in_flight_work_and_exits(sqlite_cluster, direct_engine) -> None:
     c = sqlite_cluster(chunk_items=10, shutdown_grace=0.5)
     # Long enough generations that in-flight chunks cannot finish inside the grace period
