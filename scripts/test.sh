@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 bash scripts/services.sh
 .venv/bin/ruff check .
-# -n 4 on any machine: the long tests mostly wait (on worker subprocesses, leases,
-# timeouts), so even 2 cores keep 4 of them moving; `-n 0` after it runs serially.
-.venv/bin/python -m pytest -q -x -n 4 --durations=15 "$@"
+# -n 3 on any machine: many long tests mostly wait (on worker subprocesses, leases,
+# timeouts), so even 2 cores keep 3 of them moving; `-n 0` after it runs serially.
+.venv/bin/python -m pytest -q -x -n 3 --durations=15 "$@"
