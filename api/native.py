@@ -28,6 +28,7 @@ from api.uploads import (
 )
 from core.jsonl import SAMPLING_FIELDS, SAMPLING_TYPES, check_defaults, text_problem
 from store.queries import list_workers
+from store.status import BatchStatus as BatchState  # (BatchStatus: the response schema)
 from store.tables import new_id
 from store.views import create_file, list_batches
 
@@ -200,7 +201,7 @@ async def create_batch(
             on_commit=lambda: tmp.rename(final))  # committed: the content's final name
     batch, live = await run_in_threadpool(service.commit, db, lambda s: (service.owned_batch(
         s, report.batch_id, owner), service.live_generation(s, settings)))
-    if batch.status == "failed" and batch.errors:
+    if batch.status == BatchState.FAILED and batch.errors:
         raise service.refusal(report)
     return render.native_batch(batch, **service.status_of(batch, live))
 

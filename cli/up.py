@@ -31,6 +31,7 @@ from cli.embedded import NO_REDIS_SERVER, Child, EmbeddedRedis, free_port
 from cli.gpus import WorkerSpec, parse_gpus, plan_workers
 from cli.options import add_fp8_arguments, fp8_argv
 from models.dtypes import DTYPE_NAMES
+from store.status import TERMINAL, BatchStatus
 
 # Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
 # parameters, mostly the 50k-row embedding and head) generates a few hundred tokens/s,
@@ -535,7 +536,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 n = download(client, f"/batches/{batch['id']}/results", args.output,
                              prompts_from=args.file if args.include_prompt else None)
             print(finish_line(batch, n, args.output), file=sys.stderr)
-            rc = 0 if batch["status"] == "completed" else 1
+            rc = 0 if batch["status"] == BatchStatus.COMPLETED else 1
         except KeyboardInterrupt:
             if not died:
                 stack._say("interrupted; stopping")
@@ -548,8 +549,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rc = 1
         finally:
             _stop(stack)
-            if batch is not None and batch["status"] not in ("completed", "failed",
-                                                               "cancelled", "expired"):
+            if batch is not None and batch["status"] not in TERMINAL:
                 _cancel_unfinished(stack, batch["id"])
     if died:
         print(f"neoxq: {died[0]}", file=sys.stderr)

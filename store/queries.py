@@ -20,6 +20,7 @@ from store.records import ResultRow
 from store.status import (
     CANCELLABLE,
     EXPIRABLE,
+    GONE_WORKERS,
     UNFINISHED_ITEMS,
     BatchStatus,
     ItemStatus,
@@ -193,36 +194,6 @@ def chunk_items(*, session: Session, batch_id: str, start: int, end: int) -> lis
                Item.status != ItemStatus.CANCELLED, Item.id.not_in(done))
         .order_by(Item.index)
     ))
-
-
-def mark_running(*, session: Session, item_ids: Sequence[int]) -> None:
-    """Count an attempt on each item and mark it running (one UPDATE per chunk).
-
-    Counted when a delivery starts, so that a crash (which leaves no chance to count
-    anything) counts; a graceful hand-back takes its count back (:func:`hand_back`)."""
-    if item_ids:
-        session.execute(
-            update(Item).where(Item.id.in_(list(item_ids)))
-            .values(status=ItemStatus.RUNNING, attempts=Item.attempts + 1)
-            .execution_options(synchronize_session=False)
-        )
-
-
-def hand_back(*, session: Session, item_ids: Sequence[int]) -> int:
-    """Undo :func:`mark_running` for items a shutting-down worker returns unfinished:
-    a rolling restart is not a failed attempt, so it must not use up ``max_attempts``.
-    Items that got a result meanwhile are left alone. Returns how many were handed back."""
-    if not item_ids:
-        return 0
-    done = select(Result.item_id).where(Result.item_id.in_(list(item_ids)))
-    res = session.execute(
-        update(Item)
-        .where(Item.id.in_(list(item_ids)), Item.status == ItemStatus.RUNNING,
-               Item.attempts > 0, Item.id.not_in(done))
-        .values(status=ItemStatus.QUEUED, attempts=Item.attempts - 1)
-        .execution_options(synchronize_session=False)
-    )
-    return res.rowcount
 
 
 def expire_batches(*, session: Session, at: float | None = None) -> list[str]:
@@ -404,14 +375,13 @@ def mark_lost_workers(*, session: Session, older_than: float) -> list[str]:
     without a clean stop; returns the ids this call marked. A conditional UPDATE per
     worker: of several workers noticing the same death, one wins and acts on it."""
     cutoff = now() - older_than
-    gone = (WorkerStatus.STOPPED, WorkerStatus.LOST)
     candidates = list(session.scalars(select(Worker.id).where(
-        Worker.last_seen < cutoff, Worker.status.not_in(gone))))
+        Worker.last_seen < cutoff, Worker.status.not_in(GONE_WORKERS))))
     won = []
     for wid in candidates:
         res = session.execute(
             update(Worker).where(Worker.id == wid, Worker.last_seen < cutoff,
-                                 Worker.status.not_in(gone))
+                                 Worker.status.not_in(GONE_WORKERS))
             .values(status=WorkerStatus.LOST).execution_options(synchronize_session=False))
         if res.rowcount == 1:
             won.append(wid)
@@ -422,7 +392,7 @@ def live_workers(*, session: Session, within: float) -> list[Worker]:
     """Workers alive now: heartbeat within ``within`` seconds (``dead_worker_after``,
     the same limit after which their chunks are taken back) and not shut down."""
     return [w for w in list_workers(session=session, seen_within=within)
-            if w.status not in (WorkerStatus.STOPPED, WorkerStatus.LOST)]
+            if w.status not in GONE_WORKERS]
 
 
 def list_workers(*, session: Session, seen_within: float | None = None) -> list[Worker]:
@@ -437,7 +407,7 @@ __all__ = [
     "CHAT_MESSAGES", "PROMPT_TOKEN_IDS", "cancelling_batch_ids", "expire_batches",
     "fail_stale_validating",
     "chunk_items", "count_items", "create_batch", "finalize_if_done", "finish_cancel",
-    "get_batch", "hand_back", "heartbeat", "insert_results", "iter_results",
-    "list_workers", "live_workers", "mark_lost_workers", "mark_running", "register_worker",
+    "get_batch", "heartbeat", "insert_results", "iter_results",
+    "list_workers", "live_workers", "mark_lost_workers", "register_worker",
     "request_cancel", "set_batch_status",
 ]

@@ -64,6 +64,10 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# A worker that will not heartbeat again on its own (shut down, or marked dead by another
+# worker): not live, whatever its last heartbeat says.
+GONE_WORKERS = frozenset({WorkerStatus.STOPPED, WorkerStatus.LOST})
+
 # Final job states: a trainer never runs these, and they cannot be cancelled.
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
