@@ -28,10 +28,10 @@ from api.errors import ApiError, SafeJSONResponse
 from api.render import CompletionLogprobs, chat_logprobs, completion_logprobs
 from core.celery_app import model_queue
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
-from core.jsonl import CHAT_URL, ECHO, parse_openai, quoted
+from core.jsonl import CHAT_URL, ECHO, find_bad_text, parse_openai, quoted
 from core.settings import Settings
 from store.db import session_scope
-from store.status import WorkerStatus
+from store.status import GONE_WORKERS
 from store.tables import Worker
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -59,6 +59,9 @@ async def _body(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body: invalid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:  # the stdlib parser recurses once per nesting level
+        raise ApiError(400, "body: invalid JSON (nested too deeply)",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"body: a JSON object expected, got {quoted(body)}",
                        code="invalid_value")
@@ -88,6 +91,8 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
 def _check(url: str, body: dict[str, Any]) -> Any:
     """The body as a batch line would be checked (the rules are written once, in
     core.jsonl); the first problem is a 400 naming its field."""
+    if (bad := find_bad_text(body)) is not None:  # as parse_json_line finds it in a line
+        raise ApiError(400, f"{bad[0]}: {bad[1]}", code="invalid_value", param=bad[0] or None)
     parsed = parse_openai({"custom_id": "sync", "method": "POST", "url": url, "body": body},
                           line=1)
     if parsed.errors:
@@ -191,7 +196,7 @@ class Lane:
         if row is None:
             return True  # a worker with no store row (tests, embedded use): trust it
         status, last_seen = row
-        return status not in (WorkerStatus.STOPPED, WorkerStatus.LOST) and \
+        return status not in GONE_WORKERS and \
             time.time() - last_seen < self.settings.dead_worker_after
 
     async def abort(self) -> None:

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import redis
 from sqlalchemy import func, select, update
 
 from api.sweeper import sweep, sweep_uploads
@@ -156,17 +157,28 @@ def test_413_names_the_same_limit_for_every_upload_path(api_factory) -> None:
 
 
 def test_results_escape_unicode_line_breaks(api: Api) -> None:
-    b = api.client.post("/batches", content=jsonl(prompts(2)), headers=NDJSON).json()
-    write_results(api.db, b["id"])
-    from store.records import ResultRow  # noqa: F401 - the row type write_results writes
-    with session_scope(api.db) as s:
-        from store.tables import Result
+    """U+0085, U+2028 and U+2029 in generated text and error messages are escaped in every
+    JSONL the API streams: native results and errors, OpenAI output and error files."""
+    from store.tables import Result
 
-        s.execute(update(Result).values(text="a\u2028b\x85c\u2029d"))
-    raw = api.client.get(f"/batches/{b['id']}/results").content
-    assert "\u2028".encode() not in raw and "\x85".encode() not in raw
-    lines = raw.decode().splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["text"] == "a\u2028b\x85c\u2029d"
+    odd = "a\u2028b\x85c\u2029d"
+    b = api.client.post("/batches", content=jsonl(prompts(3)), headers=NDJSON).json()
+    write_results(api.db, b["id"], fail={2})
+    with session_scope(api.db) as s:
+        s.execute(update(Result).where(Result.index < 2).values(text=odd, choices=[
+            {"index": 0, "text": odd, "finish_reason": "length", "logprobs": None}]))
+        s.execute(update(Result).where(Result.index == 2).values(
+            error={"code": "c", "message": odd, "param": None}))
+    ob = api.client.get(f"/v1/batches/{b['id']}").json()
+    streams = {f"/batches/{b['id']}/results": 2, f"/batches/{b['id']}/errors": 1,
+               f"/v1/files/{ob['output_file_id']}/content": 2,
+               f"/v1/files/{ob['error_file_id']}/content": 1}
+    for url, n in streams.items():
+        raw = api.client.get(url).content
+        assert not any(c.encode() in raw for c in "\u2028\x85\u2029"), url
+        lines = raw.decode().splitlines()
+        assert len(lines) == n, (url, lines)
+        assert all(odd in json.dumps(json.loads(x), ensure_ascii=False) for x in lines), url
 
 
 def test_record_mode_keeps_custom_ids_and_reports_duplicates_once(api: Api) -> None:
@@ -291,3 +303,31 @@ def test_rows_written_before_the_checks_do_not_break_listings(api: Api) -> None:
         r = api.client.get(url)
         assert r.status_code == 200, (url, r.text[:300])
     assert api.client.get(f"/batches/{bid}").json()["metadata"] == {"a": "x?"}
+
+
+def test_sync_completions_refuse_bad_text_and_deep_nesting(api: Api) -> None:
+    """The interactive routes parse their own bodies: the same 400s as a batch line, no
+    RecursionError and no unserializable surrogate pushed to the workers' lane."""
+    json_body = {"content-type": "application/json"}
+    model = api.settings.model_name
+    cases = [
+        ("/v1/completions", '{"model": "M", "prompt": "a\\ud800"}', "prompt"),
+        ("/v1/completions", '{"model": "M\\udfff", "prompt": "a"}', "model"),
+        ("/v1/chat/completions",
+         '{"model": "M", "messages": [{"role": "user", "content": "x\\ud83d"}]}',
+         "messages.content"),
+        ("/v1/completions", '{"model": "M", "prompt": "a", "stop": '
+         + "[" * 5000 + "]" * 5000 + "}", None),
+        ("/v1/chat/completions", '{"model": "M", "messages": '
+         + "[" * 100_000 + "]" * 100_000 + "}", None),
+    ]
+    for url, body, param in cases:
+        r = api.client.post(url, content=body.replace('"M', '"' + model, 1).encode(),
+                            headers=json_body)
+        assert r.status_code == 400, (url, body[:60], r.text[:300])
+        assert r.json()["error"]["param"] == param, r.text[:300]
+    r = redis.Redis.from_url(api.settings.redis_url)
+    try:  # nothing reached the interactive lane
+        assert not list(r.scan_iter(match=f"{api.settings.redis_key_prefix}*interactive*"))
+    finally:
+        r.close()
