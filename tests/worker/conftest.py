@@ -179,6 +179,13 @@ def pg_cluster(postgres_url: str, redis_url: str, unique: str,
         next(g, None)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(request: pytest.FixtureRequest) -> Callable[..., Cluster]:
+    """As ``sqlite_cluster``, once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue(
+        "sqlite_cluster" if request.param == "sqlite" else "pg_cluster")
+
+
 def greedy_lines(n: int, max_tokens: int = 12, **extra: Any) -> list[dict[str, Any]]:
     """Short greedy requests with varied prompts (deterministic outputs)."""
     return [{"custom_id": f"r{i}", "prompt": f"Request number {i}: " + "ab" * (i % 7),

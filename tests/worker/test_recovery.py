@@ -60,9 +60,9 @@ def test_sigkilled_worker_recovers_in_minutes_with_defaults_postgres(pg_cluster)
 
 
 @pytest.mark.slow
-def test_rolling_restarts_do_not_use_up_attempts(pg_cluster) -> None:
+def test_rolling_restarts_do_not_use_up_attempts(cluster) -> None:
     # One attempt allowed: a hand-back that counted would fail every item it returned.
-    c = pg_cluster(chunk_items=10, shutdown_grace=0.5, max_attempts=1)
+    c = cluster(chunk_items=10, shutdown_grace=0.5, max_attempts=1)
     lines = greedy_lines(60, max_tokens=300)
     report = c.submit(lines)
     for n in range(2):  # two rolling deploys while the batch runs
