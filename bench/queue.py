@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import drop_redis_keys, git_commit, stop
-from store.status import TERMINAL, BatchStatus, WorkerStatus
+from store.status import READY_WORKERS, TERMINAL, BatchStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "preset:tiny"
@@ -119,8 +119,7 @@ def run_queue(lines: list[dict[str, Any]], db_url: str, redis_url: str,
         while True:  # ready: registered, engine loaded (the row appears after the load)
             with session_scope(db) as session:
                 w = session.get(Worker, f"bench-{tag}")
-                if w is not None and w.status in (WorkerStatus.IDLE, WorkerStatus.RUNNING,
-                                                  WorkerStatus.BUSY):
+                if w is not None and w.status in READY_WORKERS:
                     break
             if proc.poll() is not None:
                 raise RuntimeError((work / "worker.log").read_text()[-3000:])

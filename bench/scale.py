@@ -148,6 +148,7 @@ class Fleet:
 
     def wait_ready(self, db: Any, timeout: float) -> float:
         from store.db import session_scope
+        from store.status import READY_WORKERS
         from store.tables import Worker
 
         t0 = time.perf_counter()
@@ -155,7 +156,7 @@ class Fleet:
             self.check()
             with session_scope(db) as s:
                 ready = [w for w in s.query(Worker).filter(Worker.id.in_(self.ids))
-                         if w.status in ("running", "idle", "busy")]
+                         if w.status in READY_WORKERS]
             if len(ready) == len(self.ids):
                 time.sleep(1.0)  # let Celery connect and start consuming
                 return time.perf_counter() - t0
@@ -184,6 +185,7 @@ def run_batch(fleet: Fleet, db: Any, lines: list[dict[str, Any]], timeout: float
     from core.celery_app import enqueue_chunk, make_celery
     from store.db import session_scope
     from store.ingest import submit_batch
+    from store.status import TERMINAL, BatchStatus
     from store.tables import Batch, Result
 
     s = fleet.settings
@@ -193,7 +195,7 @@ def run_batch(fleet: Fleet, db: Any, lines: list[dict[str, Any]], timeout: float
     report = submit_batch(engine=db, source=io.BytesIO(data), settings=s,
                           enqueue=lambda p: enqueue_chunk(p, app=app, queue=s.queue))
     submitted = time.time() - t0
-    if report.status != "in_progress":
+    if report.status != BatchStatus.IN_PROGRESS:
         raise RuntimeError(f"batch not started: {report.status} {report.errors[:3]}")
     while True:
         fleet.check()
@@ -201,12 +203,12 @@ def run_batch(fleet: Fleet, db: Any, lines: list[dict[str, Any]], timeout: float
             b = ses.get(Batch, report.batch_id)
             status, done_at = b.status, b.completed_at
             n_ok, n_bad, out_tokens = b.request_completed, b.request_failed, b.completion_tokens
-        if status in ("completed", "failed", "cancelled"):
+        if status in TERMINAL:
             break
         if time.time() - t0 > timeout:
             raise RuntimeError(f"batch {report.batch_id} not done after {timeout:.0f}s")
         time.sleep(0.25)
-    if status != "completed" or n_ok != len(lines):
+    if status != BatchStatus.COMPLETED or n_ok != len(lines):
         raise RuntimeError(f"batch {report.batch_id}: {status}, {n_ok} ok, {n_bad} failed")
     seconds = (done_at or time.time()) - t0
     per: dict[str, dict[str, float]] = defaultdict(lambda: {"items": 0, "output_tokens": 0,

@@ -64,6 +64,9 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Engine loaded and consuming (what a benchmark waits for before it submits).
+READY_WORKERS = frozenset({WorkerStatus.RUNNING, WorkerStatus.IDLE, WorkerStatus.BUSY})
+
 # A worker that will not heartbeat again on its own (shut down, or marked dead by another
 # worker): not live, whatever its last heartbeat says.
 GONE_WORKERS = frozenset({WorkerStatus.STOPPED, WorkerStatus.LOST})
