@@ -140,6 +140,9 @@ def check_lines(lines: Iterable[bytes], *, keep: bool = True) -> CheckedLines:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             bad.append(BadLine(lineno, f"not valid JSON ({getattr(exc, 'msg', exc)})"))
             continue
+        except RecursionError:  # the stdlib parser recurses once per nesting level
+            bad.append(BadLine(lineno, "not valid JSON (nested too deeply)"))
+            continue
         if not isinstance(obj, dict):
             bad.append(BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}"))
             continue
