@@ -21,6 +21,7 @@ What a line *means* for training (rendering, tokens, loss masks) is ``train.data
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,27 @@ class BadLine:
         return f"line {self.line}: {self.message}"
 
 
+# An escape that may decode to half a surrogate pair (a whole pair is fine).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_text(value: object) -> bool:
+    """Every string in ``value`` (keys too) is valid Unicode. Iterative: depth is no risk."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return True
+
+
 @dataclass
 class CheckedLines:
     """The outcome of :func:`check_lines`: the file's format (None if no line had one),
@@ -145,6 +167,11 @@ def check_lines(lines: Iterable[bytes], *, keep: bool = True) -> CheckedLines:
             continue
         if not isinstance(obj, dict):
             bad.append(BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        if _SURROGATE_ESCAPE.search(line) and not _is_text(obj):
+            # json lets "\ud800" through; the tokenizer refuses it mid-training instead.
+            bad.append(BadLine(lineno, "a lone surrogate escape (\\ud800-\\udfff without "
+                                       "its pair) is not Unicode text"))
             continue
         line_fmt = format_of(obj)
         if line_fmt is None:

@@ -331,3 +331,22 @@ def test_sync_completions_refuse_bad_text_and_deep_nesting(api: Api) -> None:
         assert not list(r.scan_iter(match=f"{api.settings.redis_key_prefix}*interactive*"))
     finally:
         r.close()
+
+
+def test_fine_tuning_uploads_refuse_deep_nesting_and_lone_surrogates(api: Api) -> None:
+    """Training lines are read by their own checker: nesting past the JSON parser's depth
+    and lone surrogates (which the tokenizer would refuse mid-training) are bad lines of
+    a 400, and the refused upload is not kept."""
+    body = jsonl([
+        b'{"prompt": "a", "completion": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"prompt": "a", "completion": "b\\ud800"}',
+        b'{"prompt": "a", "completion": "\\ud83d\\ude00"}',  # a whole pair is text
+    ])
+    r = api.client.post("/v1/files", data={"purpose": "fine-tune"},
+                        files={"file": ("t.jsonl", body)})
+    assert r.status_code == 400, r.text[:300]
+    errors = r.json()["error"]["errors"]
+    assert [e["line"] for e in errors] == [1, 2]
+    assert "nested too deeply" in errors[0]["message"]
+    assert "surrogate" in errors[1]["message"]
+    assert _files_on_disk(api) == [] and _count(api, File) == 0
