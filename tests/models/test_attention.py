@@ -4,14 +4,8 @@ the GPU (skipped on CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +18,7 @@ from models.attention import (
     tune_decode_kernel,
 )
 from tests.models.decode_interp import random_case
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.models.triton_run import run_json
 
 
 def test_the_tuner_chooses_from_the_one_config_list() -> None:
@@ -151,7 +144,7 @@ def interpreted() -> dict[str, float]:
     cases = [{"name": n, "head_dim": hd, "block_size": bs, "dtype": dt, "num_heads": 4,
               "context_lens": lens, "config": cfg, "splits": s, "seed": i}
              for i, (n, hd, bs, dt, lens, cfg, s) in enumerate(_CASES)]
-    return _run_cases(cases, env={"TRITON_INTERPRET": "1"})
+    return _run_cases(cases)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in _CASES])
@@ -162,16 +155,9 @@ def test_interpreted_kernel_matches_torch(interpreted: dict[str, float], name: s
     assert interpreted[name] <= tol, (name, interpreted[name])
 
 
-def _run_cases(cases: list[dict], *args: str, env: dict[str, str] | None = None) -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.models.decode_interp", *args],
-                          input=json.dumps(cases), capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+def _run_cases(cases: list[dict], *args: str, interpret: bool = True) -> dict:
+    return run_json(["-m", "tests.models.decode_interp", *args], interpret=interpret,
+                    stdin=cases)
 
 
 def test_kernel_compiles_for_the_h200() -> None:
@@ -187,7 +173,7 @@ def test_kernel_compiles_for_the_h200() -> None:
     ]
     for c in cases:
         c.update(num_heads=64, head_dim=96, block_size=16)
-    got = _run_cases(cases, "--compile-sm90", env={"TRITON_INTERPRET": "0"})
+    got = _run_cases(cases, "--compile-sm90", interpret=False)
     assert set(got) == {c["name"] for c in cases}
     # Pipelining stages K/V through shared memory; an H200 SM has 228 KB of it.
     assert 0 < got["pipelined_bf16"]["shared"] < 64 * 1024

@@ -6,12 +6,7 @@ decode-graph buffers)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +19,8 @@ from models.engine import Engine
 from models.model import NeoX
 from tests.models.cascade_interp import CASES, build_case
 from tests.models.test_engine import VOCAB, _greedy, _model, _no_leaks, _run
+from tests.models.triton_run import run_json
 
-ROOT = Path(__file__).resolve().parents[2]
 BS = 4
 
 
@@ -121,14 +116,7 @@ def test_cascade_torch_matches_paged_decode(case: dict) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, float]:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.models.cascade_interp"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_json(["-m", "tests.models.cascade_interp"], interpret=True)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in CASES])
@@ -171,12 +159,7 @@ def test_kernels_compile_for_the_h200() -> None:
 
 
 def _subprocess(module: str, cases: list[dict], *flags: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", module, *flags], input=json.dumps(cases),
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_json(["-m", module, *flags], interpret=False, stdin=cases)
 
 
 # --------------------------------------------------------------------------------------

@@ -464,22 +464,9 @@ def test_up_and_run_pass_the_flags_to_their_workers(tmp_path) -> None:
 def test_triton_kernels_under_the_interpreter() -> None:
     """The fused quantize kernels (one launch per linear layer's activations and per K/V
     write, on CUDA) against the torch ops, run by Triton's CPU interpreter."""
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.models.triton_run import run_json
 
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.models.fp8_interp"],
-                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    results = run_json(["-m", "tests.models.fp8_interp"], interpret=True, timeout=300)
     assert len(results) == 5
     for name, r in results.items():
         assert r["scale_rel"] == 0 and r["odd_codes"] == 0, (name, r)

@@ -4,13 +4,6 @@ and, on a GPU, bit for bit."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,8 +14,7 @@ from models.fused import (
     write_kv_torch,
 )
 from tests.models.fused_interp import SHAPES
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.models.triton_run import run_json
 
 
 def test_cpu_and_autograd_take_the_torch_ops() -> None:
@@ -45,14 +37,7 @@ def test_cpu_and_autograd_take_the_torch_ops() -> None:
 
 
 def test_triton_kernels_under_the_interpreter() -> None:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.models.fused_interp"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    results = run_json(["-m", "tests.models.fused_interp"], interpret=True, timeout=300)
     assert len(results) == 2 * 3 * len(SHAPES)
     for name, r in results.items():
         if name.startswith("write"):
@@ -66,8 +51,6 @@ def test_triton_kernels_under_the_interpreter() -> None:
 def test_split_rotate_rounds_as_torch_for_the_h200() -> None:
     """Compiled for sm_90 (ptxas from triton's wheel): each product and the sum round
     separately, as torch's ops do; a fused multiply-add would round once and differ."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton")
     code = """
 import json, re, triton
 from triton.backends.compiler import GPUTarget
@@ -82,12 +65,7 @@ k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                    options={"num_warps": 4, "enable_fp_fusion": False})
 print(json.dumps(re.findall(r"\\b(fma\\.[a-z0-9.]+|add\\.rn\\.[a-z0-9]+)", k.asm["ptx"])))
 """
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = run_json(["-c", code], interpret=False, timeout=300)
     assert ops and not any(op.startswith("fma") for op in ops), ops
 
 
