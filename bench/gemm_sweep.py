@@ -1,0 +1,97 @@
+"""How fast the decode step's GEMMs run at each batch size: a diagnostic for choosing the
+engine's decode batch sizes. Run on a GPU:  python3 -m bench.gemm_sweep --out x.json
+
+At ~256 sequences the 20B's decode GEMMs are compute-bound, and cuBLAS covers the token
+dimension with tiles of 80-144 rows: a batch that is not a multiple of the tile computes
+the rest of the last tile for nothing. For each batch size M this times the four linear
+layers of one block at their real shapes (``torch.nn.functional.linear`` with bias, in
+the model dtype, replayed from a CUDA graph as decode steps are) and reports, for the
+whole model (x layers), the GEMM milliseconds per decode step, per token, and the share
+of the bf16 GEMM rate measured in the same run. On a CPU it runs the same loop on a small
+model's shapes (a smoke test of the script; the figures mean nothing there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import git_commit, time_cuda_graph
+from bench.throughput import measure_ceilings
+from models.config import get_preset
+
+
+def block_shapes(preset: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """(layers, [(name, out_features, in_features)]) of one block's linear layers."""
+    cfg = get_preset(preset)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    return cfg.num_layers, [("query_key_value", 3 * h, h), ("dense", h, h),
+                            ("dense_h_to_4h", f, h), ("dense_4h_to_h", h, f)]
+
+
+def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtype,
+          reps: int) -> list[dict[str, Any]]:
+    layers, shapes = block_shapes(preset)
+    weights = [(name, torch.randn(n, k, device=device, dtype=dtype) * 0.02,
+                torch.zeros(n, device=device, dtype=dtype)) for name, n, k in shapes]
+    rows = []
+    for m in sizes:
+        per: dict[str, float] = {}
+        flops = 0
+        for name, w, b in weights:
+            x = torch.randn(m, w.shape[1], device=device, dtype=dtype)
+            if device.type == "cuda":
+                secs = time_cuda_graph(lambda x=x, w=w, b=b: F.linear(x, w, b), reps)
+            else:
+                t = time.perf_counter()
+                for _ in range(reps):
+                    F.linear(x, w, b)
+                secs = (time.perf_counter() - t) / reps
+            per[name] = secs
+            flops += 2 * m * w.shape[0] * w.shape[1]
+        step = layers * sum(per.values())
+        rows.append({"m": m, "step_ms": 1e3 * step, "us_per_token": 1e6 * step / m,
+                     "tflops": layers * flops / step / 1e12,
+                     "per_layer_us": {k: 1e6 * v for k, v in per.items()}})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="a preset (default gpt-neox-20b; CPU: tiny)")
+    ap.add_argument("--sizes", default="128:513:16", help="START:STOP:STEP of batch sizes")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    preset = args.model or ("gpt-neox-20b" if cuda else "tiny")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    start, stop, step = (int(v) for v in args.sizes.split(":"))
+    rows = sweep(preset, list(range(start, stop, step)), device, dtype, args.reps)
+    gemm = measure_ceilings(device)["gemm_flops_per_s"] / 1e12 if cuda else None
+    for r in rows:
+        if gemm:
+            r["share_of_gemm_rate"] = r["tflops"] / gemm
+        print(f"M={r['m']:4d}  {r['step_ms']:7.2f} ms/step  {r['us_per_token']:7.2f} us/token"
+              f"  {r['tflops']:6.1f} TFLOP/s" + (f"  {r['share_of_gemm_rate']:.0%}" if gemm
+                                                  else ""))
+    result = {"bench": "gemm_sweep", "commit": git_commit(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "torch": torch.__version__, "model": preset, "dtype": str(dtype)[6:],
+              "gemm_tflops": gemm, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
