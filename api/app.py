@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from api import completions, dashboard, fine_tuning, health, metrics, native, openai_routes
-from api.errors import install_handlers
+from api.errors import RejectNulInUrl, install_handlers
 from api.sweeper import Sweeper
 from api.uploads import InFlight
 from core.payloads import ChunkPayload
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, *, db: Engine | None = None,
     app.state.keys_required = False
     app.state.in_flight = InFlight()
     install_handlers(app)
+    app.add_middleware(RejectNulInUrl)
     app.include_router(health.router)
     app.include_router(native.router)
     app.include_router(openai_routes.router)

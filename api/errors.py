@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
@@ -78,3 +80,37 @@ def install_handlers(app: FastAPI) -> None:
             for e in problems[:20])
         err = ApiError(400, msg or "invalid request", code="invalid_value", param=param)
         return SafeJSONResponse(err.body(), status_code=400)
+
+
+def _nul_in_url(scope: Scope) -> ApiError | None:
+    """The answer for a URL holding U+0000, which no id or cursor can contain and which
+    PostgreSQL refuses to compare (a 500 from the driver, where SQLite simply finds
+    nothing): a 404 for a path, a 400 naming the query parameter of a read. An upload's
+    query parameters (POST) are its routes' own to check: a NUL there is a 400 naming
+    the field, or a filename stored cleaned."""
+    if "\x00" in scope.get("path", ""):
+        return ApiError(404, "No such object: the path holds a NUL character (\\u0000).",
+                        code="not_found")
+    query: bytes = scope.get("query_string", b"")
+    if scope.get("method") in ("GET", "HEAD", "DELETE") and (b"%00" in query
+                                                             or b"\x00" in query):
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name + value:
+                param = name if "\x00" not in name else None
+                return ApiError(400, f"{param or 'query'}: NUL characters (\\u0000) are not "
+                                     "allowed", code="invalid_value", param=param)
+    return None
+
+
+class RejectNulInUrl:
+    """ASGI middleware answering :func:`_nul_in_url`'s error before any route runs (every
+    id lookup and list cursor at once, rather than a check in each)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (err := _nul_in_url(scope)) is not None:
+            await SafeJSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

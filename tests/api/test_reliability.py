@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -350,3 +351,25 @@ def test_fine_tuning_uploads_refuse_deep_nesting_and_lone_surrogates(api: Api) -
     assert "nested too deeply" in errors[0]["message"]
     assert "surrogate" in errors[1]["message"]
     assert _files_on_disk(api) == [] and _count(api, File) == 0
+
+
+def test_nul_in_any_url_is_a_4xx_on_every_route(api: Api) -> None:
+    """PostgreSQL refuses U+0000 in a compared string (the driver raises; SQLite just finds
+    nothing): every route with an id in its path, and every read's query parameters,
+    answer a 4xx for one - on both backends alike."""
+    b = api.client.post("/batches", content=jsonl(prompts(1)), headers=NDJSON).json()
+    with_ids = [(m.upper(), p) for p, ops in api.client.app.openapi()["paths"].items()
+                if "{" in p for m in ops]
+    assert len(with_ids) >= 15, with_ids
+    for method, path in with_ids:
+        url = re.sub(r"\{[^}]+\}", "x%00y", path)
+        r = api.client.request(method, url)
+        assert r.status_code == 404, (method, url, r.status_code, r.text[:200])
+    for url in ("/batches", "/v1/batches", "/v1/files", "/v1/fine_tuning/jobs",
+                "/dashboard/api/overview"):
+        r = api.client.get(url, params={"after": "a\x00", "limit": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "after", (url, r.text)
+    # What exists is still found, and a NUL in an upload's filename is still stored cleaned.
+    assert api.client.get(f"/batches/{b['id']}").status_code == 200
+    assert api.client.post("/batches", params={"filename": "a\x00"}, content=jsonl(prompts(1)),
+                           headers=NDJSON).status_code == 201
