@@ -30,8 +30,8 @@ from core.celery_app import model_queue
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
 from core.jsonl import CHAT_URL, ECHO, find_bad_text, parse_openai, quoted
 from core.settings import Settings
+from specs.status import GONE_WORKERS
 from store.db import session_scope
-from store.status import GONE_WORKERS
 from store.tables import Worker
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -19,10 +19,10 @@ from fastapi.responses import FileResponse, RedirectResponse
 from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
+from specs.status import WorkerStatus
 from store.jobs import metrics_series
 from store.queries import list_workers
 from store.stats import batch_timings, throughput_series
-from store.status import WorkerStatus
 from store.views import list_batches, list_jobs
 
 router = APIRouter(tags=["dashboard"])

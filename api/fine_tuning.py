@@ -31,6 +31,7 @@ from api.schemas import (
     NeoxqTrainingOptions,
 )
 from core.settings import Settings
+from specs.status import JOB_TERMINAL
 from specs.training import check_lines
 from store.jobs import (
     add_event,
@@ -42,7 +43,6 @@ from store.jobs import (
     mark_queued,
 )
 from store.registry import get_model, known_models
-from store.status import JOB_TERMINAL
 from store.tables import FineTuningJob
 from store.views import get_file, list_jobs
 

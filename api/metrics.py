@@ -22,9 +22,7 @@ from sqlalchemy import Engine, func, select
 
 from api.auth import OwnerDep
 from core.settings import Settings
-from store.db import make_sessionmaker
-from store.jobs import count_jobs_by_status
-from store.status import (
+from specs.status import (
     ACTIVE,
     UNFINISHED_ITEMS,
     BatchStatus,
@@ -32,6 +30,8 @@ from store.status import (
     JobStatus,
     WorkerStatus,
 )
+from store.db import make_sessionmaker
+from store.jobs import count_jobs_by_status
 from store.tables import Batch, Item, Worker
 
 router = APIRouter(tags=["monitoring"])

@@ -27,8 +27,8 @@ from api.uploads import (
     upload_paths,
 )
 from core.jsonl import SAMPLING_FIELDS, SAMPLING_TYPES, check_defaults, text_problem
+from specs.status import BatchStatus as BatchState  # (BatchStatus: the response schema)
 from store.queries import list_workers
-from store.status import BatchStatus as BatchState  # (BatchStatus: the response schema)
 from store.tables import new_id
 from store.views import create_file, list_batches
 

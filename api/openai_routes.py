@@ -28,8 +28,8 @@ from api.schemas import (
 )
 from api.uploads import save_multipart, upload_paths
 from core.jsonl import OPENAI_URLS, quoted
+from specs.status import CUT_SHORT, BatchStatus
 from store.registry import ServedModel, served_models
-from store.status import CUT_SHORT, BatchStatus
 from store.tables import new_id
 from store.views import (
     create_file,

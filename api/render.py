@@ -25,9 +25,9 @@ from api.schemas import (
     Tokens,
 )
 from core.jsonl import CHAT_URL, ECHO, SAMPLING_DEFAULTS
+from specs.status import ACTIVE
 from store.jobs import event_id
 from store.registry import fine_tuned_name
-from store.status import ACTIVE
 from store.tables import (
     Batch,
     File,

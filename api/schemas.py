@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.jsonl import find_bad_text
-from store.status import BatchStatus as BatchStatusName
+from specs.status import BatchStatus as BatchStatusName
 
 # ------------------------------------------------------------------------------- native
 

@@ -16,6 +16,7 @@ from api import render
 from api.errors import ApiError, not_found
 from core.payloads import ChunkPayload
 from core.settings import Settings
+from specs.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
 from store.db import make_sessionmaker, session_scope
 from store.ingest import IngestReport, submit_batch
 from store.queries import (
@@ -26,7 +27,6 @@ from store.queries import (
     request_cancel,
 )
 from store.registry import known_models, live_model_names, waiting_reason
-from store.status import CUT_SHORT, TERMINAL, BatchStatus, is_terminal
 from store.tables import Batch, File
 from store.views import iter_batch_results, iter_unrun_items
 

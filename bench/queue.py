@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import drop_redis_keys, git_commit, stop
-from store.status import READY_WORKERS, TERMINAL, BatchStatus
+from specs.status import READY_WORKERS, TERMINAL, BatchStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "preset:tiny"

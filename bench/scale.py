@@ -147,8 +147,8 @@ class Fleet:
                                    f"{self.log_of(wid)[-4000:]}")
 
     def wait_ready(self, db: Any, timeout: float) -> float:
+        from specs.status import READY_WORKERS
         from store.db import session_scope
-        from store.status import READY_WORKERS
         from store.tables import Worker
 
         t0 = time.perf_counter()
@@ -183,9 +183,9 @@ def run_batch(fleet: Fleet, db: Any, lines: list[dict[str, Any]], timeout: float
     from sqlalchemy import select
 
     from core.celery_app import enqueue_chunk, make_celery
+    from specs.status import TERMINAL, BatchStatus
     from store.db import session_scope
     from store.ingest import submit_batch
-    from store.status import TERMINAL, BatchStatus
     from store.tables import Batch, Result
 
     s = fleet.settings

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from store.status import TERMINAL, BatchStatus
+from specs.status import TERMINAL, BatchStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.client import ClientError, check, run_command
-from store.status import JOB_TERMINAL
+from specs.status import JOB_TERMINAL
 
 JOBS = "/v1/fine_tuning/jobs"
 

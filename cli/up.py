@@ -31,7 +31,7 @@ from cli.embedded import NO_REDIS_SERVER, Child, EmbeddedRedis, free_port
 from cli.gpus import WorkerSpec, parse_gpus, plan_workers
 from cli.options import add_fp8_arguments, fp8_argv
 from models.dtypes import DTYPE_NAMES
-from store.status import TERMINAL, BatchStatus
+from specs.status import TERMINAL, BatchStatus
 
 # Without --model: random weights of a small shape. On 2 CPU cores preset:small (26M
 # parameters, mostly the 50k-row embedding and head) generates a few hundred tokens/s,
@@ -275,9 +275,9 @@ class Stack:
         """Wait until every worker has loaded its model and registered (no limit by
         default: the 20B takes minutes to load); returns their store rows. Read from the
         store, not the API: once API keys exist, ``GET /workers`` needs one."""
+        from specs.status import WorkerStatus
         from store.db import make_engine, make_sessionmaker
         from store.queries import list_workers
-        from store.status import WorkerStatus
 
         db = make_engine(self._settings().db_url)
         try:

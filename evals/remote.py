@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 
 from evals.scoring import TokenPair
+from specs.status import TERMINAL, BatchStatus
 
 # Requests per batch file (OpenAI's Batch limit, and neoxq's default max_lines).
 MAX_LINES = 50_000
-DONE = ("completed", "failed", "expired", "cancelled")
 
 
 @dataclass
@@ -109,7 +109,7 @@ class ApiScorer:
             if self.progress is not None and done > shown:
                 self.progress.update(done - shown)
                 shown = done
-            if all(b["status"] in DONE for b in batches):
+            if all(b["status"] in TERMINAL for b in batches):
                 return batches
             if time.monotonic() > deadline:
                 raise RemoteError(f"batches {batch_ids} not done after {self.timeout_s:g} s")
@@ -137,7 +137,7 @@ class ApiScorer:
                     "error") or {}
                 raise RemoteError(f"request {err.get('custom_id')} failed: "
                                   f"{e.get('message', e)}")
-            if b["status"] != "completed":
+            if b["status"] != BatchStatus.COMPLETED:
                 raise RemoteError(f"batch {b['id']} ended {b['status']}")
             for line in self._lines(b.get("output_file_id")):
                 i = int(line["custom_id"])

@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.status import NOT_READY, UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
+from specs.status import NOT_READY, UNFINISHED_ITEMS, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch, Item, Worker, now
 
 # Columns of a claimed item: what a worker needs to run it, without a second query.

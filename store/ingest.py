@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from core.jsonl import SAMPLING_DEFAULTS, LineError, LineValidator, ParsedLine, check_defaults
 from core.payloads import ChunkPayload
 from core.settings import Settings, get_settings
+from specs.status import BatchStatus, ItemStatus
 from store.db import session_scope
 from store.keys import LOCAL_OWNER
 from store.queries import (
@@ -50,7 +51,6 @@ from store.queries import (
 )
 from store.records import ResultRow
 from store.registry import known_models
-from store.status import BatchStatus, ItemStatus
 from store.tables import Item, new_id, now
 
 OnInvalid = Literal["refuse", "record"]

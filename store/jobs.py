@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.status import JOB_TERMINAL, JobStatus
+from specs.status import JOB_TERMINAL, JobStatus
 from store.tables import FineTuningCheckpoint, FineTuningEvent, FineTuningJob, new_id, now
 
 EVENT_PREFIX = "ftevent-"

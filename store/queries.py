@@ -16,8 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from store.records import ResultRow
-from store.status import (
+from specs.status import (
     CANCELLABLE,
     EXPIRABLE,
     GONE_WORKERS,
@@ -26,6 +25,7 @@ from store.status import (
     ItemStatus,
     WorkerStatus,
 )
+from store.records import ResultRow
 from store.tables import (
     Batch,
     File,

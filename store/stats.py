@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from store.status import ACTIVE
+from specs.status import ACTIVE
 from store.tables import Batch, Result, now
 
 

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from store.status import BatchStatus, ItemStatus, JobStatus, WorkerStatus
+from specs.status import BatchStatus, ItemStatus, JobStatus, WorkerStatus
 
 # Deterministic constraint names, so that migrations name them the same on every backend.
 NAMING_CONVENTION = {

@@ -13,8 +13,8 @@ from pathlib import Path
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from specs.status import CUT_SHORT
 from store.queries import iter_results
-from store.status import CUT_SHORT
 from store.tables import Batch, File, FineTuningJob, Item, Result, new_id, now
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from core.settings import Settings
+from specs.status import JobStatus
 from store.db import session_scope
 from store.jobs import (
     Claim,
@@ -48,7 +49,6 @@ from store.jobs import (
     set_hyperparameters,
 )
 from store.registry import fine_tuned_name, get_model, register_fine_tuned
-from store.status import JobStatus
 from store.tables import File, FineTuningCheckpoint, FineTuningJob
 from trainer.rank import die_with_parent
 

@@ -109,9 +109,9 @@ def give_up(db: Any, job_id: str, trainer_id: str, exc: Exception) -> None:
     """Fail a job this trainer could not run (an error that would recur on any trainer).
     If even that cannot be written (the store is down), the lease goes stale and a
     trainer resumes the job later."""
+    from specs.status import JobStatus
     from store.db import session_scope
     from store.jobs import add_event, finish_job
-    from store.status import JobStatus
 
     message = f"the trainer failed: {type(exc).__name__}: {exc}"[:2000]
     try:

@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from specs.status import ItemStatus
 from store.records import ResultRow
-from store.status import ItemStatus
 
 log = logging.getLogger("neoxq.worker")
 

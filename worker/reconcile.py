@@ -25,9 +25,9 @@ from sqlalchemy import ColumnElement, Engine, select
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
+from specs.status import UNFINISHED_ITEMS, BatchStatus
 from store.db import session_scope
 from store.registry import batches_for
-from store.status import UNFINISHED_ITEMS, BatchStatus
 from store.tables import Batch, Item, Result
 from worker.broker import Range, broker_chunks
 

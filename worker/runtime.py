@@ -56,6 +56,7 @@ from models.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from models.engine.pipeline import PipelineError
 from models.engine.protocol import InferenceEngine
 from models.engine.scheduler import INTERACTIVE
+from specs.status import STOPPED, BatchStatus, ItemStatus, WorkerStatus
 from store.claims import (
     ClaimedItem,
     claim_range,
@@ -80,7 +81,6 @@ from store.queries import (
 )
 from store.records import ResultRow
 from store.registry import announce_model, batches_for
-from store.status import STOPPED, BatchStatus, ItemStatus, WorkerStatus
 from store.tables import Batch
 from worker import broker
 from worker.interactive import Echo, InteractiveJob, InteractiveLane, describe_entries

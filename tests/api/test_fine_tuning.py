@@ -10,6 +10,7 @@ import time
 import redis
 
 from core.training_queue import queue_key
+from specs.status import JobStatus
 from store.db import session_scope
 from store.jobs import (
     add_checkpoint,
@@ -21,7 +22,6 @@ from store.jobs import (
     release_job,
 )
 from store.registry import announce_model
-from store.status import JobStatus
 from tests.api.conftest import Api, jsonl
 
 CHAT = [{"messages": [{"role": "user", "content": f"hi {i}"},

@@ -16,9 +16,9 @@ from sqlalchemy import func, select, update
 
 from api.sweeper import sweep, sweep_uploads
 from api.uploads import upload_paths
+from specs.status import ACTIVE, TERMINAL
 from store.db import session_scope
 from store.queries import register_worker
-from store.status import ACTIVE, TERMINAL
 from store.tables import Batch, File, Item, Worker
 from tests.api.conftest import Api, jsonl, prompts, write_results
 

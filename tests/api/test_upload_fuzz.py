@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from specs.status import TERMINAL, BatchStatus
 from store.db import session_scope
-from store.status import TERMINAL, BatchStatus
 from store.tables import Batch, File
 from tests.api.conftest import Api
 

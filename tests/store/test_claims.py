@@ -13,6 +13,7 @@ from sqlalchemy import Engine, select, update
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
+from specs.status import ItemStatus
 from store.claims import (
     claim_range,
     claim_unstarted,
@@ -25,7 +26,6 @@ from store.db import create_all, make_engine, session_scope
 from store.ingest import ChunkPlanner, submit_batch
 from store.queries import insert_results, register_worker
 from store.records import ResultRow
-from store.status import ItemStatus
 from store.tables import Item, Worker, now
 
 LIVE = 15.0

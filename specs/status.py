@@ -1,7 +1,8 @@
 """Batch and item status names, and the groups of them that code branches on.
 
 The one place these are spelled: the store writes them, the worker obeys them, the API
-renders them (they are OpenAI's Batch status names) and the CLI polls for them. Members
+renders them (they are OpenAI's Batch status names), and the CLI and the evaluation
+client (``evals/remote.py``) poll for them. Members
 are ``StrEnum``s, so they compare equal to the plain strings stored in the tables and
 sent over HTTP.
 """
