@@ -63,7 +63,8 @@ def test_sigkilled_worker_recovers_in_minutes_with_defaults_postgres(pg_cluster)
 def test_rolling_restarts_do_not_use_up_attempts(cluster) -> None:
     # One attempt allowed: a hand-back that counted would fail every item it returned.
     c = cluster(chunk_items=10, shutdown_grace=0.5, max_attempts=1)
-    lines = greedy_lines(60, max_tokens=300)
+    total = 30  # 3 chunks, as many as a worker runs at once
+    lines = greedy_lines(total, max_tokens=300)
     report = c.submit(lines)
     for n in range(2):  # two rolling deploys while the batch runs
         w = c.start_worker(f"w{n}")
@@ -77,7 +78,7 @@ def test_rolling_restarts_do_not_use_up_attempts(cluster) -> None:
             assert s.scalar(select(func.count()).select_from(Item)
                             .where(Item.status == "running")) == 0
     c.start_worker("w_final")
-    results = assert_exactly_once(c, report, 60)
+    results = assert_exactly_once(c, report, total)
     assert all(r.error is None for r in results)
 
 

@@ -117,8 +117,10 @@ def test_cancel_is_obeyed_within_5s(sqlite_cluster) -> None:
 def test_sigterm_hands_back_in_flight_work_and_exits(sqlite_cluster, direct_engine) -> None:
     c = sqlite_cluster(chunk_items=10, shutdown_grace=0.5)
     # Long enough generations that in-flight chunks cannot finish inside the grace period
-    # (a fast engine would otherwise complete them and hand nothing back).
-    lines = greedy_lines(60, max_tokens=300)
+    # (a fast engine would otherwise complete them and hand nothing back); 3 chunks, as
+    # many as the worker runs at once.
+    n = 30
+    lines = greedy_lines(n, max_tokens=300)
     a = c.start_worker("wA")
     report = c.submit(lines)
 
@@ -134,9 +136,9 @@ def test_sigterm_hands_back_in_flight_work_and_exits(sqlite_cluster, direct_engi
     assert "handing chunk" in c.log(a)
     with session_scope(c.db) as s:
         assert s.get(Worker, "wA").status == "stopped"
-    assert c.n_results(report.batch_id) < 60
+    assert c.n_results(report.batch_id) < n
     c.start_worker("wB")
-    results = assert_exactly_once(c, report, 60)
+    results = assert_exactly_once(c, report, n)
     assert [r.text for r in results] == direct_texts(direct_engine, lines)
 
 
