@@ -32,9 +32,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 @pytest.fixture(scope="module")
 def client(live: Live) -> OpenAI:
     c = OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    # The worker loads its model after the API is up: the first request may wait for it.
-    c.completions.create(model="tiny", prompt="warm up", max_tokens=1)
-    return c
+    # The worker loads its model after the API is up: the first request may wait for it,
+    # longer than one request's 30 s on a busy machine (each try then answers 503).
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            c.completions.create(model="tiny", prompt="warm up", max_tokens=1)
+            return c
+        except openai.InternalServerError as exc:
+            if exc.status_code != 503 or time.monotonic() > deadline \
+                    or live.procs["worker"].poll() is not None:
+                raise AssertionError(f"worker not serving:\n{live.log('worker')}") from exc
 
 
 def test_completion_plain_and_streamed_agree(client: OpenAI) -> None:
