@@ -39,7 +39,9 @@ def _config(byte_model: Path, shakespeare: tuple[Path, Path], out: Path, **kw) -
     return FinetuneConfig(**base)
 
 
-@pytest.mark.slow
+# Not marked slow although it is: DeepSpeed leaves torch.distributed's default group set up
+# in this process, so it must not be collected before the pipeline tests (tests/models),
+# which set up their own; every xdist process runs its tests in collection order.
 def test_full_zero2_lowers_validation_loss_and_saves_a_loadable_model(
     byte_model: Path, shakespeare: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
