@@ -631,43 +631,35 @@ class Control(threading.Thread):
         touch_every = min(s.heartbeat_interval, s.dead_worker_after / 3)
         while not self._stop_evt.wait(s.cancel_poll_interval):
             now = time.monotonic()
+            beat = now >= next_beat
+            if beat:
+                next_beat = now + s.heartbeat_interval
             if self.rt.warming:
                 # Only alive while the engine warms up: no work is taken or given back.
-                if now >= next_beat:
-                    next_beat = now + s.heartbeat_interval
-                    try:
-                        self.rt.beat()
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("heartbeat failed: %s", exc)
+                if beat:
+                    _attempt("heartbeat", self.rt.beat)
                 continue
-            try:
-                self.rt.poll_cancellations()
-            except Exception as exc:  # noqa: BLE001 - a database hiccup: try next time
-                log.warning("cancellation poll failed: %s", exc)
-            try:
-                self.rt.release_unfinished()
-                self.rt.share_tail()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("sharing a batch's tail failed: %s", exc)
-            if now >= next_beat:
-                next_beat = now + s.heartbeat_interval
-                try:
-                    self.rt.beat()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("heartbeat failed: %s", exc)
+            _attempt("cancellation poll", self.rt.poll_cancellations)
+            _attempt("sharing a batch's tail", self.rt.release_unfinished, self.rt.share_tail)
+            if beat:
+                _attempt("heartbeat", self.rt.beat)
             if now >= next_touch:
                 next_touch = now + touch_every
-                try:
-                    self.rt.touch_messages()
-                    self.rt.restore_dead_workers_chunks()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("refreshing or restoring messages failed: %s", exc)
+                _attempt("refreshing or restoring messages", self.rt.touch_messages,
+                         self.rt.restore_dead_workers_chunks)
             if now >= next_sweep:
                 next_sweep = now + s.reconcile_interval
-                try:
-                    self.rt.reconcile()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("reconciling store and queue failed: %s", exc)
+                _attempt("reconciling store and queue", self.rt.reconcile)
+
+
+def _attempt(what: str, *steps: Callable[[], object]) -> None:
+    """Run ``steps`` in order; a failure (a database or Redis hiccup) is logged and the
+    control loop tries again at its next turn."""
+    try:
+        for step in steps:
+            step()
+    except Exception as exc:  # noqa: BLE001 - anything: the loop must keep running
+        log.warning("%s failed: %s", what, exc)
 
 
 # ----------------------------------------------------------------------------- runtime
