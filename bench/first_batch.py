@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import git_commit
-from bench.scale import Fleet, device_name, log, model_shape, run_batch, workload_lines
+from bench.scale import (
+    Fleet,
+    device_name,
+    log,
+    model_shape,
+    parse_fleet_args,
+    run_batch,
+    workload_lines,
+)
 
 
 def run_mode(args: argparse.Namespace, warm: bool, redis_url: str, work: Path,
@@ -69,27 +77,11 @@ def run_mode(args: argparse.Namespace, warm: bool, redis_url: str, work: Path,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="preset:gpt-neox-20b")
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"],
                     help="worker warm-up off and/or on (each a fresh worker)")
     ap.add_argument("--workload", choices=("a", "b"), default="a")
     ap.add_argument("--num-prompts", type=int, default=256, help="prompts of each batch")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--concurrency", type=int, default=4, help="chunks the worker holds")
-    ap.add_argument("--cpu-threads", type=int, default=1, help="torch threads of a CPU worker")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
-    ap.add_argument("--redis-url", default=None, help="default: an embedded redis-server")
-    ap.add_argument("--load-timeout", type=float, default=600.0)
-    ap.add_argument("--batch-timeout", type=float, default=600.0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = parse_fleet_args(ap, argv, max_num_seqs=256, batch_timeout=600.0)
     result: dict[str, Any] = {
         "benchmark": "first_batch", "commit": git_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

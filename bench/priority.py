@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import git_commit, stop
-from bench.scale import Fleet, device_name, model_shape, run_batch, workload_lines
+from bench.scale import (
+    Fleet,
+    device_name,
+    model_shape,
+    parse_fleet_args,
+    run_batch,
+    workload_lines,
+)
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +135,6 @@ def stats(xs: list[float]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="preset:gpt-neox-20b")
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--num-prompts", type=int, default=2000, help="the batch's prompts")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="interactive prompt")
     ap.add_argument("--max-tokens", type=int, default=64, help="interactive completion")
@@ -140,18 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--yield-tokens", type=int, default=None,
                     help="the worker's --yield-tokens (default: the engine's; -1: no cap)")
     ap.add_argument("--warmup", type=int, default=64, help="prompts of the warm-up batch")
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--concurrency", type=int, default=4, help="chunks the worker holds")
-    ap.add_argument("--cpu-threads", type=int, default=1, help="torch threads (CPU)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--load-timeout", type=float, default=600.0)
-    ap.add_argument("--batch-timeout", type=float, default=1800.0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = parse_fleet_args(ap, argv, max_num_seqs=512, batch_timeout=1800.0, stores=False)
     args.worker_args = ([] if args.yield_tokens is None
                         else ["--yield-tokens", str(args.yield_tokens)])
 

@@ -300,29 +300,40 @@ def summarise(result: dict[str, Any]) -> None:
                         "met": bool(two) and min(two) >= 1.9}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_fleet_args(ap: argparse.ArgumentParser, argv: list[str] | None, *,
+                     max_num_seqs: int, batch_timeout: float,
+                     stores: bool = True) -> argparse.Namespace:
+    """Add the options of a benchmark that runs ``neoxq worker``s through the queue (the
+    model, the workers' engine and timeouts; with ``stores``, the database and Redis)
+    to ``ap``, parse ``argv``, and fill in the device (CUDA when there is one)."""
     ap.add_argument("--model", default="preset:gpt-neox-20b")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--configs", nargs="+", default=["1", "2", "pp2"], choices=list(CONFIGS))
-    ap.add_argument("--num-prompts-a", type=int, default=None, help="default 1024")
-    ap.add_argument("--num-prompts-b", type=int, default=1000)
-    ap.add_argument("--warmup", type=int, default=64, help="prompts of each workload")
-    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     ap.add_argument("--concurrency", type=int, default=4, help="chunks each worker holds")
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU worker")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
-    ap.add_argument("--redis-url", default=None, help="default: an embedded redis-server")
+    if stores:
+        ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+        ap.add_argument("--redis-url", default=None, help="default: an embedded redis-server")
     ap.add_argument("--load-timeout", type=float, default=600.0)
-    ap.add_argument("--batch-timeout", type=float, default=1200.0)
+    ap.add_argument("--batch-timeout", type=float, default=batch_timeout)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["1", "2", "pp2"], choices=list(CONFIGS))
+    ap.add_argument("--num-prompts-a", type=int, default=None, help="default 1024")
+    ap.add_argument("--num-prompts-b", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=64, help="prompts of each workload")
+    args = parse_fleet_args(ap, argv, max_num_seqs=512, batch_timeout=1200.0)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # the GPU machines' rule for NCCL
 
     result: dict[str, Any] = {}
