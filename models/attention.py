@@ -94,9 +94,11 @@ class PagedAttention:
             use_triton = cache.data.device.type == "cuda"
         self.use_triton = use_triton
         self.meta: StepMetadata | None = None
+        self.cont_masks: list[Tensor] = []
 
     def set_step(self, meta: StepMetadata) -> None:
         self.meta = meta
+        self.cont_masks = continuing_masks(meta, self.cache.block_size)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         m = self.meta
@@ -171,21 +173,35 @@ class PagedAttention:
         qg = q[m.cont_gather]
         outs = []
         at_t = at_q = 0
-        for n, lq, w in m.continuing_groups:
+        for (n, lq, w), mask in zip(m.continuing_groups, self.cont_masks, strict=True):
             table = m.cont_tables[at_t: at_t + n * w]
             keys, values = (read_blocks(c, None if scales is None else scales[i], table,
                                         q.dtype).view(n, w, nh, bs, hd).transpose(1, 2)
                             .reshape(n, nh, w * bs, hd) for i, c in enumerate((kc, vc)))
-            qpos = m.cont_qpos[at_q: at_q + n * lq].view(n, 1, lq, 1)
-            k_pos = torch.arange(w * bs, device=q.device)
             o = F.scaled_dot_product_attention(
                 qg[at_q: at_q + n * lq].view(n, lq, nh, hd).transpose(1, 2), keys, values,
-                attn_mask=k_pos <= qpos)  # (n, 1, Lq, W * bs) broadcast over heads
+                attn_mask=mask)
             outs.append(o.transpose(1, 2).reshape(n * lq, nh, hd))
             at_t += n * w
             at_q += n * lq
         packed = outs[0] if len(outs) == 1 else torch.cat(outs)
         return packed[m.cont_scatter]
+
+
+def continuing_masks(meta: StepMetadata, block_size: int) -> list[Tensor]:
+    """Per continuing group, the (n, 1, Lq, W * block_size) mask (broadcast over heads)
+    of which padded keys each padded query sees: its own chunk's positions up to its
+    own. The same in every layer, so built once per step."""
+    if not meta.continuing_groups:
+        return []
+    assert meta.cont_qpos is not None
+    masks = []
+    at = 0
+    for n, lq, w in meta.continuing_groups:
+        qpos = meta.cont_qpos[at: at + n * lq].view(n, 1, lq, 1)
+        masks.append(torch.arange(w * block_size, device=qpos.device) <= qpos)
+        at += n * lq
+    return masks
 
 
 def read_blocks(cache: Tensor, scales: Tensor | None, blocks: Tensor,
