@@ -99,7 +99,6 @@ def test_greedy_matches_hf_sequential_tied(tmp_path, tokenizer_path, prompts_fil
 def test_prefix_caching_flag_reaches_the_engine(tmp_path) -> None:
     from cli.generate import _engine_kwargs
     from cli.main import build_parser
-    from cli.up import Stack, stack_options
 
     on = build_parser().parse_args(["generate", "preset:tiny"])
     off = build_parser().parse_args(["generate", "preset:tiny", "--no-prefix-caching"])
@@ -108,15 +107,22 @@ def test_prefix_caching_flag_reaches_the_engine(tmp_path) -> None:
     worker = build_parser().parse_args(["worker", "--model", "m", "--no-prefix-caching"])
     assert worker.prefix_caching is False
     for cmd in (["up"], ["run", "f.txt", "-o", "o.jsonl"]):
-        args = build_parser().parse_args([*cmd, "--device", "cpu", "--no-prefix-caching"])
-        stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
-        assert "--no-prefix-caching" in stack.worker_argv
+        assert "--no-prefix-caching" in _worker_argv(tmp_path, cmd, "--no-prefix-caching")
+
+
+def _worker_argv(tmp_path: Path, cmd: list[str], *flags: str) -> list[str]:
+    """The worker command line ``neoxq up`` / ``neoxq run`` (``cmd``) with ``flags``
+    would start."""
+    from cli.main import build_parser
+    from cli.up import Stack, stack_options
+
+    args = build_parser().parse_args([*cmd, "--device", "cpu", *flags])
+    return Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
 
 
 def test_cascade_flag_reaches_the_engine(tmp_path) -> None:
     from cli.generate import _engine_kwargs
     from cli.main import build_parser
-    from cli.up import Stack, stack_options
 
     on = build_parser().parse_args(["generate", "preset:tiny"])
     off = build_parser().parse_args(["generate", "preset:tiny", "--no-cascade"])
@@ -125,18 +131,11 @@ def test_cascade_flag_reaches_the_engine(tmp_path) -> None:
     worker = build_parser().parse_args(["worker", "--model", "m", "--no-cascade"])
     assert worker.cascade is False
     for cmd in (["up"], ["run", "f.txt", "-o", "o.jsonl"]):
-        args = build_parser().parse_args([*cmd, "--device", "cpu", "--no-cascade"])
-        stack = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args))
-        assert "--no-cascade" in stack.worker_argv
-        plain = build_parser().parse_args([*cmd, "--device", "cpu"])
-        assert "--no-cascade" not in Stack(model="preset:tiny", data_dir=tmp_path,
-                                           **stack_options(plain)).worker_argv
-        args = build_parser().parse_args([*cmd, "--device", "cpu"])
-        assert "--no-prefix-caching" not in Stack(
-            model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
+        assert "--no-cascade" in _worker_argv(tmp_path, cmd, "--no-cascade")
+        assert "--no-cascade" not in _worker_argv(tmp_path, cmd)
+        assert "--no-prefix-caching" not in _worker_argv(tmp_path, cmd)
         # --chat-template travels the same way to the workers up and run start.
-        args = build_parser().parse_args([*cmd, "--device", "cpu", "--chat-template", "t.j"])
-        argv = Stack(model="preset:tiny", data_dir=tmp_path, **stack_options(args)).worker_argv
+        argv = _worker_argv(tmp_path, cmd, "--chat-template", "t.j")
         assert argv[argv.index("--chat-template") + 1] == "t.j"
     worker = build_parser().parse_args(["worker", "--model", "m", "--chat-template", "t.j"])
     assert worker.chat_template == "t.j"
