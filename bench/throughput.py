@@ -279,6 +279,24 @@ def warm_up(engine: InferenceEngine) -> None:
         engine.step()
 
 
+def step_times(kinds: list[tuple[str, int, float]]) -> dict[str, Any]:
+    """Wall seconds by step kind (decode-only or mixed with prefill), and decode steps'
+    median milliseconds per band of 32 running sequences: where a run's time went."""
+    out: dict[str, Any] = {}
+    for kind in ("decode", "mixed"):
+        sel = [(n, secs) for k, n, secs in kinds if k == kind]
+        out[kind] = {"steps": len(sel), "seconds": sum(secs for _, secs in sel),
+                     "mean_running": float(np.mean([n for n, _ in sel])) if sel else 0.0}
+    bands: dict[int, list[float]] = {}
+    for k, n, secs in kinds:
+        if k == "decode":
+            bands.setdefault(n // 32 * 32, []).append(secs)
+    out["decode_ms_by_running"] = {f"{b}-{b + 31}": {"steps": len(v),
+                                                     "median_ms": 1e3 * float(np.median(v))}
+                                   for b, v in sorted(bands.items())}
+    return out
+
+
 def run_ours(engine: InferenceEngine, prompts: list[list[int]], outs: list[int],
              ) -> dict[str, Any]:
     device = engine.device
@@ -292,8 +310,23 @@ def run_ours(engine: InferenceEngine, prompts: list[list[int]], outs: list[int],
     done = 0
     ttft, gen_tokens = [], 0
     last = time.time()
+    # With overlap a step() call launches step k and waits for step k-1's tokens, so the
+    # wall time of call k is (as long as the device is the bound) step k-1's device time.
+    kinds: list[tuple[str, int, float]] = []
+    launched: tuple[str, int] | None = None
+    t_prev = time.perf_counter()
     while engine.has_unfinished():
-        for out in engine.step():
+        before = engine.scheduler.stats["decode_steps"], engine.scheduler.stats["steps"]
+        rows = len(engine.scheduler.running)
+        outs_now = engine.step()
+        t_now = time.perf_counter()
+        if launched is not None:
+            kinds.append((*launched, t_now - t_prev))
+        t_prev = t_now
+        after = engine.scheduler.stats["decode_steps"], engine.scheduler.stats["steps"]
+        launched = None if after[1] == before[1] else (
+            "decode" if after[0] > before[0] else "mixed", rows)
+        for out in outs_now:
             done += 1
             gen_tokens += out.completion_tokens
             ttft.append(out.timings.first_token - out.timings.arrival)
@@ -312,6 +345,7 @@ def run_ours(engine: InferenceEngine, prompts: list[list[int]], outs: list[int],
     steps["prefix_cache_hit_rate"] = steps.get("prefix_hit_tokens", 0) / query if query else 0.0
     return {
         "requests": len(prompts), "seconds": secs, "requests_per_s": len(prompts) / secs,
+        "step_times": step_times(kinds),
         "output_tokens": gen_tokens, "output_tok_per_s": gen_tokens / secs,
         "total_tok_per_s": (gen_tokens + prompt_tokens) / secs,
         "ttft_median_s": float(np.median(ttft)), "ttft_p99_s": float(np.percentile(ttft, 99)),
@@ -687,6 +721,11 @@ def _say(name: str, what: str, ours: dict[str, Any], roof: dict[str, Any]) -> No
         f"req/s = {ours['output_tok_per_s'] / roof['output_tok_per_s']:.0%} of roofline "
         f"({ours['output_tok_per_s'] / roof['per_kernel']['output_tok_per_s']:.0%} of the "
         f"per-kernel one); stats {ours['engine_stats']}")
+    st = ours["step_times"]
+    log("  time by step kind: " + ", ".join(
+        f"{k} {st[k]['steps']} steps {st[k]['seconds']:.2f}s (mean running "
+        f"{st[k]['mean_running']:.0f})" for k in ("decode", "mixed"))
+        + f"; decode ms by running {st['decode_ms_by_running']}")
 
 
 def _loads(args: argparse.Namespace, model: NeoX,

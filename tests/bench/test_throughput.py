@@ -26,6 +26,11 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert w["prompts"] == 16
         assert w["ours"]["output_tokens"] == w["output_tokens"]
         assert w["ours"]["output_tok_per_s"] > 0 and w["roofline"]["seconds"] > 0
+        # Every launched step but the first is timed, by kind; the times fit in the run.
+        st, stats = w["ours"]["step_times"], w["ours"]["engine_stats"]
+        assert st["decode"]["steps"] + st["mixed"]["steps"] == stats["steps"]
+        assert st["decode"]["steps"] == stats["decode_steps"] and st["mixed"]["steps"] > 0
+        assert 0 < st["decode"]["seconds"] + st["mixed"]["seconds"] <= w["ours"]["seconds"]
         assert w["hf"]["subset"] and w["hf"]["output_tok_per_s"] > 0
         assert set(w["ratios"]) == {"ours_over_roofline", "ours_over_per_kernel_roofline",
                                     "ours_over_hf"}
