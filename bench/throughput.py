@@ -562,6 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=None,
                     help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
                          "overrides --kv-cache-dtype/--quantization")
+    ap.add_argument("--no-branch-streams", action="store_true",
+                    help="decode graphs run each block's attention and MLP one after the "
+                         "other instead of on two streams")
     ap.add_argument("--no-overlap", action="store_true",
                     help="run one step at a time (host work not hidden behind the device)")
     ap.add_argument("--compare-overlap", action="store_true",
@@ -620,7 +623,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                     max_batch_tokens=args.max_batch_tokens,
                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                     kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap,
-                    enable_cascade=not args.no_cascade)
+                    enable_cascade=not args.no_cascade,
+                    branch_streams=not args.no_branch_streams)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -637,6 +641,14 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     warm_up(engine)
     graphs = engine.capture_graphs()
     log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
+    dg = engine.runner.graphs
+    if dg is not None and dg.seconds:
+        result["engine"].update(
+            branch_streams=dg.side is not None,
+            decode_graph_ms={b: round(1e3 * t, 3) for b, t in dg.seconds.items()},
+            decode_runs_as={b: r for b, r in dg.runs_as.items() if b != r})
+        log(f"decode graphs: runs as {result['engine']['decode_runs_as']}; ms "
+            f"{result['engine']['decode_graph_ms']}")
 
     for name in names:
         prompts, outs = loads[name]

@@ -190,8 +190,21 @@ class Block(nn.Module):
         self.parallel = config.parallel_residual
 
     def forward(
-        self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend
+        self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend,
+        side: torch.cuda.Stream | None = None,
     ) -> Tensor:
+        """``side``: with the parallel residual, run the MLP branch on this CUDA stream
+        while attention runs on the current one. A decode step's attention is bound by
+        reading the KV cache and its MLP by tensor-core math, so the GPU can overlap
+        them; the result is the same sum in the same order."""
+        if side is not None and self.parallel:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                m = self.mlp(self.post_attention_layernorm(x))
+            a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
+            main.wait_stream(side)
+            return x + a + m
         a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
         if self.parallel:
             # GPT-J style: both branches read the same input.
@@ -240,14 +253,16 @@ class NeoX(nn.Module):
         """(N,) token ids -> (N, H) hidden states."""
         return self.embed_in(tokens)
 
-    def run_layers(self, x: Tensor, positions: Tensor, attn: AttentionBackend) -> Tensor:
-        """(N, H) hidden states through this module's blocks."""
+    def run_layers(self, x: Tensor, positions: Tensor, attn: AttentionBackend,
+                   side: torch.cuda.Stream | None = None) -> Tensor:
+        """(N, H) hidden states through this module's blocks (``side``: see
+        :meth:`Block.forward`)."""
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for block in self.layers.values():
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, self.rotary, cos, sin, attn, use_reentrant=False)
             else:
-                x = block(x, self.rotary, cos, sin, attn)
+                x = block(x, self.rotary, cos, sin, attn, side)
         return x
 
     def head(self, x: Tensor) -> Tensor:

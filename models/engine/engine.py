@@ -171,6 +171,9 @@ class Engine:
         overlap: prepare and launch each step before reading the previous one's tokens
             (see the module's docstring); off runs one step at a time. Outputs are the
             same either way.
+        branch_streams: decode graphs run each block's MLP on a second CUDA stream beside
+            its attention (parallel-residual models: the KV reads of attention overlap
+            the MLP's tensor-core math). Same outputs either way.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class Engine:
         kv_cache_dtype: str | None = None,
         seed: int = 0,
         overlap: bool = True,
+        branch_streams: bool = True,
     ) -> None:
         if not (model.has_embedding and model.has_head):
             raise ValueError("Engine needs a whole model (embedding and head)")
@@ -263,7 +267,8 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs: needs a CUDA model")
         self.runner = ModelRunner(model, cache, max_num_seqs=max_num_seqs,
-                                  cuda_graphs=cuda_graphs, cascade=enable_cascade)
+                                  cuda_graphs=cuda_graphs, cascade=enable_cascade,
+                                  branch_streams=branch_streams)
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_id)
         self.sampler = Sampler(device=self.device, valid_vocab=self.valid_vocab,
                                eos_id=self.eos_id, grammars=self.grammars)

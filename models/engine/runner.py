@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -256,12 +256,15 @@ class ModelRunner:
     :func:`models.cascade.find_groups` finds it pays; decode-only such steps replay a
     second graph per bucket, or run eagerly with ``cascade_graphs=False``. Decided by
     whoever prepares the steps (a pipeline's rank 0); any runner executes them.
+
+    ``branch_streams``: captured decode graphs run each block's MLP branch on a second
+    stream beside its attention (parallel-residual models; see ``Block.forward``).
     """
 
     def __init__(self, model: NeoX, cache: KVCache, *, max_num_seqs: int,
                  cuda_graphs: bool = False, capture: bool | None = None,
                  pipelined: bool = False, cascade: bool = False,
-                 cascade_graphs: bool = True) -> None:
+                 cascade_graphs: bool = True, branch_streams: bool = True) -> None:
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -271,6 +274,7 @@ class ModelRunner:
         self.pipelined = pipelined
         self.cascade = cascade
         self.cascade_graphs = cascade_graphs
+        self.branch_streams = branch_streams
         # Tokens of KV reads a step's groups must save (see models.cascade.find_groups).
         self.cascade_min_saved = MIN_SAVED_TOKENS
         self.cascade_steps = 0  # steps run with cascade groups
@@ -448,11 +452,30 @@ class ModelRunner:
 
 
 def decode_buckets(max_batch: int) -> list[int]:
-    """The batch sizes decode graphs are captured at (a decode step of B sequences runs
-    the smallest one >= B). Padding a decode batch costs little (it is bound by reading
-    weights and KV), so coarse buckets above 64 keep capture time and graph memory down."""
+    """The batch sizes decode graphs are captured at. Small batches are bound by reading
+    the weights, so padding them is nearly free; from ~150 sequences a decode step's
+    GEMMs are bound by tensor-core math, and padded rows cost what real ones do, so the
+    buckets there are 16 apart."""
     return sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
-                  | set(range(64, max_batch, 32)) | {max_batch})
+                  | set(range(64, max_batch, 16)) | {max_batch})
+
+
+def fastest_fits(buckets: Sequence[int], seconds: Mapping[int, float],
+                 margin: float = 0.01) -> dict[int, int]:
+    """For each bucket, the bucket a batch that needs it should run: the fastest one at
+    least as large, by the measured ``seconds`` of each (GEMM kernels' speed is not
+    monotonic in the batch size: cuBLAS tiles the token dimension by 64-256 rows, so
+    e.g. 336 rows can run faster than 320). A larger bucket must be faster by more than
+    ``margin`` (a fraction) to be chosen over a smaller one; unmeasured ones are not."""
+    out: dict[int, int] = {}
+    order = sorted(buckets)
+    for i, b in enumerate(order):
+        best = b
+        for c in order[i + 1:]:
+            if c in seconds and best in seconds and seconds[c] < seconds[best] * (1 - margin):
+                best = c
+        out[b] = best
+    return out
 
 
 class DecodeGraphs:
@@ -477,6 +500,10 @@ class DecodeGraphs:
         self.capture = capture
         self.max_batch = max_batch
         self.buckets = decode_buckets(max_batch)
+        # Which bucket's graph each bucket's batches replay (see fastest_fits): measured
+        # by capture_all; until then each its own.
+        self.runs_as = {b: b for b in self.buckets}
+        self.seconds: dict[int, float] = {}
         self.width = runner.max_blocks_per_seq
         m, w = max_batch, self.width
         # tokens, positions, slots, ctx, sources, cascade starts, cascade rows, cascade
@@ -500,6 +527,8 @@ class DecodeGraphs:
         # (bucket, cascade) -> replay
         self.graphs: dict[tuple[int, bool], Callable[[], Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.side = torch.cuda.Stream(device=device) if (
+            capture and runner.branch_streams and model.config.parallel_residual) else None
 
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
@@ -507,7 +536,7 @@ class DecodeGraphs:
     def layout(self, plan: StepPlan) -> StepInputs:
         """A decode-only plan in the static buffer's layout (the used prefix only)."""
         d = plan.num_decode
-        b = next(x for x in self.buckets if x >= d)
+        b = self.runs_as[next(x for x in self.buckets if x >= d)]
         o, w = self.offsets, self.width
         n = self.tables_at + b * w  # only the used prefix of the tables section travels
         slot = -1
@@ -546,6 +575,16 @@ class DecodeGraphs:
     def _section(self, i: int, rows: int) -> Tensor:
         return self.static[self.offsets[i]: self.offsets[i] + rows]
 
+    def _pad(self) -> None:
+        """Padding rows everywhere (valid, harmless inputs, no groups): what a graph
+        replays on while it is captured or timed."""
+        o = self.offsets
+        self.static[o[0]: o[2]].zero_()  # tokens, positions
+        self.static[o[2]: o[3]].fill_(NULL_BLOCK * self.runner.block_size)  # slots
+        self.static[o[3]: o[4]].fill_(1)  # context lengths
+        self.static[o[4]: self.tables_at].zero_()
+        self.static[self.tables_at:].fill_(NULL_BLOCK)
+
     def _capture(self, b: int, with_cascade: bool) -> Callable[[], Tensor]:
         rt = self.runner
         model, bs = rt.model, rt.block_size
@@ -557,13 +596,7 @@ class DecodeGraphs:
             tiles=self._section(7, 4 * n_tiles).view(n_tiles, 4),
         ) if with_cascade else None
         attn = PagedAttention(rt.cache)
-        # Padding rows everywhere while capturing: valid, harmless inputs (no groups).
-        tokens.zero_()
-        positions.zero_()
-        slots.fill_(NULL_BLOCK * bs)
-        ctx.fill_(1)
-        self.static[self.offsets[5]: self.tables_at].zero_()
-        tables.fill_(NULL_BLOCK)
+        self._pad()
         x_static = self.x
 
         def forward() -> Tensor:
@@ -571,7 +604,7 @@ class DecodeGraphs:
                 slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
                 block_tables=tables[:b], context_lens=ctx, cascade=meta))
             x = model.embed(tokens) if x_static is None else x_static[:b]
-            h = model.run_layers(x, positions, attn)  # (b, H)
+            h = model.run_layers(x, positions, attn, self.side)  # (b, H)
             return model.head(h) if model.has_head else h  # (b, V) or (b, H)
 
         if not self.capture:
@@ -603,7 +636,31 @@ class DecodeGraphs:
                 for with_cascade in kinds:
                     if (b, with_cascade) not in self.graphs:
                         self.graphs[(b, with_cascade)] = self._capture(b, with_cascade)
+            if self.capture and set(self.seconds) != set(self.buckets):
+                self._time_buckets()
         return len(self.graphs)
+
+    def _time_buckets(self) -> None:
+        """Time each bucket's plain graph on its capture inputs (padding rows: attention
+        reads almost nothing, so the time is the weights' GEMMs and the per-row work,
+        which is what differs between buckets) and choose ``runs_as``."""
+        device = self.runner.device
+        torch.cuda.synchronize(device)  # no step still reads the static inputs
+        self._pad()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        for b in self.buckets:
+            replay = self.graphs[(b, False)]
+            replay()
+            best = math.inf
+            for _ in range(3):
+                start.record()
+                replay()
+                end.record()
+                torch.cuda.synchronize(device)
+                best = min(best, start.elapsed_time(end) / 1e3)
+            self.seconds[b] = best
+        self.runs_as = fastest_fits(self.buckets, self.seconds)
 
     def run(self, inputs: StepInputs, x: Tensor | None,
             prev_tokens: Tensor | None = None) -> Tensor:
@@ -634,4 +691,4 @@ def _pinned(ints: np.ndarray, device: torch.device) -> Tensor:
 
 
 __all__ = ["Chunk", "DecodeGraphs", "ModelRunner", "SamplerInputs", "StepInputs",
-           "decode_buckets", "fresh_groups"]
+           "decode_buckets", "fastest_fits", "fresh_groups"]

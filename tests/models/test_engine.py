@@ -604,16 +604,26 @@ def test_triton_decode_kernel_matches_torch() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("graphs", [False, True])
-def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: bool) -> None:
+@pytest.mark.parametrize("graphs", ["none", "serial", "streams"])
+def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: str) -> None:
+    """Eager, decode graphs, and decode graphs with each block's MLP on a second stream
+    (captured up front, so the buckets are timed and batches may run a larger one)."""
+    assert config.parallel_residual
     prompts = _prompts(6, 1, 60, seed=91)
     params = _greedy(12)
     cpu = Engine(model, None, num_blocks=200, block_size=4).generate(prompts, params)
     gpu_model = _model(config).cuda()
     engine = Engine(gpu_model, None, num_blocks=41, block_size=4, max_batch_tokens=24,
-                    kv_overcommit=100.0, cuda_graphs=graphs)
+                    kv_overcommit=100.0, cuda_graphs=graphs != "none",
+                    branch_streams=graphs == "streams")
+    if graphs == "streams":
+        dg = engine.runner.graphs
+        assert dg is not None and dg.side is not None
+        engine.capture_graphs()
+        assert set(dg.seconds) == set(dg.buckets)
+        assert all(r >= b for b, r in dg.runs_as.items())
     outs = engine.generate(prompts, params)
     assert [o.samples[0].token_ids for o in outs] == [o.samples[0].token_ids for o in cpu]
     assert engine.stats["preemptions"] > 0
-    if graphs:
+    if graphs != "none":
         assert engine.stats["graph_steps"] > 0

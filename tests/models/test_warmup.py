@@ -3,6 +3,8 @@ the requests served afterwards."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -85,3 +87,18 @@ def test_refuses_a_busy_engine_and_bad_buckets(model: NeoX) -> None:
     engine.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="unfinished"):
         warm_up(engine)
+
+
+def test_fastest_fits_prefers_a_faster_larger_bucket() -> None:
+    from models.engine.runner import fastest_fits
+
+    buckets = [64, 80, 96, 112]
+    # 80 is slow (a bad tile fit), 96 is faster than both 64's and 80's batches need.
+    seconds = {64: 1.0, 80: 1.30, 96: 1.05, 112: 1.2}
+    assert fastest_fits(buckets, seconds) == {64: 64, 80: 96, 96: 96, 112: 112}
+    # Within the margin the smaller one stays; unmeasured buckets are never chosen.
+    assert fastest_fits([1, 2], {1: 1.0, 2: 0.995}) == {1: 1, 2: 2}
+    assert fastest_fits([1, 2, 3], {1: 1.0, 3: 0.5}) == {1: 3, 2: 2, 3: 3}
+    assert decode_buckets(512)[-3:] == [480, 496, 512]
+    steps = decode_buckets(300)
+    assert all(b - a <= 16 for a, b in itertools.pairwise(steps))
