@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench.throughput import build_model, log, warm_up, workload
-from models.engine import Engine
+from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine
 from models.sampling import SamplingParams
 
 
@@ -34,8 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="preset:gpt-neox-20b")
     ap.add_argument("--num-prompts", type=int, default=512)
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
+    ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda")

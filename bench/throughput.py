@@ -77,7 +77,7 @@ import torch
 from bench.common import git_commit
 from models.config import NeoXConfig
 from models.dtypes import KV_CACHE_DTYPES, QUANTIZATIONS
-from models.engine import Engine, InferenceEngine
+from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine, InferenceEngine
 from models.engine.kv_cache import block_bytes
 from models.fp8 import apply_quantization
 from models.model import NeoX, init_random_
@@ -548,8 +548,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hf-batch-a", type=int, default=256)
     ap.add_argument("--hf-prompts-b", type=int, default=None, help="default 32 (CPU: 4)")
     ap.add_argument("--hf-batch-b", type=int, default=32)
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
+    ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS)
     ap.add_argument("--kv-memory", type=float, default=None,
                     help="fraction of free GPU memory (CUDA) or bytes (CPU) for the KV cache")
     ap.add_argument("--no-cuda-graphs", action="store_true")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from cli.options import add_fp8_arguments
 from models.dtypes import DTYPE_NAMES
+from models.engine.scheduler import MAX_BATCH_TOKENS, MAX_NUM_SEQS
 
 if TYPE_CHECKING:
     from models.engine.protocol import InferenceEngine
@@ -57,9 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
                    help="Jinja2 chat template for lines with messages (default: the "
                         "checkpoint's own, else neoxq's plain User:/Assistant: transcript)")
-    g.add_argument("--batch-size", type=int, default=256,
+    g.add_argument("--batch-size", type=int, default=MAX_NUM_SEQS,
                    help="most sequences decoded together (continuous batching)")
-    g.add_argument("--max-batch-tokens", type=int, default=2048,
+    g.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS,
                    help="most tokens per forward pass (prefill chunks + decodes)")
     g.add_argument("--kv-memory", type=float, default=None,
                    help="KV-cache budget: a fraction of free GPU memory if <= 1, else GiB")

@@ -26,6 +26,8 @@ _EXPORTS = {
     "BATCH": "models.engine.scheduler",
     "INTERACTIVE": "models.engine.scheduler",
     "YIELD_TOKENS": "models.engine.scheduler",
+    "MAX_NUM_SEQS": "models.engine.scheduler",
+    "MAX_BATCH_TOKENS": "models.engine.scheduler",
     "Engine": "models.engine.engine",
     "PipelineEngine": "models.engine.pipeline",
     "PipelineError": "models.engine.pipeline",

@@ -45,7 +45,14 @@ from models.engine.outputs import (
 )
 from models.engine.runner import ModelRunner
 from models.engine.sampler import LaunchedSample, Sampler, needs_known_tokens
-from models.engine.scheduler import BATCH, YIELD_TOKENS, Scheduler, StepPlan
+from models.engine.scheduler import (
+    BATCH,
+    MAX_BATCH_TOKENS,
+    MAX_NUM_SEQS,
+    YIELD_TOKENS,
+    Scheduler,
+    StepPlan,
+)
 from models.fp8 import quantization_of
 from models.grammar import Grammars
 from models.model import NeoX
@@ -184,8 +191,8 @@ class Engine:
         kv_memory: float | int | None = None,
         num_blocks: int | None = None,
         block_size: int = 16,
-        max_num_seqs: int = 256,
-        max_batch_tokens: int = 2048,
+        max_num_seqs: int = MAX_NUM_SEQS,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
         kv_overcommit: float = 1.0,
         watermark: float = 0.01,
         yield_tokens: int | None = YIELD_TOKENS,
