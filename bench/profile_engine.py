@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import git_commit
 from bench.throughput import build_model, log, warm_up, workload
 from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine
 from models.sampling import SamplingParams
@@ -113,8 +114,15 @@ def main() -> None:
     print(cpu_tab)
     print("mixed (prefill + decode) steps:", mixed_tab, sep="\n")
     if args.out:
-        json.dump({"rows": rows, "profile": profiled, "cpu": cpu_tab, "mixed": mixed_tab},
-                  open(args.out, "w"))
+        meta = {"bench": "profile_engine", "commit": git_commit(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "device": torch.cuda.get_device_name(device), "model": args.model,
+                "workload": f"a, {args.num_prompts} prompts",
+                "engine": {"max_num_seqs": args.max_num_seqs,
+                           "max_batch_tokens": args.max_batch_tokens}}
+        with open(args.out, "w") as f:
+            json.dump({**meta, "rows": rows, "profile": profiled, "cpu": cpu_tab,
+                       "mixed": mixed_tab}, f, indent=1)
 
 
 if __name__ == "__main__":

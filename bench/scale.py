@@ -122,7 +122,7 @@ class Fleet:
                     "--device", args.device, "--worker-id", wid,
                     "--max-num-seqs", str(args.max_num_seqs), "--loglevel", "INFO"]
             if args.device.startswith("cuda"):
-                wenv["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+                wenv["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus)
             else:
                 wenv["OMP_NUM_THREADS"] = str(args.cpu_threads)
             if len(gpus) > 1:
@@ -298,6 +298,20 @@ def summarise(result: dict[str, Any]) -> None:
            summary[w].get("2", {})]
     result["target"] = {"two_workers_speedup_at_least": 1.9,
                         "met": bool(two) and min(two) >= 1.9}
+
+
+def visible_devices(gpus: list[str]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a worker on ``gpus``, indices among the GPUs this
+    process sees: under ``CUDA_VISIBLE_DEVICES=1`` a fleet's GPU "0" is physical GPU 1
+    (else two benchmarks started side by side on one host would share GPU 0)."""
+    outer = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not outer:
+        return ",".join(gpus)
+    seen = [d.strip() for d in outer.split(",") if d.strip()]
+    bad = [g for g in gpus if not g.isdigit() or int(g) >= len(seen)]
+    if bad:
+        raise SystemExit(f"GPU {bad} not among CUDA_VISIBLE_DEVICES={outer}")
+    return ",".join(seen[int(g)] for g in gpus)
 
 
 def parse_fleet_args(ap: argparse.ArgumentParser, argv: list[str] | None, *,

@@ -34,3 +34,15 @@ def test_scale_bench_small_run(tmp_path: Path, redis_url: str) -> None:
     assert two["runs"]["a"]["tail_seconds"] >= 0
     assert len(two["runs"]["a"]["workers"]) == 2  # both workers ran part of the batch
     assert report["summary"]["a"]["2"]["speedup_over_1"] > 0
+
+
+def test_fleet_gpus_are_indices_among_the_visible_ones(monkeypatch: pytest.MonkeyPatch,
+                                                       ) -> None:
+    from bench.scale import visible_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices(["0", "1"]) == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 1")
+    assert visible_devices(["0"]) == "3" and visible_devices(["1", "0"]) == "1,3"
+    with pytest.raises(SystemExit, match="not among"):
+        visible_devices(["2"])
