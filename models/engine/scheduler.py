@@ -92,15 +92,24 @@ class OutputLengths:
 
     Finishes are kept per kind of request — its ``max_tokens`` and whether a grammar
     constrains it — since lines of one batch share those and another batch's lines may
-    stop at quite another share. A kind with fewer than :data:`MIN_SAMPLES` finishes is
-    projected at ``max_tokens``, as are requests with ``ignore_eos`` (they always get
-    there).
+    stop at quite another share. Requests with ``ignore_eos`` always get to
+    ``max_tokens``. Until a kind has :data:`MIN_SAMPLES` finishes, an unconstrained
+    request is projected at ``max_tokens`` and a constrained one at :data:`PRIOR_CONSTRAINED`
+    of it: a grammar's output (a label, a JSON record) usually ends far below the limit
+    its caller set, and projecting the first wave of a batch at the limit ran ~35% fewer
+    lines at once than fit — 146 steps for 1,000 JSON-schema lines where lines asking for
+    exactly their length took 124, on a plain-data replay of ``bench.structured``'s
+    batch (86-token prompts, ~44 of 160 tokens generated, an H200's 85k tokens of KV);
+    at half the limit, 126. If a kind does run to its limit, the overflow is preempted and
+    recomputed until 64 finishes have taught the share (the same replay with every line
+    generating all 160 tokens: 148 preemptions, ~8% more time, once per kind).
     """
 
     WINDOW = 512  # recent finishes kept per kind
     MIN_SAMPLES = 64
     QUANTILE = 0.9
     FLOOR = 0.125  # never project less than this share of max_tokens
+    PRIOR_CONSTRAINED = 0.5  # the share of a constrained kind not learnt yet
     KINDS = 64  # kinds remembered (least recently finished forgotten first)
 
     def __init__(self) -> None:
@@ -134,7 +143,7 @@ class OutputLengths:
         if share is None:
             recent = self._recent.get(kind, ())
             if len(recent) < self.MIN_SAMPLES:
-                share = 1.0
+                share = self.PRIOR_CONSTRAINED if kind[1] else 1.0
             else:
                 ordered = sorted(recent)
                 share = max(self.FLOOR,

@@ -386,7 +386,12 @@ def test_output_lengths_is_a_high_quantile_of_recent_finishes_per_kind() -> None
     # Other kinds learn on their own: another max_tokens, a grammar, ignore_eos.
     p50 = SamplingParams(max_tokens=50)
     assert est.share(p50) == 1.0
-    assert est.share(SamplingParams(max_tokens=100, regex="[ab]+")) == 1.0
+    # A grammar's kind not learnt yet: projected at the constrained prior.
+    ab = SamplingParams(max_tokens=100, regex="[ab]+")
+    assert est.share(ab) == OutputLengths.PRIOR_CONSTRAINED < 1.0
+    for _ in range(OutputLengths.MIN_SAMPLES):
+        est.observe(ab, 100)
+    assert est.share(ab) == 1.0  # learnt: these run to their limit
     assert est.share(SamplingParams(max_tokens=100, ignore_eos=True)) == 1.0
     for _ in range(OutputLengths.WINDOW):
         est.observe(p100, 150)  # past max_tokens (cannot be): counted as all of it
@@ -413,14 +418,20 @@ def _stop_after(plan: StepPlan, lengths: dict[str, int]) -> StepResult:
 
 
 def _run_early_stoppers(estimate: bool, lengths: dict[str, int],
-                        max_tokens: int = 48) -> tuple[Scheduler, int, int]:
-    """Requests of 16-token prompts and ``max_tokens``, stopping after their length:
-    the scheduler, its peak running count and the finished count."""
+                        max_tokens: int | None = 48, regex: str | None = None,
+                        ignore_eos: bool = False) -> tuple[Scheduler, int, int]:
+    """Requests of 16-token prompts and ``max_tokens`` (None: each its own length),
+    stopping after their length: the scheduler, its peak running count and the finished
+    count. ``regex`` marks them constrained (the fake model ignores it)."""
     bm = BlockManager(101, 4)  # 400 tokens: 6 requests at their full projection
     sched = Scheduler(bm, max_position=256, max_num_seqs=64, max_batch_tokens=256,
-                      watermark=0.0, estimate_output_lengths=estimate)
-    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, stop_token_ids=[0])
+                      watermark=0.0, estimate_output_lengths=estimate, eos_id=0)
     for i, rid in enumerate(lengths):
+        # A constrained output ends at EOS (token 0 here) when its grammar is complete.
+        params = SamplingParams(temperature=1.0, stop_token_ids=[] if regex else [0],
+                                regex=regex,
+                                max_tokens=lengths[rid] if max_tokens is None else max_tokens,
+                                ignore_eos=ignore_eos)
         sched.add_generate(rid, [1 + i % 7] * 16, params, i, 0.0)
     peak = done = 0
     while sched.has_unfinished():
@@ -476,3 +487,23 @@ def test_ignore_eos_requests_are_projected_at_max_tokens() -> None:
     assert by_id["e"] == (16 + 48) // 4
     # The prompt + the floor's share of max_tokens (6 of 48: the observed 2 is below it).
     assert by_id["s"] == -(-(16 + 6) // 4)
+
+
+def test_a_new_constrained_kind_starts_at_the_prior() -> None:
+    """A batch of constrained lines of a kind never seen (40, fewer than it takes to
+    learn; stopping after 6-10 of 48 tokens) is projected at half the limit, not all of
+    it, so more run at once and the batch takes fewer steps; lines of the kind that do run
+    to their limit are preempted and recomputed, and every output is whole."""
+    rng = random.Random(3)
+    lengths = {f"r{i}": rng.randint(6, 10) for i in range(40)}
+    exact, peak_exact, _ = _run_early_stoppers(True, lengths, max_tokens=None,
+                                               ignore_eos=True)
+    cold, peak_cold, done = _run_early_stoppers(True, lengths, regex="[a-z]+")
+    plain, peak_plain, _ = _run_early_stoppers(True, lengths)  # unconstrained: no prior
+    assert done == 40 and cold.stats["preemptions"] == 0
+    assert peak_plain <= 8 and peak_cold >= 1.5 * peak_plain
+    assert cold.stats["steps"] < 0.75 * plain.stats["steps"]
+    assert exact.stats["steps"] <= cold.stats["steps"]
+    full = {f"l{i}": 48 for i in range(30)}
+    sched, _, done = _run_early_stoppers(True, full, regex="[a-z]+")
+    assert done == 30 and sched.stats["preemptions"] > 0
