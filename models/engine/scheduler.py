@@ -97,12 +97,13 @@ class OutputLengths:
     request is projected at ``max_tokens`` and a constrained one at :data:`PRIOR_CONSTRAINED`
     of it: a grammar's output (a label, a JSON record) usually ends far below the limit
     its caller set, and projecting the first wave of a batch at the limit ran ~35% fewer
-    lines at once than fit — 146 steps for 1,000 JSON-schema lines where lines asking for
-    exactly their length took 124, on a plain-data replay of ``bench.structured``'s
-    batch (86-token prompts, ~44 of 160 tokens generated, an H200's 85k tokens of KV);
-    at half the limit, 126. If a kind does run to its limit, the overflow is preempted and
-    recomputed until 64 finishes have taught the share (the same replay with every line
-    generating all 160 tokens: 148 preemptions, ~8% more time, once per kind).
+    lines at once than fit — 149 steps for 1,000 JSON-schema lines where lines asking for
+    exactly their length took 128 (``bench.admission_replay``: ``bench.structured``'s
+    batch on plain data, 86-token prompts, ~44 of 160 tokens generated, an H200's 85k
+    tokens of KV); at half the limit, 130. If a kind does run to its limit, the overflow
+    is preempted and recomputed until 64 finishes have taught the share (the same replay
+    with every line generating all 160 tokens: 148 preemptions, ~8% more modelled device
+    time, once per kind).
     """
 
     WINDOW = 512  # recent finishes kept per kind
