@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The wave-2 H200 figures of bench/results/, in three device commands (each under the
-# device's 10-minute limit per command; ~25 minutes of device time in all):
+# The wave-2 H200 figures of bench/results/, in device commands of under 10 minutes each
+# (the last session's: ~15 minutes of device time in all, on one 2xH200 machine):
 #
 #   bench/wave2_h200.sh engine  OUTDIR  # one H200: fused-kernel GPU test, bf16 vs fp8-all
 #                                       # on (a, 512 prompts, with HF) and (b, first 400);
@@ -9,10 +9,16 @@
 #                                       # priority under a batch, a fresh worker's first batch
 #   bench/wave2_h200.sh service OUTDIR  # two H200s: bf16 (a) and (b) side by side, then
 #                                       # 1 worker / 2 workers / 2 pipeline stages
+#   bench/wave2_h200.sh pair    OUTDIR  # two H200s: (a) bf16 + fp8-all with HF on GPU 0
+#                                       # beside bench.structured on GPU 1, then 1 vs 2
+#                                       # workers on (a) 512 and (b) 1,000 through the queue
 #
 # On a machine without .git, NEOXQ_COMMIT names the commit; the product's wheels are
 # carried (DESIGN.md, "Running the product on the GPU machine"; add llguidance and
-# jsonschema for the structured-output bench).
+# jsonschema for the structured-output bench) — the device tool's `carry` must name the
+# wheel folder, it is git-ignored. Benchmarks that start workers (scale, priority,
+# first_batch) place them on GPUs by index among CUDA_VISIBLE_DEVICES; run only one of
+# them at a time next to engine-only benchmarks pinned to the other GPU.
 set -uo pipefail
 what=${1:?engine, extras or service}
 out=${2:?output directory}
@@ -47,8 +53,18 @@ service)
     timeout 380 python3 -m bench.scale --configs 1 2 pp2 --num-prompts-a 512 \
         --num-prompts-b 500 --out "$out/scale_h200.json" 2>&1 | tail -12
     ;;
+pair)
+    (CUDA_VISIBLE_DEVICES=0 timeout 175 python3 -m bench.throughput --workload a \
+        --num-prompts 512 --modes bf16,fp8-all --out "$out/engine_a_fp8_h200.json" \
+        > "$out/a.log" 2>&1 &)
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m bench.structured \
+        --out "$out/structured_h200.json" > "$out/structured.log" 2>&1
+    while pgrep -f "bench.throughput" > /dev/null; do sleep 2; done
+    timeout 450 python3 -m bench.scale --configs 1 2 --num-prompts-a 512 \
+        --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -8
+    ;;
 *)
-    echo "usage: $0 engine|extras|service OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair OUTDIR" >&2
     exit 2
     ;;
 esac
