@@ -562,6 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=None,
                     help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
                          "overrides --kv-cache-dtype/--quantization")
+    ap.add_argument("--gemm-sm-carveout", type=int, default=0, metavar="SMS",
+                    help="experiment: decode graphs' GEMMs leave SMS streaming "
+                         "multiprocessors free for the attention beside them")
     ap.add_argument("--no-branch-streams", action="store_true",
                     help="decode graphs run each block's attention and MLP one after the "
                          "other instead of on two streams")
@@ -638,8 +641,19 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         f"({engine.kv_cache_bytes / 1e9:.1f} GB); decode kernel (tile, warps, stages, "
         f"heads/program) {engine.attn_config}")
     t = time.time()
-    warm_up(engine)
-    graphs = engine.capture_graphs()
+    carveout = args.gemm_sm_carveout
+    if carveout:
+        # An experiment: cuBLASLt GEMMs captured into the decode graphs leave this many
+        # SMs to the attention branch running beside them on the other stream (the graphs
+        # keep it; eager prefill steps after the capture use every SM again).
+        torch._C._set_sm_carveout_experimental(carveout)
+        result["engine"]["gemm_sm_carveout"] = carveout
+    try:
+        warm_up(engine)
+        graphs = engine.capture_graphs()
+    finally:
+        if carveout:
+            torch._C._set_sm_carveout_experimental(None)
     log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
     dg = engine.runner.graphs
     if dg is not None and dg.seconds:

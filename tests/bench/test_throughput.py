@@ -121,3 +121,13 @@ def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
     assert data["engine"]["overlap"] is False
     assert w["ours"]["engine_stats"]["overlapped_steps"] == 0
     assert w["ours_overlap"]["engine_stats"]["overlapped_steps"] > 0
+
+
+def test_gemm_sm_carveout_is_recorded_and_reset(tmp_path: Path) -> None:
+    import torch
+
+    out = tmp_path / "carve.json"
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
+          "4", "--skip-hf", "--gemm-sm-carveout", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["engine"]["gemm_sm_carveout"] == 4
+    assert torch._C._get_sm_carveout_experimental() is None
