@@ -68,7 +68,8 @@ class StepMetadata:
     cont_scatter: Tensor | None = None
     # The fresh chunks packed right-padded (engine.fresh_groups): (n, S) per group, the
     # rows (relative to D) of all groups' n * S padded queries, and for each fresh row
-    # its index among those. Without them each fresh chunk runs its own call.
+    # its index among those (both empty when that packing is the rows in place). Without
+    # them each fresh chunk runs its own call.
     fresh_groups: tuple[tuple[int, int], ...] = ()
     fresh_gather: Tensor | None = None  # (sum n * S,)
     fresh_scatter: Tensor | None = None  # (fresh rows,)
@@ -136,7 +137,12 @@ class PagedAttention:
         m = self.meta
         assert m is not None and m.fresh_gather is not None and m.fresh_scatter is not None
         nh, hd = q.shape[1:]
-        qg, kg, vg = q[m.fresh_gather], k[m.fresh_gather], v[m.fresh_gather]
+        in_place = m.fresh_gather.numel() == 0  # already packed: one group, equal chunks
+        if in_place:
+            lo, hi = m.fresh[0][0], m.fresh[-1][1]
+            qg, kg, vg = q[lo:hi], k[lo:hi], v[lo:hi]
+        else:
+            qg, kg, vg = q[m.fresh_gather], k[m.fresh_gather], v[m.fresh_gather]
         outs = []
         at = 0
         for n, s in m.fresh_groups:
@@ -146,7 +152,7 @@ class PagedAttention:
             outs.append(o.transpose(1, 2).reshape(n * s, nh, hd))
             at += n * s
         packed = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return packed[m.fresh_scatter]
+        return packed if in_place else packed[m.fresh_scatter]
 
     def _decode(self, q: Tensor, kc: Tensor, vc: Tensor,
                 scales: tuple[Tensor, Tensor] | None) -> Tensor:

@@ -128,6 +128,8 @@ def fresh_groups(
 
     Right padding is exact under a causal mask (a real query never sees the padded keys
     after it). Chunks are grouped by length so padding stays under half of each group.
+    When the packing is the rows as they are (one group of equal chunks: prompts of one
+    length), gather and scatter are empty and attention reads the rows in place.
     """
     if not fresh:
         empty = np.zeros(0, dtype=np.int64)
@@ -158,6 +160,9 @@ def fresh_groups(
             scatter[fresh[i][0] - base: fresh[i][1] - base] = at + k * s_max + cols[: lens[k]]
         groups.append((len(group), s_max))
         at += len(group) * s_max
+    if len(groups) == 1 and groups[0][0] * groups[0][1] == total:
+        empty = np.zeros(0, dtype=np.int64)
+        return tuple(groups), empty, empty
     return tuple(groups), np.concatenate(gathers), scatter
 
 

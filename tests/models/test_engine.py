@@ -627,3 +627,31 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
     assert engine.stats["preemptions"] > 0
     if graphs != "none":
         assert engine.stats["graph_steps"] > 0
+
+
+def test_fresh_packing_in_place_for_equal_chunks() -> None:
+    """Chunks of one length are already packed: no gather or scatter; mixed lengths are
+    gathered right-padded by group and scattered back to every row once."""
+    from models.engine.runner import fresh_groups
+
+    groups, gather, scatter = fresh_groups([(3, 7), (7, 11), (11, 15)])
+    assert groups == ((3, 4),) and gather.size == 0 and scatter.size == 0
+    groups, gather, scatter = fresh_groups([(0, 4), (4, 6), (6, 10)])
+    assert groups == ((3, 4),)  # 2 is not under half of 4: one group, padded
+    assert gather.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 4, 5, 5, 5]
+    assert gather[scatter].tolist() == list(range(10))
+
+
+def test_equal_length_prompts_prefilled_together_match_hf(model: NeoX) -> None:
+    """Six 9-token prompts fill the first step's 54 tokens, read in place; a 40-token one
+    then prefills alone next to their decodes: greedy equals HF."""
+    prompts = _prompts(6, 9, 9, seed=21) + _prompts(1, 40, 40, seed=22)
+    params = _greedy(6)
+    engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=54)
+    outs = engine.generate(prompts, params)
+    hf = _hf(model)
+    for p, o in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            h = hf.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert o.samples[0].token_ids == h[0, len(p):].tolist()
