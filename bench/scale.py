@@ -47,6 +47,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,10 @@ def run_batch(fleet: Fleet, db: Any, lines: list[dict[str, Any]], timeout: float
 
 
 def run_config(args: argparse.Namespace, name: str, db_url: str, redis_url: str,
-               work: Path) -> dict[str, Any]:
+               work: Path, save: Callable[[dict[str, Any]], None] | None = None,
+               ) -> dict[str, Any]:
+    """One configuration's fleet through a warm-up and each workload; ``save`` gets the
+    figures so far after each workload (a run cut short by a time limit keeps them)."""
     from store.db import create_all, make_engine
 
     db = make_engine(db_url)
@@ -261,6 +265,8 @@ def run_config(args: argparse.Namespace, name: str, db_url: str, redis_url: str,
             r = run_batch(fleet, db, workload_lines(wl, n, max_position, vocab, args.seed),
                           args.batch_timeout)
             res["runs"][wl] = r
+            if save is not None:
+                save(res)
             log(f"{name} workload {wl}: {r['seconds']:.1f}s, {r['output_tok_per_s']:.0f} "
                 f"out tok/s, tail {r['tail_seconds']:.1f}s, per worker "
                 f"{[w['items'] for w in r['workers'].values()]} items")
@@ -374,21 +380,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             redis_srv = EmbeddedRedis(log_dir=work).start()
             redis_url = redis_srv.url
         try:
+            partials: dict[str, dict[str, Any]] = {}  # this run's figures so far
             for name in args.configs:
                 db_url = args.database_url or f"sqlite:///{work / f'{name}.db'}"
                 t = time.time()
+
+                def save(cfg: dict[str, Any], name: str = name, t: float = t,
+                         partial: bool = True) -> None:
+                    if partial:
+                        partials[name] = dict(cfg)
+                    result["configs"][name] = {**cfg, "commit": result["commit"],
+                                               "date": result["date"],
+                                               "wall_s": time.time() - t,
+                                               **({"partial": True} if partial else {})}
+                    summarise(result)
+                    if args.out:
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
                 try:
-                    cfg = run_config(args, name, db_url, redis_url, work)
+                    cfg = run_config(args, name, db_url, redis_url, work, save)
                 except Exception as exc:  # noqa: BLE001 - recorded; the other configs run
                     log(f"{name} failed: {exc}")
-                    cfg = {"error": str(exc)[-4000:]}
-                cfg.update({"commit": result["commit"], "date": result["date"],
-                            "wall_s": time.time() - t})
-                result["configs"][name] = cfg
-                summarise(result)
-                if args.out:
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(result, indent=2) + "\n")
+                    # Workloads that finished before the failure stay in the result.
+                    cfg = {**partials.get(name, {}), "error": str(exc)[-4000:]}
+                save(cfg, partial=False)
         finally:
             if redis_srv is not None:
                 redis_srv.stop()

@@ -34,6 +34,20 @@ def test_scale_bench_small_run(tmp_path: Path, redis_url: str) -> None:
     assert two["runs"]["a"]["tail_seconds"] >= 0
     assert len(two["runs"]["a"]["workers"]) == 2  # both workers ran part of the batch
     assert report["summary"]["a"]["2"]["speedup_over_1"] > 0
+    assert "partial" not in one and "partial" not in two
+
+
+def test_a_config_that_fails_keeps_its_finished_workloads(tmp_path: Path,
+                                                         redis_url: str) -> None:
+    """Workload (b) cannot run (no lines: an empty batch is refused): (a)'s figures,
+    written as soon as (a) finished, stay in the file next to the error."""
+    out = tmp_path / "scale.json"
+    main(["--configs", "1", "--model", "preset:tiny", "--device", "cpu",
+          "--num-prompts-a", "8", "--num-prompts-b", "-1", "--warmup", "2",
+          "--max-num-seqs", "8", "--redis-url", redis_url, "--out", str(out)])
+    cfg = json.loads(out.read_text())["configs"]["1"]
+    assert cfg["error"] and "partial" not in cfg
+    assert cfg["runs"]["a"]["requests"] == 8 and "b" not in cfg["runs"]
 
 
 def test_fleet_gpus_are_indices_among_the_visible_ones(monkeypatch: pytest.MonkeyPatch,
