@@ -12,6 +12,10 @@
 #   bench/wave2_h200.sh pair    OUTDIR  # two H200s: (a) bf16 + fp8-all with HF on GPU 0
 #                                       # beside bench.structured on GPU 1, then 1 vs 2
 #                                       # workers on (a) 512 and (b) 1,000 through the queue
+#   bench/wave2_h200.sh open    OUTDIR  # one H200: what the open issues still need measured
+#   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
+#                                       # with a copy of bench/results/scale_h200.json to
+#                                       # add it beside the 1 and 2 worker figures)
 #
 # On a machine without .git, NEOXQ_COMMIT names the commit; the product's wheels are
 # carried (DESIGN.md, "Running the product on the GPU machine"; add llguidance and
@@ -63,8 +67,27 @@ pair)
     timeout 450 python3 -m bench.scale --configs 1 2 --num-prompts-a 512 \
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -8
     ;;
+open)
+    # One H200, what the open issues still need measured (~8 minutes): structured output
+    # with the constrained prior, (a) bf16 with HF at the current defaults, and (a) with
+    # the decode graphs' GEMMs leaving 16 / 32 SMs to the attention beside them.
+    timeout 150 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
+        | grep -v "^Warning" | tail -4
+    timeout 175 python3 -m bench.throughput --workload a --num-prompts 512 --modes bf16 \
+        --out "$out/engine_a_h200.json" 2>&1 | grep -E "workload a|HF" | tail -4
+    for sms in 16 32; do
+        timeout 70 python3 -m bench.throughput --workload a --num-prompts 512 --modes bf16 \
+            --skip-hf --gemm-sm-carveout "$sms" --out "$out/engine_a_carveout$sms.json" \
+            2>&1 | grep -E "workload a ours" | cut -c1-200
+    done
+    ;;
+pp2)
+    # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
+    timeout 450 python3 -m bench.scale --configs pp2 --num-prompts-a 512 \
+        --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -6
+    ;;
 *)
-    echo "usage: $0 engine|extras|service|pair OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair|open|pp2 OUTDIR" >&2
     exit 2
     ;;
 esac
