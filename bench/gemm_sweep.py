@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if cuda else torch.float32
     start, stop, step = (int(v) for v in args.sizes.split(":"))
     gemm = measure_ceilings(device)["gemm_flops_per_s"] / 1e12 if cuda else None
+    blases = args.blas.split(",")
     by_blas: dict[str, list[dict[str, Any]]] = {}
-    for blas in args.blas.split(","):
+    for blas in blases:
         if blas != "default":
             torch.backends.cuda.preferred_blas_library(blas)
         rows = by_blas[blas] = sweep(preset, list(range(start, stop, step)), device, dtype,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{blas:8s} M={r['m']:4d}  {r['step_ms']:7.2f} ms/step  "
                   f"{r['us_per_token']:7.2f} us/token  {r['tflops']:6.1f} TFLOP/s"
                   + (f"  {r['share_of_gemm_rate']:.0%}" if gemm else ""))
-    rows = by_blas[args.blas.split(",")[0]]
+    rows = by_blas[blases[0]]
     result = {"bench": "gemm_sweep", "commit": git_commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": torch.cuda.get_device_name(device) if cuda else "cpu",

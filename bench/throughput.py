@@ -312,20 +312,23 @@ def run_ours(engine: InferenceEngine, prompts: list[list[int]], outs: list[int],
     last = time.time()
     # With overlap a step() call launches step k and waits for step k-1's tokens, so the
     # wall time of call k is (as long as the device is the bound) step k-1's device time.
+    # Sequences running: the one-GPU engine's; a pipeline's unfinished requests instead.
+    sched = engine.scheduler if isinstance(engine, Engine) else None
     kinds: list[tuple[str, int, float]] = []
     launched: tuple[str, int] | None = None
     t_prev = time.perf_counter()
     while engine.has_unfinished():
-        before = engine.scheduler.stats["decode_steps"], engine.scheduler.stats["steps"]
-        rows = len(engine.scheduler.running)
+        stats = engine.stats
+        steps0, decode0 = stats["steps"], stats["decode_steps"]
+        rows = len(sched.running) if sched is not None else engine.num_unfinished()
         outs_now = engine.step()
         t_now = time.perf_counter()
         if launched is not None:
             kinds.append((*launched, t_now - t_prev))
         t_prev = t_now
-        after = engine.scheduler.stats["decode_steps"], engine.scheduler.stats["steps"]
-        launched = None if after[1] == before[1] else (
-            "decode" if after[0] > before[0] else "mixed", rows)
+        stats = engine.stats
+        launched = None if stats["steps"] == steps0 else (
+            "decode" if stats["decode_steps"] > decode0 else "mixed", rows)
         for out in outs_now:
             done += 1
             gen_tokens += out.completion_tokens
