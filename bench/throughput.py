@@ -80,7 +80,7 @@ from models.dtypes import KV_CACHE_DTYPES, QUANTIZATIONS
 from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine, InferenceEngine
 from models.engine.kv_cache import block_bytes
 from models.fp8 import apply_quantization
-from models.model import NeoX, init_random_
+from models.model import BranchPlan, NeoX, init_random_
 from models.sampling import SamplingParams
 
 T0 = time.time()
@@ -565,9 +565,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=None,
                     help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
                          "overrides --kv-cache-dtype/--quantization")
-    ap.add_argument("--gemm-sm-carveout", type=int, default=0, metavar="SMS",
-                    help="experiment: decode graphs' GEMMs leave SMS streaming "
-                         "multiprocessors free for the attention beside them")
+    ap.add_argument("--branch-plans", default=None, metavar="PLANS",
+                    help="comma-separated decode branch plans (FORK[/FREE_SMS][/mlp-first], "
+                         "see models.model.BranchPlan), one engine each on the same weights, "
+                         "results under branch_plans; the first one's are the run's")
     ap.add_argument("--no-branch-streams", action="store_true",
                     help="decode graphs run each block's attention and MLP one after the "
                          "other instead of on two streams")
@@ -607,7 +608,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                 names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]],
                 kv_cache_dtype: str = "auto", save: Any = None,
-                ceil: dict[str, float] | None = None) -> None:
+                ceil: dict[str, float] | None = None,
+                plan: BranchPlan | None = None) -> None:
     """Ceilings (unless given), the engine on each workload and its roofline, into
     ``result``; ``save()`` after each workload (default: merge ``result`` into --out)."""
     device = next(model.parameters()).device
@@ -630,7 +632,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                     kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap,
                     enable_cascade=not args.no_cascade,
-                    branch_streams=not args.no_branch_streams)
+                    branch_streams=not args.no_branch_streams, branch_plan=plan)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -644,24 +646,14 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         f"({engine.kv_cache_bytes / 1e9:.1f} GB); decode kernel (tile, warps, stages, "
         f"heads/program) {engine.attn_config}")
     t = time.time()
-    carveout = args.gemm_sm_carveout
-    if carveout:
-        # An experiment: cuBLASLt GEMMs captured into the decode graphs leave this many
-        # SMs to the attention branch running beside them on the other stream (the graphs
-        # keep it; eager prefill steps after the capture use every SM again).
-        torch._C._set_sm_carveout_experimental(carveout)
-        result["engine"]["gemm_sm_carveout"] = carveout
-    try:
-        warm_up(engine)
-        graphs = engine.capture_graphs()
-    finally:
-        if carveout:
-            torch._C._set_sm_carveout_experimental(None)
+    warm_up(engine)
+    graphs = engine.capture_graphs()
     log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
     dg = engine.runner.graphs
     if dg is not None and dg.seconds:
         result["engine"].update(
             branch_streams=dg.side is not None,
+            branch_plan=str(dg.side.plan) if dg.side is not None else None,
             decode_graph_ms={b: round(1e3 * t, 3) for b, t in dg.seconds.items()},
             decode_runs_as={b: r for b, r in dg.runs_as.items() if b != r})
         log(f"decode graphs: runs as {result['engine']['decode_runs_as']}; ms "
@@ -813,6 +805,42 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return build_model(args.model, device, dtype)  # the same weights again, for HF
 
 
+def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
+               names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]],
+               ) -> None:
+    """The engine once per --branch-plans entry on the same weights (an A/B in one
+    process): rows under ``result["branch_plans"]``, the first plan's also as the run's
+    ``workloads``; ``plan_ratios`` divides each plan's output tok/s by the first's."""
+    plans = [BranchPlan.parse(p.strip()) for p in args.branch_plans.split(",") if p.strip()]
+    if not plans:
+        raise SystemExit("--branch-plans: at least one plan")
+    first = str(plans[0])
+    result["branch_plans"] = {}
+    ceil: dict[str, float] | None = None
+    for plan in plans:
+        entry: dict[str, Any] = {"engine": dict(result["engine"]), "workloads": {}}
+        result["branch_plans"][str(plan)] = entry
+
+        def save() -> None:
+            done = result["branch_plans"]
+            result["workloads"] = done[first]["workloads"]
+            result["engine"] = done[first]["engine"]
+            base = done[first]["workloads"]
+            result["plan_ratios"] = {
+                p: {n: w["ours"]["output_tok_per_s"] / base[n]["ours"]["output_tok_per_s"]
+                    for n, w in e["workloads"].items() if n in base}
+                for p, e in done.items()}
+            _write(args.out, result)
+
+        log(f"branch plan {plan}")
+        _run_engine(args, model, entry, names, loads, kv_cache_dtype=args.kv_cache_dtype,
+                    save=save, ceil=ceil, plan=plan)
+        ceil = entry["ceilings"]
+        result["ceilings"] = ceil
+        for name, ratio in result["plan_ratios"].get(str(plan), {}).items():
+            log(f"branch plan {plan} ({name}): {ratio:.3f}x the output tok/s of {first}")
+
+
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -855,6 +883,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 result["workloads"][name] = old["workloads"][name]
             for key in ("engine", "commit", "date"):
                 result.pop(key)
+        elif args.branch_plans is not None:
+            _run_plans(args, model, result, names, loads)
         else:
             _run_engine(args, model, result, names, loads, kv_cache_dtype=args.kv_cache_dtype)
     if args.quantization != "none" and args.modes is None:
@@ -895,6 +925,12 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             w["ratios"]["ours_over_hf"] = w["ours"]["output_tok_per_s"] / hf_res["output_tok_per_s"]
             log(f"workload {name} HF (subset of {k}): {hf_res['output_tok_per_s']:.0f} out tok/s "
                 f"-> ours/HF = {w['ratios']['ours_over_hf']:.1f}x")
+            for plan, entry in result.get("branch_plans", {}).items():
+                pw = entry["workloads"].get(name)
+                if pw is not None:
+                    pw["ratios"]["ours_over_hf"] = (pw["ours"]["output_tok_per_s"]
+                                                    / hf_res["output_tok_per_s"])
+                    log(f"  branch plan {plan}: ours/HF = {pw['ratios']['ours_over_hf']:.2f}x")
         _write(args.out, result)
     log("done")
     return result

@@ -12,7 +12,7 @@
 #   bench/wave2_h200.sh pair    OUTDIR  # two H200s: (a) bf16 + fp8-all with HF on GPU 0
 #                                       # beside bench.structured on GPU 1, then 1 vs 2
 #                                       # workers on (a) 512 and (b) 1,000 through the queue
-#   bench/wave2_h200.sh open    OUTDIR  # one H200: what the open issues still need measured
+#   bench/wave2_h200.sh open    OUTDIR  # one H200: structured output; (a) per decode branch plan
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -69,17 +69,15 @@ pair)
     ;;
 open)
     # One H200, what the open issues still need measured (~8 minutes): structured output
-    # with the constrained prior, (a) bf16 with HF at the current defaults, and (a) with
-    # the decode graphs' GEMMs leaving 16 / 32 SMs to the attention beside them.
+    # with the constrained prior, then workload (a) once per decode branch plan on the
+    # same weights (where the MLP branch forks, SMs its GEMMs leave to the attention,
+    # which stream goes first; models.model.BranchPlan), with HF after them.
     timeout 150 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
         | grep -v "^Warning" | tail -4
-    timeout 175 python3 -m bench.throughput --workload a --num-prompts 512 --modes bf16 \
-        --out "$out/engine_a_h200.json" 2>&1 | grep -E "workload a|HF" | tail -4
-    for sms in 16 32; do
-        timeout 70 python3 -m bench.throughput --workload a --num-prompts 512 --modes bf16 \
-            --skip-hf --gemm-sm-carveout "$sms" --out "$out/engine_a_carveout$sms.json" \
-            2>&1 | grep -E "workload a ours" | cut -c1-200
-    done
+    timeout 420 python3 -m bench.throughput --workload a --num-prompts 512 \
+        --branch-plans "${PLANS:-input,qkv,qkv/32,qkv/64,qkv/32/mlp-first,input/32/mlp-first}" \
+        --out "$out/engine_a_branch_h200.json" 2>&1 \
+        | grep -E "branch plan|workload a ours|HF|time by step" | cut -c1-260
     ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.

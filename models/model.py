@@ -13,8 +13,9 @@ Parameter names are neoxq's own; checkpoint names are translated in ``loaders.py
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +152,14 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend
     ) -> Tensor:
-        n = x.shape[0]
+        return self.attend(self.query_key_value(x), rotary, cos, sin, attn)
+
+    def attend(self, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+               attn: AttentionBackend) -> Tensor:
+        """The rest of :meth:`forward` after the QKV projection ``qkv`` (N, 3H)."""
+        n = qkv.shape[0]
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
-        qkv = self.query_key_value(x).view(n, self.num_heads, 3, self.head_dim)  # (N, nh, 3, hd)
-        q, k, v = rotary.split_rotate(qkv, cos, sin)  # each (N, nh, hd)
+        q, k, v = rotary.split_rotate(qkv.view(n, self.num_heads, 3, self.head_dim), cos, sin)
         out = attn(self.layer, q, k, v)  # (N, nh, hd)
         return self.dense(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -179,6 +184,75 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(x)
 
 
+FORKS = ("input", "qkv")
+
+
+class BranchPlan(NamedTuple):
+    """How a parallel-residual block's MLP runs beside its attention in a decode step.
+
+    A decode step's attention is bound by reading the KV cache and its MLP by tensor-core
+    math, so the two can share the GPU. ``fork``: where the MLP branch starts, with the
+    block (``"input"``: its first GEMM beside the QKV one) or after the QKV projection
+    (``"qkv"``: both MLP GEMMs beside the attention kernel). ``free_sms``: streaming
+    multiprocessors the MLP's GEMMs leave free (cuBLASLt's SM count target), so that the
+    attention runs there meanwhile instead of waiting for a GEMM holding every SM.
+    ``mlp_first``: the MLP stream has the higher priority (CUDA graphs keep a kernel's
+    capture-time stream priority), so its GEMM's blocks are placed before the
+    attention's.
+    """
+
+    fork: str = "input"
+    free_sms: int = 0
+    mlp_first: bool = False
+
+    def check(self) -> BranchPlan:
+        if self.fork not in FORKS:
+            raise ValueError(f"branch fork: one of {', '.join(FORKS)}, got {self.fork!r}")
+        if self.free_sms < 0:
+            raise ValueError(f"branch free_sms: >= 0, got {self.free_sms}")
+        return self
+
+    @classmethod
+    def parse(cls, spec: str) -> BranchPlan:
+        """``FORK[/FREE_SMS][/mlp-first]``, e.g. ``qkv/32`` or ``input/0/mlp-first``."""
+        parts = spec.split("/")
+        try:
+            free = int(parts[1]) if len(parts) > 1 else 0
+        except ValueError:
+            raise ValueError(f"branch plan {spec!r}: FORK[/FREE_SMS][/mlp-first]") from None
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] != "mlp-first"):
+            raise ValueError(f"branch plan {spec!r}: FORK[/FREE_SMS][/mlp-first]")
+        return cls(parts[0], free, len(parts) == 3).check()
+
+    def __str__(self) -> str:
+        return f"{self.fork}/{self.free_sms}" + ("/mlp-first" if self.mlp_first else "")
+
+
+class Branches(NamedTuple):
+    """A :class:`BranchPlan` and the MLP branch's stream (None: run on the current
+    stream, in the plan's order — how CPU tests exercise the path)."""
+
+    stream: torch.cuda.Stream | None
+    plan: BranchPlan = BranchPlan()
+
+
+@contextmanager
+def gemm_sm_carveout(sms: int) -> Iterator[None]:
+    """cuBLAS(Lt) GEMMs launched (or captured) inside leave ``sms`` multiprocessors
+    free; no-op for 0 or where this torch build has no such setting."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    if sms <= 0 or setter is None or getter is None:
+        yield
+        return
+    before = getter()
+    setter(sms)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 class Block(nn.Module):
     def __init__(self, config: NeoXConfig, layer: int) -> None:
         super().__init__()
@@ -191,26 +265,35 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor, attn: AttentionBackend,
-        side: torch.cuda.Stream | None = None,
+        side: Branches | None = None,
     ) -> Tensor:
-        """``side``: with the parallel residual, run the MLP branch on this CUDA stream
-        while attention runs on the current one. A decode step's attention is bound by
-        reading the KV cache and its MLP by tensor-core math, so the GPU can overlap
-        them; the result is the same sum in the same order."""
+        """``side``: with the parallel residual, run the MLP branch beside the attention
+        (see :class:`Branches`); the result is the same sum in the same order."""
         if side is not None and self.parallel:
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                m = self.mlp(self.post_attention_layernorm(x))
-            a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
-            main.wait_stream(side)
-            return x + a + m
+            return self._branched(x, rotary, cos, sin, attn, side)
         a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
         if self.parallel:
             # GPT-J style: both branches read the same input.
             return x + a + self.mlp(self.post_attention_layernorm(x))
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _branched(self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+                  attn: AttentionBackend, side: Branches) -> Tensor:
+        main = torch.cuda.current_stream(x.device) if side.stream is not None else None
+        qkv = None
+        if side.plan.fork == "qkv":
+            qkv = self.attention.query_key_value(self.input_layernorm(x))
+        if side.stream is not None:
+            side.stream.wait_stream(main)
+        with torch.cuda.stream(side.stream), gemm_sm_carveout(side.plan.free_sms):
+            m = self.mlp(self.post_attention_layernorm(x))
+        if qkv is None:
+            qkv = self.attention.query_key_value(self.input_layernorm(x))
+        a = self.attention.attend(qkv, rotary, cos, sin, attn)
+        if side.stream is not None:
+            main.wait_stream(side.stream)
+        return x + a + m
 
 
 class NeoX(nn.Module):
@@ -254,7 +337,7 @@ class NeoX(nn.Module):
         return self.embed_in(tokens)
 
     def run_layers(self, x: Tensor, positions: Tensor, attn: AttentionBackend,
-                   side: torch.cuda.Stream | None = None) -> Tensor:
+                   side: Branches | None = None) -> Tensor:
         """(N, H) hidden states through this module's blocks (``side``: see
         :meth:`Block.forward`)."""
         cos, sin = self.rotary.cos_sin(positions, x.dtype)

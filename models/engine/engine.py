@@ -55,7 +55,7 @@ from models.engine.scheduler import (
 )
 from models.fp8 import quantization_of
 from models.grammar import Grammars
-from models.model import NeoX
+from models.model import BranchPlan, NeoX
 from models.params import SamplingParams
 
 
@@ -181,6 +181,8 @@ class Engine:
         branch_streams: decode graphs run each block's MLP on a second CUDA stream beside
             its attention (parallel-residual models: the KV reads of attention overlap
             the MLP's tensor-core math). Same outputs either way.
+        branch_plan: where the MLP branch starts and how many SMs its GEMMs leave to
+            the attention (:class:`models.model.BranchPlan`).
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class Engine:
         seed: int = 0,
         overlap: bool = True,
         branch_streams: bool = True,
+        branch_plan: BranchPlan | None = None,
     ) -> None:
         if not (model.has_embedding and model.has_head):
             raise ValueError("Engine needs a whole model (embedding and head)")
@@ -275,7 +278,8 @@ class Engine:
             raise ValueError("cuda_graphs: needs a CUDA model")
         self.runner = ModelRunner(model, cache, max_num_seqs=max_num_seqs,
                                   cuda_graphs=cuda_graphs, cascade=enable_cascade,
-                                  branch_streams=branch_streams)
+                                  branch_streams=branch_streams,
+                                  branch_plan=branch_plan or BranchPlan())
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_id)
         self.sampler = Sampler(device=self.device, valid_vocab=self.valid_vocab,
                                eos_id=self.eos_id, grammars=self.grammars)

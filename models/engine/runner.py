@@ -47,7 +47,7 @@ from models.engine.kv_cache import KVCache
 from models.engine.scheduler import Chunk, StepPlan
 from models.fp8 import triton_ok
 from models.fused import fused_ok
-from models.model import NeoX
+from models.model import Branches, BranchPlan, NeoX
 
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
 # layer, one per length group (see fresh_groups); at most this many groups.
@@ -263,13 +263,15 @@ class ModelRunner:
     whoever prepares the steps (a pipeline's rank 0); any runner executes them.
 
     ``branch_streams``: captured decode graphs run each block's MLP branch on a second
-    stream beside its attention (parallel-residual models; see ``Block.forward``).
+    stream beside its attention (parallel-residual models), as ``branch_plan`` says
+    (:class:`models.model.BranchPlan`).
     """
 
     def __init__(self, model: NeoX, cache: KVCache, *, max_num_seqs: int,
                  cuda_graphs: bool = False, capture: bool | None = None,
                  pipelined: bool = False, cascade: bool = False,
-                 cascade_graphs: bool = True, branch_streams: bool = True) -> None:
+                 cascade_graphs: bool = True, branch_streams: bool = True,
+                 branch_plan: BranchPlan | None = None) -> None:
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -280,6 +282,7 @@ class ModelRunner:
         self.cascade = cascade
         self.cascade_graphs = cascade_graphs
         self.branch_streams = branch_streams
+        self.branch_plan = (branch_plan or BranchPlan()).check()
         # Tokens of KV reads a step's groups must save (see models.cascade.find_groups).
         self.cascade_min_saved = MIN_SAVED_TOKENS
         self.cascade_steps = 0  # steps run with cascade groups
@@ -532,8 +535,12 @@ class DecodeGraphs:
         # (bucket, cascade) -> replay
         self.graphs: dict[tuple[int, bool], Callable[[], Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.side = torch.cuda.Stream(device=device) if (
-            capture and runner.branch_streams and model.config.parallel_residual) else None
+        self.side: Branches | None = None
+        if capture and runner.branch_streams and model.config.parallel_residual:
+            plan = runner.branch_plan
+            # Lower numbers run first; 0 is the default (lowest) priority.
+            stream = torch.cuda.Stream(device=device, priority=-1 if plan.mlp_first else 0)
+            self.side = Branches(stream, plan)
 
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch

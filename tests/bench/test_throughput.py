@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.throughput import hf_model, main, roofline, table
@@ -123,11 +124,21 @@ def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
     assert w["ours_overlap"]["engine_stats"]["overlapped_steps"] > 0
 
 
-def test_gemm_sm_carveout_is_recorded_and_reset(tmp_path: Path) -> None:
-    import torch
-
-    out = tmp_path / "carve.json"
+def test_branch_plans_in_one_run(tmp_path: Path) -> None:
+    """Each plan gets its own engine on the same weights; the first plan's rows are the
+    run's, the others are divided by them, and HF's ratio reaches every plan."""
+    out = tmp_path / "plans.json"
     main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
-          "4", "--skip-hf", "--gemm-sm-carveout", "4", "--out", str(out)])
-    assert json.loads(out.read_text())["engine"]["gemm_sm_carveout"] == 4
-    assert torch._C._get_sm_carveout_experimental() is None
+          "4", "--hf-prompts-a", "2", "--branch-plans", "input, qkv/8/mlp-first",
+          "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert list(data["branch_plans"]) == ["input/0", "qkv/8/mlp-first"]
+    assert data["plan_ratios"]["input/0"]["a"] == 1.0
+    assert data["plan_ratios"]["qkv/8/mlp-first"]["a"] > 0
+    first = data["branch_plans"]["input/0"]["workloads"]["a"]
+    assert data["workloads"]["a"]["ours"] == first["ours"]
+    for entry in data["branch_plans"].values():
+        assert entry["workloads"]["a"]["ratios"]["ours_over_hf"] > 0
+    with pytest.raises(ValueError, match="branch plan"):
+        main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a",
+              "--num-prompts", "2", "--skip-hf", "--branch-plans", "qkv/many"])

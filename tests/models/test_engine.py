@@ -604,10 +604,13 @@ def test_triton_decode_kernel_matches_torch() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("graphs", ["none", "serial", "streams"])
+@pytest.mark.parametrize("graphs", ["none", "serial", "streams", "streams-qkv"])
 def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: str) -> None:
     """Eager, decode graphs, and decode graphs with each block's MLP on a second stream
-    (captured up front, so the buckets are timed and batches may run a larger one)."""
+    (captured up front, so the buckets are timed and batches may run a larger one); the
+    last after the QKV GEMM, leaving SMs free, at the higher priority."""
+    from models.model import BranchPlan
+
     assert config.parallel_residual
     prompts = _prompts(6, 1, 60, seed=91)
     params = _greedy(12)
@@ -615,8 +618,10 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
     gpu_model = _model(config).cuda()
     engine = Engine(gpu_model, None, num_blocks=41, block_size=4, max_batch_tokens=24,
                     kv_overcommit=100.0, cuda_graphs=graphs != "none",
-                    branch_streams=graphs == "streams")
-    if graphs == "streams":
+                    branch_streams=graphs.startswith("streams"),
+                    branch_plan=BranchPlan.parse("qkv/16/mlp-first") if graphs == "streams-qkv"
+                    else None)
+    if graphs.startswith("streams"):
         dg = engine.runner.graphs
         assert dg is not None and dg.side is not None
         engine.capture_graphs()

@@ -77,3 +77,28 @@ def test_module_apply_reaches_every_submodule() -> None:
     seen: list[str] = []
     model.apply(lambda m: seen.append(type(m).__name__))
     assert "Rotary" in seen and "Block" in seen and seen[-1] == "NeoX"
+
+
+@pytest.mark.parametrize("spec", ["input", "qkv", "qkv/32", "input/16/mlp-first"])
+def test_branched_blocks_equal_plain(spec: str) -> None:
+    """A decode graph's branch plans (here on one stream, in the plan's order) change
+    where the MLP branch runs, not what it computes: the same sum in the same order."""
+    from models.model import Branches, BranchPlan, DenseAttention
+
+    ours = _ours_from_hf(hf_model("parallel-rot25", seed=5))
+    ids = torch.randint(0, 50277, (2, 9), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(9).expand(2, 9).reshape(-1)
+    with torch.no_grad():
+        x = ours.embed(ids.reshape(-1))
+        plain = ours.run_layers(x, positions, DenseAttention(2, 9))
+        branched = ours.run_layers(x, positions, DenseAttention(2, 9),
+                                   Branches(None, BranchPlan.parse(spec)))
+    assert torch.equal(plain, branched)
+
+
+@pytest.mark.parametrize("spec", ["output", "qkv/-1", "qkv/x", "qkv/8/first", "a/1/b/c"])
+def test_branch_plan_rejects_bad_specs(spec: str) -> None:
+    from models.model import BranchPlan
+
+    with pytest.raises(ValueError, match="branch"):
+        BranchPlan.parse(spec)
