@@ -1,6 +1,11 @@
 """Where a step's time goes: per-step wall time by kind, and a kernel profile of
 steady-state decode steps. Run on a GPU:  python3 -m bench.profile_engine
 
+``--overlapped`` drives the engine's own ``step()`` (host work overlapped with the device,
+as in bench.throughput) and traces a few steps of each kind: how much of the window the
+GPU was busy, and kernel time by kind (GEMM, decode attention, the rest) — what a sum of
+kernel times cannot show (gaps between steps, kernels running side by side).
+
 Prints a table; writes JSON with --out. A diagnostic, not a benchmark of record.
 """
 
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +37,95 @@ def profile_steps(step: Callable[[], None], n: int) -> Any:
     return prof.key_averages()
 
 
+def kernel_kind(name: str) -> str:
+    """A GPU activity's kind, by its name: ``gemm``, ``attention`` (paged decode and its
+    merge), ``copy`` (memcpy / memset) or ``other``."""
+    low = name.lower()
+    if any(k in low for k in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")):
+        return "gemm"
+    if "paged_decode" in low or "merge_kernel" in low or "cascade" in low:
+        return "attention"
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    return "other"
+
+
+def gpu_timeline(trace: dict[str, Any]) -> dict[str, Any]:
+    """From a chrome trace (torch.profiler's export): the window from the first GPU
+    activity's start to the last one's end, the time at least one ran (busy), kernel time
+    by kind, and the time two or more ran at once (overlap)."""
+    spans: list[tuple[float, float, str]] = []
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") == "X" and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            start = float(ev["ts"])
+            spans.append((start, start + float(ev.get("dur", 0.0)), ev.get("name", "")))
+    if not spans:
+        return {"window_ms": 0.0, "busy_ms": 0.0, "busy_share": 0.0, "overlap_ms": 0.0,
+                "by_kind_ms": {}, "activities": 0}
+    points = sorted([(a, 1) for a, _, _ in spans] + [(b, -1) for _, b, _ in spans])
+    busy = overlap = 0.0
+    depth, last = 0, points[0][0]
+    for t, step in points:
+        if depth >= 1:
+            busy += t - last
+        if depth >= 2:
+            overlap += t - last
+        depth += step
+        last = t
+    window = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    by_kind: dict[str, float] = {}
+    for a, b, name in spans:
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (b - a) / 1e3
+    return {"window_ms": window / 1e3, "busy_ms": busy / 1e3,
+            "busy_share": busy / window if window else 0.0, "overlap_ms": overlap / 1e3,
+            "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items())},
+            "activities": len(spans)}
+
+
+def trace_steps(step: Callable[[], object], n: int) -> dict[str, Any]:
+    """Run ``n`` calls of ``step`` under torch.profiler: their wall time and
+    :func:`gpu_timeline` of the trace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = time.perf_counter() - t
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(open(f.name).read())
+    return {"steps": n, "wall_ms": 1e3 * wall, **gpu_timeline(trace)}
+
+
+def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
+    """Workload prompts through ``engine.step()``; traces of 4 steps each: mixed
+    (prefill beside decodes), decode in the first wave (>= 300 running, 40 steps in) and
+    in the second (150-250 running, 40 steps in)."""
+    sched = engine.scheduler
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o,
+                                                     ignore_eos=True))
+    traces: dict[str, Any] = {}
+    since: dict[str, int] = {}
+    while engine.has_unfinished():
+        running = len(sched.running)
+        decode = not sched.waiting
+        if "mixed" not in traces and sched.waiting and running >= 100:
+            traces["mixed"] = {"running": running, **trace_steps(engine.step, 4)}
+            continue
+        band = ("decode_first_wave" if running >= 300 else
+                "decode_second_wave" if 150 <= running <= 250 else None)
+        if decode and band is not None and band not in traces:
+            since[band] = since.get(band, 0) + 1
+            if since[band] > 40:
+                traces[band] = {"running": running, **trace_steps(engine.step, 4)}
+                log(f"{band}: {traces[band]}")
+                continue
+        engine.step()
+    return traces
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="preset:gpt-neox-20b")
@@ -38,12 +133,32 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
     ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overlapped", action="store_true",
+                    help="trace the engine's own overlapped steps (see the module's docstring)")
     args = ap.parse_args()
     device = torch.device("cuda")
     model = build_model(args.model, device, torch.bfloat16)
     engine = Engine(model, None, kv_memory=None, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens, cuda_graphs=True)
     log(f"decode kernel config (tile, warps, stages, heads/program): {engine.attn_config}")
+    meta = {"bench": "profile_engine", "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": torch.cuda.get_device_name(device), "model": args.model,
+            "workload": f"a, {args.num_prompts} prompts",
+            "engine": {"max_num_seqs": args.max_num_seqs,
+                       "max_batch_tokens": args.max_batch_tokens}}
+    if args.overlapped:
+        warm_up(engine)
+        engine.capture_graphs()
+        prompts, outs = workload("a", args.num_prompts, model.config.max_position,
+                                 model.config.vocab_size, seed=0)
+        traces = overlapped(engine, prompts, outs)
+        for kind, tr in traces.items():
+            log(f"{kind}: {json.dumps(tr)}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**meta, "mode": "overlapped", "traces": traces}, f, indent=1)
+        return
     # Host phases of each step: the engine's own pieces (scheduler -> runner -> sampler),
     # driven here with a timer around each.
     phase = {"schedule": 0.0, "sample": 0.0}
@@ -114,12 +229,6 @@ def main() -> None:
     print(cpu_tab)
     print("mixed (prefill + decode) steps:", mixed_tab, sep="\n")
     if args.out:
-        meta = {"bench": "profile_engine", "commit": git_commit(),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "device": torch.cuda.get_device_name(device), "model": args.model,
-                "workload": f"a, {args.num_prompts} prompts",
-                "engine": {"max_num_seqs": args.max_num_seqs,
-                           "max_batch_tokens": args.max_batch_tokens}}
         with open(args.out, "w") as f:
             json.dump({**meta, "rows": rows, "profile": profiled, "cpu": cpu_tab,
                        "mixed": mixed_tab}, f, indent=1)

@@ -722,8 +722,10 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         result["workloads"][name] = entry
         save()
 
-    # Free the engine's KV cache (and its graphs) before HF allocates its own.
-    del engine
+    # Free the engine's KV cache (and its graphs) before HF or the next engine allocates
+    # its own (``dg`` holds the runner, hence the cache, too: a later engine sized from
+    # the free memory would otherwise get a fraction of it).
+    del engine, dg
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
