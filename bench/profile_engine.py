@@ -108,9 +108,9 @@ def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dic
                                                      ignore_eos=True))
     traces: dict[str, Any] = {}
     since: dict[str, int] = {}
+    decode = False  # whether the last step was decode-only
     while engine.has_unfinished():
         running = len(sched.running)
-        decode = not sched.waiting
         if "mixed" not in traces and sched.waiting and running >= 100:
             traces["mixed"] = {"running": running, **trace_steps(engine.step, 4)}
             continue
@@ -122,7 +122,9 @@ def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dic
                 traces[band] = {"running": running, **trace_steps(engine.step, 4)}
                 log(f"{band}: {traces[band]}")
                 continue
+        before = engine.stats["decode_steps"]
         engine.step()
+        decode = engine.stats["decode_steps"] > before
     return traces
 
 

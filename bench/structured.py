@@ -70,6 +70,7 @@ def run(engine: Engine, ps: list[list[int]],
     batch0 = getattr(engine.sampler, "batch_seconds", 0.0)
     phases0 = dict(getattr(engine, "phase_seconds", {}))
     steps0 = engine.stats["steps"]
+    stats0 = dict(engine.stats)
     # Each run starts from an empty prefix cache: the second run must not find the
     # first one's prompts cached (the same prefill work in both).
     engine.set_prefix_caching(False)
@@ -79,7 +80,10 @@ def run(engine: Engine, ps: list[list[int]],
         engine.add_request(str(i), p, sp, arrival=t0)
     add_secs = time.time() - t0
     outs = []
+    # Sequences running as each step is launched: how full the steps were (admission).
+    running: list[int] = []
     while engine.has_unfinished():
+        running.append(len(engine.scheduler.running))
         outs += engine.step()
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
@@ -115,6 +119,11 @@ def run(engine: Engine, ps: list[list[int]],
             "stop_invalid": invalid,
             "mask_host_seconds": round(masks, 3),
             "add_request_seconds": round(add_secs, 3), "steps": steps,
+            "decode_steps": int(engine.stats["decode_steps"] - stats0["decode_steps"]),
+            "preemptions": int(engine.stats["preemptions"] - stats0["preemptions"]),
+            "running_peak": max(running, default=0),
+            "running_mean": round(sum(running) / max(len(running), 1), 1),
+            "running_by_step": running,
             "ms_per_step": per_step, "host_ms_per_step": host}, lengths
 
 
