@@ -80,7 +80,7 @@ from models.dtypes import KV_CACHE_DTYPES, QUANTIZATIONS
 from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine, InferenceEngine
 from models.engine.kv_cache import block_bytes
 from models.fp8 import apply_quantization
-from models.model import BranchPlan, NeoX, init_random_
+from models.model import MLP, BranchPlan, NeoX, gelu_epilogue_ok, init_random_
 from models.sampling import SamplingParams
 
 T0 = time.time()
@@ -572,6 +572,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-branch-streams", action="store_true",
                     help="decode graphs run each block's attention and MLP one after the "
                          "other instead of on two streams")
+    ap.add_argument("--no-fused-gelu", action="store_true",
+                    help="the MLP's GELU as its own kernel instead of the up-projection's "
+                         "GEMM epilogue")
     ap.add_argument("--no-overlap", action="store_true",
                     help="run one step at a time (host work not hidden behind the device)")
     ap.add_argument("--compare-overlap", action="store_true",
@@ -773,7 +776,7 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     ceil: dict[str, float] | None = None
     for mode in order:
         kv, quant = MODES[mode]
-        model = build_model(args.model, device, dtype)
+        model = _unfuse(args, build_model(args.model, device, dtype))
         apply_quantization(model, quant)
         _sync(device)
         log(f"mode {mode}: kv-cache-dtype {kv}, quantization {quant}, weights "
@@ -805,6 +808,14 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if args.skip_hf:
         return None
     return build_model(args.model, device, dtype)  # the same weights again, for HF
+
+
+def _unfuse(args: argparse.Namespace, model: NeoX) -> NeoX:
+    """--no-fused-gelu: every MLP computes its GELU apart from the GEMM."""
+    for m in model.modules():
+        if isinstance(m, MLP):
+            m.fused_gelu = not args.no_fused_gelu
+    return model
 
 
 def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
@@ -862,7 +873,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__, "model": args.model, "dtype": dtype_name,
         "engine": {"max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
                    "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
-                   "overlap": not args.no_overlap},
+                   "overlap": not args.no_overlap,
+                   # Whether the MLPs' GELU runs as the GEMM epilogue (CUDA builds whose
+                   # epilogue computes the tanh GELU; see models.model.MLP).
+                   "fused_gelu": not args.no_fused_gelu and device.type == "cuda"
+                   and gelu_epilogue_ok(device)},
         "workloads": {},
     }
 
@@ -871,7 +886,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("--modes runs the engine: drop --skip-ours")
         model: NeoX | None = _run_modes(args, device, dtype, result)
     else:
-        model = build_model(args.model, device, dtype)
+        model = _unfuse(args, build_model(args.model, device, dtype))
         apply_quantization(model, args.quantization)
         _sync(device)
         names, loads = _loads(args, model)

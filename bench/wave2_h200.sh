@@ -12,7 +12,9 @@
 #   bench/wave2_h200.sh pair    OUTDIR  # two H200s: (a) bf16 + fp8-all with HF on GPU 0
 #                                       # beside bench.structured on GPU 1, then 1 vs 2
 #                                       # workers on (a) 512 and (b) 1,000 through the queue
-#   bench/wave2_h200.sh open    OUTDIR  # one H200: structured output; (a) per decode branch plan
+#   bench/wave2_h200.sh open    OUTDIR  # one H200: GPU tests, GELU epilogue, structured,
+#                                       # (a) with the GELU fused / apart
+#   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -68,16 +70,25 @@ pair)
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -8
     ;;
 open)
-    # One H200, what the open issues still need measured (~8 minutes): structured output
-    # with the constrained prior, then workload (a) once per decode branch plan on the
-    # same weights (where the MLP branch forks, SMs its GEMMs leave to the attention,
-    # which stream goes first; models.model.BranchPlan), with HF after them.
+    # One H200 (~6 minutes): the GPU tests of the fused GELU and branch plans, the GELU
+    # epilogue's cost, structured output, and (a) with the MLP's GELU fused and apart.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -s tests/models/test_fused.py \
+        tests/models/test_engine.py -k "gpu or cuda" 2>&1 | grep -E "passed|failed|GELU"
+    timeout 60 python3 -m bench.gelu_epilogue --out "$out/gelu_epilogue_h200.json" 2>&1 | tail -3
     timeout 150 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
-        | grep -v "^Warning" | tail -4
-    timeout 420 python3 -m bench.throughput --workload a --num-prompts 512 \
-        --branch-plans "${PLANS:-input,qkv,qkv/32,qkv/64,qkv/32/mlp-first,input/32/mlp-first}" \
-        --out "$out/engine_a_branch_h200.json" 2>&1 \
-        | grep -E "branch plan|workload a ours|HF|time by step" | cut -c1-260
+        | grep -E "over_unconstrained"
+    for fused in on off; do
+        flag=""; [ "$fused" = off ] && flag="--no-fused-gelu"
+        timeout 90 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf $flag \
+            --out "$out/engine_a_gelu_$fused.json" 2>&1 | grep -E "workload a ours" | cut -c1-160
+    done
+    ;;
+record)
+    # One H200 (~5 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,
+    # HF on both.
+    timeout 480 python3 -m bench.throughput --workload both --num-prompts 512 \
+        --num-prompts-b 400 --modes bf16,fp8-all \
+        --out "$out/engine_h200.json" 2>&1 | grep -E "workload . ours|HF|mode " | cut -c1-200
     ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
@@ -85,7 +96,7 @@ pp2)
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -6
     ;;
 *)
-    echo "usage: $0 engine|extras|service|pair|open|pp2 OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair|open|record|pp2 OUTDIR" >&2
     exit 2
     ;;
 esac

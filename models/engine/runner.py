@@ -47,7 +47,7 @@ from models.engine.kv_cache import KVCache
 from models.engine.scheduler import Chunk, StepPlan
 from models.fp8 import triton_ok
 from models.fused import fused_ok
-from models.model import Branches, BranchPlan, NeoX
+from models.model import Branches, BranchPlan, NeoX, gelu_epilogue_ok
 
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
 # layer, one per length group (see fresh_groups); at most this many groups.
@@ -293,6 +293,7 @@ class ModelRunner:
             # (Triton kernels or torch ops) is chosen then.
             fused_ok(self.device)
             triton_ok(self.device)
+            gelu_epilogue_ok(self.device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             if capture is None:

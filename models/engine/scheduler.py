@@ -96,21 +96,23 @@ class OutputLengths:
     ``max_tokens``. Until a kind has :data:`MIN_SAMPLES` finishes, an unconstrained
     request is projected at ``max_tokens`` and a constrained one at :data:`PRIOR_CONSTRAINED`
     of it: a grammar's output (a label, a JSON record) usually ends far below the limit
-    its caller set, and projecting the first wave of a batch at the limit ran ~35% fewer
-    lines at once than fit — 149 steps for 1,000 JSON-schema lines where lines asking for
-    exactly their length took 128 (``bench.admission_replay``: ``bench.structured``'s
-    batch on plain data, 86-token prompts, ~44 of 160 tokens generated, an H200's 85k
-    tokens of KV); at half the limit, 130. If a kind does run to its limit, the overflow
-    is preempted and recomputed until 64 finishes have taught the share (the same replay
-    with every line generating all 160 tokens: 148 preemptions, ~8% more modelled device
-    time, once per kind).
+    its caller set. Projected at the limit, the first wave of 1,000 JSON-schema lines
+    (86-token prompts, ~44 of 160 tokens generated, an H200's 84k tokens of KV) would be
+    ~340 lines where 512 fit; at half the limit it was 482: the 18 left out made the second wave
+    larger than ``max_num_seqs``, and its 6 leftovers a third, nearly empty one — 127
+    steps on the GPU where lines asking for exactly their length took 107. At a third of
+    the limit the first wave is bounded by ``max_num_seqs``, as theirs is
+    (``bench.admission_replay``: 111 steps, as for exact lengths). If a kind does run to
+    its limit, the overflow is preempted and recomputed until 64 finishes have taught the
+    share (the same replay with every line generating all 160 tokens: 176 preemptions,
+    2% more modelled device time than projecting at the limit, once per kind).
     """
 
     WINDOW = 512  # recent finishes kept per kind
     MIN_SAMPLES = 64
     QUANTILE = 0.9
     FLOOR = 0.125  # never project less than this share of max_tokens
-    PRIOR_CONSTRAINED = 0.5  # the share of a constrained kind not learnt yet
+    PRIOR_CONSTRAINED = 0.35  # the share of a constrained kind not learnt yet
     KINDS = 64  # kinds remembered (least recently finished forgotten first)
 
     def __init__(self) -> None:

@@ -16,8 +16,10 @@ def test_replay_rows(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     rows = data["rows"]
     prior = f"B_prior_{data['prior_constrained']}"
-    assert set(rows) == {"A_exact_unconstrained", "B_prior_none", prior,
-                         "B_all_to_limit_prior_none", f"B_all_to_limit_{prior[2:]}"}
+    assert set(rows) == {"A_exact_unconstrained", "B_prior_none", prior, "B_prior_0.5",
+                         "B_all_to_limit_prior_none", f"B_all_to_limit_{prior[2:]}",
+                         "B_all_to_limit_prior_0.5"}
+    assert rows[prior]["steps"] <= rows["B_prior_0.5"]["steps"]
     assert rows[prior]["steps"] < rows["B_prior_none"]["steps"]
     assert rows[prior]["peak_running"] > rows["B_prior_none"]["peak_running"]
     assert rows["B_prior_none"]["preemptions"] == rows[prior]["preemptions"] == 0

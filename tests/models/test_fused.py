@@ -91,3 +91,24 @@ def test_kernels_are_bit_exact_on_gpu() -> None:
         write_kv_triton(got[1], got[2], caches[0], caches[1], slots // 16, slots % 16)
         write_kv_torch(ref[1], ref[2], caches[2], caches[3], slots // 16, slots % 16)
         assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gelu_epilogue_on_gpu() -> None:
+    """Where the GPU's GEMM epilogue computes the tanh GELU, a bf16 MLP takes it and
+    agrees with the unfused ops to bf16 rounding of the intermediate."""
+    from models.config import get_preset
+    from models.model import MLP, gelu_epilogue_ok
+
+    dev = torch.device("cuda")
+    cfg = get_preset("tiny").replace(hidden_act="gelu_fast")
+    mlp = MLP(cfg).to(dev, torch.bfloat16)
+    x = torch.randn(37, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = mlp(x).float()
+        assert mlp.fuses_up(x) == gelu_epilogue_ok(dev)
+        mlp.fused_gelu = False
+        plain = mlp(x).float()
+    assert (fused - plain).abs().max().item() <= 3e-2 * plain.abs().max().item()
+    print(f"GELU epilogue on {torch.cuda.get_device_name(dev)}: {gelu_epilogue_ok(dev)}")

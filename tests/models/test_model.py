@@ -102,3 +102,16 @@ def test_branch_plan_rejects_bad_specs(spec: str) -> None:
 
     with pytest.raises(ValueError, match="branch"):
         BranchPlan.parse(spec)
+
+
+def test_gelu_epilogue_check_tells_the_two_gelus_apart() -> None:
+    """The CPU's ``_addmm_activation`` computes the exact GELU: the check says no there,
+    so a tanh-GELU model never takes the fused path on a CPU (or a GPU build like it)."""
+    from models.model import MLP, gelu_epilogue_check
+
+    assert not gelu_epilogue_check(torch.device("cpu"))
+    from models.config import get_preset
+
+    mlp = MLP(get_preset("tiny").replace(hidden_act="gelu_fast"))
+    with torch.no_grad():
+        assert not mlp.fuses_up(torch.randn(3, mlp.dense_h_to_4h.in_features))
