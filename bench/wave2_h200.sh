@@ -14,7 +14,8 @@
 #                                       # workers on (a) 512 and (b) 1,000 through the queue
 #   bench/wave2_h200.sh open    OUTDIR  # one H200: GPU tests, GELU epilogue, structured,
 #                                       # (a) with the GELU fused / apart
-#   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both
+#   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both;
+#                                       # (a) with the GELU apart; structured output
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -84,11 +85,16 @@ open)
     done
     ;;
 record)
-    # One H200 (~5 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,
-    # HF on both.
-    timeout 480 python3 -m bench.throughput --workload both --num-prompts 512 \
+    # One H200 (~8 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,
+    # HF on both; (a) again with the MLP's GELU apart; structured output.
+    timeout 330 python3 -m bench.throughput --workload both --num-prompts 512 \
         --num-prompts-b 400 --modes bf16,fp8-all \
         --out "$out/engine_h200.json" 2>&1 | grep -E "workload . ours|HF|mode " | cut -c1-200
+    timeout 80 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
+        --no-fused-gelu --out "$out/engine_a_gelu_off.json" 2>&1 \
+        | grep -E "workload a ours" | cut -c1-160
+    timeout 140 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
+        | grep -E "over_unconstrained"
     ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
