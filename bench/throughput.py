@@ -80,6 +80,7 @@ from models.dtypes import KV_CACHE_DTYPES, QUANTIZATIONS
 from models.engine import MAX_BATCH_TOKENS, MAX_NUM_SEQS, Engine, InferenceEngine
 from models.engine.kv_cache import block_bytes
 from models.fp8 import apply_quantization
+from models.fused import norms_ok
 from models.model import MLP, BranchPlan, NeoX, gelu_epilogue_ok, init_random_
 from models.sampling import SamplingParams
 
@@ -575,6 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-fused-gelu", action="store_true",
                     help="the MLP's GELU as its own kernel instead of the up-projection's "
                          "GEMM epilogue")
+    ap.add_argument("--no-fused-norms", action="store_true",
+                    help="each block's residual adds and the next block's LayerNorms as "
+                         "their own kernels instead of one (models.fused.add_norms)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="run one step at a time (host work not hidden behind the device)")
     ap.add_argument("--compare-overlap", action="store_true",
@@ -811,10 +815,12 @@ def _run_modes(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 
 def _unfuse(args: argparse.Namespace, model: NeoX) -> NeoX:
-    """--no-fused-gelu: every MLP computes its GELU apart from the GEMM."""
+    """--no-fused-gelu: every MLP computes its GELU apart from the GEMM;
+    --no-fused-norms: residual adds and LayerNorms apart."""
     for m in model.modules():
         if isinstance(m, MLP):
             m.fused_gelu = not args.no_fused_gelu
+    model.fused_norms = not args.no_fused_norms
     return model
 
 
@@ -877,7 +883,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                    # Whether the MLPs' GELU runs as the GEMM epilogue (CUDA builds whose
                    # epilogue computes the tanh GELU; see models.model.MLP).
                    "fused_gelu": not args.no_fused_gelu and device.type == "cuda"
-                   and gelu_epilogue_ok(device)},
+                   and gelu_epilogue_ok(device),
+                   "fused_norms": not args.no_fused_norms and device.type == "cuda"
+                   and norms_ok(device)},
         "workloads": {},
     }
 

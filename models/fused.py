@@ -1,5 +1,6 @@
-"""Fused per-layer kernels around attention: the q/k/v split with rotary embedding, and
-the KV-cache write.
+"""Fused per-layer kernels around attention: the q/k/v split with rotary embedding, the
+KV-cache write, and (parallel-residual models) the residual sum with both of the next
+block's LayerNorms.
 
 Per layer the torch ops behind these are ~15 small kernels (unbind, a rotate-half built
 from slices, a negation and two cats for each of q and k, three element-wise ops each,
@@ -77,12 +78,13 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, blocks: Ten
         write_kv_torch(k, v, k_cache, v_cache, blocks, offsets)
 
 
-def _kernels():  # noqa: ANN202 - two triton JIT functions
+def _kernels():  # noqa: ANN202 - three triton JIT functions
     # Imported on first use: triton is not needed where only the torch ops run.
     global _KERNELS
     if _KERNELS is None:
         from models import fused_kernels
-        _KERNELS = (fused_kernels.split_rotate_kernel, fused_kernels.write_kv_kernel)
+        _KERNELS = (fused_kernels.split_rotate_kernel, fused_kernels.write_kv_kernel,
+                    fused_kernels.add_norms_kernel)
     return _KERNELS
 
 
@@ -161,3 +163,92 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> boo
         warnings.warn(f"fused attention-input kernels disagree with torch on {device}; "
                       "using torch ops", stacklevel=3)
     return bool(ok)
+
+
+# --------------------------------------------------------------------------------------
+# Residual sum + both LayerNorms
+# --------------------------------------------------------------------------------------
+#
+# A parallel-residual block ends with x + attention + mlp, and the next one starts with
+# two LayerNorms of that sum: four kernels (two adds, two norms) that write the sum and
+# read it back three times — ~500 MB a layer at a 4,096-token prefill step of the 20B,
+# where one kernel reading each input once and writing the sum and both norms moves 300.
+# The sum rounds after each add as torch's adds do (bit-identical); the norms' statistics
+# are float32 sums in another order than torch's kernel, so their outputs may differ
+# from it in the last bit: the self-check allows that, no more.
+
+
+def add_norms_torch(x: Tensor, a: Tensor | None, m: Tensor | None,
+                    ln1: torch.nn.LayerNorm, ln2: torch.nn.LayerNorm,
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``s = x + a + m`` (just ``x`` when ``a`` is None) and ``ln1(s)``, ``ln2(s)``."""
+    s = x if a is None else x + a + m
+    return s, ln1(s), ln2(s)
+
+
+def add_norms_triton(x: Tensor, a: Tensor | None, m: Tensor | None,
+                     ln1: torch.nn.LayerNorm, ln2: torch.nn.LayerNorm,
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`add_norms_torch` in one Triton kernel ((N, H) contiguous inputs, one eps)."""
+    n, h = x.shape
+    h1, h2 = torch.empty_like(x), torch.empty_like(x)
+    out = x if a is None else torch.empty_like(x)
+    if n == 0:
+        return out, h1, h2
+    has_add = a is not None
+    _kernels()[2][(n,)](
+        x, a if has_add else x, m if has_add else x, out, h1, h2,
+        ln1.weight, ln1.bias, ln2.weight, ln2.bias, h, ln1.eps,
+        HAS_ADD=has_add, BLOCK=max(16, 1 << (h - 1).bit_length()),
+        num_warps=8 if h > 2048 else 4)
+    return out, h1, h2
+
+
+def add_norms(x: Tensor, a: Tensor | None, m: Tensor | None,
+              ln1: torch.nn.LayerNorm, ln2: torch.nn.LayerNorm,
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The residual sum ``x + a + m`` (``x`` alone when ``a`` is None) and both
+    LayerNorms of it; one kernel on CUDA where :func:`norms_ok` (no autograd)."""
+    plain = all(type(ln) is torch.nn.LayerNorm and ln.weight is not None
+                and ln.bias is not None for ln in (ln1, ln2))
+    if (plain and x.is_cuda and x.dim() == 2 and ln1.eps == ln2.eps
+            and ln1.weight.dtype == x.dtype == ln2.weight.dtype
+            and all(t is None or (t.is_contiguous() and t.shape == x.shape
+                                  and t.dtype == x.dtype) for t in (a, m))
+            and x.is_contiguous() and (a is None) == (m is None)
+            and not torch.is_grad_enabled() and norms_ok(x.device)):
+        return add_norms_triton(x, a, m, ln1, ln2)
+    return add_norms_torch(x, a, m, ln1, ln2)
+
+
+def norms_check(device: torch.device) -> bool:
+    """The fused sum + norms against the torch ops on an odd width: the sum bit for bit,
+    the norms within a unit in the last place (float32: 1e-5 relative)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+        h = 200
+        lns = [torch.nn.LayerNorm(h, device=device, dtype=dtype) for _ in range(2)]
+        with torch.no_grad():
+            for ln in lns:
+                ln.weight.copy_(1 + 0.1 * torch.randn(h, generator=g, device=device))
+                ln.bias.copy_(0.1 * torch.randn(h, generator=g, device=device))
+            x, a, m = (torch.randn(9, h, generator=g, device=device).to(dtype) * 3
+                       for _ in range(3))
+            for args in ((x, a, m), (x, None, None)):
+                got = add_norms_triton(*args, *lns)
+                ref = add_norms_torch(*args, *lns)
+                ok = ok and torch.equal(got[0], ref[0]) and all(
+                    (p.float() - q.float()).abs().max().item()
+                    <= tol * q.float().abs().max().item()
+                    for p, q in zip(got[1:], ref[1:], strict=True))
+    if not ok:
+        warnings.warn(f"fused residual-sum + LayerNorm kernel disagrees with torch on "
+                      f"{device}; using torch ops", stacklevel=3)
+    return bool(ok)
+
+
+def norms_ok(device: torch.device) -> bool:
+    """Whether :func:`add_norms` runs its kernel on ``device`` (checked once; never
+    during a CUDA graph capture: call it before capturing)."""
+    return kernels_ok("fused residual-sum + LayerNorm kernel", device, norms_check)

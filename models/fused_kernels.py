@@ -59,3 +59,33 @@ def write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, blocks_ptr, offsets_ptr, NH,
                                    + d[None, :], mask=m), mask=m)
     tl.store(vc_ptr + dst, tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh
                                    + d[None, :], mask=m), mask=m)
+
+
+@triton.jit
+def add_norms_kernel(x_ptr, a_ptr, m_ptr, out_ptr, h1_ptr, h2_ptr,
+                     w1_ptr, b1_ptr, w2_ptr, b2_ptr, H, eps,
+                     HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row: the residual sum (rounded after each add, as torch adds),
+    # then both LayerNorms of it from one read, statistics in float32.
+    row = tl.program_id(0).to(tl.int64) * H
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+    ty = x.dtype
+    if HAS_ADD:
+        a = tl.load(a_ptr + row + cols, mask=mask, other=0.0)
+        m = tl.load(m_ptr + row + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + a.to(tl.float32)).to(ty)
+        x = (x.to(tl.float32) + m.to(tl.float32)).to(ty)
+        tl.store(out_ptr + row + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / H
+    centred = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / H
+    normed = centred / tl.sqrt(var + eps)
+    w1 = tl.load(w1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b1 = tl.load(b1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h1_ptr + row + cols, (normed * w1 + b1).to(ty), mask=mask)
+    w2 = tl.load(w2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h2_ptr + row + cols, (normed * w2 + b2).to(ty), mask=mask)

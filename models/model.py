@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import TANH_GELUS, NeoXConfig
-from models.fused import rotate_half_torch, split_rotate
+from models.fused import add_norms, rotate_half_torch, split_rotate
 from models.kernel_check import kernels_ok
 
 
@@ -325,31 +325,35 @@ class Block(nn.Module):
     ) -> Tensor:
         """``side``: with the parallel residual, run the MLP branch beside the attention
         (see :class:`Branches`); the result is the same sum in the same order."""
-        if side is not None and self.parallel:
-            return self._branched(x, rotary, cos, sin, attn, side)
-        a = self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
         if self.parallel:
             # GPT-J style: both branches read the same input.
-            return x + a + self.mlp(self.post_attention_layernorm(x))
-        x = x + a
+            a, m = self.branches(self.input_layernorm(x), self.post_attention_layernorm(x),
+                                 rotary, cos, sin, attn, side)
+            return x + a + m
+        x = x + self.attention(self.input_layernorm(x), rotary, cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _branched(self, x: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
-                  attn: AttentionBackend, side: Branches) -> Tensor:
-        main = torch.cuda.current_stream(x.device) if side.stream is not None else None
+    def branches(self, h1: Tensor, h2: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+                 attn: AttentionBackend, side: Branches | None = None,
+                 ) -> tuple[Tensor, Tensor]:
+        """A parallel-residual block's attention of ``h1`` (its input LayerNorm's output)
+        and MLP of ``h2`` (the other LayerNorm's), on two streams as ``side`` says."""
+        if side is None:
+            return self.attention(h1, rotary, cos, sin, attn), self.mlp(h2)
+        main = torch.cuda.current_stream(h1.device) if side.stream is not None else None
         qkv = None
         if side.plan.fork == "qkv":
-            qkv = self.attention.query_key_value(self.input_layernorm(x))
+            qkv = self.attention.query_key_value(h1)
         if side.stream is not None:
             side.stream.wait_stream(main)
         with torch.cuda.stream(side.stream), gemm_sm_carveout(side.plan.free_sms):
-            m = self.mlp(self.post_attention_layernorm(x))
+            m = self.mlp(h2)
         if qkv is None:
-            qkv = self.attention.query_key_value(self.input_layernorm(x))
+            qkv = self.attention.query_key_value(h1)
         a = self.attention.attend(qkv, rotary, cos, sin, attn)
         if side.stream is not None:
             main.wait_stream(side.stream)
-        return x + a + m
+        return a, m
 
 
 class NeoX(nn.Module):
@@ -381,6 +385,8 @@ class NeoX(nn.Module):
         # Training turns this on to recompute each block's activations during the backward
         # pass instead of keeping them (activation checkpointing); inference never needs it.
         self.checkpoint_blocks = False
+        # Inference on CUDA: residual sums and the next block's norms fused (run_layers_fused).
+        self.fused_norms = True
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -396,12 +402,34 @@ class NeoX(nn.Module):
                    side: Branches | None = None) -> Tensor:
         """(N, H) hidden states through this module's blocks (``side``: see
         :meth:`Block.forward`)."""
+        if (self.fused_norms and self.layers and self.config.parallel_residual and x.is_cuda
+                and not torch.is_grad_enabled()):
+            return self.run_layers_fused(x, positions, attn, side)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for block in self.layers.values():
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, self.rotary, cos, sin, attn, use_reentrant=False)
             else:
                 x = block(x, self.rotary, cos, sin, attn, side)
+        return x
+
+    def run_layers_fused(self, x: Tensor, positions: Tensor, attn: AttentionBackend,
+                         side: Branches | None = None) -> Tensor:
+        """:meth:`run_layers` of parallel-residual blocks with each block's residual sum
+        and the next block's two LayerNorms in one kernel (:func:`models.fused.add_norms`,
+        which runs torch ops where its kernel does not run): the same numbers up to the
+        norms' last bit. What run_layers does for inference on CUDA."""
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        blocks = list(self.layers.values())
+        first = blocks[0]
+        x, h1, h2 = add_norms(x, None, None, first.input_layernorm,
+                              first.post_attention_layernorm)
+        for i, block in enumerate(blocks):
+            a, m = block.branches(h1, h2, self.rotary, cos, sin, attn, side)
+            if i + 1 == len(blocks):
+                return x + a + m
+            nxt = blocks[i + 1]
+            x, h1, h2 = add_norms(x, a, m, nxt.input_layernorm, nxt.post_attention_layernorm)
         return x
 
     def head(self, x: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ from models.engine.block_manager import NULL_BLOCK
 from models.engine.kv_cache import KVCache
 from models.engine.scheduler import Chunk, StepPlan
 from models.fp8 import triton_ok
-from models.fused import fused_ok
+from models.fused import fused_ok, norms_ok
 from models.model import Branches, BranchPlan, NeoX, gelu_epilogue_ok
 
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
@@ -294,6 +294,7 @@ class ModelRunner:
             fused_ok(self.device)
             triton_ok(self.device)
             gelu_epilogue_ok(self.device)
+            norms_ok(self.device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             if capture is None:

@@ -12,7 +12,14 @@ import json
 
 import torch
 
-from models.fused import split_rotate_torch, split_rotate_triton, write_kv_torch, write_kv_triton
+from models.fused import (
+    add_norms_torch,
+    add_norms_triton,
+    split_rotate_torch,
+    split_rotate_triton,
+    write_kv_torch,
+    write_kv_triton,
+)
 
 # (heads, head dim, rotary dims): the 20B's, an odd one (heads not a multiple of a
 # program's, head dim not a power of two), full rotary, none.
@@ -50,6 +57,24 @@ def write_case(nh: int, hd: int, dtype: torch.dtype, seed: int) -> dict[str, flo
                            and torch.equal(caches[1], caches[3]))}
 
 
+def norms_case(h: int, dtype: torch.dtype, with_add: bool, seed: int) -> dict[str, float]:
+    """The fused residual sum + both LayerNorms against the torch ops: largest error of
+    the sum and of the norms, relative to each reference's largest value."""
+    g = torch.Generator().manual_seed(seed)
+    lns = [torch.nn.LayerNorm(h, dtype=dtype) for _ in range(2)]
+    with torch.no_grad():
+        for ln in lns:
+            ln.weight.copy_(1 + 0.1 * torch.randn(h, generator=g))
+            ln.bias.copy_(0.1 * torch.randn(h, generator=g))
+        x, a, m = ((torch.randn(5, h, generator=g) * 3).to(dtype) for _ in range(3))
+        args = (x, a, m) if with_add else (x, None, None)
+        got = add_norms_triton(*args, *lns)
+        ref = add_norms_torch(*args, *lns)
+    errs = [float((p.float() - q.float()).abs().max() / q.float().abs().max())
+            for p, q in zip(got, ref, strict=True)]
+    return {"sum_rel": errs[0], "norms_rel": max(errs[1:])}
+
+
 def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for i, (nh, hd, dim) in enumerate(SHAPES):
@@ -57,6 +82,11 @@ def main() -> None:
             name = f"{nh}x{hd}/rot{dim}/{str(dtype)[6:]}"
             results[f"split {name}"] = split_case(nh, hd, dim, dtype, seed=i)
             results[f"write {name}"] = write_case(nh, hd, dtype, seed=i)
+    for h in (48, 200):
+        for dtype in (torch.float32, torch.bfloat16):
+            for with_add in (True, False):
+                name = f"norms {h}/{str(dtype)[6:]}/{'add' if with_add else 'first'}"
+                results[name] = norms_case(h, dtype, with_add, seed=h)
     print(json.dumps(results))
 
 

@@ -38,8 +38,15 @@ def test_cpu_and_autograd_take_the_torch_ops() -> None:
 
 def test_triton_kernels_under_the_interpreter() -> None:
     results = run_json(["-m", "tests.models.fused_interp"], interpret=True, timeout=300)
-    assert len(results) == 2 * 3 * len(SHAPES)
+    assert len(results) == 2 * 3 * len(SHAPES) + 8
     for name, r in results.items():
+        if name.startswith("norms"):
+            # float32: the sum exact, the norms to float32 rounding; bfloat16 within a
+            # rounding (the interpreter truncates float32 to bfloat16, CUDA rounds).
+            bf16 = "bfloat16" in name
+            assert r["sum_rel"] <= (2.0 ** -7 if bf16 else 0), (name, r)
+            assert r["norms_rel"] <= (2.0 ** -6 if bf16 else 1e-5), (name, r)
+            continue
         if name.startswith("write"):
             assert r["exact"] == 1, name
             continue
@@ -112,3 +119,54 @@ def test_gelu_epilogue_on_gpu() -> None:
         plain = mlp(x).float()
     assert (fused - plain).abs().max().item() <= 3e-2 * plain.abs().max().item()
     print(f"GELU epilogue on {torch.cuda.get_device_name(dev)}: {gelu_epilogue_ok(dev)}")
+
+
+def test_fused_layers_equal_plain_on_cpu() -> None:
+    """The fused-norms layer loop (what run_layers takes for inference on CUDA), run
+    where add_norms falls back to torch ops: the same numbers as the plain loop."""
+    from models.config import get_preset
+    from models.model import DenseAttention, NeoX, init_random_
+
+    model = init_random_(NeoX(get_preset("tiny")), seed=4).eval()
+    assert model.config.parallel_residual
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(7).expand(2, 7).reshape(-1)
+    with torch.no_grad():
+        x = model.embed(ids.reshape(-1))
+        plain = model.run_layers(x, positions, DenseAttention(2, 7))
+        fused = model.run_layers_fused(x, positions, DenseAttention(2, 7))
+    assert torch.equal(plain, fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_add_norms_on_gpu() -> None:
+    """On the GPU the fused sum is bit-exact and the norms within a bf16 rounding, at
+    the 20B's width and decode/prefill row counts; a whole tiny model's layers agree."""
+    from models.config import get_preset
+    from models.fused import add_norms, add_norms_torch, norms_ok
+    from models.model import DenseAttention, NeoX, init_random_
+
+    dev = torch.device("cuda")
+    assert norms_ok(dev)
+    g = torch.Generator(device=dev).manual_seed(3)
+    for n in (1, 336, 4096):
+        lns = [torch.nn.LayerNorm(6144, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+        x, a, m = (torch.randn(n, 6144, generator=g, device=dev).to(torch.bfloat16)
+                   for _ in range(3))
+        with torch.no_grad():
+            got = add_norms(x, a, m, *lns)
+            ref = add_norms_torch(x, a, m, *lns)
+        assert torch.equal(got[0], ref[0])
+        for p, q in zip(got[1:], ref[1:], strict=True):
+            err = (p.float() - q.float()).abs().max().item()
+            assert err <= 2 ** -7 * q.float().abs().max().item()
+    model = init_random_(NeoX(get_preset("tiny")), seed=4).eval().to(dev, torch.bfloat16)
+    ids = torch.randint(0, 500, (2, 7), device=dev)
+    positions = torch.arange(7, device=dev).expand(2, 7).reshape(-1)
+    with torch.no_grad():
+        x = model.embed(ids.reshape(-1))
+        fused = model.run_layers(x, positions, DenseAttention(2, 7)).float()
+        model.fused_norms = False
+        plain = model.run_layers(x, positions, DenseAttention(2, 7)).float()
+    assert (fused - plain).abs().max().item() <= 3e-2 * plain.abs().max().item()
