@@ -16,6 +16,7 @@
 #                                       # (a) with the GELU fused / apart
 #   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both;
 #                                       # (a) with the GELU apart; structured output
+#   bench/wave2_h200.sh norms   OUTDIR  # one H200: fused residual + LayerNorm kernel, (a)/(b)
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -96,13 +97,26 @@ record)
     timeout 140 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
         | grep -E "over_unconstrained"
     ;;
+norms)
+    # One H200 (~5 minutes): the fused residual-sum + LayerNorm kernel's GPU tests, (a)
+    # with it (HF beside) and without it, (b) with it.
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused.py \
+        tests/models/test_engine.py -k "gpu or cuda" 2>&1 | grep -E "passed|failed"
+    timeout 150 python3 -m bench.throughput --workload a --num-prompts 512 \
+        --out "$out/engine_a_norms_on_h200.json" 2>&1 | grep -E "workload a ours|HF" | cut -c1-160
+    timeout 80 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
+        --no-fused-norms --out "$out/engine_a_norms_off_h200.json" 2>&1 \
+        | grep -E "workload a ours" | cut -c1-160
+    timeout 120 python3 -m bench.throughput --workload b --num-prompts-b 400 --skip-hf \
+        --out "$out/engine_b_norms_on_h200.json" 2>&1 | grep -E "workload b ours" | cut -c1-160
+    ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
     timeout 450 python3 -m bench.scale --configs pp2 --num-prompts-a 512 \
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -6
     ;;
 *)
-    echo "usage: $0 engine|extras|service|pair|open|record|pp2 OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair|open|record|norms|pp2 OUTDIR" >&2
     exit 2
     ;;
 esac
