@@ -135,7 +135,9 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
 
 
 def test_disconnect_aborts_in_the_engine(live: Live, client: OpenAI) -> None:
-    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 400,
+    # Long enough (8 samples to the context's end) that the generation is still running
+    # when the hang-up reaches the worker, even on a loaded 2-core machine.
+    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 480, "n": 8,
             "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http, \
             http.stream("POST", live.url + "/v1/completions", json=body) as r:
