@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +25,7 @@ from api import service
 from api.auth import OwnerDep
 from api.errors import ApiError, SafeJSONResponse
 from api.render import CompletionLogprobs, chat_logprobs, completion_logprobs
+from api.streaming import ClosingStream
 from core.celery_app import model_queue
 from core.interactive import LaneEvent, LaneRequest, abort_channel, lane_key, reply_key
 from core.jsonl import CHAT_URL, ECHO, find_bad_text, parse_openai, quoted
@@ -236,7 +236,7 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 def _event_stream(lane: Lane, head: dict[str, Any],
                   deltas: Callable[[LaneEvent], Iterator[bytes]],
                   finals: Callable[[LaneEvent], Iterator[bytes]],
-                  include_usage: bool) -> StreamingResponse:
+                  include_usage: bool) -> ClosingStream:
     """Server-sent events of a lane, as OpenAI streams: the endpoint's chunks for each
     delta and for the finished choices, the usage chunk if asked for, then ``[DONE]``;
     an error ends the stream the same way. The request is aborted however it ends."""
@@ -262,8 +262,9 @@ def _event_stream(lane: Lane, head: dict[str, Any],
         finally:
             await lane.abort()  # once finished, only the reply list goes
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return ClosingStream(sse(), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})
+
 
 
 def _deadline(settings: Settings) -> float:

@@ -18,6 +18,7 @@ from api import render, service
 from api.auth import OwnerDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import BatchList, BatchStatus, WorkerList, WorkerOut
+from api.streaming import ClosingStream
 from api.uploads import (
     multipart_or_raw,
     remove,
@@ -247,7 +248,7 @@ def results_route(batch_id: str, request: Request, session: SessionDep,
     line, text, finish_reason, usage, timings."""
     service.owned_batch(session, batch_id, owner)
     session.close()  # the stream reads with its own session; free this connection now
-    return StreamingResponse(service.stream_native_results(request.app.state.db, batch_id),
+    return ClosingStream(service.stream_native_results(request.app.state.db, batch_id),
                              media_type=JSONL)
 
 
@@ -258,7 +259,7 @@ def errors_route(batch_id: str, request: Request, session: SessionDep,
     """One JSONL line per failed item (or refused line): line number, field, reason."""
     service.owned_batch(session, batch_id, owner)
     session.close()  # the stream reads with its own session; free this connection now
-    return StreamingResponse(service.stream_native_errors(request.app.state.db, batch_id),
+    return ClosingStream(service.stream_native_errors(request.app.state.db, batch_id),
                              media_type=JSONL)
 
 

@@ -26,6 +26,7 @@ from api.schemas import (
     OpenAIBatch,
     OpenAIBatchList,
 )
+from api.streaming import ClosingStream
 from api.uploads import save_multipart, upload_paths
 from core.jsonl import OPENAI_URLS, quoted
 from specs.status import CUT_SHORT, BatchStatus
@@ -129,9 +130,9 @@ def file_content(file_id: str, request: Request, session: SessionDep,
         path = Path(f.path)
         if not path.exists():
             raise ApiError(404, f"The content of file {file_id!r} is gone.", code="not_found")
-        return StreamingResponse(service.stream_stored_file(path),
+        return ClosingStream(service.stream_stored_file(path),
                                  media_type="application/octet-stream")
-    return StreamingResponse(service.stream_virtual_file(request.app.state.db, f),
+    return ClosingStream(service.stream_virtual_file(request.app.state.db, f),
                              media_type="application/octet-stream")
 
 

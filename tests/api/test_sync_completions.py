@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -230,3 +231,33 @@ def test_echo_scores_equal_the_engine(client: OpenAI) -> None:
     assert both.choices[0].text.startswith("Hello there")
     n_prompt = both.usage.prompt_tokens
     assert len(both.choices[0].logprobs.token_logprobs) == n_prompt + 4
+
+
+def test_a_stream_cancelled_while_writing_closes_its_body() -> None:
+    """A hang-up that cancels the response while it writes a chunk (the client stopped
+    reading) still runs the body's ``finally`` (which aborts the request in the engine)
+    at once, not whenever the suspended generator is garbage-collected."""
+    import anyio
+
+    from api.completions import ClosingStream
+
+    closed: list[str] = []
+
+    async def body() -> Any:
+        try:
+            while True:
+                yield b"data: x\n\n"
+        finally:
+            closed.append("finally")
+
+    async def stuck_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep_forever()  # a full socket buffer
+
+    async def main() -> list[str]:
+        response = ClosingStream(body(), media_type="text/event-stream")
+        with anyio.move_on_after(0.2):
+            await response.stream_response(stuck_send)
+        return list(closed)  # before the event loop's shutdown closes any generator
+
+    assert anyio.run(main) == ["finally"]
