@@ -266,7 +266,6 @@ def _event_stream(lane: Lane, head: dict[str, Any],
                           headers={"Cache-Control": "no-cache"})
 
 
-
 def _deadline(settings: Settings) -> float:
     return time.time() + settings.interactive_timeout
 

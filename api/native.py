@@ -249,7 +249,7 @@ def results_route(batch_id: str, request: Request, session: SessionDep,
     service.owned_batch(session, batch_id, owner)
     session.close()  # the stream reads with its own session; free this connection now
     return ClosingStream(service.stream_native_results(request.app.state.db, batch_id),
-                             media_type=JSONL)
+                         media_type=JSONL)
 
 
 @router.get("/batches/{batch_id}/errors", response_class=StreamingResponse,
@@ -260,7 +260,7 @@ def errors_route(batch_id: str, request: Request, session: SessionDep,
     service.owned_batch(session, batch_id, owner)
     session.close()  # the stream reads with its own session; free this connection now
     return ClosingStream(service.stream_native_errors(request.app.state.db, batch_id),
-                             media_type=JSONL)
+                         media_type=JSONL)
 
 
 @router.get("/workers", response_model=WorkerList, tags=["workers"])

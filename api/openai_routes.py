@@ -131,9 +131,9 @@ def file_content(file_id: str, request: Request, session: SessionDep,
         if not path.exists():
             raise ApiError(404, f"The content of file {file_id!r} is gone.", code="not_found")
         return ClosingStream(service.stream_stored_file(path),
-                                 media_type="application/octet-stream")
-    return ClosingStream(service.stream_virtual_file(request.app.state.db, f),
                              media_type="application/octet-stream")
+    return ClosingStream(service.stream_virtual_file(request.app.state.db, f),
+                         media_type="application/octet-stream")
 
 
 @router.post("/batches", response_model=OpenAIBatch)

@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def trace_steps(step: Callable[[], object], n: int) -> dict[str, Any]:
         wall = time.perf_counter() - t
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.loads(open(f.name).read())
+        trace = json.loads(Path(f.name).read_text())
     return {"steps": n, "wall_ms": 1e3 * wall, **gpu_timeline(trace)}
 
 

@@ -424,13 +424,11 @@ class NeoX(nn.Module):
         first = blocks[0]
         x, h1, h2 = add_norms(x, None, None, first.input_layernorm,
                               first.post_attention_layernorm)
-        for i, block in enumerate(blocks):
+        for block, nxt in zip(blocks, blocks[1:], strict=False):
             a, m = block.branches(h1, h2, self.rotary, cos, sin, attn, side)
-            if i + 1 == len(blocks):
-                return x + a + m
-            nxt = blocks[i + 1]
             x, h1, h2 = add_norms(x, a, m, nxt.input_layernorm, nxt.post_attention_layernorm)
-        return x
+        a, m = blocks[-1].branches(h1, h2, self.rotary, cos, sin, attn, side)
+        return x + a + m
 
     def head(self, x: Tensor) -> Tensor:
         """(N, H) -> (N, V) logits."""
