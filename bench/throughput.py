@@ -91,6 +91,8 @@ MODES: dict[str, tuple[str, str]] = {
     "bf16": ("auto", "none"), "fp8-kv": ("fp8", "none"), "fp8-weights": ("auto", "fp8"),
     "fp8-all": ("fp8", "fp8"),
 }
+# A --branch-plans entry: decode graphs without a branch stream.
+NO_BRANCHES = "none"
 
 
 def log(msg: str) -> None:
@@ -568,8 +570,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "overrides --kv-cache-dtype/--quantization")
     ap.add_argument("--branch-plans", default=None, metavar="PLANS",
                     help="comma-separated decode branch plans (FORK[/FREE_SMS][/mlp-first], "
-                         "see models.model.BranchPlan), one engine each on the same weights, "
-                         "results under branch_plans; the first one's are the run's")
+                         "see models.model.BranchPlan, or 'none': no branch stream), one "
+                         "engine each on the same weights, results under branch_plans; the "
+                         "first one's are the run's")
     ap.add_argument("--no-branch-streams", action="store_true",
                     help="decode graphs run each block's attention and MLP one after the "
                          "other instead of on two streams")
@@ -616,9 +619,11 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                 names: list[str], loads: dict[str, tuple[list[list[int]], list[int]]],
                 kv_cache_dtype: str = "auto", save: Any = None,
                 ceil: dict[str, float] | None = None,
-                plan: BranchPlan | None = None) -> None:
+                plan: BranchPlan | None = None, streams: bool | None = None) -> None:
     """Ceilings (unless given), the engine on each workload and its roofline, into
-    ``result``; ``save()`` after each workload (default: merge ``result`` into --out)."""
+    ``result``; ``save()`` after each workload (default: merge ``result`` into --out).
+    ``streams``: whether decode graphs use branch streams (default: unless
+    --no-branch-streams)."""
     device = next(model.parameters()).device
     cfg = model.config
     weight_bytes = model.parameter_bytes()
@@ -639,7 +644,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                     cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                     kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap,
                     enable_cascade=not args.no_cascade,
-                    branch_streams=not args.no_branch_streams, branch_plan=plan)
+                    branch_streams=(not args.no_branch_streams) if streams is None else streams,
+                    branch_plan=plan)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -830,15 +836,18 @@ def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     """The engine once per --branch-plans entry on the same weights (an A/B in one
     process): rows under ``result["branch_plans"]``, the first plan's also as the run's
     ``workloads``; ``plan_ratios`` divides each plan's output tok/s by the first's."""
-    plans = [BranchPlan.parse(p.strip()) for p in args.branch_plans.split(",") if p.strip()]
-    if not plans:
+    specs = [p.strip() for p in args.branch_plans.split(",") if p.strip()]
+    if not specs:
         raise SystemExit("--branch-plans: at least one plan")
-    first = str(plans[0])
+    # "none": no branch stream (each block's attention and MLP one after the other).
+    plans = [None if s == NO_BRANCHES else BranchPlan.parse(s) for s in specs]
+    first = str(plans[0] or NO_BRANCHES)
     result["branch_plans"] = {}
     ceil: dict[str, float] | None = None
     for plan in plans:
+        name_ = str(plan or NO_BRANCHES)
         entry: dict[str, Any] = {"engine": dict(result["engine"]), "workloads": {}}
-        result["branch_plans"][str(plan)] = entry
+        result["branch_plans"][name_] = entry
 
         def save() -> None:
             done = result["branch_plans"]
@@ -851,13 +860,13 @@ def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                 for p, e in done.items()}
             _write(args.out, result)
 
-        log(f"branch plan {plan}")
+        log(f"branch plan {name_}")
         _run_engine(args, model, entry, names, loads, kv_cache_dtype=args.kv_cache_dtype,
-                    save=save, ceil=ceil, plan=plan)
+                    save=save, ceil=ceil, plan=plan, streams=plan is not None)
         ceil = entry["ceilings"]
         result["ceilings"] = ceil
-        for name, ratio in result["plan_ratios"].get(str(plan), {}).items():
-            log(f"branch plan {plan} ({name}): {ratio:.3f}x the output tok/s of {first}")
+        for name, ratio in result["plan_ratios"].get(name_, {}).items():
+            log(f"branch plan {name_} ({name}): {ratio:.3f}x the output tok/s of {first}")
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
