@@ -51,10 +51,15 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+# Kernels listed by name in a trace's summary (the longest in total).
+TOP_KERNELS = 16
+
+
 def gpu_timeline(trace: dict[str, Any]) -> dict[str, Any]:
     """From a chrome trace (torch.profiler's export): the window from the first GPU
     activity's start to the last one's end, the time at least one ran (busy), kernel time
-    by kind, and the time two or more ran at once (overlap)."""
+    by kind and of the longest kernels by name, and the time two or more ran at once
+    (overlap)."""
     spans: list[tuple[float, float, str]] = []
     for ev in trace.get("traceEvents", []):
         if ev.get("ph") == "X" and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
@@ -75,12 +80,16 @@ def gpu_timeline(trace: dict[str, Any]) -> dict[str, Any]:
         last = t
     window = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
     by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
     for a, b, name in spans:
         kind = kernel_kind(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + (b - a) / 1e3
+        by_name[name[:90]] = by_name.get(name[:90], 0.0) + (b - a) / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return {"window_ms": window / 1e3, "busy_ms": busy / 1e3,
             "busy_share": busy / window if window else 0.0, "overlap_ms": overlap / 1e3,
             "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items())},
+            "top_kernels_ms": {k: round(v, 3) for k, v in top},
             "activities": len(spans)}
 
 
@@ -120,7 +129,9 @@ def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dic
         if decode and band is not None and band not in traces:
             since[band] = since.get(band, 0) + 1
             if since[band] > 40:
-                traces[band] = {"running": running, **trace_steps(engine.step, 4)}
+                ctx = float(np.mean([len(s.tokens) for s in sched.running]))
+                traces[band] = {"running": running, "mean_context": ctx,
+                                **trace_steps(engine.step, 4)}
                 log(f"{band}: {traces[band]}")
                 continue
         before = engine.stats["decode_steps"]
@@ -136,20 +147,25 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
     ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-branch-streams", action="store_true",
+                    help="decode graphs without the MLP's second stream (kernel times then "
+                         "add up: none runs beside another)")
     ap.add_argument("--overlapped", action="store_true",
                     help="trace the engine's own overlapped steps (see the module's docstring)")
     args = ap.parse_args()
     device = torch.device("cuda")
     model = build_model(args.model, device, torch.bfloat16)
     engine = Engine(model, None, kv_memory=None, max_num_seqs=args.max_num_seqs,
-                    max_batch_tokens=args.max_batch_tokens, cuda_graphs=True)
+                    max_batch_tokens=args.max_batch_tokens, cuda_graphs=True,
+                    branch_streams=not args.no_branch_streams)
     log(f"decode kernel config (tile, warps, stages, heads/program): {engine.attn_config}")
     meta = {"bench": "profile_engine", "commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "device": torch.cuda.get_device_name(device), "model": args.model,
             "workload": f"a, {args.num_prompts} prompts",
             "engine": {"max_num_seqs": args.max_num_seqs,
-                       "max_batch_tokens": args.max_batch_tokens}}
+                       "max_batch_tokens": args.max_batch_tokens,
+                       "branch_streams": not args.no_branch_streams}}
     if args.overlapped:
         warm_up(engine)
         engine.capture_graphs()
