@@ -15,7 +15,7 @@
 #   bench/wave2_h200.sh open    OUTDIR  # one H200: GPU tests, GELU epilogue, structured,
 #                                       # (a) with the GELU fused / apart
 #   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both;
-#                                       # (a) with the GELU apart; structured output
+#                                       # a fresh worker's first batch
 #   bench/wave2_h200.sh norms   OUTDIR  # one H200: fused residual + LayerNorm kernel, (a)/(b)
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
@@ -86,16 +86,14 @@ open)
     done
     ;;
 record)
-    # One H200 (~8 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,
-    # HF on both; (a) again with the MLP's GELU apart; structured output.
+    # One H200 (~7 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,
+    # HF on both; a fresh worker's first batch (its warm-up covers every decode bucket).
     timeout 330 python3 -m bench.throughput --workload both --num-prompts 512 \
         --num-prompts-b 400 --modes bf16,fp8-all \
-        --out "$out/engine_h200.json" 2>&1 | grep -E "workload . ours|HF|mode " | cut -c1-200
-    timeout 80 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
-        --no-fused-gelu --out "$out/engine_a_gelu_off.json" 2>&1 \
-        | grep -E "workload a ours" | cut -c1-160
-    timeout 140 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
-        | grep -E "over_unconstrained"
+        --out "$out/engine_h200.json" 2>&1 | grep -E "workload . ours|HF|mode |decode graphs" \
+        | cut -c1-1200
+    timeout 150 python3 -m bench.first_batch --modes on --num-prompts 256 \
+        --out "$out/first_batch_h200.json" 2>&1 | tail -5
     ;;
 norms)
     # One H200 (~5 minutes): the fused residual-sum + LayerNorm kernel's GPU tests, (a)
