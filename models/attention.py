@@ -124,20 +124,23 @@ class PagedAttention:
             if m.num_continuing:
                 out[d:r] = self._continuing(q[d:r], kc, vc, scales)
             if m.fresh_groups:
-                out[d + m.fresh[0][0]: d + m.fresh[-1][1]] = self._fresh(q[d:], k[d:], v[d:])
+                self._fresh(q[d:], k[d:], v[d:], out[d + m.fresh[0][0]: d + m.fresh[-1][1]])
             else:
                 for start, end in m.fresh:
                     s, e = d + start, d + end
                     out[s:e] = _causal(q[s:e], k[s:e], v[s:e])
         return out
 
-    def _fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """All chunks that start a sequence, one causal call per length group; q, k, v are
-        the step's rows after the decode tokens. Returns the fresh rows' outputs."""
+    def _fresh(self, q: Tensor, k: Tensor, v: Tensor, dest: Tensor) -> None:
+        """All chunks that start a sequence, one causal call per length group, their
+        outputs written to ``dest`` (the fresh rows of the step's output); q, k, v are the
+        step's rows after the decode tokens."""
         m = self.meta
         assert m is not None and m.fresh_gather is not None and m.fresh_scatter is not None
         nh, hd = q.shape[1:]
-        in_place = m.fresh_gather.numel() == 0  # already packed: one group, equal chunks
+        # Already packed (runs of equal chunks in row order): each group's output is
+        # its rows' output.
+        in_place = m.fresh_gather.numel() == 0
         if in_place:
             lo, hi = m.fresh[0][0], m.fresh[-1][1]
             qg, kg, vg = q[lo:hi], k[lo:hi], v[lo:hi]
@@ -148,11 +151,15 @@ class PagedAttention:
         for n, s in m.fresh_groups:
             # (n * S, nh, hd) -> (n, nh, S, hd): 4-D with a contiguous last dim for flash.
             part = [t[at: at + n * s].view(n, s, nh, hd).transpose(1, 2) for t in (qg, kg, vg)]
-            o = F.scaled_dot_product_attention(*part, is_causal=True)
-            outs.append(o.transpose(1, 2).reshape(n * s, nh, hd))
+            o = F.scaled_dot_product_attention(*part, is_causal=True).transpose(1, 2)
+            if in_place:
+                dest[at: at + n * s].view(n, s, nh, hd).copy_(o)
+            else:
+                outs.append(o.reshape(n * s, nh, hd))
             at += n * s
-        packed = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return packed if in_place else packed[m.fresh_scatter]
+        if not in_place:
+            packed = outs[0] if len(outs) == 1 else torch.cat(outs)
+            torch.index_select(packed, 0, m.fresh_scatter, out=dest)
 
     def _decode(self, q: Tensor, kc: Tensor, vc: Tensor,
                 scales: tuple[Tensor, Tensor] | None) -> Tensor:

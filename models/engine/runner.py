@@ -52,6 +52,10 @@ from models.model import Branches, BranchPlan, NeoX, gelu_epilogue_ok
 # Prefill chunks that start a sequence run as a few padded causal attention calls per
 # layer, one per length group (see fresh_groups); at most this many groups.
 MAX_FRESH_CALLS = 16
+# Chunks already laid out as a few runs of one length each (prompts of one length, and
+# the chunk the step's token budget cut) are read in place, one call per run, when there
+# are at most this many runs: cheaper than gathering q, k and v into a padded batch.
+MAX_IN_PLACE_RUNS = 4
 # Likewise chunks that continue a sequence, grouped by context length (see
 # continuing_groups).
 MAX_CONTINUING_CALLS = 8
@@ -128,12 +132,21 @@ def fresh_groups(
 
     Right padding is exact under a causal mask (a real query never sees the padded keys
     after it). Chunks are grouped by length so padding stays under half of each group.
-    When the packing is the rows as they are (one group of equal chunks: prompts of one
-    length), gather and scatter are empty and attention reads the rows in place.
+    When the rows as they are already form the groups — at most
+    :data:`MAX_IN_PLACE_RUNS` runs of equal-length chunks, in row order — gather and
+    scatter are empty and attention reads the rows in place, one group per run.
     """
+    empty = np.zeros(0, dtype=np.int64)
     if not fresh:
-        empty = np.zeros(0, dtype=np.int64)
         return (), empty, empty
+    runs: list[list[int]] = []  # [chunks, length] of consecutive equal-length chunks
+    for start, end in fresh:
+        if runs and runs[-1][1] == end - start:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, end - start])
+    if len(runs) <= MAX_IN_PLACE_RUNS:
+        return tuple((n, s) for n, s in runs), empty, empty
     base = fresh[0][0]
     order = sorted(range(len(fresh)), key=lambda i: fresh[i][0] - fresh[i][1])  # longest first
     members: list[list[int]] = []
@@ -160,9 +173,6 @@ def fresh_groups(
             scatter[fresh[i][0] - base: fresh[i][1] - base] = at + k * s_max + cols[: lens[k]]
         groups.append((len(group), s_max))
         at += len(group) * s_max
-    if len(groups) == 1 and groups[0][0] * groups[0][1] == total:
-        empty = np.zeros(0, dtype=np.int64)
-        return tuple(groups), empty, empty
     return tuple(groups), np.concatenate(gathers), scatter
 
 

@@ -634,25 +634,44 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
         assert engine.stats["graph_steps"] > 0
 
 
-def test_fresh_packing_in_place_for_equal_chunks() -> None:
-    """Chunks of one length are already packed: no gather or scatter; mixed lengths are
-    gathered right-padded by group and scattered back to every row once."""
-    from models.engine.runner import fresh_groups
+def test_fresh_packing_in_place_for_runs_of_equal_chunks() -> None:
+    """Chunks of one length are already packed: no gather or scatter; so are a few runs
+    of equal chunks in row order (one group each: prompts of one length and the one the
+    step's budget cut); more mixed lengths are gathered right-padded by group and
+    scattered back to every row once."""
+    from models.engine.runner import MAX_IN_PLACE_RUNS, fresh_groups
 
     groups, gather, scatter = fresh_groups([(3, 7), (7, 11), (11, 15)])
     assert groups == ((3, 4),) and gather.size == 0 and scatter.size == 0
-    groups, gather, scatter = fresh_groups([(0, 4), (4, 6), (6, 10)])
-    assert groups == ((3, 4),)  # 2 is not under half of 4: one group, padded
-    assert gather.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 4, 5, 5, 5]
-    assert gather[scatter].tolist() == list(range(10))
+    groups, gather, scatter = fresh_groups([(0, 4), (4, 8), (8, 11)])
+    assert groups == ((2, 4), (1, 3)) and gather.size == 0 and scatter.size == 0
+    # Alternating lengths: one run per chunk, too many to read in place.
+    rows, at = [], 0
+    for n in [4, 2, 4, 2, 4][: MAX_IN_PLACE_RUNS + 1]:
+        rows.append((at, at + n))
+        at += n
+    groups, gather, scatter = fresh_groups(rows)
+    assert groups == ((5, 4),)  # 2 is not under half of 4: one group, padded
+    assert gather.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 4, 5, 5, 5,
+                               10, 11, 11, 11]
+    assert gather[scatter].tolist() == list(range(at))
+    groups, gather, scatter = fresh_groups([(0, 8), (8, 11), (11, 19), (19, 22), (22, 30)])
+    assert groups == ((3, 8), (2, 3))  # 3 is under half of 8: a group of its own
+    assert gather[scatter].tolist() == list(range(30))
 
 
-def test_equal_length_prompts_prefilled_together_match_hf(model: NeoX) -> None:
-    """Six 9-token prompts fill the first step's 54 tokens, read in place; a 40-token one
-    then prefills alone next to their decodes: greedy equals HF."""
-    prompts = _prompts(6, 9, 9, seed=21) + _prompts(1, 40, 40, seed=22)
+@pytest.mark.parametrize("budget,lengths", [
+    (54, [9] * 6 + [40]),  # one run read in place, then a prompt alone beside decodes
+    (50, [9] * 6 + [40]),  # a run and the chunk the budget cut, in place; it continues
+    (60, [9, 9, 7, 7, 5, 12]),  # three runs in place, then a prompt beside decodes
+])
+def test_runs_of_equal_prompts_prefilled_in_place_match_hf(
+        model: NeoX, budget: int, lengths: list[int]) -> None:
+    """Prompts prefilled together as runs of equal length, read in place: greedy equals
+    HF."""
+    prompts = [_prompts(1, n, n, seed=21 + i)[0] for i, n in enumerate(lengths)]
     params = _greedy(6)
-    engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=54)
+    engine = Engine(model, None, num_blocks=200, block_size=4, max_batch_tokens=budget)
     outs = engine.generate(prompts, params)
     hf = _hf(model)
     for p, o in zip(prompts, outs, strict=True):
