@@ -474,14 +474,12 @@ class ModelRunner:
 def decode_buckets(max_batch: int) -> list[int]:
     """The batch sizes decode graphs are captured at. Small batches are bound by reading
     the weights, so padding them is nearly free; from ~150 sequences a decode step's
-    GEMMs are bound by tensor-core math, and padded rows cost what real ones do. There
-    cuBLAS tiles the token dimension by 72-256 rows, so a step's GEMM time is lumpy in the
-    batch size (the 20B's four decode GEMMs on an H200: 13.9 ms at 184 rows, 15.0 at 192,
-    16.0 at 208; ``bench/results/gemm_sweep_h200.json``): from 128 the buckets are 8 apart,
-    so that :func:`fastest_fits` has the good sizes to choose from."""
+    GEMMs are bound by tensor-core math, and padded rows cost what real ones do, so the
+    buckets there are 16 apart. (8 apart from 128 was measured too: no batch of (a) or (b)
+    ran faster — its fastest fit was a 16-apart size either way — and a fresh worker's
+    warm-up, which covers every bucket, took 18 s instead of 7.)"""
     return sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < max_batch}
-                  | set(range(64, min(max_batch, 128), 16))
-                  | set(range(128, max_batch, 8)) | {max_batch})
+                  | set(range(64, max_batch, 16)) | {max_batch})
 
 
 def fastest_fits(buckets: Sequence[int], seconds: Mapping[int, float],

