@@ -40,8 +40,22 @@ def block_shapes(preset: str) -> tuple[int, list[tuple[str, int, int]]]:
 COPIES = 4
 
 
+def inductor_linear() -> Any:
+    """``F.linear`` compiled by Inductor with max-autotune: on first use at each shape it
+    times its own Triton GEMM templates (persistent TMA ones included) against cuBLAS and
+    keeps the fastest (its AUTOTUNE lines on stderr list them)."""
+    import torch._inductor.config as inductor
+
+    inductor.triton.enable_persistent_tma_matmul = True
+
+    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    return torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+
 def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtype,
-          reps: int) -> list[dict[str, Any]]:
+          reps: int, linear: Any = F.linear) -> list[dict[str, Any]]:
     layers, shapes = block_shapes(preset)
     weights = [(name, [torch.randn(n, k, device=device, dtype=dtype) * 0.02
                        for _ in range(COPIES)],
@@ -56,8 +70,9 @@ def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtyp
             def run(x: torch.Tensor = x, ws: list[torch.Tensor] = ws,
                     b: torch.Tensor = b) -> None:
                 for w in ws:
-                    F.linear(x, w, b)
+                    linear(x, w, b)
 
+            run()  # compiles and tunes, where linear does that on first use
             if device.type == "cuda":
                 secs = time_cuda_graph(run, reps) / COPIES
             else:
@@ -78,26 +93,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=None, help="a preset (default gpt-neox-20b; CPU: tiny)")
-    ap.add_argument("--sizes", default="128:513:16", help="START:STOP:STEP of batch sizes")
+    ap.add_argument("--sizes", default="128:513:16",
+                    help="START:STOP:STEP of batch sizes, or a comma-separated list")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--blas", default="default",
                     help="comma-separated torch BLAS back ends to sweep: default, cublas, "
-                         "cublaslt (torch.backends.cuda.preferred_blas_library)")
+                         "cublaslt (torch.backends.cuda.preferred_blas_library), or "
+                         "inductor (see inductor_linear)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = args.model or ("gpt-neox-20b" if cuda else "tiny")
     dtype = torch.bfloat16 if cuda else torch.float32
-    start, stop, step = (int(v) for v in args.sizes.split(":"))
+    if ":" in args.sizes:
+        start, stop, step = (int(v) for v in args.sizes.split(":"))
+        sizes = list(range(start, stop, step))
+    else:
+        sizes = [int(v) for v in args.sizes.split(",")]
     gemm = measure_ceilings(device)["gemm_flops_per_s"] / 1e12 if cuda else None
     blases = args.blas.split(",")
     by_blas: dict[str, list[dict[str, Any]]] = {}
     for blas in blases:
-        if blas != "default":
+        linear = F.linear
+        if blas == "inductor":
+            linear = inductor_linear()
+        elif blas != "default":
             torch.backends.cuda.preferred_blas_library(blas)
-        rows = by_blas[blas] = sweep(preset, list(range(start, stop, step)), device, dtype,
-                                     args.reps)
+        rows = by_blas[blas] = sweep(preset, sizes, device, dtype, args.reps, linear)
         for r in rows:
             if gemm:
                 r["share_of_gemm_rate"] = r["tflops"] / gemm
