@@ -44,9 +44,15 @@ def inductor_linear() -> Any:
     """``F.linear`` compiled by Inductor with max-autotune: on first use at each shape it
     times its own Triton GEMM templates (persistent TMA ones included) against cuBLAS and
     keeps the fastest (its AUTOTUNE lines on stderr list them)."""
+    import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
     inductor.triton.enable_persistent_tma_matmul = True
+    # One compile per (batch size, layer shape): past dynamo's recompile limit (8) a
+    # shape would silently run eagerly.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, 256)
 
     def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, b)
