@@ -60,6 +60,12 @@ def inductor_linear() -> Any:
     return torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
+def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` as a GEMM whose output starts as the broadcast bias (beta = 1), not
+    cuBLASLt's bias epilogue (what torch runs for a 1-D bias): a different kernel choice."""
+    return torch.addmm(b.expand(x.shape[0], w.shape[0]), x, w.t())
+
+
 def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtype,
           reps: int, linear: Any = F.linear) -> list[dict[str, Any]]:
     layers, shapes = block_shapes(preset)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--blas", default="default",
                     help="comma-separated torch BLAS back ends to sweep: default, cublas, "
                          "cublaslt (torch.backends.cuda.preferred_blas_library), or "
-                         "inductor (see inductor_linear)")
+                         "inductor (see inductor_linear), plain (see plain_linear)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         linear = F.linear
         if blas == "inductor":
             linear = inductor_linear()
+        elif blas == "plain":
+            linear = plain_linear
         elif blas != "default":
             torch.backends.cuda.preferred_blas_library(blas)
         rows = by_blas[blas] = sweep(preset, sizes, device, dtype, args.reps, linear)

@@ -604,6 +604,23 @@ def test_triton_decode_kernel_matches_torch() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("budget,lengths", [(50, [9] * 6 + [40]), (60, [9, 9, 7, 7, 5, 12])])
+def test_cuda_runs_of_equal_prompts_in_place_equal_cpu(
+        config: NeoXConfig, model: NeoX, budget: int, lengths: list[int]) -> None:
+    """The in-place prefill runs (the CUDA attention kernels reading row slices and
+    writing the step's output in place) give the CPU engine's greedy tokens."""
+    prompts = [_prompts(1, n, n, seed=21 + i)[0] for i, n in enumerate(lengths)]
+    params = _greedy(6)
+    cpu = Engine(model, None, num_blocks=200, block_size=4,
+                 max_batch_tokens=budget).generate(prompts, params)
+    engine = Engine(_model(config).cuda(), None, num_blocks=200, block_size=4,
+                    max_batch_tokens=budget)
+    outs = engine.generate(prompts, params)
+    assert [o.samples[0].token_ids for o in outs] == [o.samples[0].token_ids for o in cpu]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graphs", ["none", "serial", "streams", "streams-qkv"])
 def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: str) -> None:
     """Eager, decode graphs, and decode graphs with each block's MLP on a second stream
