@@ -100,6 +100,9 @@ PG_TIMEOUT = timedelta(days=30)
 # How often a waiting rank 0 checks that the stages are alive, and a stage its parent.
 LIVENESS_S = 0.25
 PARENT_CHECK_S = 1.0
+# How long a stage's reported error waits for another stage's death to show (see
+# PipelineEngine._raise_error).
+PEER_DEATH_S = 1.0
 
 
 class PipelineError(RuntimeError):
@@ -537,7 +540,7 @@ class PipelineEngine:
                 except EOFError:
                     self._raise_dead(rank)
                 if msg[0] == "error":
-                    raise PipelineError(f"pipeline stage {rank} failed: {msg[1]}")
+                    self._raise_error(rank, msg[1])
                 if msg[0] != kind:
                     raise PipelineError(f"pipeline stage {rank}: expected {kind}, got {msg[0]}")
                 return msg[1]
@@ -573,7 +576,21 @@ class PipelineEngine:
                 except EOFError:
                     self._raise_dead(r)
                 if msg[0] == "error":
-                    raise PipelineError(f"pipeline stage {r} failed: {msg[1]}")
+                    self._raise_error(r, msg[1])
+
+    def _raise_error(self, rank: int, text: str) -> None:
+        """Raise a stage's reported error — unless another stage died meanwhile, which
+        is then the cause (a killed stage's peers fail on the broken connection, and
+        can report that before the killed process is seen to have exited): wait up to
+        :data:`PEER_DEATH_S` for one to show, and name it instead."""
+        deadline = time.monotonic() + PEER_DEATH_S
+        while True:
+            for r in range(1, self.num_stages):
+                if r != rank and not self._procs[r - 1].is_alive():
+                    self._raise_dead(r)
+            if time.monotonic() >= deadline:
+                raise PipelineError(f"pipeline stage {rank} failed: {text}")
+            time.sleep(0.05)
 
     # -- the pipeline --------------------------------------------------------------------
 
