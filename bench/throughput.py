@@ -561,6 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-cascade", action="store_true",
                     help="no cascade decode attention (workload c: no with/without runs)")
+    ap.add_argument("--c-ours-only", action="store_true",
+                    help="workload (c): only the engine as configured (no runs without "
+                         "cascade or without prefix caching)")
     ap.add_argument("--cascade-eager", action="store_true",
                     help="workload c: also a run with cascade steps outside CUDA graphs")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
@@ -692,7 +695,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                        "ours_over_per_kernel_roofline":
                        ours["output_tok_per_s"] / roof["per_kernel"]["output_tok_per_s"]},
         }
-        if name == "c":
+        if name == "c" and not args.c_ours_only:
             # The same requests again without cascade and with the cache off: what each
             # buys. (The roofline above assumes every prompt is prefilled, i.e. no reuse.)
             ratios = entry["ratios"]
