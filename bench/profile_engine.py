@@ -82,9 +82,9 @@ def gpu_timeline(trace: dict[str, Any]) -> dict[str, Any]:
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
     for a, b, name in spans:
-        kind = kernel_kind(name)
+        kind, short = kernel_kind(name), name[:90]
         by_kind[kind] = by_kind.get(kind, 0.0) + (b - a) / 1e3
-        by_name[name[:90]] = by_name.get(name[:90], 0.0) + (b - a) / 1e3
+        by_name[short] = by_name.get(short, 0.0) + (b - a) / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return {"window_ms": window / 1e3, "busy_ms": busy / 1e3,
             "busy_share": busy / window if window else 0.0, "overlap_ms": overlap / 1e3,

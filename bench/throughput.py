@@ -842,15 +842,14 @@ def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     specs = [p.strip() for p in args.branch_plans.split(",") if p.strip()]
     if not specs:
         raise SystemExit("--branch-plans: at least one plan")
-    # "none": no branch stream (each block's attention and MLP one after the other).
     plans = [None if s == NO_BRANCHES else BranchPlan.parse(s) for s in specs]
-    first = str(plans[0] or NO_BRANCHES)
+    labels = [str(plan or NO_BRANCHES) for plan in plans]
+    first = labels[0]
     result["branch_plans"] = {}
     ceil: dict[str, float] | None = None
-    for plan in plans:
-        name_ = str(plan or NO_BRANCHES)
+    for plan, label in zip(plans, labels, strict=True):
         entry: dict[str, Any] = {"engine": dict(result["engine"]), "workloads": {}}
-        result["branch_plans"][name_] = entry
+        result["branch_plans"][label] = entry
 
         def save() -> None:
             done = result["branch_plans"]
@@ -863,13 +862,13 @@ def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                 for p, e in done.items()}
             _write(args.out, result)
 
-        log(f"branch plan {name_}")
+        log(f"branch plan {label}")
         _run_engine(args, model, entry, names, loads, kv_cache_dtype=args.kv_cache_dtype,
                     save=save, ceil=ceil, plan=plan, streams=plan is not None)
         ceil = entry["ceilings"]
         result["ceilings"] = ceil
-        for name, ratio in result["plan_ratios"].get(name_, {}).items():
-            log(f"branch plan {name_} ({name}): {ratio:.3f}x the output tok/s of {first}")
+        for name, ratio in result["plan_ratios"].get(label, {}).items():
+            log(f"branch plan {label} ({name}): {ratio:.3f}x the output tok/s of {first}")
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
