@@ -15,7 +15,8 @@ Plain Python, no torch: it runs (and is tested) on plain data. Every step:
    step with it only up to ``yield_tokens`` tokens: the rest of them pause (keeping
    their blocks) so that its steps run at nearly the speed of an idle engine. Full
    blocks whose tokens are known become findable in the prefix cache as soon as they
-   are scheduled (the step computing them runs before any step that reuses them). The
+   are scheduled — by later steps and by sequences admitted later in the same step
+   (each layer writes the step's keys and values before its attention reads any). The
    result is a :class:`StepPlan`.
 2. The engine's runner turns the plan into tensors and runs the network; its sampler
    turns the logits into a :class:`StepResult`.
@@ -606,6 +607,7 @@ class Scheduler:
                     decodes.append(seq)
                 else:
                     prefills.append((seq, n_fit))
+                    self._register(seq, seq.num_computed + n_fit)
                 budget -= n_fit
                 if low:
                     low_budget -= n_fit
@@ -658,6 +660,7 @@ class Scheduler:
             self.demand += demand
             n = self._grow(seq, n, copies)
             prefills.append((seq, n))
+            self._register(seq, start + n)
             budget -= n
             if low:
                 low_budget -= n
@@ -795,11 +798,17 @@ class Scheduler:
                 plan.sample_positions.append(0)
         return plan
 
-    def _register(self, seq: Seq) -> None:
+    def _register(self, seq: Seq, computed: int | None = None) -> None:
         """Make ``seq``'s full blocks findable in the prefix cache as soon as they are
-        scheduled and their tokens known: the step computing them is queued on the device
-        before any step that could reuse them."""
-        computed = min(seq.num_computed, len(seq.tokens))
+        scheduled and their tokens known (``computed``: its count once the step being
+        planned has run). A later step that reuses them is queued on the device after
+        the one computing them; a sequence admitted later in the *same* step may reuse
+        them too, because every layer writes the whole step's keys and values into the
+        cache before any of its attention reads it — so prompts that arrive together
+        compute a shared prefix once, not once each."""
+        if computed is None:
+            computed = seq.num_computed
+        computed = min(computed, len(seq.tokens))
         if seq.blocks and computed // self.block_size > len(seq.hashes):
             self.blocks.register(seq.tokens, seq.blocks, seq.hashes, computed)
 

@@ -93,6 +93,41 @@ def test_caching_on_equals_off_and_hf_under_preemption(model: NeoX) -> None:
         assert got[rid][0] == h[0, len(prompt):].tolist(), rid
 
 
+def test_prompts_arriving_together_compute_their_shared_prefix_once(model: NeoX) -> None:
+    """Prompts about one document, all added before the first step: the first admitted
+    computes the document's blocks and the others, admitted in that same step, read them
+    (each layer writes the step's keys before attending). With a token budget that cuts
+    the first prompt, the rest reuse only the blocks that step computes. Tokens equal
+    the cache off and HF."""
+    r = random.Random(21)
+    doc = [r.randrange(2, model.config.vocab_size) for _ in range(7 * BS)]
+    arrivals = [(0, f"q{i}", doc + [r.randrange(2, model.config.vocab_size)
+                                    for _ in range(1 + i % 3)], _greedy(5))
+                for i in range(6)]
+    ref = _tokens(_run(Engine(model, None, num_blocks=200, block_size=BS,
+                              enable_prefix_caching=False), arrivals))
+    together = Engine(model, None, num_blocks=200, block_size=BS)
+    assert _tokens(_run(together, arrivals)) == ref
+    # The first prompt's 7 document blocks, found by each of the five others.
+    assert together.stats["prefix_hit_tokens"] == 5 * 7 * BS
+    assert together.stats["steps"] == 5  # one prefill step for all six, then 4 decodes
+    _no_leaks(together)
+    # The first step's budget holds only part of the first prompt; its second chunk
+    # (blocks 4..6) is registered as it is scheduled, before the others are admitted
+    # into the rest of that second step.
+    cut = Engine(model, None, num_blocks=200, block_size=BS, max_batch_tokens=4 * BS + 2)
+    assert _tokens(_run(cut, arrivals)) == ref
+    assert cut.stats["prefix_hit_tokens"] == 5 * 7 * BS
+    _no_leaks(cut)
+    hf = _hf(model)
+    for _, rid, prompt, params in arrivals[:2]:
+        with torch.no_grad():
+            h = hf.generate(torch.tensor([prompt]), max_new_tokens=params.max_tokens,
+                            min_new_tokens=params.max_tokens, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+        assert ref[rid][0] == h[0, len(prompt):].tolist(), rid
+
+
 def test_abort_while_sharing_blocks(model: NeoX) -> None:
     """An aborted request that shares prefix blocks frees only its own references: the
     others' tokens do not change and a later request still hits the cache."""

@@ -481,7 +481,7 @@ def test_ignore_eos_requests_are_projected_at_max_tokens() -> None:
         sched.output_lengths.observe(SamplingParams(max_tokens=48), 2)
         sched.output_lengths.observe(SamplingParams(max_tokens=48, ignore_eos=True), 2)
     sched.add_generate("e", [1] * 16, SamplingParams(max_tokens=48, ignore_eos=True), 0, 0.0)
-    sched.add_generate("s", [1] * 16, SamplingParams(max_tokens=48), 1, 0.0)
+    sched.add_generate("s", [2] * 16, SamplingParams(max_tokens=48), 1, 0.0)
     sched.schedule()
     by_id = {s.req.request_id: s.demand for s in sched.running}
     assert by_id["e"] == (16 + 48) // 4
