@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,36 @@ KV_BYTES_PER_TOKEN = 1.081e6
 EOS = 0
 
 
+def graph_seconds(engine: dict[str, Any]) -> Callable[[int], float]:
+    """A decode step's seconds by rows from a bench.throughput result's ``engine``
+    (``decode_graph_ms`` and ``decode_runs_as``): what the engine's own decode graphs
+    timed at capture, as the engine's even-waves rule sees them."""
+    ms = {int(b): t for b, t in engine["decode_graph_ms"].items()}
+    runs_as = {int(b): r for b, r in engine.get("decode_runs_as", {}).items()}
+    buckets = sorted(ms)
+
+    def cost(rows: int) -> float:
+        if rows <= 0:
+            return 0.0
+        b = next((x for x in buckets if x >= rows), buckets[-1])
+        return ms[runs_as.get(b, b)] / 1e3
+
+    return cost
+
+
 def replay(prompts: list[list[int]], lengths: list[int], *, max_tokens: int | None,
            constrained: bool, capacity_tokens: int, max_num_seqs: int,
-           max_batch_tokens: int) -> dict[str, Any]:
-    """Run the lines through a fresh scheduler; each stops (EOS) after its length."""
+           max_batch_tokens: int,
+           decode_seconds: Callable[[int], float] | None = None,
+           step_seconds: Callable[[int], float] | None = None) -> dict[str, Any]:
+    """Run the lines through a fresh scheduler; each stops (EOS) after its length.
+    ``decode_seconds`` (a decode step's seconds by rows, the decode graphs' timings):
+    the scheduler sizes even waves by it. ``step_seconds``: decode-only steps are
+    modelled as it plus their KV reads (default: the weights / GEMM model)."""
     bm = BlockManager(capacity_tokens // 16, 16)
     sched = Scheduler(bm, max_position=2048, max_num_seqs=max_num_seqs,
                       max_batch_tokens=max_batch_tokens, eos_id=EOS)
+    sched.decode_seconds = decode_seconds
     want = {}
     for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
         params = SamplingParams(
@@ -52,20 +76,54 @@ def replay(prompts: list[list[int]], lengths: list[int], *, max_tokens: int | No
         sched.add_generate(str(i), p, params, i, 0.0)
         want[str(i)] = n
     seconds, steps, running = 0.0, 0, 0
+    waves: list[list[int]] = []  # [rows, steps] of consecutive decode-only steps
     while sched.has_unfinished():
         plan = sched.schedule()
+        if plan.decode_only:
+            if waves and waves[-1][0] == plan.num_decode:
+                waves[-1][1] += 1
+            else:
+                waves.append([plan.num_decode, 1])
         tokens = [EOS if len(seq.tokens) - seq.num_prompt + 1 >= want[seq.req.request_id]
                   else 5 for seq, _ in plan.samples]
         kv = sum(pos + 1 for pos in plan.decode_positions)
-        seconds += (max(WEIGHT_BYTES / BANDWIDTH, plan.num_tokens * FLOPS_PER_ROW / GEMM_RATE)
-                    + kv * KV_BYTES_PER_TOKEN / BANDWIDTH + 1e-3)
+        if step_seconds is not None and plan.decode_only:
+            seconds += step_seconds(plan.num_decode)
+        else:
+            seconds += max(WEIGHT_BYTES / BANDWIDTH,
+                           plan.num_tokens * FLOPS_PER_ROW / GEMM_RATE) + 1e-3
+        seconds += kv * KV_BYTES_PER_TOKEN / BANDWIDTH
         sched.update(plan, StepResult(tokens=tokens))
         sched.take_outputs()
         steps += 1
         running = max(running, len(sched.running))
     return {"steps": steps, "preemptions": sched.stats["preemptions"],
             "peak_running": running, "model_seconds": round(seconds, 3),
+            "decode_waves": [w for w in waves if w[1] >= 8],
             "output_tok_per_model_s": round(sum(lengths) / seconds, 1)}
+
+
+def waves_table(timings: Path, num_prompts: int, shape: dict[str, int],
+                structured: tuple[list[list[int]], list[int], int]) -> dict[str, Any]:
+    """Greedy against even waves on (a), (b), (c) (``num_prompts`` each, exact lengths)
+    and the structured lines (constrained, the prior): decode-only steps modelled by
+    ``timings``' decode graphs in both, which the scheduler sizes waves by in the even
+    one."""
+    from bench.throughput import workload
+
+    cost = graph_seconds(json.loads(timings.read_text())["engine"])
+    loads: dict[str, tuple[list[list[int]], list[int], int | None]] = {
+        n: (*workload(n, num_prompts, 2048, 50277), None) for n in ("a", "b", "c")}
+    loads["structured"] = structured
+    rows: dict[str, Any] = {}
+    for name, (prompts, lengths, max_tokens) in loads.items():
+        kw: dict[str, Any] = dict(max_tokens=max_tokens, constrained=max_tokens is not None,
+                                  step_seconds=cost, **shape)
+        greedy = replay(prompts, lengths, **kw)
+        even = replay(prompts, lengths, decode_seconds=cost, **kw)
+        rows[name] = {"greedy": greedy, "even": even,
+                      "even_speedup": round(greedy["model_seconds"] / even["model_seconds"], 4)}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -83,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="standard deviation of the lines' lengths as a share of their mean "
                          "(0.1: the replay then takes the steps the GPU run took, A 111 vs "
                          "107 and B at a prior of 0.5 127 vs 127)")
+    ap.add_argument("--waves", type=Path, default=None, metavar="RESULT",
+                    help="instead: greedy against even waves on (a), (b), (c) and the "
+                         "structured lines, with the decode graphs' timings of this "
+                         "bench.throughput result")
+    ap.add_argument("--waves-prompts", type=int, default=512,
+                    help="prompts of each of (a), (b), (c) in --waves")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     prompts = structured_prompts(load_tokenizer(ROOT / "assets/20B_tokenizer.json"),
@@ -94,6 +158,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                for _ in prompts]
     shape = {"capacity_tokens": args.capacity_tokens, "max_num_seqs": args.max_num_seqs,
              "max_batch_tokens": args.max_batch_tokens}
+    if args.waves is not None:
+        engine = json.loads(args.waves.read_text())["engine"]
+        shape["capacity_tokens"] = engine.get("cache_tokens", args.capacity_tokens)
+        table = waves_table(args.waves, args.waves_prompts, shape,
+                            (prompts, lengths, args.max_tokens))
+        result = {"bench": "admission_replay --waves", "commit": git_commit(),
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "device": "none (plain-data scheduler, modelled device time)",
+                  "timings_from": str(args.waves.relative_to(ROOT))
+                  if args.waves.is_relative_to(ROOT) else str(args.waves),
+                  "timings_commit": json.loads(args.waves.read_text()).get("commit"),
+                  "num_prompts": args.waves_prompts, **shape, "rows": table}
+        for name, row in table.items():
+            print(f"{name:11s} greedy {row['greedy']['steps']} steps "
+                  f"{row['greedy']['model_seconds']:.2f}s waves {row['greedy']['decode_waves']}"
+                  f" | even {row['even']['steps']} steps {row['even']['model_seconds']:.2f}s "
+                  f"waves {row['even']['decode_waves']} | {row['even_speedup']:.3f}x")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return result
     rows: dict[str, Any] = {}
     rows["A_exact_unconstrained"] = replay(prompts, lengths, max_tokens=None,
                                            constrained=False, **shape)

@@ -55,6 +55,12 @@ again on the same engine with the overlap switched the other way (``ours_no_over
 or ``ours_overlap``, and ``ratios.overlap_speedup`` = time off / time on):
 
     python -m bench.throughput --workload a --skip-hf --compare-overlap --out /tmp/o.json
+
+Admission runs a queue longer than what fits at once in even waves where the decode
+graphs' timings say so (``Engine(balance_waves=True)``); ``--no-balance-waves`` admits
+greedily, and ``--compare-waves`` runs every workload again the other way on the same
+engine (``ours_greedy_waves`` or ``ours_even_waves``, ``ratios.even_waves_speedup`` =
+greedy time / even time; ``step_times.decode_ms_by_running`` shows the waves' sizes).
 """
 
 from __future__ import annotations
@@ -587,6 +593,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "their own kernels instead of one (models.fused.add_norms)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="run one step at a time (host work not hidden behind the device)")
+    ap.add_argument("--no-balance-waves", action="store_true",
+                    help="admit greedily (full waves and a last one of what is left) "
+                         "instead of in even waves where the decode graphs' timings say "
+                         "those are cheaper")
+    ap.add_argument("--compare-waves", action="store_true",
+                    help="run each workload again with even waves switched the other way "
+                         "(same engine): ours_greedy_waves or ours_even_waves, and "
+                         "ratios.even_waves_speedup")
     ap.add_argument("--compare-overlap", action="store_true",
                     help="run each workload again with the overlap off (same engine): "
                          "ours_no_overlap and ratios.overlap_speedup")
@@ -648,7 +662,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                     kv_cache_dtype=kv_cache_dtype, overlap=not args.no_overlap,
                     enable_cascade=not args.no_cascade,
                     branch_streams=(not args.no_branch_streams) if streams is None else streams,
-                    branch_plan=plan)
+                    branch_plan=plan, balance_waves=not args.no_balance_waves)
     # Bytes a token's K and V take in this cache (FP8: values plus their scales).
     kv_per_token = block_bytes(cfg, engine.block_size, engine.kv_dtype) // engine.block_size
     result["engine"].update(kv_cache_dtype=kv_cache_dtype, weight_bytes=weight_bytes,
@@ -725,6 +739,18 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
                 ratios["prefix_caching_no_cascade_speedup"] = (
                     off["seconds"] / entry["ours_no_cascade"]["seconds"])
             log("workload c: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        if args.compare_waves:
+            _fresh_cache(engine)
+            engine.set_balance_waves(args.no_balance_waves)
+            other = run_ours(engine, prompts, outs)
+            engine.set_balance_waves(not args.no_balance_waves)
+            even, greedy = (other, ours) if args.no_balance_waves else (ours, other)
+            _say(name, f"ours, {'even' if args.no_balance_waves else 'greedy'} waves", other,
+                 roof)
+            entry["ours_even_waves" if args.no_balance_waves else "ours_greedy_waves"] = other
+            entry["ratios"]["even_waves_speedup"] = greedy["seconds"] / even["seconds"]
+            log(f"workload {name}: even / greedy waves = "
+                f"{entry['ratios']['even_waves_speedup']:.3f}x")
         if args.compare_overlap:
             engine.set_overlap(args.no_overlap)
             other = run_ours(engine, prompts, outs)
@@ -891,6 +917,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "engine": {"max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens,
                    "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
                    "overlap": not args.no_overlap,
+                   "balance_waves": not args.no_balance_waves,
                    # Whether the MLPs' GELU runs as the GEMM epilogue (CUDA builds whose
                    # epilogue computes the tanh GELU; see models.model.MLP).
                    "fused_gelu": not args.no_fused_gelu and device.type == "cuda"

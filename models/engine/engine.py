@@ -183,6 +183,10 @@ class Engine:
             the MLP's tensor-core math). Same outputs either way.
         branch_plan: where the MLP branch starts and how many SMs its GEMMs leave to
             the attention (:class:`models.model.BranchPlan`).
+        balance_waves: once the decode graphs are captured and timed, admit a queue
+            longer than what fits at once in even waves where those timings say that is
+            cheaper than full waves and a small last one (the scheduler's "Even
+            waves"); off (or without timed graphs, e.g. on a CPU) admission is greedy.
     """
 
     def __init__(
@@ -209,6 +213,7 @@ class Engine:
         overlap: bool = True,
         branch_streams: bool = True,
         branch_plan: BranchPlan | None = None,
+        balance_waves: bool = True,
     ) -> None:
         if not (model.has_embedding and model.has_head):
             raise ValueError("Engine needs a whole model (embedding and head)")
@@ -280,6 +285,7 @@ class Engine:
                                   cuda_graphs=cuda_graphs, cascade=enable_cascade,
                                   branch_streams=branch_streams,
                                   branch_plan=branch_plan or BranchPlan())
+        self.balance_waves = balance_waves
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_id)
         self.sampler = Sampler(device=self.device, valid_vocab=self.valid_vocab,
                                eos_id=self.eos_id, grammars=self.grammars)
@@ -344,7 +350,17 @@ class Engine:
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode batch-size bucket now instead of on
         first use. Returns how many."""
-        return self.runner.capture_graphs()
+        n = self.runner.capture_graphs()
+        self.set_balance_waves(self.balance_waves)
+        return n
+
+    def set_balance_waves(self, on: bool) -> None:
+        """Even waves on or off (see ``balance_waves``); on needs the decode graphs'
+        timings, which :meth:`capture_graphs` (a worker's warm-up) takes."""
+        self.balance_waves = on
+        graphs = self.runner.graphs
+        timed = graphs is not None and graphs.timed
+        self.scheduler.decode_seconds = graphs.step_seconds if on and timed else None
 
     def check_health(self) -> None:
         """Nothing can fail outside the caller's own calls in one process."""

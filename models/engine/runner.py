@@ -559,6 +559,20 @@ class DecodeGraphs:
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
 
+    @property
+    def timed(self) -> bool:
+        """Whether every bucket's graph was timed (:meth:`capture_all`)."""
+        return bool(self.seconds) and set(self.seconds) == set(self.buckets)
+
+    def step_seconds(self, d: int) -> float:
+        """Seconds of the graph a ``d``-row decode step replays, as timed at capture:
+        its weights' GEMMs and per-row work (the rows' KV reads come on top, in
+        proportion to their contexts). Needs :attr:`timed`."""
+        if d <= 0:
+            return 0.0
+        d = min(d, self.max_batch)
+        return self.seconds[self.runs_as[next(x for x in self.buckets if x >= d)]]
+
     def layout(self, plan: StepPlan) -> StepInputs:
         """A decode-only plan in the static buffer's layout (the used prefix only)."""
         d = plan.num_decode

@@ -130,6 +130,32 @@ def test_greedy_continuous_batching_equals_alone_and_hf(model: NeoX) -> None:
         assert got[rid].prompt_tokens == len(prompt)
 
 
+def test_even_waves_run_through_the_engine_with_the_same_tokens(model: NeoX) -> None:
+    """13 prompts where 10 fit at once: with decode-step timings that favour them (a
+    floor up to 8 rows) the engine runs waves of 7 and 6 instead of 10 and 3; the
+    tokens are those of greedy admission."""
+    prompts = _prompts(13, 16, 16, seed=17)
+    params = _greedy(16)
+
+    def run(cost) -> tuple[list[list[int]], int]:
+        engine = Engine(model, None, num_blocks=81, block_size=4, max_batch_tokens=512,
+                        watermark=0.0)
+        engine.scheduler.decode_seconds = cost
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        out, peak = {}, 0
+        while engine.has_unfinished():
+            out.update({o.request_id: o for o in engine.step()})
+            peak = max(peak, len(engine.scheduler.running))
+        _no_leaks(engine)
+        return [out[str(i)].samples[0].token_ids for i in range(13)], peak
+
+    greedy, greedy_peak = run(None)
+    even, even_peak = run(lambda rows: max(8.0, float(rows)))
+    assert (greedy_peak, even_peak) == (10, 7)
+    assert even == greedy
+
+
 def test_decode_graph_buffers_on_cpu(model: NeoX) -> None:
     """The CUDA-graph decode path's static buffers, buckets and padding rows, run without
     capture: same tokens as the eager path, across batch sizes that shrink and grow."""
@@ -644,6 +670,12 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
         engine.capture_graphs()
         assert set(dg.seconds) == set(dg.buckets)
         assert all(r >= b for b, r in dg.runs_as.items())
+        # Captured and timed: admission has the timings for even waves.
+        cost = engine.scheduler.decode_seconds
+        assert cost is not None and cost(3) == dg.seconds[dg.runs_as[4]] > 0
+        engine.set_balance_waves(False)
+        assert engine.scheduler.decode_seconds is None
+        engine.set_balance_waves(True)
     outs = engine.generate(prompts, params)
     assert [o.samples[0].token_ids for o in outs] == [o.samples[0].token_ids for o in cpu]
     assert engine.stats["preemptions"] > 0

@@ -507,3 +507,116 @@ def test_a_new_constrained_kind_starts_at_the_prior() -> None:
     full = {f"l{i}": 48 for i in range(30)}
     sched, _, done = _run_early_stoppers(True, full, regex="[a-z]+")
     assert done == 30 and sched.stats["preemptions"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Even waves
+# ---------------------------------------------------------------------------------------
+
+def _wave_sched(cost=None) -> Scheduler:
+    """80 blocks of 4 tokens: 10 sequences of 16 + 16 tokens fit at once, and a wave's
+    prompts are prefilled in one step (its sequences finish together)."""
+    sched = Scheduler(BlockManager(81, 4), max_position=128, max_num_seqs=64,
+                      max_batch_tokens=512, watermark=0.0)
+    sched.decode_seconds = cost
+    return sched
+
+
+def _add_uniform(sched: Scheduler, n: int, shared: int = 0, first: int = 0) -> None:
+    """``n`` requests of 16-token prompts (their first ``shared`` tokens the same) and 16
+    output tokens each."""
+    for i in range(first, first + n):
+        prompt = [1] * shared + [2 + i] * (16 - shared)
+        sched.add_generate(f"r{i}", prompt, _batch_params(16), i, 0.0)
+
+
+def _decode_rows(sched: Scheduler, rng: random.Random, steps: int = 10_000,
+                 act=None) -> list[int]:
+    """Step to the end (``act(step)`` before each step); the rows of each decode-only
+    step, consecutive equal counts merged (one entry per wave)."""
+    rows: list[int] = []
+    for step in range(steps):
+        if not sched.has_unfinished():
+            break
+        if act is not None:
+            act(step)
+        plan = sched.schedule()
+        sched.update(plan, _result(plan, rng, 50))
+        sched.blocks.check(sched.held_tables())
+        if plan.decode_only and (not rows or rows[-1] != plan.num_decode):
+            rows.append(plan.num_decode)
+        sched.take_outputs()
+    assert not sched.has_unfinished()
+    sched.blocks.check([])
+    return rows
+
+
+@pytest.mark.parametrize("cost, waves", [
+    (None, [10, 3]),  # greedy: no timings
+    (lambda rows: float(rows), [10, 3]),  # proportional steps: nothing to gain
+    # The weights' floor up to 8 rows, then a unit a row (the shape of the 20B's decode
+    # steps on a GPU): 10 + 8 units > 8 + 8.
+    (lambda rows: max(8.0, float(rows)), [7, 6]),
+])
+def test_a_known_queue_runs_in_even_waves_when_the_timings_favour_them(cost, waves) -> None:
+    sched = _wave_sched(cost)
+    _add_uniform(sched, 13)
+    assert _decode_rows(sched, random.Random(0)) == waves
+
+
+@pytest.mark.parametrize("shared, waves", [
+    (12, [13]),  # the others need 5 blocks each: all 13 fit (8 + 12 x 5 <= 80)
+    ((12, 8), [13]),  # alternately 3 and 2 blocks shared: 8 + 6 x 5 + 6 x 6 <= 80
+    (4, [7, 6]),  # 1 shared: 11 fit, so 11 + 2 would run: even waves instead
+])
+def test_even_waves_count_prompt_blocks_shared_within_the_queue(shared, waves) -> None:
+    """Prompts sharing their first blocks: the first takes its 8 blocks, each other only
+    those past what it shares (admission finds the rest in the cache) — so the waves
+    are sized by what really fits."""
+    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
+    for i in range(13):
+        n = shared if isinstance(shared, int) else shared[i % 2]
+        sched.add_generate(f"r{i}", [1] * n + [2 + i] * (16 - n), _batch_params(16), i, 0.0)
+    assert _decode_rows(sched, random.Random(0)) == waves
+
+
+def test_an_even_wave_ends_when_one_of_its_sequences_does() -> None:
+    """A wave capped at 7 of 10: once one of its sequences is aborted (as when one
+    finishes early), admission is continuous again and fills the cache."""
+    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
+    _add_uniform(sched, 13)
+    rng = random.Random(0)
+    for _ in range(3):
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 7 and len(sched.waiting) == 6
+    assert sched.abort("r0")
+    sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 10 and len(sched.waiting) == 2
+
+
+def test_requests_arriving_during_an_even_wave_resize_it() -> None:
+    """7 of 13 running in an even wave; 7 more arrive: 20 need two full waves of 10, so
+    the cap goes and the running wave fills up to 10 at the next step."""
+    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
+    _add_uniform(sched, 13)
+    rng = random.Random(0)
+    for _ in range(3):
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 7
+    _add_uniform(sched, 7, first=13)
+    sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 10
+    assert _decode_rows(sched, rng)  # and the rest runs to the end, nothing leaked
+
+
+def test_an_interactive_request_is_not_held_back_by_an_even_wave() -> None:
+    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
+    _add_uniform(sched, 13)
+    rng = random.Random(0)
+    for _ in range(3):
+        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    assert len(sched.running) == 7
+    sched.add_generate("i", [60] * 8, _batch_params(4), 99, 0.0, priority=INTERACTIVE)
+    plan = sched.schedule()
+    assert [60] * 8 in [c.tokens for c in plan.chunks]
+    assert len(sched.running) == 8 and sched.running[0].req.request_id == "i"
