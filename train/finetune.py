@@ -215,6 +215,22 @@ def single_process_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op when a process
+    group starts. Training never uses it (DeepSpeed's CPU inference all-reduce does; gloo
+    runs our collectives), yet it is built on first use: ~45 s of g++ on two cores, and
+    a build killed part-way (a job cancelled or timed out during it) leaves torch's build
+    lock behind, on which every later rank on the machine then waits forever. Marking the
+    op incompatible in DeepSpeed's own table of compatible ops skips it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 class Trainer:
     """One rank's share of a fine-tuning run. ``Trainer(cfg).train()`` does it all;
     benchmarks drive :meth:`train_step` themselves."""
@@ -242,6 +258,8 @@ class Trainer:
             # (fp32 master weights and gradients, one rank or many) track them.
             raise ValueError(f"ZeRO stage 0 trains {self.dtype} off course in DeepSpeed "
                              "(16-bit gradients); use --zero-stage 1 or more, or float32")
+        if self.device.type == "cpu":
+            skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.dist.rank == 0
 

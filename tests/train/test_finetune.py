@@ -377,3 +377,24 @@ def test_progress_bar_and_log_lines(byte_model: Path, shakespeare: tuple[Path, P
         assert {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu"} <= set(r)
         assert r["val_loss"] > 0 and r["lr"] > 0
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 0.5e12)
+
+
+def test_a_process_group_starts_past_a_stale_build_lock(tmp_path: Path) -> None:
+    """A rank on the CPU starts its process group without building DeepSpeed's
+    shared-memory op: a build lock left by a killed build (which would make the build
+    wait forever) does not stop it, and nothing is compiled."""
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    code = ("import deepspeed, torch.distributed as dist\n"
+            "from train.finetune import single_process_env, skip_shm_comm_build\n"
+            "with single_process_env():\n"
+            "    skip_shm_comm_build()\n"
+            "    deepspeed.init_distributed(dist_backend='gloo')\n"
+            "    assert dist.get_world_size() == 1\n"
+            "print('started')\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=120,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "started" in out.stdout, out.stderr[-2000:]
+    assert sorted(p.name for p in (ext / "deepspeed_shm_comm").iterdir()) == ["lock"]
