@@ -5,6 +5,13 @@ constrained kind costs at a batch's start. Runs anywhere in seconds:
 
     python -m bench.admission_replay --out bench/results/admission_replay.json
 
+``--waves RESULT`` instead replays (a), (b), (c) and the structured lines greedily and
+with even waves (the scheduler's "Even waves"), decode steps timed by RESULT's decode
+graphs (a bench.throughput result: what the engine's rule sees on that GPU):
+
+    python -m bench.admission_replay --waves bench/results/engine_record_h200.json \
+        --out bench/results/waves_replay.json
+
 Rows: A, unconstrained lines asking for exactly their length (``ignore_eos``); B, the same
 lines constrained with ``max_tokens`` 160 (the kind not learnt yet: projected at
 ``OutputLengths.PRIOR_CONSTRAINED`` of the limit, and at all of it for comparison); and B
@@ -171,10 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "timings_commit": json.loads(args.waves.read_text()).get("commit"),
                   "num_prompts": args.waves_prompts, **shape, "rows": table}
         for name, row in table.items():
-            print(f"{name:11s} greedy {row['greedy']['steps']} steps "
-                  f"{row['greedy']['model_seconds']:.2f}s waves {row['greedy']['decode_waves']}"
-                  f" | even {row['even']['steps']} steps {row['even']['model_seconds']:.2f}s "
-                  f"waves {row['even']['decode_waves']} | {row['even_speedup']:.3f}x")
+            g, e = row["greedy"], row["even"]
+            print(f"{name:11s} greedy {g['steps']} steps {g['model_seconds']:.2f}s waves "
+                  f"{g['decode_waves'][:4]} | even {e['steps']} steps "
+                  f"{e['model_seconds']:.2f}s waves {e['decode_waves'][:4]} | "
+                  f"{row['even_speedup']:.3f}x")
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         return result

@@ -17,6 +17,9 @@
 #   bench/wave2_h200.sh record  OUTDIR  # one H200: (a) and (b), bf16 and fp8-all, HF on both;
 #                                       # a fresh worker's first batch
 #   bench/wave2_h200.sh norms   OUTDIR  # one H200: fused residual + LayerNorm kernel, (a)/(b)
+#   bench/wave2_h200.sh waves   OUTDIR  # one H200: GPU tests; even against greedy waves
+#                                       # on (a) 512 and (c) 400 in one process each;
+#                                       # structured output with even waves on
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -108,13 +111,28 @@ norms)
     timeout 120 python3 -m bench.throughput --workload b --num-prompts-b 400 --skip-hf \
         --out "$out/engine_b_norms_on_h200.json" 2>&1 | grep -E "workload b ours" | cut -c1-160
     ;;
+waves)
+    # One H200 (~6 minutes): the GPU tests (graph timings reach the scheduler), then each
+    # workload with even waves and again greedily on the same engine (--compare-waves);
+    # structured output (its waves must not change).
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_engine.py \
+        -k "gpu or cuda" 2>&1 | grep -E "passed|failed"
+    timeout 130 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
+        --compare-waves --out "$out/engine_a_waves_h200.json" 2>&1 \
+        | grep -E "workload a|decode graphs" | cut -c1-400
+    timeout 150 python3 -m bench.throughput --workload c --num-prompts-c 400 --skip-hf \
+        --c-ours-only --compare-waves --out "$out/engine_c_waves_h200.json" 2>&1 \
+        | grep -E "workload c" | cut -c1-400
+    timeout 110 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
+        | grep -E "over_unconstrained"
+    ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
     timeout 450 python3 -m bench.scale --configs pp2 --num-prompts-a 512 \
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -6
     ;;
 *)
-    echo "usage: $0 engine|extras|service|pair|open|record|norms|pp2 OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair|open|record|norms|waves|pp2 OUTDIR" >&2
     exit 2
     ;;
 esac

@@ -124,6 +124,20 @@ def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
     assert w["ours_overlap"]["engine_stats"]["overlapped_steps"] > 0
 
 
+def test_even_and_greedy_waves_in_one_run(tmp_path: Path) -> None:
+    """--compare-waves writes both runs and their ratio (a CPU engine has no decode-graph
+    timings, so both admit greedily here; the GPU runs are the measurement)."""
+    out = tmp_path / "waves.json"
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
+          "6", "--skip-hf", "--compare-waves", "--out", str(out)])
+    data = json.loads(out.read_text())
+    w = data["workloads"]["a"]
+    assert data["engine"]["balance_waves"] is True
+    assert w["ours"]["output_tokens"] == w["ours_greedy_waves"]["output_tokens"] \
+        == w["output_tokens"]
+    assert w["ratios"]["even_waves_speedup"] > 0
+
+
 def test_branch_plans_in_one_run(tmp_path: Path) -> None:
     """Each plan gets its own engine on the same weights; the first plan's rows are the
     run's, the others are divided by them, and HF's ratio reaches every plan."""
