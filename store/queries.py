@@ -223,12 +223,14 @@ def fail_stale_validating(*, session: Session, older_than: float) -> list[str]:
 # -------------------------------------------------------------------------------- results
 
 
-def _insert_ignore(session: Session):
+def insert_if_absent(session: Session, table: Any, key: list[str]) -> Any:
+    """An INSERT into ``table`` that skips rows whose ``key`` columns are already there
+    (ON CONFLICT DO NOTHING): atomic where a read-then-insert races another writer."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(Result).on_conflict_do_nothing(index_elements=["item_id"])
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=key)
     if dialect == "sqlite":
-        return sqlite.insert(Result).on_conflict_do_nothing(index_elements=["item_id"])
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=key)
     raise NotImplementedError(f"insert-if-absent for {dialect}")
 
 
@@ -257,7 +259,7 @@ def insert_results(*, session: Session, rows: Sequence[ResultRow]) -> list[int]:
     values = [row.as_row() for row in rows]
     if session.get_bind().dialect.name == "postgresql":
         values = [_without_nul(v) for v in values]
-    stmt = _insert_ignore(session).returning(Result.item_id)
+    stmt = insert_if_absent(session, Result, ["item_id"]).returning(Result.item_id)
     inserted = set(session.scalars(stmt, values).all())
     if not inserted:
         return []

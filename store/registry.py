@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
-from store.queries import live_workers
+from store.queries import insert_if_absent, live_workers
 from store.tables import Batch, Model, Worker
 
 BASE, FINE_TUNED = "base", "fine-tuned"
@@ -35,10 +35,12 @@ def is_fine_tuned_name(name: str) -> bool:
 
 def announce_model(*, session: Session, name: str, checkpoint: str | None) -> None:
     """Record a base model name a worker serves (first announcement wins: a fine-tuned
-    entry or an earlier checkpoint is never overwritten by a worker)."""
+    entry or an earlier checkpoint is never overwritten by a worker). Workers starting
+    together announce the same name at once: the insert skips a name already there
+    instead of failing on it."""
     if session.get(Model, name) is None:
-        session.add(Model(name=name, kind=BASE, checkpoint=checkpoint))
-        session.flush()
+        session.execute(insert_if_absent(session, Model, ["name"]).values(
+            name=name, kind=BASE, checkpoint=checkpoint))
 
 
 def register_fine_tuned(*, session: Session, name: str, base: str, checkpoint: str,
