@@ -399,14 +399,17 @@ class Scheduler:
     is far from proportional to its rows (its GEMMs read every weight whatever the
     batch, and cuBLAS tiles the rows by 64-256), so the small last wave costs nearly
     what a full one does: two waves of 256 took 31.5 ms a step where 328 and 184 took
-    40.2 and 25.0 (measured on the 20B, 1.024x the whole run's output rate). Setting
+    40.2 and 25.0 (the 20B on an H200, a fixed cap of 256 against none). Setting
     :attr:`decode_seconds` (a decode step's seconds by batch size, which the engine
     measures when it captures its decode graphs) turns on even waves: when a wave
     starts in an empty scheduler, the waiting queue's sequences are counted, the waves
     they need are those of the greedy admission (how many fit: the same projected-demand
-    rule as admission, prompt blocks shared within the queue or already cached counted
-    once), and the wave is capped at an even share of the queue if that is cheaper by
-    those timings (by :data:`WAVE_MARGIN`). The cap holds until a sequence of the wave
+    rule as admission, prompt blocks shared within the queue counted once), and the wave
+    is capped at an even share of the queue if that is cheaper by those timings (by
+    :data:`WAVE_MARGIN`). Graphs are timed with empty contexts: the timings see the
+    GEMMs' row tiling and the weights' floor, not how attention's cost per row varies
+    with the batch, so the rule acts where the GEMMs decide (a last wave near the
+    floor) and errs towards greedy waves elsewhere. The cap holds until a sequence of the wave
     finishes or is preempted — workloads whose outputs differ in length then admit
     continuously as before — and never holds back a request that outranks the running
     ones.
