@@ -580,14 +580,20 @@ def test_even_waves_count_prompt_blocks_shared_within_the_queue(shared, waves) -
     assert _decode_rows(sched, random.Random(0)) == waves
 
 
-def test_an_even_wave_ends_when_one_of_its_sequences_does() -> None:
-    """A wave capped at 7 of 10: once one of its sequences is aborted (as when one
-    finishes early), admission is continuous again and fills the cache."""
+def _in_an_even_wave() -> tuple[Scheduler, random.Random]:
+    """13 queued where 10 fit, timings that favour even waves: 7 running after 3 steps."""
     sched = _wave_sched(lambda rows: max(8.0, float(rows)))
     _add_uniform(sched, 13)
     rng = random.Random(0)
     for _ in range(3):
         sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    return sched, rng
+
+
+def test_an_even_wave_ends_when_one_of_its_sequences_does() -> None:
+    """A wave capped at 7 of 10: once one of its sequences is aborted (as when one
+    finishes early), admission is continuous again and fills the cache."""
+    sched, rng = _in_an_even_wave()
     assert len(sched.running) == 7 and len(sched.waiting) == 6
     assert sched.abort("r0")
     sched.update(plan := sched.schedule(), _result(plan, rng, 50))
@@ -597,11 +603,7 @@ def test_an_even_wave_ends_when_one_of_its_sequences_does() -> None:
 def test_requests_arriving_during_an_even_wave_resize_it() -> None:
     """7 of 13 running in an even wave; 7 more arrive: 20 need two full waves of 10, so
     the cap goes and the running wave fills up to 10 at the next step."""
-    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
-    _add_uniform(sched, 13)
-    rng = random.Random(0)
-    for _ in range(3):
-        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    sched, rng = _in_an_even_wave()
     assert len(sched.running) == 7
     _add_uniform(sched, 7, first=13)
     sched.update(plan := sched.schedule(), _result(plan, rng, 50))
@@ -610,11 +612,7 @@ def test_requests_arriving_during_an_even_wave_resize_it() -> None:
 
 
 def test_an_interactive_request_is_not_held_back_by_an_even_wave() -> None:
-    sched = _wave_sched(lambda rows: max(8.0, float(rows)))
-    _add_uniform(sched, 13)
-    rng = random.Random(0)
-    for _ in range(3):
-        sched.update(plan := sched.schedule(), _result(plan, rng, 50))
+    sched, rng = _in_an_even_wave()
     assert len(sched.running) == 7
     sched.add_generate("i", [60] * 8, _batch_params(4), 99, 0.0, priority=INTERACTIVE)
     plan = sched.schedule()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import Engine, select, update
 
 from core.payloads import ChunkPayload
@@ -22,21 +20,13 @@ from store.claims import (
     release_worker,
     unfinished_in_range,
 )
-from store.db import create_all, make_engine, session_scope
+from store.db import session_scope
 from store.ingest import ChunkPlanner, submit_batch
 from store.queries import insert_results, register_worker
 from store.records import ResultRow
 from store.tables import Item, Worker, now
 
 LIVE = 15.0
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    create_all(engine)
-    yield engine
-    engine.dispose()
 
 
 def batch_of(db: Engine, n: int) -> str:

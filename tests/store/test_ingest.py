@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, func, select
 
 from core.payloads import ChunkPayload
 from core.settings import Settings
-from store.db import create_all, make_engine, session_scope
+from store.db import session_scope
 from store.ingest import iter_lines, submit_batch
 from store.queries import (
     PROMPT_TOKEN_IDS,
@@ -25,14 +24,6 @@ from store.queries import (
 )
 from store.records import ResultRow
 from store.tables import Batch, File, Item, Result
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    create_all(engine)
-    yield engine
-    engine.dispose()
 
 
 def jsonl(n: int, **fields) -> bytes:

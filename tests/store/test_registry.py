@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import Engine
 
-from store.db import create_all, make_engine, session_scope
+from store.db import session_scope
 from store.queries import insert_if_absent
 from store.registry import BASE, announce_model
 from store.tables import Model
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    create_all(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_insert_if_absent_keeps_the_first_row(db: Engine) -> None:
