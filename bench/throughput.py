@@ -578,8 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"comma-separated runs, one after another ({', '.join(MODES)}); "
                          "overrides --kv-cache-dtype/--quantization")
     ap.add_argument("--branch-plans", default=None, metavar="PLANS",
-                    help="comma-separated decode branch plans (FORK[/FREE_SMS][/mlp-first], "
-                         "see models.model.BranchPlan, or 'none': no branch stream), one "
+                    help="comma-separated decode branch plans "
+                         "(FORK[/FREE_SMS][/mlp-first][/everywhere], see "
+                         "models.model.BranchPlan, or 'none': no branch stream), one "
                          "engine each on the same weights, results under branch_plans; the "
                          "first one's are the run's")
     ap.add_argument("--no-branch-streams", action="store_true",
@@ -684,9 +685,11 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         result["engine"].update(
             branch_streams=dg.side is not None,
             branch_plan=str(dg.side.plan) if dg.side is not None else None,
+            decode_serial_buckets=dg.serial_buckets,
             decode_graph_ms={b: round(1e3 * t, 3) for b, t in dg.seconds.items()},
             decode_runs_as={b: r for b, r in dg.runs_as.items() if b != r})
-        log(f"decode graphs: runs as {result['engine']['decode_runs_as']}; ms "
+        log(f"decode graphs: runs as {result['engine']['decode_runs_as']}; serial "
+            f"{dg.serial_buckets}; ms "
             f"{result['engine']['decode_graph_ms']}")
 
     for name in names:

@@ -555,6 +555,9 @@ class DecodeGraphs:
             # Lower numbers run first; 0 is the default (lowest) priority.
             stream = torch.cuda.Stream(device=device, priority=-1 if plan.mlp_first else 0)
             self.side = Branches(stream, plan)
+        # The branch stream each bucket's graphs were captured with (see capture_all);
+        # buckets not in it use ``side``.
+        self.sides: dict[int, Branches | None] = {}
 
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
@@ -563,6 +566,12 @@ class DecodeGraphs:
     def timed(self) -> bool:
         """Whether every bucket's graph was timed (:meth:`capture_all`)."""
         return bool(self.seconds) and set(self.seconds) == set(self.buckets)
+
+    @property
+    def serial_buckets(self) -> list[int]:
+        """Buckets whose graphs run each block in order on one stream although the
+        branch stream is on: they measured faster so at capture (:meth:`capture_all`)."""
+        return sorted(b for b, side in self.sides.items() if side is None and self.side)
 
     def step_seconds(self, d: int) -> float:
         """Seconds of the graph a ``d``-row decode step replays, as timed at capture:
@@ -625,7 +634,8 @@ class DecodeGraphs:
         self.static[o[4]: self.tables_at].zero_()
         self.static[self.tables_at:].fill_(NULL_BLOCK)
 
-    def _capture(self, b: int, with_cascade: bool) -> Callable[[], Tensor]:
+    def _capture(self, b: int, with_cascade: bool,
+                 side: Branches | None) -> Callable[[], Tensor]:
         rt = self.runner
         model, bs = rt.model, rt.block_size
         tokens, positions, slots, ctx = (self._section(i, b) for i in range(4))
@@ -644,7 +654,7 @@ class DecodeGraphs:
                 slot_blocks=slots // bs, slot_offsets=slots % bs, num_decode=b,
                 block_tables=tables[:b], context_lens=ctx, cascade=meta))
             x = model.embed(tokens) if x_static is None else x_static[:b]
-            h = model.run_layers(x, positions, attn, self.side)  # (b, H)
+            h = model.run_layers(x, positions, attn, side)  # (b, H)
             return model.head(h) if model.has_head else h  # (b, V) or (b, H)
 
         if not self.capture:
@@ -668,38 +678,67 @@ class DecodeGraphs:
 
     def capture_all(self) -> int:
         """Capture every bucket now, largest first (the smaller reuse its memory); with
-        the runner's cascade on, each bucket's cascade graph too."""
+        the runner's cascade on, each bucket's cascade graph too. With the branch stream
+        on (and not ``everywhere``), each bucket's plain graph is captured both with it
+        and in order on one stream, each timed, and the faster kept (the other by more
+        than ``margin``: the stream's, unless the serial one wins clearly); its cascade
+        graph follows the same choice."""
         kinds = (False, True) if self.runner.cascade and self.runner.cascade_graphs \
             else (False,)
+        choose = self.capture and self.side is not None and not self.side.plan.everywhere
         with torch.inference_mode():
             for b in sorted(self.buckets, reverse=True):
+                if (b, False) not in self.graphs and choose:
+                    self.graphs[(b, False)] = self._capture_faster(b)
                 for with_cascade in kinds:
                     if (b, with_cascade) not in self.graphs:
-                        self.graphs[(b, with_cascade)] = self._capture(b, with_cascade)
+                        self.graphs[(b, with_cascade)] = self._capture(
+                            b, with_cascade, self.sides.get(b, self.side))
             if self.capture and set(self.seconds) != set(self.buckets):
                 self._time_buckets()
+            elif self.capture:
+                self.runs_as = fastest_fits(self.buckets, self.seconds)
         return len(self.graphs)
 
-    def _time_buckets(self) -> None:
-        """Time each bucket's plain graph on its capture inputs (padding rows: attention
-        reads almost nothing, so the time is the weights' GEMMs and the per-row work,
-        which is what differs between buckets) and choose ``runs_as``."""
+    def _capture_faster(self, b: int, margin: float = 0.01) -> Callable[[], Tensor]:
+        """Bucket ``b``'s plain graph with the branch stream and without, each timed on
+        padding inputs; the faster one (the serial one only by more than ``margin``) is
+        kept, the other dropped (its memory goes back to the shared pool)."""
+        best: tuple[float, Branches | None, Callable[[], Tensor]] | None = None
+        for side in (self.side, None):
+            replay = self._capture(b, False, side)
+            secs = self._time(replay)
+            if best is None or secs < best[0] * (1 - margin):
+                best = (secs, side, replay)
+            del replay
+        assert best is not None
+        self.seconds[b], self.sides[b], replay = best
+        return replay
+
+    def _time(self, replay: Callable[[], Tensor]) -> float:
+        """Best of three timed replays after one untimed, on padding inputs."""
         device = self.runner.device
         torch.cuda.synchronize(device)  # no step still reads the static inputs
         self._pad()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        for b in self.buckets:
-            replay = self.graphs[(b, False)]
+        replay()
+        best = math.inf
+        for _ in range(3):
+            start.record()
             replay()
-            best = math.inf
-            for _ in range(3):
-                start.record()
-                replay()
-                end.record()
-                torch.cuda.synchronize(device)
-                best = min(best, start.elapsed_time(end) / 1e3)
-            self.seconds[b] = best
+            end.record()
+            torch.cuda.synchronize(device)
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+
+    def _time_buckets(self) -> None:
+        """Time each bucket's plain graph on its capture inputs (padding rows: attention
+        reads almost nothing, so the time is the weights' GEMMs and the per-row work,
+        which is what differs between buckets) and choose ``runs_as``."""
+        for b in self.buckets:
+            if b not in self.seconds:
+                self.seconds[b] = self._time(self.graphs[(b, False)])
         self.runs_as = fastest_fits(self.buckets, self.seconds)
 
     def run(self, inputs: StepInputs, x: Tensor | None,
@@ -707,7 +746,7 @@ class DecodeGraphs:
         b, d = inputs.bucket, inputs.num_decode
         key = (b, inputs.cascade_tiles > 0)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self._capture(*key, self.sides.get(b, self.side))
         n = inputs.ints.size
         # A one-GPU engine's layout() wrote a pinned buffer in place.
         src = self.hosts[inputs.host_slot][:n] if inputs.host_slot >= 0 else _pinned(

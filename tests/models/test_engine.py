@@ -650,8 +650,9 @@ def test_cuda_runs_of_equal_prompts_in_place_equal_cpu(
 @pytest.mark.parametrize("graphs", ["none", "serial", "streams", "streams-qkv"])
 def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: str) -> None:
     """Eager, decode graphs, and decode graphs with each block's MLP on a second stream
-    (captured up front, so the buckets are timed and batches may run a larger one); the
-    last after the QKV GEMM, leaving SMs free, at the higher priority."""
+    (captured up front, so the buckets are timed and batches may run a larger one; each
+    bucket with the stream or serially, whichever timed faster); the last after the QKV
+    GEMM, leaving SMs free, at the higher priority, in every bucket."""
     from models.model import BranchPlan
 
     assert config.parallel_residual
@@ -662,7 +663,8 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
     engine = Engine(gpu_model, None, num_blocks=41, block_size=4, max_batch_tokens=24,
                     kv_overcommit=100.0, cuda_graphs=graphs != "none",
                     branch_streams=graphs.startswith("streams"),
-                    branch_plan=BranchPlan.parse("qkv/16/mlp-first") if graphs == "streams-qkv"
+                    branch_plan=BranchPlan.parse("qkv/16/mlp-first/everywhere")
+                    if graphs == "streams-qkv"
                     else None)
     if graphs.startswith("streams"):
         dg = engine.runner.graphs
@@ -670,6 +672,9 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
         engine.capture_graphs()
         assert set(dg.seconds) == set(dg.buckets)
         assert all(r >= b for b, r in dg.runs_as.items())
+        assert set(dg.sides) == (set(dg.buckets) if graphs == "streams" else set())
+        if graphs == "streams-qkv":
+            assert dg.serial_buckets == []
         # Captured and timed: admission has the timings for even waves.
         cost = engine.scheduler.decode_seconds
         assert cost is not None and cost(3) == dg.seconds[dg.runs_as[4]] > 0

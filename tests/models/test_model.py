@@ -96,7 +96,20 @@ def test_branched_blocks_equal_plain(spec: str) -> None:
     assert torch.equal(plain, branched)
 
 
-@pytest.mark.parametrize("spec", ["output", "qkv/-1", "qkv/x", "qkv/8/first", "a/1/b/c"])
+@pytest.mark.parametrize("spec", ["input", "qkv/32", "input/16/mlp-first", "input/everywhere",
+                                  "qkv/8/mlp-first/everywhere"])
+def test_branch_plan_specs_round_trip(spec: str) -> None:
+    from models.model import BranchPlan
+
+    plan = BranchPlan.parse(spec)
+    assert BranchPlan.parse(str(plan)) == plan
+    assert plan.everywhere == spec.endswith("everywhere")
+    assert plan.mlp_first == ("mlp-first" in spec)
+
+
+@pytest.mark.parametrize("spec", ["output", "qkv/-1", "qkv/x", "qkv/8/first", "a/1/b/c",
+                                  "qkv/everywhere/8", "qkv/8/everywhere/mlp-first",
+                                  "input/0/mlp-first/mlp-first", "input/1/2"])
 def test_branch_plan_rejects_bad_specs(spec: str) -> None:
     from models.model import BranchPlan
 
