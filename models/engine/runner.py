@@ -471,6 +471,11 @@ class ModelRunner:
         return self.graphs.capture_all() if self.graphs is not None else 0
 
 
+# Tokens of KV each row reads when a bucket's graph is timed with and without the branch
+# stream (DecodeGraphs._capture_faster): the length of a typical batch's contexts.
+LOADED_CONTEXT = 256
+
+
 def decode_buckets(max_batch: int) -> list[int]:
     """The batch sizes decode graphs are captured at. Small batches are bound by reading
     the weights, so padding them is nearly free; from ~150 sequences a decode step's
@@ -701,25 +706,42 @@ class DecodeGraphs:
         return len(self.graphs)
 
     def _capture_faster(self, b: int, margin: float = 0.01) -> Callable[[], Tensor]:
-        """Bucket ``b``'s plain graph with the branch stream and without, each timed on
-        padding inputs; the faster one (the serial one only by more than ``margin``) is
-        kept, the other dropped (its memory goes back to the shared pool)."""
+        """Bucket ``b``'s plain graph with the branch stream and without, each timed with
+        every row reading :data:`LOADED_CONTEXT` tokens of KV (the stream's MLP GEMMs
+        share the SMs with the attention, so only a step that reads a real cache shows
+        what the stream costs or saves); the faster one (the serial one only by more
+        than ``margin``) is kept, the other dropped (its memory goes back to the shared
+        pool). ``seconds[b]`` is the kept graph's time on padding inputs, as for every
+        bucket (:meth:`step_seconds`)."""
         best: tuple[float, Branches | None, Callable[[], Tensor]] | None = None
         for side in (self.side, None):
             replay = self._capture(b, False, side)
-            secs = self._time(replay)
-            if best is None or secs < best[0] * (1 - margin):
-                best = (secs, side, replay)
+            loaded = self._time(replay, b)
+            if best is None or loaded < best[0] * (1 - margin):
+                best = (loaded, side, replay)
             del replay
         assert best is not None
-        self.seconds[b], self.sides[b], replay = best
+        _, self.sides[b], replay = best
+        self.seconds[b] = self._time(replay)
         return replay
 
-    def _time(self, replay: Callable[[], Tensor]) -> float:
-        """Best of three timed replays after one untimed, on padding inputs."""
+    def _time(self, replay: Callable[[], Tensor], loaded_rows: int = 0) -> float:
+        """Best of three timed replays after one untimed, on padding inputs, the first
+        ``loaded_rows`` of them reading :data:`LOADED_CONTEXT` tokens each from distinct
+        cache blocks (free ones: nothing is running while graphs are captured; the
+        outputs are thrown away)."""
         device = self.runner.device
         torch.cuda.synchronize(device)  # no step still reads the static inputs
         self._pad()
+        if loaded_rows:
+            bs = self.runner.block_size
+            per_row = min(LOADED_CONTEXT // bs, self.width)
+            usable = self.runner.cache.num_blocks - 1  # all but the null block
+            ids = torch.arange(loaded_rows * per_row, device=device) % usable + 1
+            tables = self.static[self.tables_at: self.offsets[9]].view(self.max_batch,
+                                                                        self.width)
+            tables[:loaded_rows, :per_row] = ids.view(loaded_rows, per_row)
+            self._section(3, loaded_rows).fill_(per_row * bs)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         replay()
@@ -730,6 +752,8 @@ class DecodeGraphs:
             end.record()
             torch.cuda.synchronize(device)
             best = min(best, start.elapsed_time(end) / 1e3)
+        if loaded_rows:
+            self._pad()
         return best
 
     def _time_buckets(self) -> None:
