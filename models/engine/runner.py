@@ -728,8 +728,9 @@ class DecodeGraphs:
     def _time(self, replay: Callable[[], Tensor], loaded_rows: int = 0) -> float:
         """Best of three timed replays after one untimed, on padding inputs, the first
         ``loaded_rows`` of them reading :data:`LOADED_CONTEXT` tokens each from distinct
-        cache blocks (free ones: nothing is running while graphs are captured; the
-        outputs are thrown away)."""
+        cache blocks. Whose blocks they are does not matter: a padding row's new key and
+        value go to the null block, so the replay only reads the cache, and its outputs
+        are thrown away."""
         device = self.runner.device
         torch.cuda.synchronize(device)  # no step still reads the static inputs
         self._pad()
