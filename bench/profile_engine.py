@@ -110,8 +110,9 @@ def trace_steps(step: Callable[[], object], n: int) -> dict[str, Any]:
 
 def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
     """Workload prompts through ``engine.step()``; traces of 4 steps each: mixed
-    (prefill beside decodes), decode in the first wave (>= 300 running, 40 steps in) and
-    in the second (150-250 running, 40 steps in)."""
+    (prefill beside decodes), decode in the first wave (>= 150 running while prompts
+    still wait, 40 steps in) and in the last (>= 150 running, none waiting, 40 steps in).
+    Greedy admission makes waves of ~330 and ~180 on (a); even waves two of 256."""
     sched = engine.scheduler
     for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o,
@@ -124,8 +125,8 @@ def overlapped(engine: Engine, prompts: list[list[int]], outs: list[int]) -> dic
         if "mixed" not in traces and sched.waiting and running >= 100:
             traces["mixed"] = {"running": running, **trace_steps(engine.step, 4)}
             continue
-        band = ("decode_first_wave" if running >= 300 else
-                "decode_second_wave" if 150 <= running <= 250 else None)
+        band = None if running < 150 else (
+            "decode_first_wave" if sched.waiting else "decode_last_wave")
         if decode and band is not None and band not in traces:
             since[band] = since.get(band, 0) + 1
             if since[band] > 40:
