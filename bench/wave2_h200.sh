@@ -20,6 +20,9 @@
 #   bench/wave2_h200.sh waves   OUTDIR  # one H200: GPU tests; even against greedy waves
 #                                       # on (a) 512 and (c) 400 in one process each;
 #                                       # structured output with even waves on
+#   bench/wave2_h200.sh serial  OUTDIR  # one H200: the MLP stream per decode bucket vs
+#                                       # everywhere vs nowhere on (a); (b); the record
+#                                       # run, bf16 / fp8-KV / fp8-all; a profile of (a)
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -131,8 +134,26 @@ pp2)
     timeout 450 python3 -m bench.scale --configs pp2 --num-prompts-a 512 \
         --num-prompts-b 1000 --out "$out/scale_h200.json" 2>&1 | tail -6
     ;;
+serial)
+    # One H200 (~12 minutes, two device calls: split after the (b) run): the CUDA engine
+    # tests; the MLP stream chosen per decode bucket against the stream in every bucket
+    # and in none, on (a) in one process with HF; (b); then the record run (bf16, fp8-KV,
+    # fp8-all on (a) and (b), HF on both) and a profile of (a)'s decode waves.
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_engine.py \
+        -k "gpu or cuda" 2>&1 | grep -E "passed|failed"
+    timeout 260 python3 -m bench.throughput --workload a --num-prompts 512 \
+        --branch-plans input/0,input/0/everywhere,none \
+        --out "$out/engine_a_serial_h200.json" 2>&1 | grep -E "workload a ours|HF|branch plan"
+    timeout 130 python3 -m bench.throughput --workload b --num-prompts-b 400 --skip-hf \
+        --out "$out/engine_b_serial_h200.json" 2>&1 | grep -E "workload b ours"
+    timeout 530 python3 -m bench.throughput --workload both --num-prompts 512 \
+        --num-prompts-b 400 --modes bf16,fp8-kv,fp8-all --out "$out/engine_h200.json" 2>&1 \
+        | grep -E "workload . ours|HF|mode " | cut -c1-260
+    timeout 150 python3 -m bench.profile_engine --overlapped \
+        --out "$out/profile_overlapped_waves_h200.json" 2>&1 | grep -E "decode_" | cut -c1-400
+    ;;
 *)
-    echo "usage: $0 engine|extras|service|pair|open|record|norms|waves|pp2 OUTDIR" >&2
+    echo "usage: $0 engine|extras|service|pair|open|record|norms|waves|serial|pp2 OUTDIR" >&2
     exit 2
     ;;
 esac
