@@ -699,10 +699,8 @@ class DecodeGraphs:
                     if (b, with_cascade) not in self.graphs:
                         self.graphs[(b, with_cascade)] = self._capture(
                             b, with_cascade, self.sides.get(b, self.side))
-            if self.capture and set(self.seconds) != set(self.buckets):
+            if self.capture:
                 self._time_buckets()
-            elif self.capture:
-                self.runs_as = fastest_fits(self.buckets, self.seconds)
         return len(self.graphs)
 
     def _capture_faster(self, b: int, margin: float = 0.01) -> Callable[[], Tensor]:
@@ -753,14 +751,12 @@ class DecodeGraphs:
             end.record()
             torch.cuda.synchronize(device)
             best = min(best, start.elapsed_time(end) / 1e3)
-        if loaded_rows:
-            self._pad()
         return best
 
     def _time_buckets(self) -> None:
-        """Time each bucket's plain graph on its capture inputs (padding rows: attention
-        reads almost nothing, so the time is the weights' GEMMs and the per-row work,
-        which is what differs between buckets) and choose ``runs_as``."""
+        """Time each bucket's plain graph not yet timed on its capture inputs (padding
+        rows: attention reads almost nothing, so the time is the weights' GEMMs and the
+        per-row work, which is what differs between buckets) and choose ``runs_as``."""
         for b in self.buckets:
             if b not in self.seconds:
                 self.seconds[b] = self._time(self.graphs[(b, False)])

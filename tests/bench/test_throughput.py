@@ -102,11 +102,16 @@ def test_roofline_matches_design_figures() -> None:
     assert 0.8 * roof["output_tok_per_s"] < kernels["output_tok_per_s"] < roof["output_tok_per_s"]
 
 
+def _tiny_a(out: Path, *args: str) -> dict:
+    """bench.throughput on the tiny model, CPU, workload (a) without HF; its JSON."""
+    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--skip-hf",
+          *args, "--out", str(out)])
+    return json.loads(out.read_text())
+
+
 def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
     out = tmp_path / "overlap.json"
-    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
-          "8", "--skip-hf", "--compare-overlap", "--out", str(out)])
-    data = json.loads(out.read_text())
+    data = _tiny_a(out, "--num-prompts", "8", "--compare-overlap")
     w = data["workloads"]["a"]
     assert data["engine"]["overlap"] is True
     on, off = w["ours"], w["ours_no_overlap"]
@@ -115,9 +120,7 @@ def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
     assert off["engine_stats"]["overlapped_steps"] == 0
     assert w["ratios"]["overlap_speedup"] > 0
     # --no-overlap: the main run is the one without, the comparison the one with.
-    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
-          "4", "--skip-hf", "--no-overlap", "--compare-overlap", "--out", str(out)])
-    data = json.loads(out.read_text())
+    data = _tiny_a(out, "--num-prompts", "4", "--no-overlap", "--compare-overlap")
     w = data["workloads"]["a"]
     assert data["engine"]["overlap"] is False
     assert w["ours"]["engine_stats"]["overlapped_steps"] == 0
@@ -127,10 +130,7 @@ def test_overlap_on_and_off_in_one_run(tmp_path: Path) -> None:
 def test_even_and_greedy_waves_in_one_run(tmp_path: Path) -> None:
     """--compare-waves writes both runs and their ratio (a CPU engine has no decode-graph
     timings, so both admit greedily here; the GPU runs are the measurement)."""
-    out = tmp_path / "waves.json"
-    main(["--model", "preset:tiny", "--device", "cpu", "--workload", "a", "--num-prompts",
-          "6", "--skip-hf", "--compare-waves", "--out", str(out)])
-    data = json.loads(out.read_text())
+    data = _tiny_a(tmp_path / "waves.json", "--num-prompts", "6", "--compare-waves")
     w = data["workloads"]["a"]
     assert data["engine"]["balance_waves"] is True
     assert w["ours"]["output_tokens"] == w["ours_greedy_waves"]["output_tokens"] \
