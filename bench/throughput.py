@@ -605,6 +605,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare-overlap", action="store_true",
                     help="run each workload again with the overlap off (same engine): "
                          "ours_no_overlap and ratios.overlap_speedup")
+    ap.add_argument("--variants", default=None, metavar="SPECS",
+                    help="after each workload, run it again on the same engine once per "
+                         "';'-separated variant, each 'base' (as it was: a repeat) or "
+                         "comma-separated KEY=VALUE settings: batch_tokens=N (at most "
+                         "--max-batch-tokens), gelu_rows=N (the GELU epilogue up to N "
+                         "rows), kv_store=fused|apart (recaptures the decode graphs); "
+                         "results under variants, ratios.variant_speedup = this run's "
+                         "time / the variant's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON results (merged by workload)")
     ap.add_argument("--table", type=Path, default=None,
@@ -645,6 +653,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     device = next(model.parameters()).device
     cfg = model.config
     weight_bytes = model.parameter_bytes()
+    variants = parse_variants(args.variants)
     if save is None:
         def save() -> None:
             _write(args.out, result)
@@ -764,6 +773,16 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             entry["ratios"]["overlap_speedup"] = off["seconds"] / on["seconds"]
             log(f"workload {name}: overlap on / off = "
                 f"{entry['ratios']['overlap_speedup']:.3f}x")
+        for label, settings in variants:
+            _fresh_cache(engine)
+            undo = _apply_variant(engine, model, settings)
+            other = run_ours(engine, prompts, outs)
+            undo()
+            _say(name, f"ours, variant {label}", other, roof)
+            entry.setdefault("variants", {})[label] = other
+            speedups = entry["ratios"].setdefault("variant_speedup", {})
+            speedups[label] = ours["seconds"] / other["seconds"]
+            log(f"workload {name}: variant {label} {speedups[label]:.3f}x")
         result["workloads"][name] = entry
         save()
 
@@ -774,6 +793,59 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+VARIANT_KEYS = ("batch_tokens", "gelu_rows", "kv_store")
+KV_STORES = ("fused", "apart")
+
+
+def parse_variants(spec: str | None) -> list[tuple[str, dict[str, str]]]:
+    """``--variants``: ``base;batch_tokens=2048;gelu_rows=8192,kv_store=apart`` ->
+    ``[(label, {key: value})]`` (``base``: no setting changed)."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for label in (p.strip() for p in (spec or "").split(";")):
+        if not label:
+            continue
+        settings: dict[str, str] = {}
+        for item in ([] if label == "base" else label.split(",")):
+            key, _, value = item.partition("=")
+            if key not in VARIANT_KEYS or not value:
+                raise SystemExit(f"--variants {label!r}: KEY=VALUE with KEY one of "
+                                 f"{', '.join(VARIANT_KEYS)}, or 'base'")
+            if key == "kv_store" and value not in KV_STORES:
+                raise SystemExit(f"--variants {label!r}: kv_store is one of "
+                                 f"{', '.join(KV_STORES)}")
+            if key != "kv_store" and not (value.isdigit() and int(value) > 0):
+                raise SystemExit(f"--variants {label!r}: {key} takes a positive integer")
+            settings[key] = value
+        out.append((label, settings))
+    return out
+
+
+def _apply_variant(engine: Engine, model: NeoX, settings: dict[str, str]) -> Any:
+    """Apply one ``--variants`` entry to the engine; returns what undoes it."""
+    undo: list[Any] = []
+    if "batch_tokens" in settings:
+        engine.set_max_batch_tokens(int(settings["batch_tokens"]))
+        undo.append(lambda: engine.set_max_batch_tokens(engine.max_batch_tokens))
+    if "gelu_rows" in settings:
+        mlps = [m for m in model.modules() if isinstance(m, MLP)]
+        before = [m.fused_gelu_max_rows for m in mlps]
+        for m in mlps:
+            m.fused_gelu_max_rows = int(settings["gelu_rows"])
+
+        def restore_gelu() -> None:
+            for m, rows in zip(mlps, before, strict=True):
+                m.fused_gelu_max_rows = rows
+        undo.append(restore_gelu)
+    if "kv_store" in settings:
+        engine.set_fused_kv_store(settings["kv_store"] == "fused")
+        undo.append(lambda: engine.set_fused_kv_store(True))
+
+    def undo_all() -> None:
+        for fn in reversed(undo):
+            fn()
+    return undo_all
 
 
 def _fresh_cache(engine: Engine) -> None:
@@ -903,6 +975,7 @@ def _run_plans(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    parse_variants(args.variants)  # a bad spec stops before any model is built
     if args.hf_prompts_a is None:
         args.hf_prompts_a = 256 if cuda else 8
     if args.hf_prompts_b is None:

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,10 @@ from models.cascade import (
 )
 from models.engine.kv_cache import KVCache
 from models.fp8 import dequantize_rows, quantize_scatter
-from models.fused import write_kv
+from models.fused import split_rotate_store, store_fuses, write_kv
+
+if TYPE_CHECKING:
+    from models.model import Rotary
 
 
 @dataclass
@@ -89,31 +92,58 @@ class PagedAttention:
     ``use_triton`` picks the CUDA decode kernel (default: whenever the cache is on CUDA).
     """
 
-    def __init__(self, cache: KVCache, use_triton: bool | None = None) -> None:
+    def __init__(self, cache: KVCache, use_triton: bool | None = None,
+                 fused_store: bool = True) -> None:
         self.cache = cache
         if use_triton is None:
             use_triton = cache.data.device.type == "cuda"
         self.use_triton = use_triton
+        # Store k and v in the cache from the kernel that splits and rotates them (see
+        # inputs) instead of reading them back in a second kernel.
+        self.fused_store = fused_store
         self.meta: StepMetadata | None = None
         self.cont_masks: list[Tensor] = []
+        self.stored_layer: int | None = None  # the layer whose k, v inputs() stored
+
+    def inputs(self, layer: int, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """q, k, v of the fused projection (N, nh, 3, hd), q and k rotated. Where one
+        kernel can (a cache in the activations' dtype, see :func:`store_fuses`), k and v
+        are stored at their cache slots by the same kernel, and in a decode-only step
+        not returned at all (its attention reads them from the cache)."""
+        m = self.meta
+        assert m is not None, "PagedAttention.set_step() was not called"
+        self.stored_layer = None
+        kc, vc = self.cache.layer(layer)
+        if not (self.fused_store and self.cache.layer_scales(layer) is None
+                and store_fuses(qkv, kc, vc)):
+            return rotary.split_rotate(qkv, cos, sin)
+        self.stored_layer = layer
+        return split_rotate_store(qkv, cos, sin, rotary.dim, kc, vc, m.slot_blocks,
+                                  m.slot_offsets, kv_out=m.num_decode < qkv.shape[0])
 
     def set_step(self, meta: StepMetadata) -> None:
         self.meta = meta
         self.cont_masks = continuing_masks(meta, self.cache.block_size)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None,
+                 ) -> Tensor:
         m = self.meta
         assert m is not None, "PagedAttention.set_step() was not called"
         kc, vc = self.cache.layer(layer)  # each (blocks, heads, block_size, hd)
         scales = self.cache.layer_scales(layer)  # FP8 cache: each (blocks, heads, block_size)
-        if scales is None:
-            write_kv(k, v, kc, vc, m.slot_blocks, m.slot_offsets)
-        else:
-            write_fp8(kc, scales[0], m.slot_blocks, m.slot_offsets, k)
-            write_fp8(vc, scales[1], m.slot_blocks, m.slot_offsets, v)
+        stored, self.stored_layer = self.stored_layer == layer, None
+        if not stored:
+            assert k is not None and v is not None
+            if scales is None:
+                write_kv(k, v, kc, vc, m.slot_blocks, m.slot_offsets)
+            else:
+                write_fp8(kc, scales[0], m.slot_blocks, m.slot_offsets, k)
+                write_fp8(vc, scales[1], m.slot_blocks, m.slot_offsets, v)
         d = m.num_decode
         if d == q.shape[0]:
             return self._decode(q, kc, vc, scales)
+        assert k is not None and v is not None
         out = torch.empty_like(q)
         if d:
             out[:d] = self._decode(q[:d], kc, vc, scales)

@@ -104,20 +104,69 @@ def split_rotate_triton(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int,
 
     Launched with FP fusion off: with it, the compiler contracts a product and the sum
     after it into one fused multiply-add (one rounding where torch rounds twice)."""
+    q, k, v = _split_rotate_launch(qkv, cos, sin, dim, None, True)
+    assert k is not None and v is not None
+    return q, k, v
+
+
+def split_rotate_store(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int, k_cache: Tensor,
+                       v_cache: Tensor, blocks: Tensor, offsets: Tensor, kv_out: bool = True,
+                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`split_rotate`, and the rotated k and v also stored at cache slots
+    ``(blocks[i], offsets[i])`` as :func:`write_kv` stores them, in one pass over the
+    projection. ``kv_out=False``: k and v go to the caches only (None returned for them:
+    a decode step's attention reads them from there). One Triton kernel where
+    :func:`store_fuses` says so, the torch ops elsewhere."""
+    if store_fuses(qkv, k_cache, v_cache):
+        return split_rotate_store_triton(qkv, cos, sin, dim, k_cache, v_cache, blocks,
+                                         offsets, kv_out)
+    q, k, v = split_rotate(qkv, cos, sin, dim)
+    write_kv(k, v, k_cache, v_cache, blocks, offsets)
+    return (q, k, v) if kv_out else (q, None, None)
+
+
+def split_rotate_store_triton(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int,
+                              k_cache: Tensor, v_cache: Tensor, blocks: Tensor,
+                              offsets: Tensor, kv_out: bool = True,
+                              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`split_rotate_store` in one Triton kernel (the layouts
+    :func:`store_fuses` checks)."""
+    return _split_rotate_launch(qkv, cos, sin, dim, (k_cache, v_cache, blocks, offsets),
+                                kv_out)
+
+
+def store_fuses(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether :func:`split_rotate_store` runs as one kernel: CUDA, no autograd, caches in
+    the projection's dtype with the same layout, last dims contiguous, the kernels
+    passed their self-check."""
+    return (qkv.is_cuda and not (qkv.requires_grad and torch.is_grad_enabled())
+            and qkv.stride(-1) == 1 and k_cache.dtype == qkv.dtype
+            and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+            and fused_ok(qkv.device))
+
+
+def _split_rotate_launch(qkv: Tensor, cos: Tensor, sin: Tensor, dim: int,
+                         store: tuple[Tensor, Tensor, Tensor, Tensor] | None, kv_out: bool,
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     n, nh, three, hd = qkv.shape
     assert three == 3
-    q, k, v = (torch.empty(n, nh, hd, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    q = torch.empty(n, nh, hd, dtype=qkv.dtype, device=qkv.device)
+    k, v = (torch.empty_like(q), torch.empty_like(q)) if kv_out else (None, None)
     if n == 0:
         return q, k, v
     if dim == 0:  # nothing to rotate: any (N, 1, 1) table will do, it is never read
         cos = sin = qkv.new_ones(n, 1, 1)
     cos2, sin2 = cos.reshape(n, -1), sin.reshape(n, -1)
     assert cos2.stride(1) == 1 and sin2.stride() == cos2.stride()
+    # Pointers a disabled branch never reads still need a tensor: q stands in.
+    k_cache, v_cache, blocks, offsets = store or (q, q, q, q)
+    cache_strides = k_cache.stride()[:3] if store else (0, 0, 0)
     hb = _heads_per_program(nh)
     _kernels()[0][(n, -(-nh // hb))](
-        qkv, cos2, sin2, q, k, v, nh, qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        cos2.stride(0), **split_rotate_constexprs(nh, hd, dim), num_warps=4,
-        enable_fp_fusion=False)
+        qkv, cos2, sin2, q, q if k is None else k, q if v is None else v,
+        k_cache, v_cache, blocks, offsets, nh, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        cos2.stride(0), *cache_strides, **split_rotate_constexprs(nh, hd, dim),
+        KV_OUT=kv_out, STORE=store is not None, num_warps=4, enable_fp_fusion=False)
     return q, k, v
 
 
@@ -143,7 +192,7 @@ def fused_ok(device: torch.device) -> bool:
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Both kernels against the torch ops on small odd shapes (heads not a multiple of the
+    """The kernels against the torch ops on small odd shapes (heads not a multiple of the
     program's, head dim not a power of two, a partial rotary)."""
     g = torch.Generator(device=device).manual_seed(0)
     n, nh, hd, dim = 7, 5, 24, 8
@@ -159,6 +208,14 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> boo
     write_kv_triton(got[1], got[2], caches[0], caches[1], blocks, offsets)
     write_kv_torch(ref[1], ref[2], caches[2], caches[3], blocks, offsets)
     ok = ok and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    for kv_out in (True, False):  # the split with the cache store in the same kernel
+        stored = [torch.zeros_like(caches[0]) for _ in range(2)]
+        q, k, v = split_rotate_store_triton(qkv, cos, sin, dim, *stored, blocks, offsets,
+                                            kv_out)
+        ok = ok and torch.equal(q, ref[0]) and torch.equal(stored[0], caches[2]) \
+            and torch.equal(stored[1], caches[3])
+        ok = ok and (k is None if not kv_out else torch.equal(k, ref[1]) and torch.equal(
+            v, ref[2]))
     if not ok:
         warnings.warn(f"fused attention-input kernels disagree with torch on {device}; "
                       "using torch ops", stacklevel=3)

@@ -14,11 +14,14 @@ def _rotated(x, xp, c, s, sign, rm):
 
 
 @triton.jit
-def split_rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, NH,
+def split_rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+                        kc_ptr, vc_ptr, blocks_ptr, offsets_ptr, NH,
                         stride_n, stride_h, stride_w, stride_cos,
+                        stride_cb, stride_ch, stride_ct,
                         HEAD_DIM: tl.constexpr, HD_P2: tl.constexpr, ROT: tl.constexpr,
-                        HB: tl.constexpr):
-    # One program per (token, HB heads): read q, k, v once; rotate q and k.
+                        HB: tl.constexpr, KV_OUT: tl.constexpr, STORE: tl.constexpr):
+    # One program per (token, HB heads): read q, k, v once; rotate q and k. KV_OUT: write
+    # contiguous k and v; STORE: write them at the token's slot of the paged caches.
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
     d = tl.arange(0, HD_P2)
@@ -38,9 +41,19 @@ def split_rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, NH,
     tl.store(q_ptr + out, _rotated(x, xp, c, s, sign, rm), mask=m)
     x = tl.load(row + stride_w + d[None, :], mask=m, other=0.0)
     xp = tl.load(row + stride_w + partner[None, :], mask=m, other=0.0)
-    tl.store(k_ptr + out, _rotated(x, xp, c, s, sign, rm), mask=m)
-    tl.store(v_ptr + out, tl.load(row + 2 * stride_w + d[None, :], mask=m, other=0.0),
-             mask=m)
+    k = _rotated(x, xp, c, s, sign, rm)
+    v = tl.load(row + 2 * stride_w + d[None, :], mask=m, other=0.0)
+    if KV_OUT:
+        tl.store(k_ptr + out, k, mask=m)
+        tl.store(v_ptr + out, v, mask=m)
+    if STORE:
+        blk = tl.load(blocks_ptr + n).to(tl.int64)
+        off = tl.load(offsets_ptr + n).to(tl.int64)
+        dst = blk * stride_cb + h[:, None].to(tl.int64) * stride_ch + off * stride_ct \
+            + d[None, :]
+        tl.store(kc_ptr + dst, k, mask=m)
+        tl.store(vc_ptr + dst, v, mask=m)
+
 
 @triton.jit
 def write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, blocks_ptr, offsets_ptr, NH,

@@ -30,14 +30,29 @@ from models.kernel_check import kernels_ok
 class AttentionBackend(Protocol):
     """Computes attention for one layer and keeps whatever cache it needs.
 
-    ``q``, ``k`` and ``v`` are ``(N, n_heads, head_dim)`` for the N tokens of this
-    forward pass, already rotated; the result has the same shape as ``q``.
+    :meth:`inputs` turns a layer's fused projection into q, k and v, ``(N, n_heads,
+    head_dim)`` for the N tokens of this forward pass, q and k rotated; ``__call__``
+    attends with them (the result has the same shape as ``q``). A cached backend may
+    store k and v while it splits them and return None for those it does not need
+    again.
     """
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+    def inputs(self, layer: int, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None,
+                 ) -> Tensor: ...
 
 
-class DenseAttention:
+class Uncached:
+    """What the cacheless backends share: q, k, v split and rotated, nothing stored."""
+
+    def inputs(self, layer: int, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return rotary.split_rotate(qkv, cos, sin)
+
+
+class DenseAttention(Uncached):
     """Causal attention over a padded ``(B, S)`` batch with no cache.
 
     ``attention_mask`` (B, S) marks real tokens with 1; padding may sit on either
@@ -56,7 +71,9 @@ class DenseAttention:
             mask |= torch.eye(seq, dtype=torch.bool, device=keep.device)[None]
             self.mask = mask[:, None]  # (B, 1, S_q, S_k)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None,
+                 ) -> Tensor:
+        assert k is not None and v is not None
         b, s = self.batch, self.seq
         nh, hd = q.shape[1], q.shape[2]
         q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hd)
@@ -67,7 +84,7 @@ class DenseAttention:
         return out.transpose(1, 2).reshape(b * s, nh, hd)  # (N, nh, hd)
 
 
-class PackedAttention:
+class PackedAttention(Uncached):
     """Causal attention over a ``(B, S)`` batch of rows that each pack several documents.
 
     ``segments`` (B, S) numbers the documents of each row (0, 1, ... along the row;
@@ -90,7 +107,9 @@ class PackedAttention:
                                 device=segments.device).tril()
             self.mask = (same & causal[None])[:, None]  # (B, 1, S_q, S_k)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None,
+                 ) -> Tensor:
+        assert k is not None and v is not None
         b, s = self.batch, self.seq
         nh, hd = q.shape[1], q.shape[2]
         q, k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hd)
@@ -160,7 +179,8 @@ class Attention(nn.Module):
         """The rest of :meth:`forward` after the QKV projection ``qkv`` (N, 3H)."""
         n = qkv.shape[0]
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
-        q, k, v = rotary.split_rotate(qkv.view(n, self.num_heads, 3, self.head_dim), cos, sin)
+        q, k, v = attn.inputs(self.layer, qkv.view(n, self.num_heads, 3, self.head_dim),
+                              rotary, cos, sin)
         out = attn(self.layer, q, k, v)  # (N, nh, hd)
         return self.dense(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -174,8 +194,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = config.hidden_act
-        # The tanh GELU as the first GEMM's epilogue on CUDA (see fuses_up).
+        # The tanh GELU as the first GEMM's epilogue on CUDA (see fuses_up), for inputs
+        # of up to fused_gelu_max_rows rows.
         self.fused_gelu = True
+        self.fused_gelu_max_rows = FUSED_GELU_MAX_ROWS
 
     def fuses_up(self, x: Tensor) -> bool:
         """Whether the up-projection and its tanh GELU run as one cuBLASLt GEMM with a
@@ -189,7 +211,7 @@ class MLP(nn.Module):
         autograd."""
         up = self.dense_h_to_4h
         return (self.fused_gelu and self.act in TANH_GELUS and x.is_cuda and x.dim() == 2
-                and x.shape[0] <= FUSED_GELU_MAX_ROWS
+                and x.shape[0] <= self.fused_gelu_max_rows
                 and type(up) is nn.Linear and up.bias is not None
                 and x.dtype == up.weight.dtype
                 and not (torch.is_grad_enabled()

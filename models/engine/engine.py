@@ -347,6 +347,20 @@ class Engine:
         self.runner.cascade = enabled
         self.runner.cascade_graphs = graphs
 
+    def set_max_batch_tokens(self, tokens: int) -> None:
+        """Bound the tokens of each step from now on, at most the ``max_batch_tokens``
+        the engine was built with (its buffers and KV budget were sized for that)."""
+        if not 1 <= tokens <= self.max_batch_tokens:
+            raise ValueError(f"max batch tokens: 1..{self.max_batch_tokens}, got {tokens}")
+        self.scheduler.max_batch_tokens = tokens
+
+    def set_fused_kv_store(self, on: bool) -> None:
+        """Keys and values stored in the cache by the kernel that splits them out of the
+        projection (on, the default) or by one of their own (off): the same outputs; a
+        benchmark's A/B. Recaptures decode graphs already captured."""
+        self.runner.set_fused_kv_store(on)
+        self.set_balance_waves(self.balance_waves)
+
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode batch-size bucket now instead of on
         first use. Returns how many."""

@@ -287,7 +287,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = cache.block_size
-        self.attn = PagedAttention(cache)
+        # Split q/k/v and store k, v in the cache in one kernel (PagedAttention.inputs).
+        self.fused_kv_store = True
+        self.attn = PagedAttention(cache, fused_store=self.fused_kv_store)
         self.pipelined = pipelined
         self.cascade = cascade
         self.cascade_graphs = cascade_graphs
@@ -470,6 +472,15 @@ class ModelRunner:
         reuse its memory) instead of on first use. Returns how many there are."""
         return self.graphs.capture_all() if self.graphs is not None else 0
 
+    def set_fused_kv_store(self, on: bool) -> None:
+        """Store k and v from the split kernel (on) or from a kernel of their own (off)
+        from the next step on; decode graphs already captured are captured again (a graph
+        keeps the kernels it was captured with). Outputs are the same either way."""
+        self.fused_kv_store = self.attn.fused_store = on
+        if self.graphs is not None and self.graphs.graphs:
+            self.graphs.reset()
+            self.graphs.capture_all()
+
 
 # Tokens of KV each row reads when a bucket's graph is timed with and without the branch
 # stream (DecodeGraphs._capture_faster): the length of a typical batch's contexts.
@@ -567,6 +578,16 @@ class DecodeGraphs:
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
 
+    def reset(self) -> None:
+        """Drop every graph and timing (their memory goes back to the pool): the next
+        step or :meth:`capture_all` captures afresh."""
+        if self.capture:
+            torch.cuda.synchronize(self.runner.device)  # no replay still runs
+        self.graphs.clear()
+        self.seconds.clear()
+        self.sides.clear()
+        self.runs_as = {b: b for b in self.buckets}
+
     @property
     def timed(self) -> bool:
         """Whether every bucket's graph was timed (:meth:`capture_all`)."""
@@ -650,7 +671,7 @@ class DecodeGraphs:
             starts=self._section(5, b), rows=self._section(6, b),
             tiles=self._section(7, 4 * n_tiles).view(n_tiles, 4),
         ) if with_cascade else None
-        attn = PagedAttention(rt.cache)
+        attn = PagedAttention(rt.cache, fused_store=rt.fused_kv_store)
         self._pad()
         x_static = self.x
 

@@ -15,6 +15,7 @@ import torch
 from models.fused import (
     add_norms_torch,
     add_norms_triton,
+    split_rotate_store_triton,
     split_rotate_torch,
     split_rotate_triton,
     write_kv_torch,
@@ -57,6 +58,33 @@ def write_case(nh: int, hd: int, dtype: torch.dtype, seed: int) -> dict[str, flo
                            and torch.equal(caches[1], caches[3]))}
 
 
+def store_case(nh: int, hd: int, dim: int, dtype: torch.dtype, seed: int,
+               ) -> dict[str, float]:
+    """The split with the cache store in one kernel against split_rotate + write_kv (both
+    Triton, so exact even where the interpreter rounds bfloat16 its own way), with and
+    without the contiguous k and v."""
+    g = torch.Generator().manual_seed(seed)
+    n, bs, blocks = 6, 4, 5
+    qkv = (torch.randn(n, nh, 3, hd, generator=g) * 3).to(dtype)
+    ang = torch.rand(n, 1, max(dim, 1), generator=g)[..., :dim] * 50
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:n]
+    b, o = slots // bs, slots % bs
+    start = torch.randn(blocks, nh, bs, hd, generator=g).to(dtype)
+    ref = split_rotate_triton(qkv, cos, sin, dim)
+    want = [start.clone(), start.clone()]
+    write_kv_triton(ref[1], ref[2], *want, b, o)
+    exact = True
+    for kv_out in (True, False):
+        caches = [start.clone(), start.clone()]
+        q, k, v = split_rotate_store_triton(qkv, cos, sin, dim, *caches, b, o, kv_out)
+        exact = exact and torch.equal(q, ref[0]) and all(
+            torch.equal(c, w) for c, w in zip(caches, want, strict=True))
+        exact = exact and (k is None and v is None if not kv_out
+                           else torch.equal(k, ref[1]) and torch.equal(v, ref[2]))
+    return {"exact": float(exact)}
+
+
 def norms_case(h: int, dtype: torch.dtype, with_add: bool, seed: int) -> dict[str, float]:
     """The fused residual sum + both LayerNorms against the torch ops: largest error of
     the sum and of the norms, relative to each reference's largest value."""
@@ -82,6 +110,7 @@ def main() -> None:
             name = f"{nh}x{hd}/rot{dim}/{str(dtype)[6:]}"
             results[f"split {name}"] = split_case(nh, hd, dim, dtype, seed=i)
             results[f"write {name}"] = write_case(nh, hd, dtype, seed=i)
+            results[f"store {name}"] = store_case(nh, hd, dim, dtype, seed=i)
     for h in (48, 200):
         for dtype in (torch.float32, torch.bfloat16):
             for with_add in (True, False):

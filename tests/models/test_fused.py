@@ -38,7 +38,7 @@ def test_cpu_and_autograd_take_the_torch_ops() -> None:
 
 def test_triton_kernels_under_the_interpreter() -> None:
     results = run_json(["-m", "tests.models.fused_interp"], interpret=True, timeout=300)
-    assert len(results) == 2 * 3 * len(SHAPES) + 8
+    assert len(results) == 3 * 3 * len(SHAPES) + 8
     for name, r in results.items():
         if name.startswith("norms"):
             # float32: the sum exact, the norms to float32 rounding; bfloat16 within a
@@ -47,7 +47,7 @@ def test_triton_kernels_under_the_interpreter() -> None:
             assert r["sum_rel"] <= (2.0 ** -7 if bf16 else 0), (name, r)
             assert r["norms_rel"] <= (2.0 ** -6 if bf16 else 1e-5), (name, r)
             continue
-        if name.startswith("write"):
+        if name.startswith(("write", "store")):
             assert r["exact"] == 1, name
             continue
         assert r["contiguous"] == 1 and r["v_exact"] == 1, name
@@ -64,8 +64,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from models.fused import split_rotate_constexprs
 from models.fused_kernels import split_rotate_kernel as fn
-consts = split_rotate_constexprs(64, 96, 24)
-sig = {n: "constexpr" if n in consts else "*bf16" if n.endswith("_ptr")
+consts = {**split_rotate_constexprs(64, 96, 24), "KV_OUT": True, "STORE": True}
+sig = {n: "constexpr" if n in consts else "*i64" if n in ("blocks_ptr", "offsets_ptr")
+       else "*bf16" if n.endswith("_ptr")
        else "i64" if n.startswith("stride") else "i32" for n in fn.arg_names}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                    target=GPUTarget("cuda", 90, 32),
@@ -79,7 +80,13 @@ print(json.dumps(re.findall(r"\\b(fma\\.[a-z0-9.]+|add\\.rn\\.[a-z0-9]+)", k.asm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_are_bit_exact_on_gpu() -> None:
-    from models.fused import fused_ok, split_rotate_triton, write_kv_triton
+    from models.fused import (
+        fused_ok,
+        split_rotate_store,
+        split_rotate_triton,
+        store_fuses,
+        write_kv_triton,
+    )
 
     dev = torch.device("cuda")
     assert fused_ok(dev)
@@ -98,6 +105,14 @@ def test_kernels_are_bit_exact_on_gpu() -> None:
         write_kv_triton(got[1], got[2], caches[0], caches[1], slots // 16, slots % 16)
         write_kv_torch(ref[1], ref[2], caches[2], caches[3], slots // 16, slots % 16)
         assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        for kv_out in (True, False):  # split and store in one kernel
+            stored = [torch.zeros_like(caches[0]) for _ in range(2)]
+            assert store_fuses(qkv, *stored)
+            q, k, v = split_rotate_store(qkv, cos, sin, dim, *stored, slots // 16,
+                                         slots % 16, kv_out=kv_out)
+            assert torch.equal(q, ref[0]) and torch.equal(stored[0], caches[2]) \
+                and torch.equal(stored[1], caches[3])
+            assert (k is None) if not kv_out else torch.equal(k, ref[1])
 
 
 @pytest.mark.gpu
