@@ -774,6 +774,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             log(f"workload {name}: overlap on / off = "
                 f"{entry['ratios']['overlap_speedup']:.3f}x")
         for label, settings in variants:
+            result["workloads"][name] = entry
+            save()  # what ran so far, should a variant fail
             _fresh_cache(engine)
             undo = _apply_variant(engine, model, settings)
             other = run_ours(engine, prompts, outs)
