@@ -185,7 +185,6 @@ class Attention(nn.Module):
         return self.dense(out.reshape(n, self.num_heads * self.head_dim))
 
 
-FUSED_GELU_MAX_ROWS = 512  # see MLP.fuses_up
 
 
 class MLP(nn.Module):
@@ -195,23 +194,26 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = config.hidden_act
         # The tanh GELU as the first GEMM's epilogue on CUDA (see fuses_up), for inputs
-        # of up to fused_gelu_max_rows rows.
+        # of up to fused_gelu_max_rows rows (None: any).
         self.fused_gelu = True
-        self.fused_gelu_max_rows = FUSED_GELU_MAX_ROWS
+        self.fused_gelu_max_rows: int | None = None
 
     def fuses_up(self, x: Tensor) -> bool:
         """Whether the up-projection and its tanh GELU run as one cuBLASLt GEMM with a
         GELU epilogue: the activation applied to the fp32 accumulator in registers, so the
         4x-wide intermediate is written once instead of written, read and written again.
-        Decode-sized inputs only (up to :data:`FUSED_GELU_MAX_ROWS` rows): at the 20B's
-        shape on an H200 the fused GEMM took 0.92x the time of GEMM + GELU at 176 rows
-        and 0.96x at 336, but 1.09x at 4,096 (``bench.gelu_epilogue``). The epilogue's
-        GELU is the tanh approximation, so only for models that use it; plain
-        ``nn.Linear`` only (FP8 or LoRA-wrapped projections keep their own forward), no
-        autograd."""
+        At every row count by default: at the 20B's shape on an H200 the fused GEMM
+        took 0.92-0.96x the time of GEMM + GELU at decode sizes, and at 4,096 rows 0.97x
+        one day and 1.09x another in isolation (``bench.gelu_epilogue``), but in place,
+        prefill steps included, workload (a) ran 1.006x faster with it at every size
+        than at decode sizes only (the same engine, ``bench.throughput --variants
+        gelu_rows=512``). The epilogue's GELU is the tanh approximation, so only for
+        models that use it; plain ``nn.Linear`` only (FP8 or LoRA-wrapped projections
+        keep their own forward), no autograd."""
         up = self.dense_h_to_4h
+        rows = self.fused_gelu_max_rows
         return (self.fused_gelu and self.act in TANH_GELUS and x.is_cuda and x.dim() == 2
-                and x.shape[0] <= self.fused_gelu_max_rows
+                and (rows is None or x.shape[0] <= rows)
                 and type(up) is nn.Linear and up.bias is not None
                 and x.dtype == up.weight.dtype
                 and not (torch.is_grad_enabled()

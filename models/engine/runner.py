@@ -584,6 +584,11 @@ class DecodeGraphs:
         if self.capture:
             torch.cuda.synchronize(self.runner.device)  # no replay still runs
         self.graphs.clear()
+        if self.capture:
+            # A private pool goes away with the last graph captured into it; the next
+            # captures need a pool of their own.
+            torch.cuda.empty_cache()  # the old pool's memory, for the new one
+            self.pool = torch.cuda.graph_pool_handle()
         self.seconds.clear()
         self.sides.clear()
         self.runs_as = {b: b for b in self.buckets}
