@@ -61,6 +61,15 @@ graphs' timings say so (``Engine(balance_waves=True)``); ``--no-balance-waves`` 
 greedily, and ``--compare-waves`` runs every workload again the other way on the same
 engine (``ours_greedy_waves`` or ``ours_even_waves``, ``ratios.even_waves_speedup`` =
 greedy time / even time; ``step_times.decode_ms_by_running`` shows the waves' sizes).
+
+``--variants`` runs every workload again on the same engine once per variant (an A/B
+without a second engine's warm-up or a second machine's speed): ``base`` (a repeat: the
+run-to-run spread) or settings such as ``batch_tokens=2048`` (smaller steps),
+``gelu_rows=512`` (the GELU epilogue at decode sizes only) and ``kv_store=apart`` (k and v
+stored by a kernel of their own; recaptures the decode graphs), combined with commas:
+
+    python -m bench.throughput --workload a --skip-hf \
+        --variants "kv_store=apart;gelu_rows=512;kv_store=apart,gelu_rows=512" --out v.json
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@
 #   bench/wave2_h200.sh serial  OUTDIR  # one H200: the MLP stream per decode bucket vs
 #                                       # everywhere vs nowhere on (a); (b); the record
 #                                       # run, bf16 / fp8-KV / fp8-all; a profile of (a)
+#   bench/wave2_h200.sh store   OUTDIR  # one H200 (~10 minutes, two device calls: split
+#                                       # before the record run): GPU tests; the fused
+#                                       # k/v store and the GELU epilogue at every size
+#                                       # against the old ways in one engine, (a) and (b);
+#                                       # the record run
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -128,6 +133,19 @@ waves)
         | grep -E "workload c" | cut -c1-400
     timeout 110 python3 -m bench.structured --out "$out/structured_h200.json" 2>&1 \
         | grep -E "over_unconstrained"
+    ;;
+store)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused.py \
+        tests/models/test_engine.py -k "gpu or cuda" 2>&1 | grep -E "passed|failed"
+    timeout 240 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
+        --variants "kv_store=apart;gelu_rows=512;kv_store=apart,gelu_rows=512" \
+        --out "$out/engine_a_variants_h200.json" 2>&1 | grep -E "workload a" | cut -c1-200
+    timeout 230 python3 -m bench.throughput --workload b --num-prompts-b 400 --skip-hf \
+        --variants "kv_store=apart,gelu_rows=512" --out "$out/engine_b_variants_h200.json" \
+        2>&1 | grep -E "workload b" | cut -c1-200
+    timeout 560 python3 -m bench.throughput --workload both --num-prompts 512 \
+        --num-prompts-b 400 --modes bf16,fp8-kv,fp8-all --out "$out/engine_h200.json" 2>&1 \
+        | grep -E "workload . ours|HF|mode " | cut -c1-200
     ;;
 pp2)
     # Two H200s: one worker in 2 pipeline stages through the queue, for the scaling table.
