@@ -36,6 +36,34 @@ def test_cpu_and_autograd_take_the_torch_ops() -> None:
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1][1, :, 1], v[0].detach())
 
 
+def test_split_and_store_off_cuda_is_split_then_write() -> None:
+    """Where the one-kernel store does not run (CPU here; an FP8 or other-dtype cache),
+    split_rotate_store is the split and the write one after the other; without kv_out
+    it hands back q alone."""
+    from models.fused import split_rotate_store, store_fuses
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 4, 3, 16, generator=g)
+    half = torch.rand(5, 1, 4, generator=g) * 6
+    ang = torch.cat((half, half), dim=-1)
+    b, o = torch.tensor([2, 0, 1, 2, 3]), torch.tensor([1, 0, 1, 0, 1])
+    ref = split_rotate_torch(qkv, ang.cos(), ang.sin(), 8)
+    want = [torch.zeros(4, 4, 2, 16) for _ in range(2)]
+    write_kv_torch(ref[1], ref[2], *want, b, o)
+    for kv_out in (True, False):
+        caches = [torch.zeros(4, 4, 2, 16) for _ in range(2)]
+        assert not store_fuses(qkv, *caches)
+        q, k, v = split_rotate_store(qkv, ang.cos(), ang.sin(), 8, *caches, b, o,
+                                     kv_out=kv_out)
+        assert torch.equal(q, ref[0])
+        assert all(torch.equal(c, w) for c, w in zip(caches, want, strict=True))
+        if kv_out:
+            assert k is not None and v is not None
+            assert torch.equal(k, ref[1]) and torch.equal(v, ref[2])
+        else:
+            assert k is None and v is None
+
+
 def test_triton_kernels_under_the_interpreter() -> None:
     results = run_json(["-m", "tests.models.fused_interp"], interpret=True, timeout=300)
     assert len(results) == 3 * 3 * len(SHAPES) + 8
