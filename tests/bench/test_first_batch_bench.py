@@ -25,4 +25,6 @@ def test_first_batch_bench_small_run(tmp_path: Path, redis_url: str) -> None:
         for run in (res["first"], res["second"]):
             assert run["requests"] == 12 and run["output_tokens"] > 0
         assert res["first_over_second"] == res["first"]["seconds"] / res["second"]["seconds"]
+        after = [res[k]["seconds"] - res[k]["submit_seconds"] for k in ("first", "second")]
+        assert 0 < after[0] and res["worker_first_over_second"] == after[0] / after[1]
     assert set(report["first_over_second"]) == {"off", "on"}
