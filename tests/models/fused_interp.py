@@ -110,7 +110,10 @@ def main() -> None:
             name = f"{nh}x{hd}/rot{dim}/{str(dtype)[6:]}"
             results[f"split {name}"] = split_case(nh, hd, dim, dtype, seed=i)
             results[f"write {name}"] = write_case(nh, hd, dtype, seed=i)
-            results[f"store {name}"] = store_case(nh, hd, dim, dtype, seed=i)
+        # The store adds no arithmetic to the split (checked in every dtype above): one
+        # dtype, the engine's, covers its branches.
+        results[f"store {nh}x{hd}/rot{dim}/bfloat16"] = store_case(nh, hd, dim,
+                                                                  torch.bfloat16, seed=i)
     for h in (48, 200):
         for dtype in (torch.float32, torch.bfloat16):
             for with_add in (True, False):
