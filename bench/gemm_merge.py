@@ -32,10 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import git_commit, time_cuda_graph
+from bench.common import git_commit
+from bench.gemm_sweep import COPIES, bench_target, seconds_per_call
 from models.config import get_preset
-
-COPIES = 4
 
 
 def variants(m: int, h: int, f: int, device: torch.device, dtype: torch.dtype,
@@ -90,25 +89,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device, preset, dtype = bench_target(args.device, args.model)
     cuda = device.type == "cuda"
-    preset = args.model or ("gpt-neox-20b" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
     cfg = get_preset(preset)
     rows = []
     for m in [int(s) for s in args.sizes.split(",")]:
         per: dict[str, float] = {}
         for name, fn in variants(m, cfg.hidden_size, cfg.intermediate_size, device,
                                  dtype).items():
-            if cuda:
-                secs = time_cuda_graph(fn, args.reps) / COPIES
-            else:
-                fn()
-                t = time.perf_counter()
-                for _ in range(args.reps):
-                    fn()
-                secs = (time.perf_counter() - t) / args.reps / COPIES
-            per[name] = 1e6 * secs
+            per[name] = 1e6 * seconds_per_call(fn, device, args.reps) / COPIES
         row = {"m": m, "per_layer_us": per,
                "step_ms": {k: cfg.num_layers * v / 1e3 for k, v in per.items()},
                "up_merged_over_apart": per["up_apart"] / per["up_merged"],

@@ -66,6 +66,28 @@ def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return torch.addmm(b.expand(x.shape[0], w.shape[0]), x, w.t())
 
 
+def seconds_per_call(fn: Any, device: torch.device, reps: int) -> float:
+    """Seconds a call of ``fn`` takes after a first, untimed one (compiles, tunes): on a
+    GPU replayed from a CUDA graph, as decode steps are; on a CPU in a plain loop."""
+    fn()
+    if device.type == "cuda":
+        return time_cuda_graph(fn, reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def bench_target(device_arg: str, model_arg: str | None,
+                 ) -> tuple[torch.device, str, torch.dtype]:
+    """The device, the preset (default: the 20B on a GPU, tiny on a CPU) and the dtype
+    (bf16 on a GPU, float32 on a CPU) a GEMM diagnostic runs at."""
+    device = torch.device(device_arg)
+    cuda = device.type == "cuda"
+    return (device, model_arg or ("gpt-neox-20b" if cuda else "tiny"),
+            torch.bfloat16 if cuda else torch.float32)
+
+
 def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtype,
           reps: int, linear: Any = F.linear) -> list[dict[str, Any]]:
     layers, shapes = block_shapes(preset)
@@ -84,15 +106,8 @@ def sweep(preset: str, sizes: list[int], device: torch.device, dtype: torch.dtyp
                 for w in ws:
                     linear(x, w, b)
 
-            run()  # compiles and tunes, where linear does that on first use
-            if device.type == "cuda":
-                secs = time_cuda_graph(run, reps) / COPIES
-            else:
-                t = time.perf_counter()
-                for _ in range(reps):
-                    run()
-                secs = (time.perf_counter() - t) / reps / COPIES
-            per[name] = secs
+            # The first call compiles and tunes, where linear does that on first use.
+            per[name] = seconds_per_call(run, device, reps) / COPIES
             flops += 2 * m * ws[0].shape[0] * ws[0].shape[1]
         step = layers * sum(per.values())
         rows.append({"m": m, "step_ms": 1e3 * step, "us_per_token": 1e6 * step / m,
@@ -114,10 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "inductor (see inductor_linear), plain (see plain_linear)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device, preset, dtype = bench_target(args.device, args.model)
     cuda = device.type == "cuda"
-    preset = args.model or ("gpt-neox-20b" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
     if ":" in args.sizes:
         start, stop, step = (int(v) for v in args.sizes.split(":"))
         sizes = list(range(start, stop, step))

@@ -850,8 +850,9 @@ def _apply_variant(engine: Engine, model: NeoX, settings: dict[str, str]) -> Any
                 m.fused_gelu_max_rows = rows
         undo.append(restore_gelu)
     if "kv_store" in settings:
+        fused = engine.runner.fused_kv_store
         engine.set_fused_kv_store(settings["kv_store"] == "fused")
-        undo.append(lambda: engine.set_fused_kv_store(True))
+        undo.append(lambda: engine.set_fused_kv_store(fused))
 
     def undo_all() -> None:
         for fn in reversed(undo):

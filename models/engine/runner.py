@@ -476,6 +476,8 @@ class ModelRunner:
         """Store k and v from the split kernel (on) or from a kernel of their own (off)
         from the next step on; decode graphs already captured are captured again (a graph
         keeps the kernels it was captured with). Outputs are the same either way."""
+        if on == self.fused_kv_store:
+            return
         self.fused_kv_store = self.attn.fused_store = on
         if self.graphs is not None and self.graphs.graphs:
             self.graphs.reset()
