@@ -65,8 +65,10 @@ greedy time / even time; ``step_times.decode_ms_by_running`` shows the waves' si
 ``--variants`` runs every workload again on the same engine once per variant (an A/B
 without a second engine's warm-up or a second machine's speed): ``base`` (a repeat: the
 run-to-run spread) or settings such as ``batch_tokens=2048`` (smaller steps),
-``gelu_rows=512`` (the GELU epilogue at decode sizes only) and ``kv_store=apart`` (k and v
-stored by a kernel of their own; recaptures the decode graphs), combined with commas:
+``gelu_rows=512`` (the GELU epilogue at decode sizes only), ``kv_store=apart`` (k and v
+stored by a kernel of their own) and ``branch=attn/0/attn-first`` (another decode branch
+plan, see ``models.model.BranchPlan``; both recapture the decode graphs), combined with
+commas:
 
     python -m bench.throughput --workload a --skip-hf \
         --variants "kv_store=apart;gelu_rows=512;kv_store=apart,gelu_rows=512" --out v.json
@@ -588,7 +590,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "overrides --kv-cache-dtype/--quantization")
     ap.add_argument("--branch-plans", default=None, metavar="PLANS",
                     help="comma-separated decode branch plans "
-                         "(FORK[/FREE_SMS][/mlp-first][/everywhere], see "
+                         "(FORK[/FREE_SMS][/mlp-first|/attn-first][/everywhere], see "
                          "models.model.BranchPlan, or 'none': no branch stream), one "
                          "engine each on the same weights, results under branch_plans; the "
                          "first one's are the run's")
@@ -619,7 +621,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "';'-separated variant, each 'base' (as it was: a repeat) or "
                          "comma-separated KEY=VALUE settings: batch_tokens=N (at most "
                          "--max-batch-tokens), gelu_rows=N (the GELU epilogue up to N "
-                         "rows), kv_store=fused|apart (recaptures the decode graphs); "
+                         "rows), kv_store=fused|apart, branch=PLAN (a decode branch plan; "
+                         "both recapture the decode graphs); "
                          "results under variants, ratios.variant_speedup = this run's "
                          "time / the variant's")
     ap.add_argument("--seed", type=int, default=0)
@@ -700,12 +703,7 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
     log(f"warm-up done in {time.time() - t:.1f}s ({graphs} CUDA graphs)")
     dg = engine.runner.graphs
     if dg is not None and dg.seconds:
-        result["engine"].update(
-            branch_streams=dg.side is not None,
-            branch_plan=str(dg.side.plan) if dg.side is not None else None,
-            decode_serial_buckets=dg.serial_buckets,
-            decode_graph_ms={b: round(1e3 * t, 3) for b, t in dg.seconds.items()},
-            decode_runs_as={b: r for b, r in dg.runs_as.items() if b != r})
+        result["engine"].update(graphs_info(engine))
         log(f"decode graphs: runs as {result['engine']['decode_runs_as']}; serial "
             f"{dg.serial_buckets}; ms "
             f"{result['engine']['decode_graph_ms']}")
@@ -788,6 +786,8 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
             _fresh_cache(engine)
             undo = _apply_variant(engine, model, settings)
             other = run_ours(engine, prompts, outs)
+            if "branch" in settings:
+                other["graphs"] = graphs_info(engine)
             undo()
             _say(name, f"ours, variant {label}", other, roof)
             entry.setdefault("variants", {})[label] = other
@@ -806,7 +806,20 @@ def _run_engine(args: argparse.Namespace, model: NeoX, result: dict[str, Any],
         torch.cuda.empty_cache()
 
 
-VARIANT_KEYS = ("batch_tokens", "gelu_rows", "kv_store")
+def graphs_info(engine: Engine) -> dict[str, Any]:
+    """The decode graphs' branch plan, which buckets run serially, each bucket's time
+    at capture and which buckets replay a larger one's graph."""
+    dg = engine.runner.graphs
+    if dg is None or not dg.seconds:
+        return {}
+    return dict(branch_streams=dg.side is not None,
+                branch_plan=str(dg.side.plan) if dg.side is not None else None,
+                decode_serial_buckets=dg.serial_buckets,
+                decode_graph_ms={b: round(1e3 * t, 3) for b, t in dg.seconds.items()},
+                decode_runs_as={b: r for b, r in dg.runs_as.items() if b != r})
+
+
+VARIANT_KEYS = ("batch_tokens", "gelu_rows", "kv_store", "branch")
 KV_STORES = ("fused", "apart")
 
 
@@ -826,7 +839,12 @@ def parse_variants(spec: str | None) -> list[tuple[str, dict[str, str]]]:
             if key == "kv_store" and value not in KV_STORES:
                 raise SystemExit(f"--variants {label!r}: kv_store is one of "
                                  f"{', '.join(KV_STORES)}")
-            if key != "kv_store" and not (value.isdigit() and int(value) > 0):
+            if key == "branch":
+                try:
+                    BranchPlan.parse(value)
+                except ValueError as e:
+                    raise SystemExit(f"--variants {label!r}: {e}") from None
+            elif key != "kv_store" and not (value.isdigit() and int(value) > 0):
                 raise SystemExit(f"--variants {label!r}: {key} takes a positive integer")
             settings[key] = value
         out.append((label, settings))
@@ -853,6 +871,10 @@ def _apply_variant(engine: Engine, model: NeoX, settings: dict[str, str]) -> Any
         fused = engine.runner.fused_kv_store
         engine.set_fused_kv_store(settings["kv_store"] == "fused")
         undo.append(lambda: engine.set_fused_kv_store(fused))
+    if "branch" in settings:
+        plan = engine.runner.branch_plan
+        engine.set_branch_plan(BranchPlan.parse(settings["branch"]))
+        undo.append(lambda: engine.set_branch_plan(plan))
 
     def undo_all() -> None:
         for fn in reversed(undo):

@@ -28,6 +28,9 @@
 #                                       # k/v store and the GELU epilogue at every size
 #                                       # against the old ways in one engine, (a) and (b);
 #                                       # the record run
+#   bench/wave2_h200.sh attnfirst OUTDIR  # one H200: GPU tests; (a) with the attention's
+#                                       # stream first and the MLP forked at three points,
+#                                       # against the default plan, in one engine
 #   bench/wave2_h200.sh pp2     OUTDIR  # two H200s: PP=2 through the queue (start OUTDIR
 #                                       # with a copy of bench/results/scale_h200.json to
 #                                       # add it beside the 1 and 2 worker figures)
@@ -95,6 +98,14 @@ open)
         timeout 90 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf $flag \
             --out "$out/engine_a_gelu_$fused.json" 2>&1 | grep -E "workload a ours" | cut -c1-160
     done
+    ;;
+attnfirst)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused.py \
+        tests/models/test_engine.py -k "gpu or cuda" 2>&1 | grep -E "passed|failed|Error"
+    timeout 440 python3 -m bench.throughput --workload a --num-prompts 512 --skip-hf \
+        --variants "branch=attn/0/attn-first;branch=qkv/0/attn-first;branch=input/0/attn-first;branch=attn/0/attn-first/everywhere;base" \
+        --out "$out/engine_a_attn_first_h200.json" 2>&1 | grep -E "workload a|decode graphs" \
+        | cut -c1-300
     ;;
 record)
     # One H200 (~7 minutes): the record (a) and (b) runs, bf16 and fp8-all in one process,

@@ -26,6 +26,10 @@ from models.config import TANH_GELUS, NeoXConfig
 from models.fused import add_norms, rotate_half_torch, split_rotate
 from models.kernel_check import kernels_ok
 
+# An attention's inputs: q, k, v (N, n_heads, head_dim); k and v None where the backend
+# stored them and reads them back from its cache.
+QKV = tuple[Tensor, Tensor | None, Tensor | None]
+
 
 class AttentionBackend(Protocol):
     """Computes attention for one layer and keeps whatever cache it needs.
@@ -38,7 +42,7 @@ class AttentionBackend(Protocol):
     """
 
     def inputs(self, layer: int, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
-               ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+               ) -> QKV: ...
 
     def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None,
                  ) -> Tensor: ...
@@ -48,7 +52,7 @@ class Uncached:
     """What the cacheless backends share: q, k, v split and rotated, nothing stored."""
 
     def inputs(self, layer: int, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
-               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+               ) -> QKV:
         return rotary.split_rotate(qkv, cos, sin)
 
 
@@ -177,12 +181,22 @@ class Attention(nn.Module):
     def attend(self, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
                attn: AttentionBackend) -> Tensor:
         """The rest of :meth:`forward` after the QKV projection ``qkv`` (N, 3H)."""
+        return self.finish(self.prepare(qkv, rotary, cos, sin, attn), attn)
+
+    def prepare(self, qkv: Tensor, rotary: Rotary, cos: Tensor, sin: Tensor,
+                attn: AttentionBackend) -> QKV:
+        """The attention's inputs from the projection ``qkv`` (N, 3H): q, k and v split
+        out and rotated (and, with a cache, k and v stored), as ``attn`` does it."""
         n = qkv.shape[0]
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
-        q, k, v = attn.inputs(self.layer, qkv.view(n, self.num_heads, 3, self.head_dim),
-                              rotary, cos, sin)
+        return attn.inputs(self.layer, qkv.view(n, self.num_heads, 3, self.head_dim),
+                           rotary, cos, sin)
+
+    def finish(self, qkv: QKV, attn: AttentionBackend) -> Tensor:
+        """Attention over :meth:`prepare`'s inputs and the output projection."""
+        q, k, v = qkv
         out = attn(self.layer, q, k, v)  # (N, nh, hd)
-        return self.dense(out.reshape(n, self.num_heads * self.head_dim))
+        return self.dense(out.reshape(out.shape[0], self.num_heads * self.head_dim))
 
 
 
@@ -264,7 +278,7 @@ def gelu_epilogue_ok(device: torch.device) -> bool:
     return kernels_ok("GELU GEMM epilogue", device, gelu_epilogue_check)
 
 
-FORKS = ("input", "qkv")
+FORKS = ("input", "qkv", "attn")
 
 
 class BranchPlan(NamedTuple):
@@ -273,12 +287,18 @@ class BranchPlan(NamedTuple):
     A decode step's attention is bound by reading the KV cache and its MLP by tensor-core
     math, so the two can share the GPU. ``fork``: where the MLP branch starts, with the
     block (``"input"``: its first GEMM beside the QKV one) or after the QKV projection
-    (``"qkv"``: both MLP GEMMs beside the attention kernel). ``free_sms``: streaming
-    multiprocessors the MLP's GEMMs leave free (cuBLASLt's SM count target), so that the
-    attention runs there meanwhile instead of waiting for a GEMM holding every SM.
-    ``mlp_first``: the MLP stream has the higher priority (CUDA graphs keep a kernel's
-    capture-time stream priority), so its GEMM's blocks are placed before the
-    attention's. ``everywhere``: every decode graph uses the branch stream; by default a
+    (``"qkv"``: both MLP GEMMs beside the attention kernel) or once the attention's
+    inputs are split out and stored (``"attn"``: the attention kernel and the first MLP
+    GEMM become ready together). ``free_sms``: streaming multiprocessors the MLP's GEMMs
+    leave free (cuBLASLt's SM count target), so that the attention runs there meanwhile
+    instead of waiting for a GEMM holding every SM. ``mlp_first``: the MLP stream has the
+    higher priority (CUDA graphs keep a kernel's capture-time stream priority), so its
+    GEMM's blocks are placed before the attention's. ``attn_first``: the block's own
+    stream has the higher priority instead, so every attention program is placed before
+    any MLP GEMM block and the GEMM's blocks take the multiprocessors the attention's
+    last wave leaves idle (a GEMM block needs a whole multiprocessor's registers, so it
+    starts on one only once the attention has left it). ``everywhere``: every decode
+    graph uses the branch stream; by default a
     batch size whose graph, timed at capture, runs faster with each block in order on one
     stream is captured that way (two GEMMs sharing the SMs help or hurt depending on how
     their tiles fill them: on an H200 at the 20B's shapes the stream saves ~1 ms a step
@@ -289,18 +309,21 @@ class BranchPlan(NamedTuple):
     free_sms: int = 0
     mlp_first: bool = False
     everywhere: bool = False
+    attn_first: bool = False
 
     def check(self) -> BranchPlan:
         if self.fork not in FORKS:
             raise ValueError(f"branch fork: one of {', '.join(FORKS)}, got {self.fork!r}")
         if self.free_sms < 0:
             raise ValueError(f"branch free_sms: >= 0, got {self.free_sms}")
+        if self.mlp_first and self.attn_first:
+            raise ValueError("branch plan: mlp-first or attn-first, not both")
         return self
 
     @classmethod
     def parse(cls, spec: str) -> BranchPlan:
-        """``FORK[/FREE_SMS][/mlp-first][/everywhere]``, e.g. ``qkv/32`` or
-        ``input/0/mlp-first``."""
+        """``FORK[/FREE_SMS][/mlp-first|/attn-first][/everywhere]``, e.g. ``qkv/32``,
+        ``input/0/mlp-first`` or ``attn/0/attn-first``."""
         fork, *rest = spec.split("/")
         flags = [p for p in rest if p in BRANCH_FLAGS]
         numbers = [p for p in rest if p not in BRANCH_FLAGS]
@@ -310,15 +333,18 @@ class BranchPlan(NamedTuple):
             free = -1
         in_order = rest == numbers + [f for f in BRANCH_FLAGS if f in flags]
         if free < 0 or len(numbers) > 1 or not in_order:
-            raise ValueError(f"branch plan {spec!r}: FORK[/FREE_SMS][/mlp-first][/everywhere]")
-        return cls(fork, free, "mlp-first" in flags, "everywhere" in flags).check()
+            raise ValueError(f"branch plan {spec!r}: "
+                             "FORK[/FREE_SMS][/mlp-first|/attn-first][/everywhere]")
+        return cls(fork, free, "mlp-first" in flags, "everywhere" in flags,
+                   "attn-first" in flags).check()
 
     def __str__(self) -> str:
         return (f"{self.fork}/{self.free_sms}" + ("/mlp-first" if self.mlp_first else "")
+                + ("/attn-first" if self.attn_first else "")
                 + ("/everywhere" if self.everywhere else ""))
 
 
-BRANCH_FLAGS = ("mlp-first", "everywhere")
+BRANCH_FLAGS = ("mlp-first", "attn-first", "everywhere")
 
 
 class Branches(NamedTuple):
@@ -378,16 +404,21 @@ class Block(nn.Module):
         if side is None:
             return self.attention(h1, rotary, cos, sin, attn), self.mlp(h2)
         main = torch.cuda.current_stream(h1.device) if side.stream is not None else None
-        qkv = None
-        if side.plan.fork == "qkv":
-            qkv = self.attention.query_key_value(h1)
+        attention = self.attention
+        qkv = prepared = None
+        if side.plan.fork in ("qkv", "attn"):
+            qkv = attention.query_key_value(h1)
+        if side.plan.fork == "attn":
+            prepared = attention.prepare(qkv, rotary, cos, sin, attn)
         if side.stream is not None:
             side.stream.wait_stream(main)
         with torch.cuda.stream(side.stream), gemm_sm_carveout(side.plan.free_sms):
             m = self.mlp(h2)
         if qkv is None:
-            qkv = self.attention.query_key_value(h1)
-        a = self.attention.attend(qkv, rotary, cos, sin, attn)
+            qkv = attention.query_key_value(h1)
+        if prepared is None:
+            prepared = attention.prepare(qkv, rotary, cos, sin, attn)
+        a = attention.finish(prepared, attn)
         if side.stream is not None:
             main.wait_stream(side.stream)
         return a, m

@@ -361,6 +361,13 @@ class Engine:
         self.runner.set_fused_kv_store(on)
         self.set_balance_waves(self.balance_waves)
 
+    def set_branch_plan(self, plan: BranchPlan) -> None:
+        """Decode graphs run each block's MLP branch as ``plan`` says (see
+        ``branch_plan``): the same outputs; a benchmark's A/B. Recaptures decode graphs
+        already captured."""
+        self.runner.set_branch_plan(plan)
+        self.set_balance_waves(self.balance_waves)
+
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode batch-size bucket now instead of on
         first use. Returns how many."""

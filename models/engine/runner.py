@@ -472,6 +472,21 @@ class ModelRunner:
         reuse its memory) instead of on first use. Returns how many there are."""
         return self.graphs.capture_all() if self.graphs is not None else 0
 
+    def set_branch_plan(self, plan: BranchPlan) -> None:
+        """Run decode graphs' MLP branches as ``plan`` says from the next step on; decode
+        graphs already captured are captured again (and, per bucket, timed against the
+        serial order again). Outputs are the same either way."""
+        plan = plan.check()
+        if plan == self.branch_plan:
+            return
+        self.branch_plan = plan
+        if self.graphs is not None:
+            captured = bool(self.graphs.graphs)
+            self.graphs.reset()
+            self.graphs.set_plan(plan)
+            if captured:
+                self.graphs.capture_all()
+
     def set_fused_kv_store(self, on: bool) -> None:
         """Store k and v from the split kernel (on) or from a kernel of their own (off)
         from the next step on; decode graphs already captured are captured again (a graph
@@ -568,17 +583,33 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], Callable[[], Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.side: Branches | None = None
-        if capture and runner.branch_streams and model.config.parallel_residual:
-            plan = runner.branch_plan
-            # Lower numbers run first; 0 is the default (lowest) priority.
-            stream = torch.cuda.Stream(device=device, priority=-1 if plan.mlp_first else 0)
-            self.side = Branches(stream, plan)
+        # The stream graphs are captured on: the block's own kernels keep its priority.
+        self.capture_stream: torch.cuda.Stream | None = None
+        self.set_plan(runner.branch_plan)
         # The branch stream each bucket's graphs were captured with (see capture_all);
         # buckets not in it use ``side``.
         self.sides: dict[int, Branches | None] = {}
 
     def covers(self, d: int) -> bool:
         return 0 < d <= self.max_batch
+
+    def set_plan(self, plan: BranchPlan) -> None:
+        """The branch stream (and capture stream) for ``plan``, for graphs captured from
+        now on (see :meth:`reset`)."""
+        runner = self.runner
+        self.side = None
+        self.capture_stream = None
+        if not (self.capture and runner.branch_streams
+                and runner.model.config.parallel_residual):
+            return
+        # Lower numbers run first; 0 is the default (lowest) priority. PyTorch
+        # instantiates graphs with per-node priorities, so a kernel keeps the priority of
+        # the stream it was captured on.
+        device = runner.device
+        self.side = Branches(torch.cuda.Stream(device=device,
+                                               priority=-1 if plan.mlp_first else 0), plan)
+        if plan.attn_first:
+            self.capture_stream = torch.cuda.Stream(device=device, priority=-1)
 
     def reset(self) -> None:
         """Drop every graph and timing (their memory goes back to the pool): the next
@@ -700,7 +731,8 @@ class DecodeGraphs:
         torch.cuda.current_stream(rt.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a pipeline's NCCL watchdog thread queries events during capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream,
+                              capture_error_mode="thread_local"):
             out = forward()
 
         def replay() -> Tensor:

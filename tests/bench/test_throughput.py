@@ -162,15 +162,17 @@ def test_variants_run_on_the_same_engine(tmp_path: Path) -> None:
     """--variants: each workload again per setting, on the same engine (on a CPU the
     kernels differ in nothing; the GPU runs are the measurement), settings restored."""
     data = _tiny_a(tmp_path / "v.json", "--num-prompts", "6", "--max-batch-tokens", "64",
-                   "--variants", "base;batch_tokens=16;gelu_rows=4096,kv_store=apart")
+                   "--variants", "base;batch_tokens=16;gelu_rows=4096,kv_store=apart;"
+                   "branch=attn/0/attn-first")
     w = data["workloads"]["a"]
-    assert list(w["variants"]) == ["base", "batch_tokens=16", "gelu_rows=4096,kv_store=apart"]
+    assert list(w["variants"]) == ["base", "batch_tokens=16", "gelu_rows=4096,kv_store=apart",
+                                   "branch=attn/0/attn-first"]
     for label, run in w["variants"].items():
         assert run["output_tokens"] == w["output_tokens"]
         assert w["ratios"]["variant_speedup"][label] > 0
     # 6 prompts of 16 tokens: 16-token steps prefill one prompt a step.
     assert w["variants"]["batch_tokens=16"]["step_times"]["mixed"]["steps"] \
         > w["ours"]["step_times"]["mixed"]["steps"]
-    for bad in ("batch_tokens=0", "nope=1", "kv_store=maybe", "gelu_rows"):
+    for bad in ("batch_tokens=0", "nope=1", "kv_store=maybe", "gelu_rows", "branch=attn/x"):
         with pytest.raises(SystemExit, match="--variants"):
             _tiny_a(tmp_path / "bad.json", "--variants", bad)

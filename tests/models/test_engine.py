@@ -652,7 +652,9 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
     """Eager, decode graphs, and decode graphs with each block's MLP on a second stream
     (captured up front, so the buckets are timed and batches may run a larger one; each
     bucket with the stream or serially, whichever timed faster); the last after the QKV
-    GEMM, leaving SMs free, at the higher priority, in every bucket."""
+    GEMM, leaving SMs free, at the higher priority, in every bucket; then with the
+    attention's stream first and the MLP forked once the attention's inputs are stored,
+    recaptured on the same engine."""
     from models.model import BranchPlan
 
     assert config.parallel_residual
@@ -686,6 +688,16 @@ def test_cuda_engine_greedy_equals_cpu(config: NeoXConfig, model: NeoX, graphs: 
     assert engine.stats["preemptions"] > 0
     if graphs != "none":
         assert engine.stats["graph_steps"] > 0
+    if graphs == "streams-qkv":
+        dg = engine.runner.graphs
+        assert dg is not None
+        engine.set_branch_plan(BranchPlan.parse("attn/0/attn-first/everywhere"))
+        assert dg.side is not None and dg.side.plan.fork == "attn"
+        assert dg.capture_stream is not None and dg.capture_stream.priority < 0
+        assert set(dg.seconds) == set(dg.buckets) and dg.serial_buckets == []
+        again = engine.generate(prompts, params)
+        assert [o.samples[0].token_ids for o in again] == \
+            [o.samples[0].token_ids for o in cpu]
     if graphs == "serial":
         # k and v stored by a kernel of their own: the graphs captured again, same tokens.
         dg = engine.runner.graphs

@@ -79,7 +79,8 @@ def test_module_apply_reaches_every_submodule() -> None:
     assert "Rotary" in seen and "Block" in seen and seen[-1] == "NeoX"
 
 
-@pytest.mark.parametrize("spec", ["input", "qkv", "qkv/32", "input/16/mlp-first"])
+@pytest.mark.parametrize("spec", ["input", "qkv", "qkv/32", "input/16/mlp-first",
+                                  "attn/0/attn-first"])
 def test_branched_blocks_equal_plain(spec: str) -> None:
     """A decode graph's branch plans (here on one stream, in the plan's order) change
     where the MLP branch runs, not what it computes: the same sum in the same order."""
@@ -97,7 +98,8 @@ def test_branched_blocks_equal_plain(spec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", ["input", "qkv/32", "input/16/mlp-first", "input/everywhere",
-                                  "qkv/8/mlp-first/everywhere"])
+                                  "qkv/8/mlp-first/everywhere", "attn/attn-first",
+                                  "attn/4/attn-first/everywhere"])
 def test_branch_plan_specs_round_trip(spec: str) -> None:
     from models.model import BranchPlan
 
@@ -105,11 +107,14 @@ def test_branch_plan_specs_round_trip(spec: str) -> None:
     assert BranchPlan.parse(str(plan)) == plan
     assert plan.everywhere == spec.endswith("everywhere")
     assert plan.mlp_first == ("mlp-first" in spec)
+    assert plan.attn_first == ("attn-first" in spec)
 
 
 @pytest.mark.parametrize("spec", ["output", "qkv/-1", "qkv/x", "qkv/8/first", "a/1/b/c",
                                   "qkv/everywhere/8", "qkv/8/everywhere/mlp-first",
-                                  "input/0/mlp-first/mlp-first", "input/1/2"])
+                                  "input/0/mlp-first/mlp-first", "input/1/2",
+                                  "attn/0/mlp-first/attn-first",
+                                  "attn/0/attn-first/mlp-first", "attn/everywhere/attn-first"])
 def test_branch_plan_rejects_bad_specs(spec: str) -> None:
     from models.model import BranchPlan
 
